@@ -1,0 +1,38 @@
+"""lightning-slim: PyTorch Lightning callbacks that prune, quantize, distil and select data.
+
+Importing the package is lean: wandb, torchao and torch_pruning load only when a feature
+that needs them runs. Public names resolve lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "CompressionReport": "lightning_slim.report",
+    "SlimCallback": "lightning_slim.callback",
+    "MNIST1DDataModule": "lightning_slim.data",
+    "DigitsDataModule": "lightning_slim.data",
+    "MNIST1DCNN": "lightning_slim.models",
+    "MNIST1DTeacherCNN": "lightning_slim.models",
+    "MNIST1DMLP": "lightning_slim.models",
+    "MNIST1DTransformer": "lightning_slim.models",
+    "DigitsCNN": "lightning_slim.models",
+    "IterativeMagnitudePruning": "lightning_slim.pruning",
+    "QuantizationAwareTraining": "lightning_slim.quantization",
+    "KnowledgeDistillation": "lightning_slim.distillation",
+    "OnlineDataSelection": "lightning_slim.selection",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'lightning_slim' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,58 @@
+"""The registry of callbacks for the generic suite (tests/test_generic.py), as in Composer.
+
+Each technique adds a module here defining ``CASES = [Case(...), ...]``; ``all_cases()``
+collects them. Everything a Case builds must be picklable (ddp_spawn) and deterministic.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+
+from lightning_slim.data import MNIST1DDataModule
+from lightning_slim.models import MNIST1DCNN
+
+
+def small_data(**kwargs) -> MNIST1DDataModule:
+    """800 training / 200 test examples: 8 steps an epoch at batch 100."""
+    kwargs.setdefault("num_samples", 1000)
+    kwargs.setdefault("batch_size", 100)
+    return MNIST1DDataModule(**kwargs)
+
+
+def small_model(**kwargs) -> pl.LightningModule:
+    kwargs.setdefault("channels", 16)
+    return MNIST1DCNN(**kwargs)
+
+
+@dataclass
+class Case:
+    name: str  # also the LightningCLI config: callbacks/<name>.yaml
+    callback: Callable[[], pl.Callback]
+    model: Callable[[], pl.LightningModule] = small_model
+    data: Callable[[], pl.LightningDataModule] = small_data
+    epochs: int = 3
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # slim/ keys a user must find in the W&B run (history or summary)
+    wandb_keys: tuple[str, ...] = ()
+    # behaviour that must hold after a short fit: check(trainer, module, callback)
+    check: Callable[[pl.Trainer, pl.LightningModule, pl.Callback], None] | None = None
+    # behaviour of the module that must hold after a 2-process ddp_spawn fit: check_module(module)
+    check_module: Callable[[pl.LightningModule], None] | None = None
+    # extra LightningCLI arguments (model/data) for the YAML round trip
+    cli_args: tuple[str, ...] = ()
+    # load the module's weights from a checkpoint into a fresh model (structural pruning overrides)
+    resume_atol: float = 0.0
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def all_cases() -> list[Case]:
+    cases: list[Case] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        cases += importlib.import_module(f"{__name__}.{info.name}").CASES
+    return cases

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# generated data sets are cached once for the whole suite (and across runs) inside the repo
+os.environ.setdefault("LIGHTNING_SLIM_CACHE", str(ROOT / ".slim_cache"))
+os.environ["WANDB_MODE"] = "offline"
+# jsonargparse notices about its own future API; not about this code
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+os.environ["WANDB_CONSOLE"] = "off"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dirs(tmp_path, monkeypatch):
+    """Keep W&B's files out of $HOME and end any run a test left open."""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    yield
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
