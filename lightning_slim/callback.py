@@ -3,9 +3,11 @@ joining the training-step wrapper, and what it contributes to the compression re
 
 Contract for subclasses (see DESIGN.md):
 
-- ``setup`` validates and joins the step wrapper; it does not change the model, so a
-  ``CompressionReport`` anywhere in the callback list sees the model as the user built it.
-  Model changes start in ``on_fit_start`` or later.
+- ``setup`` (call ``super().setup(...)`` first) lets any ``CompressionReport`` copy the model as
+  the user built it, validates, and joins the step wrapper. After that a subclass may change
+  the model's structure in ``setup``: Lightning loads a resumed checkpoint's weights right
+  after ``setup`` and builds optimizers / wraps DDP after that, so a checkpoint of a
+  restructured model (fake-quantized, channel-pruned) must be matched there.
 - ``export(model)`` turns a trained copy of the module into its deployable form (masks made
   permanent, int8 conversion...). Exports are applied in ascending ``export_order``.
 - ``report_rows()`` returns the technique's lines for the compression report.
@@ -42,6 +44,9 @@ class SlimCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        for cb in trainer.callbacks:  # before any technique changes the model
+            if hasattr(cb, "take_baseline"):
+                cb.take_baseline(pl_module)
         self.validate(trainer, pl_module)
         if self._joins_step():
             interception.attach(pl_module, self)

@@ -94,8 +94,12 @@ class CompressionReport(SlimCallback):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
             self.example_input = None
-            if not self.before:
-                self._baseline = copy.deepcopy(pl_module).cpu()
+            self.take_baseline(pl_module)
+
+    def take_baseline(self, pl_module) -> None:
+        """Copy the model as the user built it; the first slim callback's ``setup`` calls this."""
+        if not self.before and self._baseline is None:
+            self._baseline = copy.deepcopy(pl_module).cpu()
 
     def _example(self, batch) -> torch.Tensor:
         x = self.input_fn(batch).detach().cpu()
