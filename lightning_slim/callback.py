@@ -55,5 +55,10 @@ class SlimCallback(pl.Callback):
         if stage == "fit" and self._joins_step():
             interception.detach(pl_module, self)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown when fit raises: leave the user's module unwrapped anyway
+        if self._joins_step():
+            interception.detach(pl_module, self)
+
     def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, Any], **kwargs) -> None:
         log.log_scalars(pl_module, self.technique, values, **kwargs)

@@ -8,7 +8,9 @@ and remove it in ``teardown``. Callbacks join it as *participants*:
 1. ``transform_batch(trainer, pl_module, batch, batch_idx) -> batch`` runs first, in
    ascending ``step_order`` (data selection picks the sub-batch here);
 2. the user's own ``training_step`` runs on the resulting batch;
-3. ``extra_loss(trainer, pl_module, batch, batch_idx) -> Tensor | None`` runs in
+3. ``transform_loss(trainer, pl_module, loss, batch, batch_idx) -> Tensor`` (optional) may
+   rescale the user's loss, before any term is added (a term cannot scale it: gradients);
+4. ``extra_loss(trainer, pl_module, batch, batch_idx) -> Tensor | None`` runs in
    ascending ``step_order`` and each term is added to the returned loss (a tensor, or
    the ``"loss"`` entry of a dict). Lightning then scales by gradient accumulation.
 
@@ -34,10 +36,12 @@ class _Interceptor:
         self.pl_module = pl_module
         self.participants: list[Any] = []
         self.active = False  # True while the user's training_step runs inside the wrapper
+        # Lightning inspects training_step (is_overridden, signature): show it the user's own
+        self.__wrapped__ = type(pl_module).training_step
 
     def __call__(self, batch, *args, **kwargs):
         module = self.pl_module
-        trainer = module.trainer
+        trainer = module._trainer  # None outside a fit (the property would raise)
         batch_idx = args[0] if args else kwargs.get("batch_idx", 0)
         ordered = sorted(self.participants, key=lambda p: getattr(p, "step_order", ORDER_LOSS))
         for p in ordered:
@@ -51,6 +55,9 @@ class _Interceptor:
         if output is None:  # the user skipped this batch
             return output
         loss = output["loss"] if isinstance(output, Mapping) else output
+        for p in ordered:  # rescale the user's own loss (distillation's (1 - alpha) * loss)
+            if hasattr(p, "transform_loss"):
+                loss = p.transform_loss(trainer, module, loss, batch, batch_idx)
         for p in ordered:
             if hasattr(p, "extra_loss"):
                 term = p.extra_loss(trainer, module, batch, batch_idx)

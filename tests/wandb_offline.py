@@ -7,6 +7,7 @@ records, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 midd
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,11 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
     def tables(self) -> dict[str, dict]:
-        """Tables written as JSON under files/media/table/, by file stem."""
-        out = {}
-        for path in sorted((self.run_dir / "files" / "media" / "table").rglob("*.table.json")):
-            out[path.name.split(".table.json")[0]] = json.loads(path.read_text())
+        """Tables written as JSON under files/media/table/, by logged key (the newest per key)."""
+        root, out = self.run_dir / "files" / "media" / "table", {}
+        for path in sorted(root.rglob("*.table.json"), key=lambda p: p.stat().st_mtime):
+            stem = re.sub(r"_\d+_[0-9a-f]+$", "", path.name[: -len(".table.json")])
+            out[str(path.parent.relative_to(root) / stem)] = json.loads(path.read_text())
         return out
 
 

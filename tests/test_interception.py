@@ -1,0 +1,150 @@
+"""The shared training_step wrapper on its own: order, loss containers, restore, DDP."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cases import small_data, small_model
+from lightning_slim import interception
+from lightning_slim.batches import batch_size, slice_batch
+from lightning_slim.callback import SlimCallback
+
+
+class KeepFirstHalf(SlimCallback):
+    """A selection participant: keeps the first half of each batch and records sizes."""
+
+    technique = "test_select"
+    step_order = interception.ORDER_SELECTION
+
+    def __init__(self):
+        self.seen, self.kept = [], []
+
+    def transform_batch(self, trainer, pl_module, batch, batch_idx):
+        n = batch_size(batch)
+        self.seen.append(n)
+        out = slice_batch(batch, torch.arange(n // 2))
+        self.kept.append(batch_size(out))
+        return out
+
+
+class AddWeightNorm(SlimCallback):
+    """A loss participant: adds coef * ||w||^2 of the first layer; records the batch it saw."""
+
+    technique = "test_loss"
+
+    def __init__(self, coef: float = 1.0, log_order: list | None = None):
+        self.coef, self.batches, self.log_order = coef, [], log_order
+
+    def extra_loss(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch_size(batch))
+        if self.log_order is not None:
+            self.log_order.append(self.coef)
+        return self.coef * pl_module.net[0].weight.pow(2).sum()
+
+
+def fit(callbacks, module=None, **kwargs):
+    module = module or small_model()
+    args = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                enable_checkpointing=False, enable_model_summary=False)
+    args.update(kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **args)
+    trainer.fit(module, datamodule=small_data())
+    return trainer, module
+
+
+def test_selection_runs_before_loss_terms_and_user_step_sees_selected_batch():
+    select, loss = KeepFirstHalf(), AddWeightNorm()
+    sizes = []
+
+    class Recording(type(small_model())):
+        def training_step(self, batch, batch_idx):
+            sizes.append(batch_size(batch))
+            return super().training_step(batch, batch_idx)
+
+    fit([loss, select], module=Recording(channels=16))  # listed in the "wrong" order on purpose
+    assert select.seen == [100] * 8
+    assert sizes == loss.batches == [50] * 8
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_loss_terms_reach_the_gradients():
+    torch.manual_seed(0)
+    module = small_model()
+    weight = module.net[0].weight
+    batch = next(iter(small_data().train_dataloader()))
+
+    def grad_with(participants):
+        for p in participants:
+            interception.attach(module, p)
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        for p in participants:
+            interception.detach(module, p)
+        return weight.grad.clone()
+
+    plain, with_term = grad_with([]), grad_with([AddWeightNorm(coef=0.5)])
+    torch.testing.assert_close(with_term - plain, 0.5 * 2 * weight.detach())
+
+
+def test_one_wrapper_for_many_participants_and_module_restored():
+    module = small_model()
+    original = type(module).training_step
+    a, b = AddWeightNorm(1e-3), AddWeightNorm(2e-3)
+    interception.attach(module, a)
+    wrapper = module.training_step
+    interception.attach(module, b)
+    assert module.training_step is wrapper
+    interception.detach(module, a)
+    assert module.training_step is wrapper
+    interception.detach(module, b)
+    assert "training_step" not in module.__dict__
+    assert module.training_step.__func__ is original
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_dict_loss_and_none_are_handled():
+    class DictStep(type(small_model())):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return None if batch_idx == 0 else {"loss": loss, "extra": 1}
+
+    term = AddWeightNorm(1e-3)
+    trainer, module = fit([term], module=DictStep(channels=16))
+    assert len(term.batches) == 7  # the skipped first step got no loss term
+    assert "training_step" not in module.__dict__
+
+
+def test_manual_optimization_is_refused_with_a_clear_message():
+    class Manual(type(small_model())):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.automatic_optimization = False
+
+    with pytest.raises(RuntimeError, match="automatic optimization"):
+        fit([AddWeightNorm()], module=Manual(channels=16))
+
+
+def test_module_is_restored_even_when_fit_fails():
+    class Boom(type(small_model())):
+        def training_step(self, batch, batch_idx):
+            raise ValueError("user bug")
+
+    module = Boom(channels=16)
+    with pytest.raises(ValueError, match="user bug"):
+        fit([AddWeightNorm()], module=module)
+    # Lightning calls teardown on failure too: the user's module is not left wrapped
+    assert "training_step" not in module.__dict__
+
+
+def test_wrapper_works_under_ddp_spawn(tmp_path):
+    # a loss term large enough to shrink the first layer's weights far more than plain training
+    pl.seed_everything(0)
+    plain = small_model()
+    fit([], module=plain, strategy="ddp_spawn", devices=2, max_epochs=3)
+    pl.seed_everything(0)
+    shrunk = small_model()
+    fit([AddWeightNorm(coef=1.0), KeepFirstHalf()], module=shrunk, strategy="ddp_spawn", devices=2, max_epochs=3)
+    # both ranks trained with the loss term: the weights were pulled towards zero
+    assert shrunk.net[0].weight.norm() < 0.8 * plain.net[0].weight.norm()
+    assert "training_step" not in shrunk.__dict__
