@@ -73,13 +73,14 @@ def batch_size(batch: Any) -> int:
     return int(batch_inputs(batch).shape[0])
 
 
-def slice_batch(batch: Any, rows: torch.Tensor) -> Any:
+def slice_batch(batch: Any, rows: torch.Tensor, size: int | None = None) -> Any:
     """The same batch restricted to ``rows`` (a 1-D index tensor), container preserved.
 
     Every tensor whose first dimension equals the batch size is indexed; other values
-    (strings, scalars, metadata) pass through unchanged.
+    (strings, scalars, metadata) pass through unchanged. Pass ``size`` when it is known
+    (e.g. from per-example losses) for containers whose inputs cannot be found by name.
     """
-    n = batch_size(batch)
+    n = batch_size(batch) if size is None else size
 
     def take(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class OfflineRun:
         return out
 
 
-def read_run(save_dir: str | Path) -> OfflineRun:
+def read_run(save_dir: str | Path, wait_s: float = 30.0) -> OfflineRun:
     """The newest offline run under ``save_dir`` (its ``wandb/offline-run-*`` folder)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -79,17 +80,31 @@ def read_run(save_dir: str | Path) -> OfflineRun:
     if not runs:
         raise FileNotFoundError(f"no offline W&B run under {save_dir}")
     run_dir = runs[-1]
-    run = OfflineRun(run_dir=run_dir)
-    for payload in _records(next(run_dir.glob("run-*.wandb")).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            run.history.append(_items(record.history.item))
-        elif kind == "summary":
-            run.summary.update(_items(record.summary.update))
-        elif kind == "config":
-            run.config.update(_items(record.config.update))
-        elif kind == "artifact":
-            run.artifacts.append(record.artifact.name)
-    return run
+    # wandb.finish() can return before wandb-core has written the file out (seen under load):
+    # read again until the run's exit record is there
+    deadline = time.monotonic() + wait_s
+    while True:
+        run, exited = OfflineRun(run_dir=run_dir), False
+        for payload in _records(next(run_dir.glob("run-*.wandb")).read_bytes()):
+            record = pb.Record()
+            try:
+                record.ParseFromString(payload)
+            except Exception:  # a record still being written
+                break
+            exited |= record.WhichOneof("record_type") == "exit"
+            _add(run, record)
+        if exited or time.monotonic() > deadline:
+            return run
+        time.sleep(0.25)
+
+
+def _add(run: OfflineRun, record) -> None:
+    kind = record.WhichOneof("record_type")
+    if kind == "history":
+        run.history.append(_items(record.history.item))
+    elif kind == "summary":
+        run.summary.update(_items(record.summary.update))
+    elif kind == "config":
+        run.config.update(_items(record.config.update))
+    elif kind == "artifact":
+        run.artifacts.append(record.artifact.name)

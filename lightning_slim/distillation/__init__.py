@@ -1,0 +1,5 @@
+"""Knowledge distillation from a frozen teacher into any LightningModule (see README.md)."""
+from lightning_slim.distillation.callback import KnowledgeDistillation
+from lightning_slim.distillation.functional import agreement, feature_loss, soft_target_loss
+
+__all__ = ["KnowledgeDistillation", "agreement", "feature_loss", "soft_target_loss"]

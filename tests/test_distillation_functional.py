@@ -1,0 +1,86 @@
+"""The pure-torch core of distillation: losses, projection, schedule, cache (no Trainer)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_slim.distillation import functional as kd
+
+
+def test_soft_target_loss_is_hinton_kl_times_t_squared():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    T = 3.0
+    p_t = torch.softmax(t / T, -1)
+    expected = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    torch.testing.assert_close(kd.soft_target_loss(s, t, T), expected)
+    assert float(kd.soft_target_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)
+    # leading dimensions (tokens) count as examples
+    torch.testing.assert_close(kd.soft_target_loss(s.view(2, 4, 10), t.view(2, 4, 10), T), expected)
+    with pytest.raises(ValueError, match=r"\(8, 10\).*\(8, 5\)"):
+        kd.soft_target_loss(s, t[:, :5])
+
+
+def test_soft_target_gradient_does_not_reach_the_teacher():
+    s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10, requires_grad=True)
+    kd.soft_target_loss(s, t, 2.0).backward()
+    assert s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_agreement_and_feature_losses():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    t = torch.tensor([[2.0, 0.0], [2.0, 0.0], [3.0, 1.0]])
+    assert float(kd.agreement(s, t)) == pytest.approx(2 / 3)
+    a, b = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    torch.testing.assert_close(kd.feature_loss(a, b, "mse"), F.mse_loss(a, b))
+    assert float(kd.feature_loss(a, 2 * a, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd.feature_loss(a, -a, "cosine")) == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="'l1' is not one of"):
+        kd.feature_loss(a, b, "l1")
+
+
+def test_projection_maps_the_width_dimension_with_its_own_generator():
+    state = torch.random.get_rng_state()
+    p1 = kd.Projection(16, 32, dim=1, generator=torch.Generator().manual_seed(0))
+    p2 = kd.Projection(16, 32, dim=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched: resumes stay exact
+    torch.testing.assert_close(p1.linear.weight, p2.linear.weight)
+    assert p1(torch.randn(4, 16, 5)).shape == (4, 32, 5)
+    assert kd.Projection(8, 4, dim=-1)(torch.randn(2, 7, 8)).shape == (2, 7, 4)
+
+
+def test_default_output_finds_logits_in_common_containers():
+    x = torch.randn(2, 3)
+    assert kd.default_output(x) is x
+    assert kd.default_output({"logits": x, "h": 1}) is x
+    assert kd.default_output((x, "aux")) is x
+    with pytest.raises(TypeError, match="pass output_fn"):
+        kd.default_output("text")
+
+
+def test_linear_schedule():
+    assert kd.linear_schedule(0, 10, 20, 1.0, 0.0) == 1.0
+    assert kd.linear_schedule(15, 10, 20, 1.0, 0.0) == pytest.approx(0.5)
+    assert kd.linear_schedule(99, 10, 20, 1.0, 0.0) == 0.0
+    assert kd.linear_schedule(99, 10, 20, 4.0, None) == 4.0
+
+
+def test_teacher_cache_store_lookup_grow_and_state():
+    cache = kd.TeacherCache()
+    cache.store(torch.tensor([0, 2]), {"logits": torch.tensor([[1.0], [3.0]]), "feat": torch.ones(2, 2, 3)})
+    assert cache.lookup(torch.tensor([1])) is None and cache.lookup(torch.tensor([7])) is None
+    cache.store(torch.tensor([9, 1]), {"logits": torch.tensor([[10.0], [2.0]]), "feat": torch.zeros(2, 2, 3)})
+    hit = cache.lookup(torch.tensor([2, 9, 0]))
+    assert hit["logits"].flatten().tolist() == [3.0, 10.0, 1.0] and hit["feat"].shape == (3, 2, 3)
+    assert len(cache) == 4 and cache.nbytes >= 4 * (1 + 6) * 4
+    other = kd.TeacherCache()
+    other.load_state_dict(cache.state_dict())
+    assert torch.equal(other.lookup(torch.tensor([1]))["logits"], torch.tensor([[2.0]]))
+    reserved = kd.TeacherCache()
+    reserved.reserve(100)
+    reserved.store(torch.tensor([99]), {"logits": torch.ones(1, 10)})
+    assert reserved.nbytes == 100 * 10 * 4 + 100  # exactly the training set, no growth slack
+    assert math.isclose(len(reserved), 1)
