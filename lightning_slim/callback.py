@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_slim import interception, log
+from lightning_slim import compose, interception, log
 
 
 class SlimCallback(pl.Callback):
@@ -47,6 +47,7 @@ class SlimCallback(pl.Callback):
         for cb in trainer.callbacks:  # before any technique changes the model
             if hasattr(cb, "take_baseline"):
                 cb.take_baseline(pl_module)
+        compose.check_combination(trainer)
         self.validate(trainer, pl_module)
         if self._joins_step():
             interception.attach(pl_module, self)

@@ -239,21 +239,24 @@ class KnowledgeDistillation(SlimCallback):
         if self.cache_teacher and index is None:
             raise BatchFormatError("cache_teacher=True needs each example's dataset index in the batch, e.g. "
                                    "MNIST1DDataModule(with_index=True) batches (x, y, index); or pass index_fn")
-        if index is not None:
-            hit = self.cache.lookup(index)
-            if hit is not None:
-                self.counts["cache_hits"] += len(index)
-                return {k: v.to(device, non_blocking=True) for k, v in hit.items()}
         x = self.input_fn(batch)
+        if index is None:
+            return dict(self._run_teacher(x))
+        missing = self.cache.missing(index)
+        self.counts["cache_hits"] += int((~missing).sum())
+        if missing.any():  # the teacher runs on the examples it has not seen yet, only
+            rows = missing.nonzero().squeeze(1)
+            self.cache.store(index[rows.to(index.device)], self._run_teacher(x[rows.to(x.device)]))
+        return {k: v.to(device, non_blocking=True) for k, v in self.cache.lookup(index).items()}
+
+    def _run_teacher(self, x: torch.Tensor):
         if _device(self.teacher, x.device) != x.device:
             self.teacher.to(x.device)
         with self._capture(self.teacher, student=False) as out:
             self.teacher(x)
         self.counts["teacher_passes"] += 1
         self.counts["teacher_examples"] += len(x)
-        if index is not None:
-            self.cache.store(index, out)
-        return dict(out)
+        return out
 
     # --- end of fit, state, export, report --------------------------------------------------
     def _close(self) -> None:

@@ -139,12 +139,16 @@ class TeacherCache:
     """Teacher outputs stored by example index, so the teacher runs once per example.
 
     Each stored output (logits, features) is a tensor of per-example rows; storage grows
-    as larger indices arrive. ``lookup`` returns None unless every index is present.
+    as larger indices arrive. ``lookup`` returns None unless every index is present;
+    ``missing`` tells which rows still need the teacher (batches mixing seen and new examples,
+    as data selection makes them, then run the teacher on the new rows only).
 
     >>> cache = TeacherCache()
     >>> cache.store(torch.tensor([3, 1]), {"logits": torch.ones(2, 10)})
     >>> cache.lookup(torch.tensor([1, 3]))["logits"].shape, cache.lookup(torch.tensor([0]))
     (torch.Size([2, 10]), None)
+    >>> cache.missing(torch.tensor([1, 0, 3, 7])).tolist()
+    [False, True, False, True]
     """
 
     def __init__(self):
@@ -173,6 +177,13 @@ class TeacherCache:
             new = v.new_zeros((size, *v.shape[1:]))
             new[: len(v)] = v
             self.values[key] = new
+
+    def missing(self, index: torch.Tensor) -> torch.Tensor:
+        index = index.long().cpu()
+        known = index < len(self.filled)
+        out = torch.ones(len(index), dtype=torch.bool)
+        out[known] = ~self.filled[index[known]]
+        return out
 
     def lookup(self, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
         index = index.long().cpu()
