@@ -11,7 +11,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ["WANDB_CONSOLE"] = "off"
 os.environ["WANDB_SILENT"] = "true"
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# tiny test models run faster on one thread, and DDP tests start two processes on 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,67 @@
+"""Rewinding: snapshot the weights, optimizer and LR-scheduler state at one step, restore them later.
+
+- ``"init"`` / ``"step"`` (Frankle & Carbin 2019; Frankle et al. 2020): weights, buffers,
+  optimizer state and LR schedulers go back to the snapshot (masks are applied after).
+- ``"lr"`` (Renda et al. 2020): the weights keep their trained values; only the learning-rate
+  schedule (schedulers and the optimizers' hyper-parameters) goes back to the snapshot.
+- ``"none"``: fine-tune, nothing is restored.
+
+Plain PyTorch: optimizers and schedulers are passed in as lists.
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 2); opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+>>> snap = take_snapshot("init", net, [opt], [])
+>>> before = net.weight.detach().clone()
+>>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+>>> restore("init", snap, net, [opt], []); torch.equal(net.weight, before), opt.state_dict()["state"]
+(True, {})
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+REWINDS = ("none", "init", "step", "lr")
+
+
+def rewinds_weights(rewind: str) -> bool:
+    return rewind in ("init", "step")
+
+
+def take_snapshot(rewind: str, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                  schedulers: Sequence[Any]) -> dict[str, Any]:
+    """Copies (never references) of what ``rewind`` will restore."""
+    snap: dict[str, Any] = {"schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers]}
+    if rewinds_weights(rewind):
+        snap["module"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        snap["optimizers"] = [copy.deepcopy(o.state_dict()) for o in optimizers]
+    else:
+        snap["optimizers"] = [{"param_groups": copy.deepcopy(o.state_dict()["param_groups"])} for o in optimizers]
+    return snap
+
+
+@torch.no_grad()
+def restore(rewind: str, snap: dict[str, Any], module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+            schedulers: Sequence[Any]) -> None:
+    """Put back what ``take_snapshot`` saved for ``rewind`` (a no-op for ``"none"``)."""
+    if rewind == "none":
+        return
+    if len(optimizers) != len(snap["optimizers"]) or len(schedulers) != len(snap["schedulers"]):
+        raise RuntimeError(f"cannot rewind: the snapshot has {len(snap['optimizers'])} optimizer(s) and "
+                           f"{len(snap['schedulers'])} scheduler(s), training now has {len(optimizers)} and "
+                           f"{len(schedulers)}")
+    if rewinds_weights(rewind):
+        module.load_state_dict(snap["module"])  # copies into the existing parameters
+        for opt, state in zip(optimizers, snap["optimizers"]):
+            # load_state_dict may alias the tensors it is given: hand it a copy, keep the snapshot intact
+            opt.load_state_dict(copy.deepcopy(state))
+    else:
+        for opt, state in zip(optimizers, snap["optimizers"]):
+            for group, saved in zip(opt.param_groups, state["param_groups"]):
+                group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+    for sched, state in zip(schedulers, snap["schedulers"]):
+        sched.load_state_dict(copy.deepcopy(state))
+

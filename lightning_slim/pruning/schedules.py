@@ -1,0 +1,146 @@
+"""Pruning schedules as data: each compiles to a list of events ``(time, target sparsity)``.
+
+Time is counted in ``unit``: completed epochs (``"epoch"``) or optimizer steps (``"step"``).
+An event at time ``t`` fires before training continues from ``t``; the target sparsity is
+the fraction of pruned-layer weights (or channels, structurally) that must be gone after it.
+
+A schedule is a dict that YAML can write (``kind`` picks the class) or one of the classes:
+
+>>> parse_schedule({"kind": "imp", "rounds": 3, "rate": 0.5, "every": 2}).events()
+[(2, 0.5), (4, 0.75), (6, 0.875)]
+>>> [round(s, 3) for _, s in GradualSchedule(final_sparsity=0.9, start=0, end=30, every=10).events()]
+[0.0, 0.633, 0.867, 0.9]
+>>> OneShotSchedule(sparsity=0.5, at=0, unit="step").events()
+[(0, 0.5)]
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+from lightning_slim.pruning.functional import check_fraction
+
+UNITS = ("epoch", "step")
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r} is not one of {UNITS}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class IMPSchedule:
+    """Iterative magnitude pruning (Frankle & Carbin 2019): every ``every`` units, for ``rounds``
+    rounds, prune ``rate`` of the weights that remain. Give ``final_sparsity`` instead of ``rate``
+    to derive the rate: ``1 - (1 - final_sparsity) ** (1 / rounds)``. Train ``every`` more units
+    after the last round (``max_epochs = (rounds + 1) * every`` with ``start=0``)."""
+
+    rounds: int = 5
+    rate: float | None = 0.2
+    final_sparsity: float | None = None
+    every: int = 1
+    start: int = 0
+    unit: str = "epoch"
+    kind: str = "imp"
+
+    def __post_init__(self):
+        _check_unit(self.unit)
+        _check_int("rounds", self.rounds, 1)
+        _check_int("every", self.every, 1)
+        _check_int("start", self.start, 0)
+        if self.final_sparsity is not None:
+            check_fraction("final_sparsity", self.final_sparsity)
+        elif self.rate is None:
+            raise ValueError("IMP schedule needs rate (pruned per round) or final_sparsity")
+        else:
+            check_fraction("rate", self.rate)
+
+    def per_round_rate(self) -> float:
+        if self.final_sparsity is not None:
+            return 1.0 - (1.0 - self.final_sparsity) ** (1.0 / self.rounds)
+        return float(self.rate)
+
+    def events(self) -> list[tuple[int, float]]:
+        keep = 1.0 - self.per_round_rate()
+        return [(self.start + r * self.every, 1.0 - keep**r) for r in range(1, self.rounds + 1)]
+
+
+@dataclass(frozen=True)
+class GradualSchedule:
+    """Zhu & Gupta (2017) gradual pruning: every ``every`` units from ``start`` to ``end`` the target
+    sparsity follows ``s_f + (s_i - s_f) * (1 - (t - start) / (end - start)) ** 3``."""
+
+    final_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    start: int = 0
+    end: int = 1000
+    every: int = 100
+    unit: str = "step"
+    kind: str = "gradual"
+
+    def __post_init__(self):
+        _check_unit(self.unit)
+        check_fraction("final_sparsity", self.final_sparsity)
+        check_fraction("initial_sparsity", self.initial_sparsity)
+        _check_int("start", self.start, 0)
+        _check_int("every", self.every, 1)
+        if not isinstance(self.end, int) or self.end <= self.start:
+            raise ValueError(f"end={self.end!r} must be an integer after start={self.start}")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity={self.initial_sparsity} exceeds final_sparsity={self.final_sparsity}")
+
+    def events(self) -> list[tuple[int, float]]:
+        span = self.end - self.start
+        times = list(range(self.start, self.end, self.every)) + [self.end]
+        si, sf = self.initial_sparsity, self.final_sparsity
+        return [(t, sf + (si - sf) * (1 - (t - self.start) / span) ** 3) for t in times]
+
+
+@dataclass(frozen=True)
+class OneShotSchedule:
+    """Prune once, to ``sparsity``, at time ``at`` (0: before training starts)."""
+
+    sparsity: float = 0.5
+    at: int = 0
+    unit: str = "epoch"
+    kind: str = "one_shot"
+
+    def __post_init__(self):
+        _check_unit(self.unit)
+        check_fraction("sparsity", self.sparsity)
+        _check_int("at", self.at, 0)
+
+    def events(self) -> list[tuple[int, float]]:
+        return [(self.at, float(self.sparsity))]
+
+
+Schedule = Union[IMPSchedule, GradualSchedule, OneShotSchedule]
+KINDS: dict[str, type] = {"imp": IMPSchedule, "gradual": GradualSchedule, "one_shot": OneShotSchedule}
+
+
+def parse_schedule(spec: Mapping[str, Any] | Schedule) -> Schedule:
+    """A schedule from a YAML-style dict (``{"kind": "imp", ...}``) or a schedule object."""
+    if isinstance(spec, tuple(KINDS.values())):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"schedule={spec!r} must be a dict with a 'kind' in {sorted(KINDS)} or a schedule object")
+    spec = dict(spec)
+    kind = spec.pop("kind", "imp")
+    if kind not in KINDS:
+        raise ValueError(f"schedule kind={kind!r} is not one of {sorted(KINDS)}")
+    cls = KINDS[kind]
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {kind} schedule keys {unknown}; allowed are {sorted(allowed)}")
+    return cls(**spec)
+
+
+def as_dict(schedule: Schedule) -> dict[str, Any]:
+    return dataclasses.asdict(schedule)

@@ -1,0 +1,156 @@
+"""Structural (channel / neuron) pruning with torch-pruning's DepGraph, in plain PyTorch.
+
+Removing a channel shrinks every layer that depends on it (the next layer's inputs, batch
+norm statistics...), so the model gets really smaller and faster. torch-pruning replaces
+parameter objects: whoever holds the old ones (optimizers, DDP) must be rebuilt.
+
+A pruned model's *structure* (shapes of every parameter and buffer, plus the size
+attributes such as ``out_channels``) is plain data: :func:`structure_of` records it and
+:func:`restructure` makes a freshly built model match it, so a checkpoint of a pruned
+model can be loaded (``load_state_dict`` then fits).
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 2))
+>>> _ = channel_prune(net, torch.zeros(1, 1, 40), [net[0], net[2]], ratio=0.5)
+>>> net[0].out_channels, net[2].in_channels, net[4].in_features
+(4, 4, 144)
+>>> fresh = nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 2))
+>>> restructure(fresh, structure_of(net))
+5
+>>> _ = fresh.load_state_dict(net.state_dict())
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+ROOTS = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose output channels we remove
+SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
+              "normalized_shape", "num_embeddings", "embedding_dim", "embed_dim", "num_channels")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    # tracing runs a forward pass: in train mode it would move batch-norm running statistics
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def dependency_graph(model: nn.Module, example_inputs: Any):
+    import torch_pruning as tp
+
+    with _eval_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # reported by check_prunable
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+
+
+def check_prunable(model: nn.Module, example_inputs: Any, layers: Mapping[str, nn.Module]) -> None:
+    """Raise ``ValueError`` naming any layer torch-pruning cannot remove channels from."""
+    try:
+        graph = dependency_graph(model, example_inputs)
+    except Exception as err:  # tracing failures come in many types
+        raise ValueError(f"torch-pruning cannot trace this model for structural pruning: "
+                         f"{type(err).__name__}: {err}") from err
+    for name, module in layers.items():
+        if not isinstance(module, ROOTS):
+            raise ValueError(f"structural pruning cannot handle layer {name!r} ({type(module).__name__}): it "
+                             "removes output channels of Linear / Conv layers only; target those or exclude it")
+        pruner = graph.get_pruner_of_module(module)
+        if module not in graph.module2node:
+            raise ValueError(f"structural pruning target {name!r} is never used in forward(); exclude it")
+        try:
+            graph.get_pruning_group(module, pruner.prune_out_channels, [0])
+        except Exception as err:
+            raise ValueError(f"structural pruning cannot remove output channels of {name!r}: {err}") from err
+
+
+def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Module], ratio: float,
+                  global_pruning: bool = False, ignored: Iterable[nn.Module] = ()) -> list:
+    """Remove ``ratio`` of the *current* output channels of ``targets`` (L2 magnitude ranking).
+
+    Every other root layer (Conv / Linear) is left as is; its inputs still shrink when a layer
+    feeding it loses channels. Returns torch-pruning's pruning history (module, out?, indices).
+    """
+    import torch_pruning as tp
+
+    if ratio <= 0:
+        return []
+    targets = list(targets)
+    target_ids = {id(m) for m in targets}
+    keep_out = [m for m in model.modules() if isinstance(m, ROOTS) and id(m) not in target_ids]
+    with _eval_mode(model):
+        pruner = tp.pruner.BasePruner(
+            model, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio, global_pruning=global_pruning,
+            ignored_layers=keep_out + list(ignored),
+        )
+        pruner.step()
+    return [list(h) for h in pruner.pruning_history()]
+
+
+def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Shapes of each module's own parameters and buffers, and its size attributes."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        params = {k: tuple(p.shape) for k, p in module.named_parameters(recurse=False)}
+        buffers = {k: tuple(b.shape) for k, b in module.named_buffers(recurse=False) if b is not None}
+        if not params and not buffers:
+            continue
+        attrs = {a: getattr(module, a) for a in SIZE_ATTRS if isinstance(getattr(module, a, None), (int, tuple))}
+        out[name] = {"params": params, "buffers": buffers, "attrs": attrs}
+    return out
+
+
+@torch.no_grad()
+def restructure(model: nn.Module, structure: Mapping[str, Mapping[str, Any]]) -> int:
+    """Resize ``model``'s parameters and buffers in place to ``structure`` (values are left
+    uninitialised: load a state dict next). Returns how many tensors changed shape."""
+    changed = 0
+    modules = dict(model.named_modules())
+    for name, spec in structure.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"pruned checkpoint has module {name!r}, which this model does not have")
+        for key, shape in spec["params"].items():
+            old = getattr(module, key)
+            if tuple(old.shape) != tuple(shape):
+                setattr(module, key, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
+                changed += 1
+        for key, shape in spec["buffers"].items():
+            old = getattr(module, key)
+            if old is not None and tuple(old.shape) != tuple(shape):
+                setattr(module, key, old.new_empty(shape))
+                changed += 1
+        for key, value in spec["attrs"].items():
+            setattr(module, key, value)
+    return changed
+
+
+def count_weights(layers: Mapping[str, nn.Module]) -> dict[str, int]:
+    return {n: m.weight.numel() for n, m in layers.items()}
+
+
+def load_pruned(model: nn.Module, checkpoint_path: str, strict: bool = True,
+                state_key: str = "IterativeMagnitudePruning") -> nn.Module:
+    """Load a checkpoint written while ``IterativeMagnitudePruning`` trained into a freshly built
+    ``model``: structurally pruned layers are resized first, then the weights are loaded.
+
+    ``state_key`` is the callback's key in the checkpoint (its class name).
+
+    >>> model = load_pruned(MNIST1DCNN(channels=64), "epoch=9.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("callbacks", {}).get(state_key) or {}
+    if state.get("structure"):
+        restructure(model, state["structure"])
+    model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return model
