@@ -37,10 +37,16 @@ def check_combination(trainer: pl.Trainer) -> None:
     by = {cb.technique: cb for cb in slim}
     pruning, quant = by.get("pruning"), by.get("quantization")
     if pruning is not None and quant is not None and getattr(pruning, "structured", False):
-        raise IncompatibleCallbacksError(
-            "IterativeMagnitudePruning(structured=True) replaces layers' parameters while "
-            "QuantizationAwareTraining has them fake-quantized; prune the channels in a first fit, "
-            "then run QAT on the smaller model in a second fit (or use unstructured pruning)")
+        # measured: removing channels from layers that are already fake-quantized hangs in
+        # torch-pruning's tracing; pruning them first and quantizing the smaller model works
+        last = max(t for t, _ in pruning.events)
+        unit = pruning.schedule.unit
+        if unit != quant.unit or last >= quant.start_after:
+            raise IncompatibleCallbacksError(
+                f"IterativeMagnitudePruning(structured=True) prunes channels until {unit} {last}, but "
+                f"QuantizationAwareTraining starts fake quantization at {quant.unit} {quant.start_after}; "
+                "every channel-pruning event must come before fake quantization starts (same unit), e.g. "
+                f"start_after={last + 1} with unit={unit!r}")
     selection = by.get("selection")
     if selection is not None and getattr(selection, "reference", None) == "teacher":
         if not any(hasattr(cb, "teacher") and cb is not selection for cb in trainer.callbacks):

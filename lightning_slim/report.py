@@ -171,9 +171,11 @@ class CompressionReport(SlimCallback):
         self.json_path = path
         rows = [[k, self.before.get(k), self.after.get(k)] for k in (*COMPARED, "accuracy", "export_accuracy")
                 if k in self.before or k in self.after]
-        rows += [[f"{t}/{k}", None, v] for t, r in self.techniques.items() for k, v in r.items()]
-        rows = [[k, _num(b), _num(a)] for k, b, a in rows]
-        log.log_table(trainer, "slim/report/table", ["metric", "before", "after"], rows)
+        log.log_table(trainer, "slim/report/table", ["metric", "before", "after"],
+                      [[k, _num(b), _num(a)] for k, b, a in rows])
+        if self.techniques:  # W&B columns hold one type: technique rows mix numbers and words
+            log.log_table(trainer, "slim/report/techniques", ["technique", "key", "value"],
+                          [[t, k, str(v)] for t, r in self.techniques.items() for k, v in r.items()])
         summary = {f"slim/report/{k}_before": v for k, v in self.before.items() if isinstance(v, (int, float))}
         summary |= {f"slim/report/{k}_after": v for k, v in self.after.items() if isinstance(v, (int, float))}
         summary |= {f"slim/report/{t}/{k}": v for t, r in self.techniques.items() for k, v in r.items()
@@ -190,4 +192,4 @@ class CompressionReport(SlimCallback):
 
 
 def _num(v):
-    return float(v) if isinstance(v, (int, float)) else (None if v is None else str(v))
+    return float(v) if isinstance(v, (int, float)) else None
