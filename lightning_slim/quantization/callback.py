@@ -1,0 +1,218 @@
+"""QuantizationAwareTraining: the Lightning shell around :mod:`.functional` and :mod:`.export`."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_slim import log
+from lightning_slim.batches import BatchFormatError, batch_inputs
+from lightning_slim.callback import SlimCallback
+from lightning_slim.quantization import functional as F
+from lightning_slim.quantization.export import convert_to_int8, save_int8
+
+UNITS = ("epoch", "step")
+PHASES = ("float", "fake_quant", "ranges_frozen")
+
+
+def _check_when(name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a non-negative integer" + (" or None" if allow_none else ""))
+
+
+class QuantizationAwareTraining(SlimCallback):
+    """Train with simulated int8 (or int4) arithmetic, then export a real int8 model.
+
+    Schedule (in ``unit`` = epochs or optimizer steps): float training until ``start_after``,
+    then fake quantization of weights and activations; weight ranges freeze at
+    ``freeze_ranges_after`` and the BatchNorms folded into convolutions stop updating their
+    statistics at ``freeze_bn_after`` (None: never). The model's structure changes only during
+    ``fit`` (same parameters and state-dict keys); at ``teardown`` the float layers are back, with
+    the QAT-trained weights. ``export(model)`` gives the int8 model; ``export_path`` saves it at
+    the end of fit as a ``torch.export`` program (see :func:`~.export.load_int8`).
+
+    Args:
+        targets: layer types (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``), module names or
+            ``re:<regex>`` over module names. Default: every Linear, Conv1d and Conv2d.
+        exclude: the same kinds of entries, removed from the targets (e.g. a sensitive first layer).
+        weight_bits: 8 (per-channel) or 4 (per-group, Linear/Embedding only).
+        activation_bits: 8 (dynamic per-token int8) or None (weight-only).
+        group_size: group of the int4 weights.
+        fold_bn: fold a BatchNorm that directly follows a conv into it (simulated during QAT).
+
+    >>> cb = QuantizationAwareTraining(targets=["Linear", "re:net\\\\.0"], start_after=1, freeze_bn_after=3)
+    >>> cb.spec.weight_bits, cb.unit
+    (8, 'epoch')
+    """
+
+    technique = "quantization"
+    export_order = 1000  # after masks are made permanent (pruning)
+
+    def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None, weight_bits: int = 8,
+                 activation_bits: int | None = 8, group_size: int = 32, start_after: int = 1,
+                 freeze_ranges_after: int | None = None, freeze_bn_after: int | None = None, unit: str = "epoch",
+                 fold_bn: bool = True, export_path: str | None = None, log_error_table: bool = True):
+        self.spec = F.QuantSpec(weight_bits, activation_bits, group_size)
+        if unit not in UNITS:
+            raise ValueError(f"unit={unit!r} is not one of {UNITS}")
+        _check_when("start_after", start_after, False)
+        for name, value in (("freeze_ranges_after", freeze_ranges_after), ("freeze_bn_after", freeze_bn_after)):
+            _check_when(name, value, True)
+            if value is not None and value < start_after:
+                raise ValueError(f"{name}={value} comes before start_after={start_after}; freezing happens "
+                                 "after fake quantization starts")
+        if freeze_ranges_after is not None and weight_bits == 4:
+            raise ValueError("freeze_ranges_after is supported for weight_bits=8 only (int4 group scales are "
+                             "recomputed at export)")
+        self.targets = list(targets) if targets is not None else list(F.DEFAULT_TARGETS)
+        self.exclude = list(exclude or [])
+        self.start_after, self.freeze_ranges_after, self.freeze_bn_after = start_after, freeze_ranges_after, \
+            freeze_bn_after
+        self.unit, self.fold_bn, self.export_path, self.log_error_table = unit, fold_bn, export_path, log_error_table
+        self.layers: list[str] = []
+        self.folded: dict[str, str] = {}
+        self.ranges: dict[str, dict[str, torch.Tensor]] = {}
+        self.phase = 0
+        self._module: pl.LightningModule | None = None
+        self._example: torch.Tensor | None = None
+        self.saved_path: str | None = None
+
+    # --- before training --------------------------------------------------------------------
+    def validate(self, trainer, pl_module) -> None:
+        self.layers = F.select_layers(pl_module, self.targets, self.exclude)
+        F.check_layers(pl_module, self.layers, self.spec)
+        example = getattr(pl_module, "example_input_array", None)
+        if isinstance(example, torch.Tensor):
+            self._dry_run(pl_module, example)
+
+    def _dry_run(self, pl_module, example: torch.Tensor) -> None:
+        """Fake-quantize and convert a CPU copy on ``example_input_array``: a model the flow cannot
+        handle, or a targeted layer whose forward never runs, fails here and not mid-training."""
+        model = copy.deepcopy(pl_module).cpu().eval()
+        F.prepare_qat(model, self.layers, self.spec, self.fold_bn)
+        F.set_fake_quant(model, True)
+        called = set()
+        layers = F.fake_quantized_layers(model)
+        hooks = [m.register_forward_hook(lambda mod, *_a, n=n: called.add(n)) for n, m in layers.items()]
+        try:
+            with torch.no_grad():
+                model(example)
+                unused = [n for n in layers if n not in called]
+                if unused:
+                    raise ValueError(f"targeted layers {unused} are never called by forward (is their weight used "
+                                     "directly, as in nn.MultiheadAttention or a positional embedding?); add them "
+                                     "to `exclude`")
+                for h in hooks:
+                    h.remove()
+                convert_to_int8(model)(example)
+        except Exception as err:
+            if isinstance(err, ValueError) and "never called" in str(err):
+                raise
+            raise ValueError(f"QuantizationAwareTraining cannot handle {type(pl_module).__name__} (layers "
+                             f"{self.layers}): {type(err).__name__}: {err}") from err
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        super().setup(trainer, pl_module, stage)  # baseline for the report, validate()
+        if stage != "fit":
+            return
+        # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
+        self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
+        self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
+        rank_zero_info(f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
+                       f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded")
+
+    # --- the schedule -----------------------------------------------------------------------------
+    def _now(self, trainer) -> int:
+        return trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+
+    def _reached(self, trainer, when: int | None) -> bool:
+        return when is not None and self._now(trainer) >= when
+
+    def _apply_schedule(self, trainer, pl_module) -> None:
+        F.set_fake_quant(pl_module, self._reached(trainer, self.start_after))
+        self.phase = int(self._reached(trainer, self.start_after))
+        if self._reached(trainer, self.freeze_ranges_after):
+            if not self.ranges:
+                self.ranges = F.freeze_ranges(pl_module)
+            self.phase = 2
+        if self._reached(trainer, self.freeze_bn_after) and pl_module.training:
+            F.freeze_batchnorm(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._apply_schedule(trainer, pl_module)
+        if self._example is None:
+            try:
+                self._example = batch_inputs(batch)[:8].detach().cpu()
+            except BatchFormatError:
+                self._example = torch.empty(0)
+        self.log_scalars(pl_module, {"phase": float(self.phase), "weight_bits": float(self.spec.weight_bits),
+                                     "activation_bits": float(self.spec.activation_bits or 32),
+                                     "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))})
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._module is not None:
+            self._apply_schedule(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        rows = F.quantization_error(pl_module)
+        mean = sum(r["relative_error"] for r in rows) / len(rows)
+        self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
+        if self.log_error_table and trainer.is_global_zero:
+            cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
+            log.log_table(trainer, "slim/quantization/layer_error", cols,
+                          [[r[c] if c != "activation_bits" or r[c] else 32 for c in cols] for r in rows])
+
+    # --- after training ---------------------------------------------------------------------------
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.export_path and trainer.is_global_zero:
+            if self._example is None or not self._example.numel():
+                rank_zero_warn("QuantizationAwareTraining: no example input seen; the int8 model was not saved")
+                return
+            model = self.export(copy.deepcopy(pl_module).cpu().eval())
+            self.saved_path = str(save_int8(model, self._example, self.export_path))
+            log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if stage == "fit" and self._module is pl_module:
+            F.unprepare(pl_module)  # the float layers again, with the QAT-trained weights
+            self._module = None
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._module is pl_module:  # Lightning skips teardown after an exception
+            F.unprepare(pl_module)
+            self._module = None
+
+    def export(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The real int8 model of ``model`` (a copy of the trained module; modified in place)."""
+        if not F.fake_quantized_layers(model):
+            layers = self.layers or F.select_layers(model, self.targets, self.exclude)
+            F.prepare_qat(model, layers, self.spec, self.fold_bn)
+            F.set_ranges(model, self.ranges)
+        return convert_to_int8(model.eval())
+
+    def report_rows(self) -> dict[str, Any]:
+        if not self.layers:
+            return {}
+        return {"layers": len(self.layers), "weight_bits": self.spec.weight_bits,
+                "activation_bits": self.spec.activation_bits or "float", "phase": PHASES[self.phase],
+                "bn_folded": len(self.folded), "saved": self.saved_path or ""}
+
+    # --- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "layers": list(self.layers),
+                "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("layers", [])
+        if self.layers and saved and saved != self.layers:
+            raise ValueError(f"the checkpoint quantized layers {saved}, this callback targets {self.layers}")
+        self.phase = int(state_dict.get("phase", 0))
+        self.ranges = dict(state_dict.get("ranges", {}))
+        if self._module is not None and self.ranges:
+            F.set_ranges(self._module, self.ranges)

@@ -1,0 +1,119 @@
+"""From a fake-quantized model to a real int8 one, and to a file that loads without our code.
+
+``convert_to_int8`` swaps every fake-quantized layer for its torchao int8 form with the same
+numerics as training: Linear -> ``Int8DynamicActivationInt8WeightConfig`` (asymmetric
+per-token int8 activations, symmetric per-channel int8 weights; torchao's int8 GEMM), int4 ->
+``Int8DynamicActivationIntxWeightConfig`` (per-group int4), Embedding -> ``IntxWeightOnlyConfig``,
+Conv -> :class:`~lightning_slim.quantization.conv.Int8Conv` with the BN folded in. Frozen
+weight scales are used as they are. Exact zeros (pruned weights) quantize to exact zeros.
+
+``save_int8`` writes a ``torch.export`` program (``.pt2``): the graph and its int8 weights,
+loadable with ``torch.export.load(path).module()`` by a process that has torch (and torchao
+installed) but neither lightning-slim nor the user's model class.
+
+>>> import copy, torch
+>>> from torch import nn
+>>> from lightning_slim.quantization.functional import QuantSpec, prepare_qat
+>>> model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
+...                       nn.Linear(8 * 16, 4))
+>>> folded = prepare_qat(model, ["0", "4"], QuantSpec())
+>>> folded
+{'0': '1'}
+>>> int8 = convert_to_int8(copy.deepcopy(model).eval())
+>>> int8(torch.randn(2, 1, 16)).shape
+torch.Size([2, 4])
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_slim.quantization import conv as qconv
+from lightning_slim.quantization.functional import _set, fake_quantized_layers
+
+
+def _int8_weight(linear: nn.Linear, fq, activations: bool) -> nn.Linear:
+    """``linear`` with a torchao int8 weight; ``fq`` (the layer's weight fake quantizer) gives
+    the bit-width, group size and any frozen scale."""
+    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig,
+                                      Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup, quantize_)
+
+    cfg = fq.config
+    if cfg.dtype == torch.int4:
+        group = PerGroup(cfg.granularity.group_size)
+        config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=group)
+                  if activations else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=group))
+        quantize_(linear, config)
+        return linear
+    config = (Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
+              if activations else Int8WeightOnlyConfig())
+    w = linear.weight.detach().clone()
+    quantize_(linear, config)
+    if not cfg.is_dynamic and fq.scale is not None:  # frozen ranges: quantize on that grid exactly
+        from torchao.quantization import Int8Tensor
+
+        q = linear.weight
+        scale = fq.scale.detach().to(q.scale.dtype).reshape(q.scale.shape)
+        frozen = Int8Tensor.from_hp(w, granularity=_granularity(q), scale=scale, zero_point=torch.zeros_like(
+            scale, dtype=torch.int8), act_quant_kwargs=q.act_quant_kwargs)
+        linear.weight = nn.Parameter(frozen, requires_grad=False)
+    return linear
+
+
+def _granularity(q):
+    from torchao.quantization import PerRow, PerTensor
+
+    return PerRow() if q.block_size[0] == 1 else PerTensor()
+
+
+@torch.no_grad()
+def convert_to_int8(model: nn.Module) -> nn.Module:
+    """Replace every fake-quantized layer of ``model`` (in place) by its int8 form; returns it."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup, quantize_
+
+    layers = fake_quantized_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no fake-quantized layer to convert; prepare it first")
+    names = {id(m): n for n, m in model.named_modules()}
+    for name, m in layers.items():
+        fq = m.weight_fake_quantizer
+        activations = getattr(m, "activation_fake_quantizer", None) is not None
+        if isinstance(m, qconv.CONV_TYPES):
+            bn = m.folded_bn
+            new = qconv.conv_to_int8(m, lambda lin, _m: _int8_weight(lin, fq, activations))
+            if bn is not None:
+                _set(model, names[id(bn)], nn.Identity())
+        elif isinstance(m, nn.Linear):
+            new = _int8_weight(m.to_linear(), fq, activations)
+        else:
+            emb = m.to_embedding()
+            gran = PerAxis(0) if fq.config.dtype == torch.int8 else PerGroup(fq.config.granularity.group_size)
+            quantize_(emb, IntxWeightOnlyConfig(weight_dtype=fq.config.dtype, granularity=gran),
+                      filter_fn=lambda mod, _fqn: isinstance(mod, nn.Embedding))
+            new = emb
+        new.eval()
+        _set(model, name, new)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def save_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """Save an int8 model as a ``torch.export`` program with a dynamic batch dimension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = example_input.detach().cpu()
+    if example.shape[0] < 2:  # a batch of 1 would be specialised
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(copy.deepcopy(model).eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def load_int8(path: str | Path) -> nn.Module:
+    """Load what :func:`save_int8` wrote (needs only torch + torchao)."""
+    return torch.export.load(str(path)).module()

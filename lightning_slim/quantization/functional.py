@@ -1,0 +1,294 @@
+"""Quantization-aware training in plain PyTorch (no Lightning): choose layers, fake-quantize
+them, freeze ranges / BatchNorm, measure the error, convert to int8 and save.
+
+Linear / Embedding use torchao's QAT modules (``FakeQuantizedLinear``/``FakeQuantizedEmbedding``
+with ``IntxFakeQuantizer``); Conv1d/Conv2d go through :mod:`lightning_slim.quantization.conv`.
+Every swap keeps the parameter objects and the state-dict keys of the float model.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> names = select_layers(model, ["Linear"], exclude=["2"])
+>>> names
+['0']
+>>> prepare_qat(model, names, QuantSpec())
+{}
+>>> set_fake_quant(model, True)
+>>> model(torch.randn(3, 16)).shape
+torch.Size([3, 4])
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_slim.quantization import conv as qconv
+
+SUPPORTED_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
+WEIGHT_BITS = (8, 4)
+ACTIVATION_BITS = (8, None)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to simulate: int8 per-channel (or int4 per-group) symmetric weights, int8 dynamic
+    per-token asymmetric activations (``activation_bits=None``: weight-only)."""
+
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    group_size: int = 32  # int4 weights only
+
+    def __post_init__(self):
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits={self.weight_bits!r} is not supported; allowed: {list(WEIGHT_BITS)}")
+        if self.activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation_bits={self.activation_bits!r} is not supported; allowed: 8 or None "
+                             "(weight-only)")
+        if not (isinstance(self.group_size, int) and self.group_size >= 2):
+            raise ValueError(f"group_size={self.group_size!r} must be an integer >= 2")
+
+    def weight_config(self):
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+        if self.weight_bits == 8:
+            return IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
+        return IntxFakeQuantizeConfig(torch.int4, group_size=self.group_size, is_symmetric=True)
+
+    def activation_config(self):
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+        if self.activation_bits is None:
+            return None
+        return IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+
+
+# --- choosing layers ---------------------------------------------------------------------------
+def _is_type_name(entry: str) -> bool:
+    return entry in SUPPORTED_TYPES or (entry[:1].isupper() and isinstance(getattr(nn, entry, None), type))
+
+
+def _matches(entry: str, name: str, module: nn.Module) -> bool:
+    if entry.startswith("re:"):
+        return re.fullmatch(entry[3:], name) is not None
+    if _is_type_name(entry):
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return False  # nn.MultiheadAttention's out_proj: its weight is read directly, never called
+        return type(module).__name__ == entry or isinstance(module, SUPPORTED_TYPES.get(entry, ()))
+    return name == entry
+
+
+def _check_entries(model: nn.Module, entries, what: str) -> None:
+    names = {n for n, _ in model.named_modules()}
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"{what} entry {entry!r} must be a non-empty string (a layer type such as 'Linear', "
+                             "a module name, or 're:<regex>')")
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as err:
+                raise ValueError(f"{what} entry {entry!r} is not a valid regex: {err}") from None
+        elif _is_type_name(entry):
+            if entry not in SUPPORTED_TYPES:
+                raise ValueError(f"layer type {entry!r} in {what} is not supported; supported types: "
+                                 f"{sorted(SUPPORTED_TYPES)}")
+        elif entry not in names:
+            raise ValueError(f"{what} entry {entry!r} names no module of the model (module names look like "
+                             f"{sorted(n for n in names if n)[:6]}...)")
+
+
+def select_layers(model: nn.Module, targets=DEFAULT_TARGETS, exclude=()) -> list[str]:
+    """Names of the modules to quantize: matched by ``targets``, not by ``exclude``.
+
+    Entries are layer types (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Embedding"``), module
+    names (``"net.0"``) or ``"re:<regex>"`` over module names. A module named explicitly must
+    be of a supported type; a regex or type that selects nothing supported is an error.
+    """
+    _check_entries(model, targets, "targets")
+    _check_entries(model, exclude, "exclude")
+    chosen = []
+    for name, module in model.named_modules():
+        if not any(_matches(t, name, module) for t in targets) or any(_matches(e, name, module) for e in exclude):
+            continue
+        supported = isinstance(module, tuple(SUPPORTED_TYPES.values()))
+        if not supported and name in targets:
+            raise ValueError(f"layer {name!r} is a {type(module).__name__}, which is not supported; supported "
+                             f"types: {sorted(SUPPORTED_TYPES)}")
+        if supported:
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"targets={list(targets)} (exclude={list(exclude)}) match no supported layer "
+                         f"({sorted(SUPPORTED_TYPES)}) of {type(model).__name__}")
+    return chosen
+
+
+def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
+    """Raise a clear error for chosen layers the flow cannot quantize with ``spec``."""
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        if isinstance(m, qconv.CONV_TYPES):
+            qconv.check_conv(name, m)
+            if spec.weight_bits != 8:
+                raise ValueError(f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
+                                 "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)")
+        elif spec.weight_bits == 4:
+            width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
+            if width % spec.group_size:
+                raise ValueError(f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
+                                 f"{width}; choose a divisor or exclude the layer")
+
+
+# --- preparing and undoing -----------------------------------------------------------------------
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _next_batchnorm(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """The BatchNorm registered right after ``name`` in the same parent (Conv -> BN), if any."""
+    parent, _, child = name.rpartition(".")
+    siblings = list((model.get_submodule(parent) if parent else model).named_children())
+    keys = [k for k, _ in siblings]
+    i = keys.index(child)
+    conv = siblings[i][1]
+    if i + 1 < len(siblings) and isinstance(siblings[i + 1][1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+        bn = siblings[i + 1][1]
+        if bn.num_features == conv.out_channels and bn.track_running_stats:
+            return (f"{parent}.{keys[i + 1]}" if parent else keys[i + 1]), bn
+    return None
+
+
+def is_fake_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "weight_fake_quantizer")
+
+
+def prepare_qat(model: nn.Module, names: list[str], spec: QuantSpec, fold_bn: bool = True) -> dict[str, str]:
+    """Swap the named layers for fake-quantized ones in place (parameters are kept).
+
+    Fake quantization starts disabled (see :func:`set_fake_quant`). Returns ``{conv: bn}``
+    for the BatchNorms folded into convolutions. Already-prepared layers are left alone.
+    """
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    check_layers(model, names, spec)
+    folded = {}
+    for name in names:
+        m = model.get_submodule(name)
+        if is_fake_quantized(m):
+            continue
+        act, weight = spec.activation_config(), spec.weight_config()
+        if isinstance(m, qconv.CONV_TYPES):
+            bn = _next_batchnorm(model, name) if fold_bn else None
+            if bn:
+                folded[name] = bn[0]
+            new = qconv.fake_quantize_conv(m, act, weight, bn[1] if bn else None)
+        elif isinstance(m, nn.Linear):
+            new = FakeQuantizedLinear.from_linear(m, act, weight)
+        else:
+            new = FakeQuantizedEmbedding.from_embedding(m, weight)
+        new._forward_hooks, new._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
+        new.train(m.training)
+        _set(model, name, new)
+    set_fake_quant(model, False)
+    return folded
+
+
+def unprepare(model: nn.Module) -> None:
+    """Put plain float layers back (same parameters): the model is the user's again."""
+    for name, m in list(model.named_modules()):
+        if is_fake_quantized(m):
+            plain = m.to_conv() if hasattr(m, "to_conv") else (
+                m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding())
+            plain._forward_hooks, plain._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
+            plain.train(m.training)
+            _set(model, name, plain)
+
+
+def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if is_fake_quantized(m)}
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization of weights and activations on or off (off = the float model)."""
+    for m in fake_quantized_layers(model).values():
+        for fq in (getattr(m, "weight_fake_quantizer", None), getattr(m, "activation_fake_quantizer", None)):
+            if fq is not None:
+                fq.enabled = enabled
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Use (and stop updating) running statistics of the BNs folded into convolutions."""
+    for m in fake_quantized_layers(model).values():
+        bn = getattr(m, "folded_bn", None)
+        if bn is not None:
+            bn.eval()
+
+
+# --- ranges ------------------------------------------------------------------------------------
+def _quant_weight(m: nn.Module) -> torch.Tensor:
+    return m.quant_weight() if hasattr(m, "quant_weight") else m.weight
+
+
+def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Fix each Linear/Conv weight's scale at its current value (the standard QAT recipe stops
+    updating ranges late in training). Returns them, to be saved and set back by :func:`set_ranges`.
+    Embeddings keep computing theirs (weight-only, nothing to stabilise)."""
+    ranges = {}
+    for name, m in fake_quantized_layers(model).items():
+        if isinstance(m, nn.Embedding):
+            continue
+        fq = m.weight_fake_quantizer
+        fq.scale = fq.zero_point = None
+        with torch.no_grad():
+            fq.config = copy.copy(fq.config)
+            fq.config.is_dynamic = True
+            enabled, fq.enabled = fq.enabled, True
+            fq(_quant_weight(m).detach())  # computes scale / zero point
+            fq.enabled = enabled
+        ranges[name] = {"scale": fq.scale.detach().clone(), "zero_point": fq.zero_point.detach().clone()}
+    set_ranges(model, ranges)
+    return ranges
+
+
+def set_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Use fixed weight scales (from :func:`freeze_ranges` or a checkpoint)."""
+    layers = fake_quantized_layers(model)
+    for name, r in ranges.items():
+        if name not in layers:
+            raise KeyError(f"frozen ranges for {name!r}, which is not a fake-quantized layer of the model")
+        fq = layers[name].weight_fake_quantizer
+        device = layers[name].weight.device
+        fq.config = copy.copy(fq.config)
+        fq.config.is_dynamic = False
+        fq.scale, fq.zero_point = r["scale"].to(device), r["zero_point"].to(device)
+
+
+@torch.no_grad()
+def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
+    """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer."""
+    rows = []
+    for name, m in fake_quantized_layers(model).items():
+        fq = m.weight_fake_quantizer
+        w = _quant_weight(m).detach()
+        enabled, fq.enabled = fq.enabled, True
+        err = fq(w) - w
+        fq.enabled = enabled
+        signal, noise = float(w.pow(2).sum()), float(err.pow(2).sum())
+        rows.append({"layer": name, "type": type(m).__name__.replace("FakeQuantized", ""),
+                     "weight_bits": _bits(fq), "activation_bits": 8 if getattr(m, "activation_fake_quantizer", None)
+                     is not None else None, "relative_error": (noise / signal) ** 0.5 if signal else 0.0,
+                     "sqnr_db": 10 * torch.log10(torch.tensor(signal / noise)).item() if noise else float("inf"),
+                     "ranges_frozen": not fq.config.is_dynamic})
+    return rows
+
+
+def _bits(fq) -> int:
+    return 4 if fq.config.dtype == torch.int4 else 8
