@@ -173,7 +173,9 @@ class QuantizationAwareTraining(SlimCallback):
             if self._example is None or not self._example.numel():
                 rank_zero_warn("QuantizationAwareTraining: no example input seen; the int8 model was not saved")
                 return
-            model = self.export(copy.deepcopy(pl_module).cpu().eval())
+            from lightning_slim.report import deployable_copy
+
+            model = deployable_copy(trainer, pl_module)  # every callback's export in order, this one last
             self.saved_path = str(save_int8(model, self._example, self.export_path))
             log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
 

@@ -1,0 +1,26 @@
+"""Online data selection: train on what is learnable, worth learning and not yet learnt
+(RHO-LOSS learnability, JEST joint selection). See README.md, the method card."""
+from lightning_slim.selection.accounting import CostLedger
+from lightning_slim.selection.callback import OnlineDataSelection
+from lightning_slim.selection.functional import (
+    default_per_sample_loss,
+    example_scores,
+    jest_select,
+    per_example_loss,
+    select_sample,
+    select_topk,
+    select_uniform,
+    sigmoid_pair_losses,
+)
+from lightning_slim.selection.reference import (
+    ReferenceLossCache,
+    compute_reference_losses,
+    load_reference,
+    train_reference,
+)
+
+__all__ = [
+    "OnlineDataSelection", "CostLedger", "ReferenceLossCache", "compute_reference_losses", "load_reference",
+    "train_reference", "default_per_sample_loss", "example_scores", "jest_select", "per_example_loss",
+    "select_sample", "select_topk", "select_uniform", "sigmoid_pair_losses",
+]

@@ -1,0 +1,184 @@
+"""Online data selection in plain torch (no Lightning): per-example losses, scores, top-k or
+sampled selection, and JEST's joint selection for batch-level losses.
+
+Scores (higher = more worth training on):
+
+- ``learnability``: learner loss - reference loss (RHO-LOSS's reducible loss; JEST's learnability);
+- ``hard``: learner loss;
+- ``easy_reference``: - reference loss (what a model trained on clean data finds easy);
+- ``uniform``: no score, a uniformly random subset (the control).
+
+>>> import torch
+>>> scores = example_scores("learnability", torch.tensor([2.0, 0.1, 3.0]), torch.tensor([0.5, 0.1, 2.9]))
+>>> select_topk(scores, 1).tolist()
+[0]
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_slim.batches import BatchFormatError, batch_inputs, batch_size, batch_targets
+
+SCORES = ("learnability", "hard", "easy_reference", "uniform")
+NEEDS_LEARNER = {"learnability", "hard"}
+NEEDS_REFERENCE = {"learnability", "easy_reference"}
+SELECTIONS = ("topk", "sample")
+
+# cost units of the issue's accounting: a trained example = forward + backward = 3, a scoring forward = 1
+TRAIN_UNITS, FORWARD_UNITS = 3, 1
+
+
+def example_count(batch: Any) -> int:
+    """Examples in a batch: the inputs' leading dimension, else the first tensor's, else ``len(batch)``."""
+    try:
+        return batch_size(batch)
+    except BatchFormatError:
+        leaves = [batch]
+        while leaves:
+            leaf = leaves.pop(0)
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                return int(leaf.shape[0])
+            if isinstance(leaf, Mapping):
+                leaves.extend(leaf.values())
+            elif isinstance(leaf, (tuple, list)):
+                leaves.extend(leaf)
+        if hasattr(batch, "__len__"):
+            return len(batch)
+        raise
+
+
+def default_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy per example for ``(x, y[, index])`` / dict classification batches."""
+    return F.cross_entropy(model(batch_inputs(batch)), batch_targets(batch), reduction="none")
+
+
+def per_example_loss(model: nn.Module, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
+    """Per-example losses (shape ``(B,)``): ``loss_fn(model, batch)`` when given, else the model's
+    ``per_sample_loss(batch)``, else :func:`default_per_sample_loss`."""
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    if callable(getattr(model, "per_sample_loss", None)):
+        return model.per_sample_loss(batch)
+    return default_per_sample_loss(model, batch)
+
+
+def pair_loss_matrix(model: nn.Module, batch: Any, pair_loss_fn: Callable | None = None) -> torch.Tensor:
+    """The ``(B, B)`` pair-loss matrix of a batch-level loss: ``pair_loss_fn(model, batch)`` when given,
+    else the model's ``per_pair_loss(batch)``. Entry ``(i, j)`` is the loss of pairing example i's
+    first view with example j's second view, so a sub-batch S costs ``M[S][:, S].sum()``."""
+    if pair_loss_fn is not None:
+        return pair_loss_fn(model, batch)
+    return model.per_pair_loss(batch)
+
+
+def sigmoid_pair_losses(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise loss matrix from ``(B, B)`` similarity logits: ``-log sigmoid(z_ij * l_ij)``
+    with ``z = +1`` on the diagonal (matching pairs) and ``-1`` elsewhere."""
+    z = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits)
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode without gradients for scoring, restoring every submodule's own mode afterwards.
+
+    Eval mode keeps scoring deterministic (no dropout) and leaves BatchNorm's running statistics
+    untouched by the examples that are scored but never trained on.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def example_scores(score: str | Callable, learner_loss: torch.Tensor | None,
+                   reference_loss: torch.Tensor | None) -> torch.Tensor:
+    """Per-example scores (higher is selected first) for a score name or a user function
+    ``fn(learner_loss, reference_loss) -> scores`` (``reference_loss`` is None without a reference)."""
+    if callable(score):
+        return score(learner_loss, reference_loss)
+    if score == "learnability":
+        return learner_loss - reference_loss
+    if score == "hard":
+        return learner_loss
+    if score == "easy_reference":
+        return -reference_loss
+    raise ValueError(f"score={score!r} is not one of {SCORES} or a function")
+
+
+def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator).clamp_(1e-20, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores."""
+    return torch.topk(scores.detach().float().cpu(), k).indices
+
+
+def select_sample(scores: torch.Tensor, k: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+    """``k`` indices sampled without replacement with probability ``softmax(scores / temperature)``
+    (Gumbel top-k)."""
+    logits = scores.detach().float().cpu() / temperature
+    return torch.topk(logits + _gumbel(logits.shape, generator), k).indices
+
+
+def select_uniform(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` of ``n`` indices uniformly at random."""
+    return torch.randperm(n, generator=generator)[:k]
+
+
+def select(scores: torch.Tensor, k: int, method: str, generator: torch.Generator, temperature: float = 1.0):
+    if method == "topk":
+        return select_topk(scores, k)
+    if method == "sample":
+        return select_sample(scores, k, generator, temperature)
+    raise ValueError(f"selection={method!r} is not one of {SELECTIONS}")
+
+
+def chunk_sizes(k: int, num_chunks: int) -> list[int]:
+    """Split ``k`` selections into ``min(num_chunks, k)`` near-equal chunks."""
+    n = max(1, min(num_chunks, k))
+    return [k // n + (1 if i < k % n else 0) for i in range(n)]
+
+
+def jest_select(score_matrix: torch.Tensor, k: int, num_chunks: int, generator: torch.Generator,
+                method: str = "sample", temperature: float = 1.0) -> torch.Tensor:
+    """JEST joint selection (Evans et al. 2024): choose ``k`` of ``B`` examples in ``num_chunks``
+    chunks; the first chunk by each example's own score ``M[i, i]``, every later one by its
+    conditional score given the examples already chosen, ``M[i, i] + sum_{j in S} (M[i, j] + M[j, i])``
+    (the increase of the sub-batch's joint score ``M[S][:, S].sum()`` if i joins S). ``score_matrix``
+    is the joint learnability (learner minus reference pair losses), or the learner's pair losses
+    for ``hard``. Within a chunk, ``sample`` draws without replacement from ``softmax(score / T)``
+    as JEST does; ``topk`` takes the best.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = torch.zeros(4, 4); m[0, 0] = m[1, 1] = 1.0; m[0, 1] = m[1, 0] = 5.0
+    >>> sorted(jest_select(m, 2, 2, g, method="topk").tolist())
+    [0, 1]
+    """
+    m = score_matrix.detach().float().cpu()
+    b = m.shape[0]
+    if m.shape != (b, b):
+        raise ValueError(f"the joint score matrix must be square (B, B); got {tuple(m.shape)}")
+    diag = m.diagonal().clone()
+    chosen = torch.zeros(b, dtype=torch.bool)
+    conditional = torch.zeros(b)
+    picks = []
+    for size in chunk_sizes(k, num_chunks):
+        logits = (diag + conditional).masked_fill(chosen, -math.inf)
+        new = select(logits, size, method, generator, temperature)
+        picks.append(new)
+        chosen[new] = True
+        conditional += m[new].sum(0) + m[:, new].sum(1)
+    return torch.cat(picks)
