@@ -17,7 +17,8 @@ import time
 from common import fair_cpu, parser, write
 from lightning_slim.pipeline import run_pipeline
 
-KEYS = ("teacher_acc", "student_acc", "size_ratio", "latency_speedup", "train_compute_ratio",
+KEYS = ("teacher_acc", "student_acc", "size_ratio", "latency_speedup", "latency_speedup_fp32_student",
+        "student_fp32_latency_ms", "train_compute_ratio",
         "teacher_bytes", "student_bytes", "teacher_latency_ms", "student_latency_ms", "examples_seen",
         "examples_trained", "student_nonzero_params", "teacher_params")
 

@@ -34,6 +34,9 @@ class IndexedTensorDataset(Dataset):
         return self.x[i], self.y[i]
 
 
+_SAMPLER_SALT = 982_451_653
+
+
 class EpochSeededSampler(Sampler):
     """A shuffling sampler whose order depends only on ``(seed, epoch)``.
 
@@ -48,7 +51,9 @@ class EpochSeededSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # salted: the split and the label noise draw from small seeds too; a shared stream would
+        # put every corrupted label first in some epoch
+        g = torch.Generator().manual_seed(_SAMPLER_SALT + self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:

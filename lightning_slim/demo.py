@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
                        ("latency ms (b=256)", summary["teacher_latency_ms"], summary["student_latency_ms"])]:
         fmt = (lambda v: f"{v:.4f}") if isinstance(t, float) else (lambda v: f"{v:,}")
         print(f"{name:<22}{fmt(t):>14}{fmt(s):>16}")
+    print(f"(the same student in fp32: {summary['student_fp32_latency_ms']:.2f} ms; int8 kernels pay off only on CPUs "
+          "with int8 dot-product units, VNNI/AMX)")
     print(f"\nsize {summary['size_ratio']:.1f}x smaller, {summary['latency_speedup']:.1f}x faster; training compute "
           f"(teacher and scoring forwards included) {summary['train_compute_ratio']:.2f}x the teacher's own; the "
           f"student trained on {summary['examples_trained']:,} of the {summary['examples_seen']:,} examples it saw")

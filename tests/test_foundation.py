@@ -50,6 +50,17 @@ def test_same_seed_same_noise_and_generated_data_is_cached(tmp_path, monkeypatch
     assert torch.equal(a.noisy, b.noisy) and torch.equal(a.x_train, b.x_train)
 
 
+def test_shuffling_is_independent_of_the_label_noise():
+    dm = MNIST1DDataModule(num_samples=1000, label_noise=0.3, seed=0, batch_size=100)
+    dm.setup()
+    for epoch in range(3):
+        dm_loader = dm.train_dataloader()
+        dm_loader.sampler.set_epoch(epoch)
+        first = torch.tensor(list(dm_loader.sampler))[:100]
+        # a seed shared by the shuffle and the corruption would put the noisy labels first
+        assert 0.15 < dm.noisy[first].float().mean() < 0.45, epoch
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
     s = EpochSeededSampler(50, seed=3)
     s.set_epoch(2)
