@@ -151,3 +151,31 @@ def test_report_warns_about_a_metric_that_is_never_logged(tmp_path):
 def test_report_rejects_bad_arguments():
     with pytest.raises(ValueError, match="latency_batch_size=0"):
         CompressionReport(latency_batch_size=0)
+
+
+class _DictBatchModule(pl.LightningModule):
+    """A user module whose batches are dicts with keys the report cannot guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.layer(batch["features"]), batch["label_id"])
+
+    def train_dataloader(self):
+        data = [{"features": torch.randn(4), "label_id": torch.tensor(i % 2)} for i in range(16)]
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_report_warns_about_a_model_it_cannot_measure_and_reports_the_rest(tmp_path):
+    report = CompressionReport(accuracy_metric=None, output_path=str(tmp_path / "r.json"))
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[report], enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="cannot find the inputs.*features"):
+        trainer.fit(_DictBatchModule())
+    assert report.after["params"] == 10 and "macs" not in report.after and "latency_ms" not in report.after
+    assert json.loads((tmp_path / "r.json").read_text())["after"]["size_bytes"] > 0
