@@ -146,7 +146,7 @@ def load_pruned(model: nn.Module, checkpoint_path: str, strict: bool = True,
 
     ``state_key`` is the callback's key in the checkpoint (its class name).
 
-    >>> model = load_pruned(MNIST1DCNN(channels=64), "epoch=9.ckpt")  # doctest: +SKIP
+    Usage (tested in tests/test_pruning*.py): ``load_pruned(MNIST1DCNN(channels=64), "epoch=9.ckpt")``
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = checkpoint.get("callbacks", {}).get(state_key) or {}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 # generated data sets are cached once for the whole suite (and across runs) inside the repo
 os.environ.setdefault("LIGHTNING_SLIM_CACHE", str(ROOT / ".slim_cache"))
 os.environ["WANDB_MODE"] = "offline"
