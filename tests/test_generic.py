@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cases import all_cases
+from cases import CleanDistributedExit, all_cases
 from lightning_slim import interception
 from wandb_offline import read_run
 
@@ -84,7 +84,8 @@ def test_resume_matches_uninterrupted(case, tmp_path):
 def test_ddp_spawn_two_processes(case, tmp_path):
     pl.seed_everything(0)
     module = case.model()
-    trainer = trainer_for(case, tmp_path, callbacks=[case.callback()], strategy="ddp_spawn", devices=2,
+    trainer = trainer_for(case, tmp_path, callbacks=[case.callback(), CleanDistributedExit()], strategy="ddp_spawn",
+                          devices=2,
                           max_epochs=min(case.epochs, 2))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer.fit(module, datamodule=case.data())

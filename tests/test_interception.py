@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from cases import small_data, small_model
+from cases import CleanDistributedExit, small_data, small_model
 from lightning_slim import interception
 from lightning_slim.batches import batch_size, slice_batch
 from lightning_slim.callback import SlimCallback
@@ -141,10 +141,11 @@ def test_wrapper_works_under_ddp_spawn(tmp_path):
     # a loss term large enough to shrink the first layer's weights far more than plain training
     pl.seed_everything(0)
     plain = small_model()
-    fit([], module=plain, strategy="ddp_spawn", devices=2, max_epochs=3)
+    fit([CleanDistributedExit()], module=plain, strategy="ddp_spawn", devices=2, max_epochs=3)
     pl.seed_everything(0)
     shrunk = small_model()
-    fit([AddWeightNorm(coef=1.0), KeepFirstHalf()], module=shrunk, strategy="ddp_spawn", devices=2, max_epochs=3)
+    fit([AddWeightNorm(coef=1.0), KeepFirstHalf(), CleanDistributedExit()], module=shrunk, strategy="ddp_spawn",
+        devices=2, max_epochs=3)
     # both ranks trained with the loss term: the weights were pulled towards zero
     assert shrunk.net[0].weight.norm() < 0.8 * plain.net[0].weight.norm()
     assert "training_step" not in shrunk.__dict__
