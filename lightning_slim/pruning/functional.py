@@ -14,38 +14,15 @@ testable without a Trainer.
 """
 from __future__ import annotations
 
-import importlib
-import re
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from lightning_slim.targets import matches, resolve_class
+
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SCOPES = ("global", "layer")
-
-
-def _resolve_class(spec: str) -> type | None:
-    """``"Linear"``, ``"torch.nn.Linear"`` or ``"my.pkg.Block"`` -> the class, else None."""
-    if "." not in spec:
-        cls = getattr(nn, spec, None)
-        return cls if isinstance(cls, type) else None
-    module_name, _, attr = spec.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr, None)
-    except (ImportError, ValueError):
-        return None
-    return cls if isinstance(cls, type) else None
-
-
-def matches(spec: str, name: str, module: nn.Module) -> bool:
-    """Does ``spec`` (a ``re:`` regex on the module path, an exact path, or a class) select it?"""
-    if spec.startswith("re:"):
-        return re.fullmatch(spec[3:], name) is not None
-    if spec == name:
-        return True
-    cls = _resolve_class(spec)
-    return cls is not None and isinstance(module, cls)
 
 
 def select_layers(model: nn.Module, targets: Iterable[str] | None = None,
@@ -67,7 +44,7 @@ def select_layers(model: nn.Module, targets: Iterable[str] | None = None,
             hits = {n: m for n, m in candidates.items() if matches(spec, n, m)}
             # a real class this model happens not to use is fine (a YAML written for many models);
             # a path or regex that matches nothing, or a misspelt class, is a mistake
-            if not hits and (spec.startswith("re:") or _resolve_class(spec) is None):
+            if not hits and (spec.startswith("re:") or resolve_class(spec) is None):
                 raise ValueError(f"pruning target {spec!r} matches no module with a weight parameter; "
                                  f"modules are {_describe(candidates)}")
             chosen.update(hits)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_slim.quantization import conv as qconv
+from lightning_slim.targets import matches
 
 SUPPORTED_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
@@ -74,13 +75,9 @@ def _is_type_name(entry: str) -> bool:
 
 
 def _matches(entry: str, name: str, module: nn.Module) -> bool:
-    if entry.startswith("re:"):
-        return re.fullmatch(entry[3:], name) is not None
-    if _is_type_name(entry):
-        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            return False  # nn.MultiheadAttention's out_proj: its weight is read directly, never called
-        return type(module).__name__ == entry or isinstance(module, SUPPORTED_TYPES.get(entry, ()))
-    return name == entry
+    if _is_type_name(entry) and isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False  # nn.MultiheadAttention's out_proj: its weight is read directly, never called
+    return matches(entry, name, module)
 
 
 def _check_entries(model: nn.Module, entries, what: str) -> None:
