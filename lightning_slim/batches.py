@@ -94,3 +94,20 @@ def slice_batch(batch: Any, rows: torch.Tensor, size: int | None = None) -> Any:
         return value
 
     return take(batch)
+
+
+def sample_batch(loader: Any, n: int = 4) -> Any | None:
+    """A small batch collated from the first ``n`` items of a DataLoader's dataset, or None.
+
+    The loader is not iterated: its sampler draws nothing and no worker starts, so the training
+    order is the same with and without a callback that asks for a sample (tested).
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    try:
+        size = len(loader.dataset)
+        return loader.collate_fn([loader.dataset[i] for i in range(min(n, size))]) if size else None
+    except Exception:  # noqa: BLE001 - datasets without integer indexing: callers check the first real batch
+        return None

@@ -1,65 +1,152 @@
-"""The base every lightning-slim callback shares: a technique name, up-front validation,
-joining the training-step wrapper, and what it contributes to the compression report.
+"""``SlimCallback``: the base of every technique, and the typed contract it implements.
 
-Contract for subclasses (see DESIGN.md):
+A technique declares what it does (``effects``, a set of :class:`~lightning_slim.contract.Effect`,
+and ``export_stage``) and overrides the matching methods below; the declaration and the
+overrides are checked against each other when the class is defined. The shared machinery
+(:mod:`~lightning_slim.interception`, :mod:`~lightning_slim.compose`, :mod:`~lightning_slim.report`)
+only ever reads these declarations. ``docs/architecture.md`` walks through a training step.
 
-- ``setup`` (call ``super().setup(...)`` first) lets any ``CompressionReport`` copy the model as
-  the user built it, validates, and joins the step wrapper. After that a subclass may change
-  the model's structure in ``setup``: Lightning loads a resumed checkpoint's weights right
-  after ``setup`` and builds optimizers / wraps DDP after that, so a checkpoint of a
-  restructured model (fake-quantized, channel-pruned) must be matched there.
-- ``export(model)`` turns a trained copy of the module into its deployable form (masks made
-  permanent, int8 conversion...). Exports are applied in ascending ``export_order``.
-- ``report_rows()`` returns the technique's lines for the compression report.
+The life of a fit, as this base class runs it (subclasses call ``super()`` where they override):
+
+1. ``setup``: the combination is checked (:func:`~lightning_slim.compose.check_combination`),
+   every ``BASELINE`` technique sees the model as the user built it, this technique's
+   ``validate`` raises on bad arguments or an unsupported model, it joins the step wrapper, and
+   a ``SWAP_MODULES`` technique's ``prepare_model`` runs. Lightning loads a resumed checkpoint's
+   weights after ``setup`` (``RESTRUCTURE`` techniques resize the model first, in
+   ``before_weights_load``) and builds optimizers after that.
+2. training: ``select_batch``, ``scale_loss``, ``loss_term`` inside each ``training_step``;
+   ``after_optimizer_step`` after each optimizer step; the usual Lightning hooks for the rest.
+3. ``teardown`` (or ``on_exception``): ``restore_model`` gives the user's modules back and the
+   step wrapper is removed.
+
+>>> from lightning_slim.contract import Effect
+>>> class Broken(SlimCallback):
+...     effects = frozenset({Effect.ADD_LOSS})   # declared, but loss_term is not implemented
+Traceback (most recent call last):
+...
+TypeError: Broken declares Effect.ADD_LOSS but does not implement loss_term()
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_slim import compose, interception, log
+from lightning_slim.clock import Moment
+from lightning_slim.contract import Capability, Effect, ExportStage
 
 
 class SlimCallback(pl.Callback):
-    technique: str = "slim"
-    export_order: int = 100
+    technique: ClassVar[str] = "slim"  # the <technique> of slim/<technique>/<metric> keys
+    effects: ClassVar[frozenset[Effect]] = frozenset()
+    export_stage: ClassVar[ExportStage | None] = None  # set when export() changes the model
 
-    # --- hooks subclasses override -------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for effect in Effect:
+            for method in effect.methods:
+                implemented = getattr(cls, method) is not getattr(SlimCallback, method)
+                if implemented and effect not in cls.effects:
+                    raise TypeError(f"{cls.__name__} implements {method}() but does not declare Effect.{effect.name}")
+                if effect in cls.effects and not implemented:
+                    raise TypeError(f"{cls.__name__} declares Effect.{effect.name} but does not implement {method}()")
+        if (cls.export is not SlimCallback.export) != (cls.export_stage is not None):
+            raise TypeError(f"{cls.__name__}: export() and export_stage go together (an ExportStage says when "
+                            "in the export chain it runs)")
+
+    # --- the contract: declarations about other techniques --------------------------------------
+    def provides(self) -> Mapping[Capability, Any]:
+        """What this technique lends to others in the same Trainer (e.g. its teacher)."""
+        return {}
+
+    def requires(self) -> set[Capability]:
+        """What this technique needs another technique to provide."""
+        return set()
+
+    def restructures_until(self) -> Moment | None:
+        """The last moment at which this technique may change the model's parameter shapes."""
+        return None
+
+    def structure_fixed_from(self) -> Moment | None:
+        """From this moment on, this technique needs no other to change the model's structure."""
+        return None
+
+    # --- the contract: effects (each runs only when declared in ``effects``) -------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise a clear error about bad arguments or an unsupported model, before training."""
+
+    def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
+        """``SELECT_BATCH``: the batch the user's ``training_step`` receives instead of ``batch``."""
+        return batch
+
+    def scale_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any,
+                   batch_idx: int) -> torch.Tensor:
+        """``SCALE_LOSS``: the user's loss, rescaled (before any term is added)."""
+        return loss
+
+    def loss_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                  batch_idx: int) -> torch.Tensor | None:
+        """``ADD_LOSS``: a term added to the loss ``training_step`` returns (None: nothing this step)."""
+        return None
+
+    def after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             optimizer: torch.optim.Optimizer) -> None:
+        """``AFTER_OPTIMIZER_STEP``: runs right after every ``optimizer.step()``."""
+
+    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``SWAP_MODULES``: swap modules for the fit (keep parameter objects and state-dict keys)."""
+
+    def restore_model(self, pl_module: pl.LightningModule) -> None:
+        """``SWAP_MODULES``: give the user's own modules back (with the trained parameters)."""
+
+    def before_weights_load(self, pl_module: pl.LightningModule, state: Mapping[str, Any]) -> None:
+        """``RESTRUCTURE``: resize a freshly built model to a resumed checkpoint's shapes, from this
+        technique's own state in that checkpoint, before Lightning loads its weights."""
+
+    def take_baseline(self, pl_module: pl.LightningModule) -> None:
+        """``BASELINE``: see the model as the user built it, before any technique changes it."""
 
     def export(self, model: nn.Module) -> nn.Module:
         """The deployable form of a trained copy of the module (may modify ``model`` in place)."""
         return model
 
     def report_rows(self) -> dict[str, Any]:
+        """This technique's lines in the compression report."""
         return {}
 
-    # --- shared plumbing -------------------------------------------------------------------
-    def _joins_step(self) -> bool:
-        return hasattr(self, "transform_batch") or hasattr(self, "extra_loss")
-
+    # --- the life of a fit ---------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for cb in trainer.callbacks:  # before any technique changes the model
-            if hasattr(cb, "take_baseline"):
-                cb.take_baseline(pl_module)
         compose.check_combination(trainer)
+        for cb in compose.techniques(trainer):  # before any technique changes the model
+            if Effect.BASELINE in cb.effects:
+                cb.take_baseline(pl_module)
         self.validate(trainer, pl_module)
-        if self._joins_step():
-            interception.attach(pl_module, self)
+        interception.attach(pl_module, self)
+        if Effect.SWAP_MODULES in self.effects:
+            self.prepare_model(trainer, pl_module)
+            self._prepared = pl_module
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._joins_step():
-            interception.detach(pl_module, self)
+        if stage == "fit":
+            self._leave(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning skips teardown when fit raises: leave the user's module unwrapped anyway
-        if self._joins_step():
-            interception.detach(pl_module, self)
+        self._leave(pl_module)  # Lightning skips teardown when fit raises: give the module back anyway
 
-    def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, Any], **kwargs) -> None:
+    def _leave(self, pl_module: pl.LightningModule) -> None:
+        if getattr(self, "_prepared", None) is pl_module:
+            self.restore_model(pl_module)
+            self._prepared = None
+        interception.detach(pl_module, self)
+
+    def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, Any], **kwargs: Any) -> None:
         log.log_scalars(pl_module, self.technique, values, **kwargs)

@@ -1,55 +1,107 @@
-"""How the callbacks compose in one Trainer, and the combinations that cannot work.
+"""How techniques compose in one Trainer: the checks that run before training, all driven by
+what each technique declares (:mod:`lightning_slim.contract`), none by technique names.
 
-The order of effects in a training step is fixed by the shared wrapper
-(:mod:`lightning_slim.interception`), not by the order of the callback list:
+The order of effects in a step is fixed by :mod:`lightning_slim.interception`, not by the
+order of the callback list; the export chain runs in :class:`~lightning_slim.contract.ExportStage`
+order. With the four techniques of this package (:func:`describe_effects` prints this table
+for any list of callbacks):
 
-1. ``OnlineDataSelection`` scores the super-batch and keeps the chosen sub-batch;
-2. the user's ``training_step`` runs on that sub-batch (through fake quantization when
-   ``QuantizationAwareTraining`` is active, with pruned weights at exactly zero);
-3. ``KnowledgeDistillation`` adds its term on the same sub-batch;
-4. after each optimizer step ``IterativeMagnitudePruning`` re-applies its masks.
+1. ``OnlineDataSelection`` selects the sub-batch;
+2. the user's ``training_step`` runs on it (fake-quantized layers once QAT is active; pruned
+   weights exactly zero);
+3. ``KnowledgeDistillation`` rescales the user's loss by ``1 - alpha`` and adds its term;
+4. after each optimizer step ``IterativeMagnitudePruning`` re-applies its masks;
+5. at export: masks made permanent, distillation's projections removed, int8 conversion.
 
-At export the deployable model is built in ``export_order``: pruning makes its masks
-permanent (10), then quantization converts to int8 (1000), so the int8 weights of pruned
-positions are exact zeros.
+Refused before training: two techniques of one kind; a sharded strategy; a technique whose
+``requires()`` no other one ``provides()``; a technique that restructures the model
+(``restructures_until``) at or after the moment another needs its structure fixed
+(``structure_fixed_from``: channel pruning after fake quantization starts hung in torch-pruning).
 """
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any, Iterable
 
 import lightning.pytorch as pl
+
+from lightning_slim.contract import Capability, Effect
+from lightning_slim.lightning_glue import sharded_strategy
 
 
 class IncompatibleCallbacksError(ValueError):
     """Two lightning-slim callbacks were combined in a way that cannot work."""
 
 
-def check_combination(trainer: pl.Trainer) -> None:
-    """Raise :class:`IncompatibleCallbacksError` before training for combinations that cannot work."""
+class UnsupportedStrategyError(ValueError):
+    """The Trainer's strategy is one the techniques do not support (yet)."""
+
+
+SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
+
+
+def techniques(trainer: pl.Trainer) -> list[Any]:
     from lightning_slim.callback import SlimCallback
 
-    slim = [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
+    return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
+
+
+def capability(trainer: pl.Trainer, what: Capability, asker: Any = None) -> Any | None:
+    """What another technique in the Trainer provides as ``what`` (None if nobody does)."""
+    for cb in techniques(trainer):
+        if cb is not asker and what in cb.provides():
+            return cb.provides()[what]
+    return None
+
+
+def check_combination(trainer: pl.Trainer) -> None:
+    """Raise before training for combinations and strategies that cannot work."""
+    slim = techniques(trainer)
+    strategy = sharded_strategy(trainer)
+    if strategy is not None and slim:
+        raise UnsupportedStrategyError(
+            f"{strategy} shards the model across ranks; {[type(c).__name__ for c in slim]} would build masks on "
+            f"local shards, copy a sharded module and replicate teachers on every rank. Supported: "
+            f"{SUPPORTED_STRATEGIES}")
     twice = [t for t, n in Counter(cb.technique for cb in slim).items() if n > 1]
     if twice:
-        raise IncompatibleCallbacksError(
-            f"more than one {twice[0]!r} callback in one Trainer ({[type(c).__name__ for c in slim if c.technique == twice[0]]}); "
-            "they would fight over the same model: use one, with a schedule that covers both needs")
-    by = {cb.technique: cb for cb in slim}
-    pruning, quant = by.get("pruning"), by.get("quantization")
-    if pruning is not None and quant is not None and getattr(pruning, "structured", False):
-        # measured: removing channels from layers that are already fake-quantized hangs in
-        # torch-pruning's tracing; pruning them first and quantizing the smaller model works
-        last = max(t for t, _ in pruning.events)
-        unit = pruning.schedule.unit
-        if unit != quant.unit or last >= quant.start_after:
+        names = [type(c).__name__ for c in slim if c.technique == twice[0]]
+        raise IncompatibleCallbacksError(f"more than one {twice[0]!r} callback in one Trainer ({names}); they would "
+                                         "fight over the same model: use one, with a schedule that covers both needs")
+    selectors = [type(c).__name__ for c in slim if Effect.SELECT_BATCH in c.effects]
+    if len(selectors) > 1:
+        raise IncompatibleCallbacksError(f"{selectors} all select the batch of each step; use one")
+    for cb in slim:
+        for need in cb.requires():
+            if capability(trainer, need, asker=cb) is None:
+                raise IncompatibleCallbacksError(
+                    f"{type(cb).__name__} needs a {need.value!r} that another callback provides (e.g. "
+                    "KnowledgeDistillation provides its teacher); none in this Trainer does")
+    for a in slim:
+        until = a.restructures_until()
+        for b in slim:
+            fixed = b.structure_fixed_from()
+            if a is b or until is None or fixed is None or until.before(fixed):
+                continue
+            hint = f"e.g. start it at {until.unit} {until.value + 1}" if until.unit == fixed.unit else \
+                f"give both schedules the same unit ({until.unit!r})"
             raise IncompatibleCallbacksError(
-                f"IterativeMagnitudePruning(structured=True) prunes channels until {unit} {last}, but "
-                f"QuantizationAwareTraining starts fake quantization at {quant.unit} {quant.start_after}; "
-                "every channel-pruning event must come before fake quantization starts (same unit), e.g. "
-                f"start_after={last + 1} with unit={unit!r}")
-    selection = by.get("selection")
-    if selection is not None and getattr(selection, "reference", None) == "teacher":
-        if not any(hasattr(cb, "teacher") and cb is not selection for cb in trainer.callbacks):
-            raise IncompatibleCallbacksError(
-                "OnlineDataSelection(reference='teacher') needs a callback with a teacher "
-                "(KnowledgeDistillation) in the same Trainer")
+                f"{type(a).__name__} changes the model's structure until {until}, but {type(b).__name__} needs it "
+                f"fixed from {fixed}: every restructuring must come before that, in the same unit; {hint}")
+
+
+def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
+    """``(effect, technique)`` rows in the order they act in a step and at export.
+
+    >>> from lightning_slim import IterativeMagnitudePruning
+    >>> describe_effects([IterativeMagnitudePruning()])
+    [('before_weights_load', 'pruning'), ('after_optimizer_step', 'pruning'), ('export: FINALIZE_WEIGHTS', 'pruning')]
+    """
+    from lightning_slim.callback import SlimCallback
+
+    slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
+    order = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.RESTRUCTURE, Effect.SELECT_BATCH, Effect.SCALE_LOSS,
+             Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP]
+    rows = [(e.value, c.technique) for e in order for c in slim if e in c.effects]
+    exporters = sorted((c for c in slim if c.export_stage is not None), key=lambda c: c.export_stage)
+    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in exporters]

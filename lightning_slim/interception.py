@@ -1,34 +1,42 @@
-"""The one wrapper around a LightningModule's ``training_step`` that callbacks share.
+"""Where techniques act inside a fit: the one place every mechanism lives.
 
-Lightning ignores what callback hooks return, so a callback cannot change the batch or
-the loss from a hook. The strategy looks ``training_step`` up on the module instance at
-every call (DDP included), so we set one wrapper as an instance attribute in ``setup``
-and remove it in ``teardown``. Callbacks join it as *participants*:
+Lightning ignores what callback hooks return, so a callback cannot change the batch or the
+loss from a hook, and it has no hook after ``optimizer.step()`` or before a resumed
+checkpoint's weights are loaded. Three mechanisms fill the gaps, each driven by what the
+techniques declare (:class:`~lightning_slim.contract.Effect`), never by their names:
 
-1. ``transform_batch(trainer, pl_module, batch, batch_idx) -> batch`` runs first, in
-   ascending ``step_order`` (data selection picks the sub-batch here);
-2. the user's own ``training_step`` runs on the resulting batch;
-3. ``transform_loss(trainer, pl_module, loss, batch, batch_idx) -> Tensor`` (optional) may
-   rescale the user's loss, before any term is added (a term cannot scale it: gradients);
-4. ``extra_loss(trainer, pl_module, batch, batch_idx) -> Tensor | None`` runs in
-   ascending ``step_order`` and each term is added to the returned loss (a tensor, or
-   the ``"loss"`` entry of a dict). Lightning then scales by gradient accumulation.
+1. **the step wrapper**: the strategy looks ``training_step`` up on the module instance at
+   every call (DDP included), so one wrapper is set as an instance attribute while any
+   technique takes part. It runs ``select_batch`` (at most one technique), the user's own
+   ``training_step`` on that batch, ``scale_loss`` on the user's loss, then adds each
+   ``loss_term`` (techniques in name order, whatever the callback list's order); Lightning
+   then divides by gradient accumulation itself. Forward hooks that must see only the user's
+   step (distillation's student outputs) ask :func:`in_training_step`.
+2. **optimizer post-step hooks**: ``after_optimizer_step`` runs right after every step of every
+   optimizer of the fit (also optimizers rebuilt mid-fit: hooks are added before each step).
+3. **the checkpoint pre-load hook**: the module's ``on_load_checkpoint`` (which Lightning calls
+   right before loading the weights) is wrapped so ``RESTRUCTURE`` techniques resize the model
+   from their own saved state first.
 
-However many callbacks take part, there is one wrapper; the module is back to its
-class's ``training_step`` once the last participant leaves.
+Module swaps (``SWAP_MODULES``: ``prepare_model`` / ``restore_model``) and the baseline are run by
+:class:`~lightning_slim.callback.SlimCallback`'s ``setup`` / ``teardown``. Once the last technique
+leaves, the module is its class's own again.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 
-_ATTR = "_slim_step_interceptor"
+from lightning_slim.contract import Effect
+from lightning_slim.lightning_glue import trainer_of
 
-# step_order conventions: selection first, then loss terms
-ORDER_SELECTION = 0
-ORDER_LOSS = 100
+_ATTR = "_slim_step_interceptor"
+STEP_EFFECTS = frozenset({Effect.SELECT_BATCH, Effect.SCALE_LOSS, Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP,
+                          Effect.RESTRUCTURE})
+LOSS_EFFECTS = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
 
 
 class _Interceptor:
@@ -36,17 +44,21 @@ class _Interceptor:
         self.pl_module = pl_module
         self.participants: list[Any] = []
         self.active = False  # True while the user's training_step runs inside the wrapper
+        self.hooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> hook handle
         # Lightning inspects training_step (is_overridden, signature): show it the user's own
         self.__wrapped__ = type(pl_module).training_step
 
+    def doing(self, effect: Effect) -> list[Any]:
+        return sorted((p for p in self.participants if effect in p.effects), key=lambda p: p.technique)
+
     def __call__(self, batch, *args, **kwargs):
         module = self.pl_module
-        trainer = module._trainer  # None outside a fit (the property would raise)
+        trainer = trainer_of(module)
         batch_idx = args[0] if args else kwargs.get("batch_idx", 0)
-        ordered = sorted(self.participants, key=lambda p: getattr(p, "step_order", ORDER_LOSS))
-        for p in ordered:
-            if hasattr(p, "transform_batch"):
-                batch = p.transform_batch(trainer, module, batch, batch_idx)
+        if trainer is not None:
+            self._hook_optimizers(trainer)
+        for p in self.doing(Effect.SELECT_BATCH):
+            batch = p.select_batch(trainer, module, batch, batch_idx)
         self.active = True
         try:
             output = type(module).training_step(module, batch, *args, **kwargs)
@@ -55,49 +67,87 @@ class _Interceptor:
         if output is None:  # the user skipped this batch
             return output
         loss = output["loss"] if isinstance(output, Mapping) else output
-        for p in ordered:  # rescale the user's own loss (distillation's (1 - alpha) * loss)
-            if hasattr(p, "transform_loss"):
-                loss = p.transform_loss(trainer, module, loss, batch, batch_idx)
-        for p in ordered:
-            if hasattr(p, "extra_loss"):
-                term = p.extra_loss(trainer, module, batch, batch_idx)
-                if term is not None:
-                    loss = loss + term
-        if isinstance(output, Mapping):
-            return {**output, "loss": loss}
-        return loss
+        for p in self.doing(Effect.SCALE_LOSS):
+            loss = p.scale_loss(trainer, module, loss, batch, batch_idx)
+        for p in self.doing(Effect.ADD_LOSS):
+            term = p.loss_term(trainer, module, batch, batch_idx)
+            if term is not None:
+                loss = loss + term
+        return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+
+    # --- optimizer post-step hooks ------------------------------------------------------------------
+    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        if not self.doing(Effect.AFTER_OPTIMIZER_STEP):
+            return
+        for opt in trainer.optimizers:
+            if opt not in self.hooked:
+                self.hooked[opt] = opt.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        trainer = trainer_of(self.pl_module)
+        for p in self.doing(Effect.AFTER_OPTIMIZER_STEP):
+            p.after_optimizer_step(trainer, self.pl_module, optimizer)
+
+    # --- the checkpoint pre-load hook -------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks", {})
+        for p in self.doing(Effect.RESTRUCTURE):
+            p.before_weights_load(self.pl_module, states.get(p.state_key) or {})
+        type(self.pl_module).on_load_checkpoint(self.pl_module, checkpoint)
+
+    def close(self) -> None:
+        for handle in list(self.hooked.values()):
+            handle.remove()
+        self.hooked = weakref.WeakKeyDictionary()
 
 
 def attach(pl_module: pl.LightningModule, participant: Any) -> None:
-    """Make ``participant`` take part in every ``training_step`` of ``pl_module``."""
-    if hasattr(participant, "extra_loss") and not pl_module.automatic_optimization:
+    """Make ``participant`` act in every training step of ``pl_module`` (as its effects declare)."""
+    if not participant.effects & STEP_EFFECTS:
+        return
+    if participant.effects & LOSS_EFFECTS and not pl_module.automatic_optimization:
         raise RuntimeError(
-            f"{type(participant).__name__} adds a loss term to training_step's loss, which needs "
-            "automatic optimization; this module sets automatic_optimization=False"
-        )
+            f"{type(participant).__name__} changes the loss training_step returns, which needs automatic "
+            "optimization; this module sets automatic_optimization=False")
     interceptor = pl_module.__dict__.get(_ATTR)
     if interceptor is None:
         interceptor = _Interceptor(pl_module)
         pl_module.__dict__[_ATTR] = interceptor
         pl_module.__dict__["training_step"] = interceptor
+        pl_module.__dict__["on_load_checkpoint"] = interceptor.on_load_checkpoint
     if participant not in interceptor.participants:
+        selectors = interceptor.doing(Effect.SELECT_BATCH)
+        if Effect.SELECT_BATCH in participant.effects and selectors:
+            raise RuntimeError(f"{type(participant).__name__} and {type(selectors[0]).__name__} both select the "
+                               "batch of each step; use one")
         interceptor.participants.append(participant)
 
 
 def detach(pl_module: pl.LightningModule, participant: Any) -> None:
-    """Remove ``participant``; restore the module's own ``training_step`` when none is left."""
+    """Remove ``participant``; restore the module's own methods when none is left."""
     interceptor = pl_module.__dict__.get(_ATTR)
     if interceptor is None:
         return
     if participant in interceptor.participants:
         interceptor.participants.remove(participant)
     if not interceptor.participants:
+        interceptor.close()
         del pl_module.__dict__[_ATTR]
-        if pl_module.__dict__.get("training_step") is interceptor:
-            del pl_module.__dict__["training_step"]
+        for name in ("training_step", "on_load_checkpoint"):
+            pl_module.__dict__.pop(name, None)
 
 
 def in_training_step(pl_module: torch.nn.Module) -> bool:
     """True while the user's ``training_step`` runs inside the wrapper (for forward hooks)."""
     interceptor = pl_module.__dict__.get(_ATTR)
     return bool(interceptor and interceptor.active)
+
+
+class InTrainingStep:
+    """``when`` for forward hooks that must see only the user's step (picklable, unlike a lambda)."""
+
+    def __init__(self, pl_module: torch.nn.Module):
+        self.pl_module = pl_module
+
+    def __call__(self) -> bool:
+        return in_training_step(self.pl_module)

@@ -44,7 +44,9 @@ def compression_callbacks(teacher: nn.Module, epochs: int, keep: float = 0.5, sp
 
 
 def find(trainer: pl.Trainer, technique: str):
-    return next(cb for cb in trainer.callbacks if getattr(cb, "technique", None) == technique)
+    from lightning_slim.compose import techniques
+
+    return next(cb for cb in techniques(trainer) if cb.technique == technique)
 
 
 def training_compute(trainer: pl.Trainer, student: nn.Module, teacher: nn.Module, example) -> dict[str, float]:

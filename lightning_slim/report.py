@@ -20,20 +20,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_slim import log
 from lightning_slim.batches import BatchFormatError, batch_inputs, batch_targets
 from lightning_slim.callback import SlimCallback
+from lightning_slim.compose import techniques
+from lightning_slim.contract import Effect
 from lightning_slim.measure import measure
 
 COMPARED = ("params", "nonzero_params", "size_bytes", "macs", "latency_ms")
 
 
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-    """A CPU copy of the trained module passed through every slim callback's ``export``."""
+    """A CPU copy of the trained module passed through every technique's ``export``, in the order
+    of their :class:`~lightning_slim.contract.ExportStage`."""
     model = copy.deepcopy(pl_module).cpu().eval()
-    slim = sorted((cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)), key=lambda c: c.export_order)
-    for cb in slim:
+    exporters = (c for c in techniques(trainer) if c.export_stage is not None)
+    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
         model = cb.export(model)
     return model
 
@@ -74,6 +78,7 @@ class CompressionReport(SlimCallback):
     """
 
     technique = "report"
+    effects = frozenset({Effect.BASELINE})
 
     def __init__(self, accuracy_metric: str | None = "val/acc", latency_batch_size: int = 256,
                  measure_latency: bool = True, evaluate_export: bool = True, output_path: str | None = None,
@@ -91,21 +96,22 @@ class CompressionReport(SlimCallback):
         self.exported_model: nn.Module | None = None
         self.example_input: torch.Tensor | None = None
 
-    def setup(self, trainer, pl_module, stage):
-        if stage == "fit":
-            self.example_input = None
-            self.take_baseline(pl_module)
-
+    @override
     def take_baseline(self, pl_module) -> None:
-        """Copy the model as the user built it; the first slim callback's ``setup`` calls this."""
+        """Copy the model as the user built it (every technique's ``setup`` asks, before changing it)."""
         if not self.before and self._baseline is None:
             self._baseline = copy.deepcopy(pl_module).cpu()
+
+    @override
+    def on_fit_start(self, trainer, pl_module):
+        self.example_input = None  # measured again on this fit's first batch
 
     def _example(self, batch) -> torch.Tensor:
         x = self.input_fn(batch).detach().cpu()
         reps = -(-self.latency_batch_size // x.shape[0])
         return x.repeat(reps, *([1] * (x.dim() - 1)))[: self.latency_batch_size]
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.example_input is None:  # first batch of this fit (a resumed one too)
             try:
@@ -118,6 +124,7 @@ class CompressionReport(SlimCallback):
             self.before = measure(self._baseline, example, self.measure_latency) if trainer.is_global_zero else {}
             self._baseline = None
 
+    @override
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
@@ -133,8 +140,8 @@ class CompressionReport(SlimCallback):
                 self.after["accuracy"] = float(value)
         if self.evaluate_export:
             self._evaluate_export(trainer)
-        self.techniques = {cb.technique: cb.report_rows() for cb in trainer.callbacks
-                           if isinstance(cb, SlimCallback) and cb is not self and cb.report_rows()}
+        self.techniques = {cb.technique: rows for cb in techniques(trainer) if cb is not self
+                           for rows in [cb.report_rows()] if rows}
         self._publish(trainer)
 
     def _evaluate_export(self, trainer) -> None:
@@ -182,9 +189,11 @@ class CompressionReport(SlimCallback):
                     if isinstance(v, (int, float, str))}
         log.set_summary(trainer, summary)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"before": self.before}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.before = dict(state_dict.get("before", {}))
         if self.before:

@@ -68,7 +68,7 @@ def test_distillation_term_reaches_the_gradients(convention, start_step):
     student, teacher, alpha, T = small_model(), make_teacher(), 0.7, 2.0
     initial = copy.deepcopy(student)
     kd = KnowledgeDistillation(teacher=teacher, alpha=alpha, temperature=T, convention=convention,
-                               start_step=start_step)
+                               schedule={"start_step": start_step})
     probe = Probe()
     fit([kd, probe], student, max_steps=1)
 
@@ -123,8 +123,7 @@ def test_teacher_from_checkpoint_and_class_path_or_into_a_given_module():
 
 
 def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away(tmp_path):
-    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=0.5, feature_loss="cosine",
-                               feature_pairs={"net.3": "net.5", "net.5": "net.8"})
+    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=0.5, features={"loss": "cosine", "pairs": {"net.3": "net.5", "net.5": "net.8"}})
     report = CompressionReport(measure_latency=False, output_path=str(tmp_path / "r.json"))
     module = small_model()
     trainer, _ = fit([kd, report, ModelCheckpoint(dirpath=tmp_path)], module, max_epochs=2, enable_checkpointing=True,
@@ -144,7 +143,7 @@ def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away
 
 def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
     data = lambda: small_data(with_index=True)
-    cb = lambda **kw: KnowledgeDistillation(teacher=make_teacher(), cache_teacher=True, **kw)
+    cb = lambda cache=True: KnowledgeDistillation(teacher=make_teacher(), cache_teacher=cache)
     full = cb()
     fit([full, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)], data=data(), max_epochs=2, enable_checkpointing=True)
     assert full.counts["teacher_examples"] == 800 and full.counts["cache_hits"] == 800
@@ -154,10 +153,10 @@ def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
                          callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)])
     trainer.fit(small_model(), datamodule=data(), ckpt_path=first)
     assert resumed.counts == full.counts  # the restored cache served every later step
-    ckpt = torch.load(first, weights_only=False)  # as written with checkpoint_cache=False: no cache inside
+    ckpt = torch.load(first, weights_only=False)  # as written with cache_teacher={'checkpoint': False}
     del ckpt["callbacks"]["KnowledgeDistillation"]["cache"]
     torch.save(ckpt, first)
-    rebuilt = cb(checkpoint_cache=False)
+    rebuilt = cb({"checkpoint": False})
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
                          callbacks=[rebuilt, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)])
     trainer.fit(small_model(), datamodule=data(), ckpt_path=first)
@@ -167,15 +166,15 @@ def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
 
 
 def test_schedule_window_and_annealing():
-    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=1.0, alpha_final=0.0, temperature=4.0,
-                               temperature_final=1.0, start_step=2, stop_step=6)
+    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=1.0, temperature=4.0,
+                               schedule={"alpha_final": 0.0, "temperature_final": 1.0, "start_step": 2, "stop_step": 6})
     probe = Probe()
     fit([kd, probe], max_steps=8, log_every_n_steps=1)
     assert kd.counts["teacher_passes"] == 4  # steps 2, 3, 4, 5 only
     alphas = [m.get("slim/distillation/alpha") for m in probe.metrics]
     assert alphas[2:6] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [m.get("slim/distillation/temperature") for m in probe.metrics][2:6] == pytest.approx([4, 3.25, 2.5, 1.75])
-    assert kd.schedule(1)[0] is False and kd.schedule(6)[0] is False
+    assert kd.weights_at(1)[0] is False and kd.weights_at(6)[0] is False
 
 
 @dataclass
@@ -208,10 +207,10 @@ def test_dict_and_custom_batches():
     assert kd.counts["teacher_examples"] == 200
 
     custom = DataLoader(list(zip(x, y)), batch_size=50, collate_fn=collate_signals)
-    with pytest.raises(RuntimeError, match="student_logits_module"):
+    with pytest.raises(RuntimeError, match="student_module"):
         fit([KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal)],
             CustomBatchModule(channels=16), custom)
-    kd = KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal, student_logits_module="net")
+    kd = KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal, logits={"student_module": "net"})
     trainer, _ = fit([kd], CustomBatchModule(channels=16), custom)
     assert kd.counts["teacher_examples"] == 200 and trainer.global_step == 4
 
@@ -231,12 +230,12 @@ def holds_teacher(teacher):
 @pytest.mark.parametrize("make,error,match", [
     (lambda: (KnowledgeDistillation(teacher=make_teacher(num_classes=5)), small_model()),
      ValueError, r"student output shape \(1, 10\) differs from the teacher's \(1, 5\)"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), feature_pairs={"net.9": "net.8"}), small_model()),
+    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.9": "net.8"}}), small_model()),
      ValueError, r"the student \(MNIST1DCNN\) has no submodule named 'net.9'; it has: .*net.0, net.1"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), feature_pairs={"net.5": "body"}), small_model()),
+    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.5": "body"}}), small_model()),
      ValueError, "the teacher .* has no submodule named 'body'"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), feature_pairs={"net.1": "net.8"}), small_model()),
-     ValueError, r"shapes \(1, 16, 19\) and \(1, 32, 5\) may differ only in dimension feature_dim=1"),
+    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.1": "net.8"}}), small_model()),
+     ValueError, r"shapes \(1, 16, 19\) and \(1, 32, 5\) may differ only in dimension dim=1"),
     (lambda: (KnowledgeDistillation(teacher=make_teacher()), Manual(channels=16)),
      RuntimeError, "needs automatic optimization.*soft_target_loss"),
     (lambda: (lambda t: (KnowledgeDistillation(teacher=t), holds_teacher(t)))(make_teacher()),
@@ -252,14 +251,15 @@ def test_bad_setups_fail_before_training(make, error, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": 0.0}, r"temperature=0.0 is outside the allowed range \(0.0, inf\)"),
-    ({"temperature_final": -1.0}, "temperature_final=-1.0"),
-    ({"alpha": 1.5}, r"alpha=1.5 is outside the allowed range \[0.0, 1.0\]"),
+    ({"temperature": 0.0}, r"temperature=0.0 is outside the allowed range \(0, inf\)"),
+    ({"schedule": {"temperature_final": -1.0}}, "temperature_final=-1.0"),
+    ({"alpha": 1.5}, r"alpha=1.5 is outside the allowed range \[0, 1\]"),
     ({"alpha": -0.1}, "alpha=-0.1"),
-    ({"alpha_final": 2.0}, "alpha_final=2.0"),
+    ({"schedule": {"alpha_final": 2.0}}, "alpha_final=2.0"),
     ({"convention": "sum"}, "convention='sum' is not one of"),
-    ({"feature_loss": "l1", "feature_pairs": {"a": "b"}}, "feature_loss='l1'"),
-    ({"start_step": 5, "stop_step": 5}, "stop_step=5 must be greater than start_step=5"),
+    ({"features": {"loss": "l1", "pairs": {"a": "b"}}}, "loss='l1'"),
+    ({"features": {"pair": {"a": "b"}}}, "features has no option 'pair'"),
+    ({"schedule": {"start_step": 5, "stop_step": 5}}, "stop_step=5 must be greater than start_step=5"),
     ({"alpha": 0.0}, "distils nothing"),
     ({"teacher": None}, "no teacher"),
 ])

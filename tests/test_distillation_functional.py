@@ -1,7 +1,5 @@
-"""The pure-torch core of distillation: losses, projection, schedule, cache (no Trainer)."""
+"""The pure-torch core of distillation: losses, projection, schedule (no Trainer)."""
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -52,35 +50,8 @@ def test_projection_maps_the_width_dimension_with_its_own_generator():
     assert kd.Projection(8, 4, dim=-1)(torch.randn(2, 7, 8)).shape == (2, 7, 4)
 
 
-def test_default_output_finds_logits_in_common_containers():
-    x = torch.randn(2, 3)
-    assert kd.default_output(x) is x
-    assert kd.default_output({"logits": x, "h": 1}) is x
-    assert kd.default_output((x, "aux")) is x
-    with pytest.raises(TypeError, match="pass output_fn"):
-        kd.default_output("text")
-
-
 def test_linear_schedule():
     assert kd.linear_schedule(0, 10, 20, 1.0, 0.0) == 1.0
     assert kd.linear_schedule(15, 10, 20, 1.0, 0.0) == pytest.approx(0.5)
     assert kd.linear_schedule(99, 10, 20, 1.0, 0.0) == 0.0
     assert kd.linear_schedule(99, 10, 20, 4.0, None) == 4.0
-
-
-def test_teacher_cache_store_lookup_grow_and_state():
-    cache = kd.TeacherCache()
-    cache.store(torch.tensor([0, 2]), {"logits": torch.tensor([[1.0], [3.0]]), "feat": torch.ones(2, 2, 3)})
-    assert cache.lookup(torch.tensor([1])) is None and cache.lookup(torch.tensor([7])) is None
-    cache.store(torch.tensor([9, 1]), {"logits": torch.tensor([[10.0], [2.0]]), "feat": torch.zeros(2, 2, 3)})
-    hit = cache.lookup(torch.tensor([2, 9, 0]))
-    assert hit["logits"].flatten().tolist() == [3.0, 10.0, 1.0] and hit["feat"].shape == (3, 2, 3)
-    assert len(cache) == 4 and cache.nbytes >= 4 * (1 + 6) * 4
-    other = kd.TeacherCache()
-    other.load_state_dict(cache.state_dict())
-    assert torch.equal(other.lookup(torch.tensor([1]))["logits"], torch.tensor([[2.0]]))
-    reserved = kd.TeacherCache()
-    reserved.reserve(100)
-    reserved.store(torch.tensor([99]), {"logits": torch.ones(1, 10)})
-    assert reserved.nbytes == 100 * 10 * 4 + 100  # exactly the training set, no growth slack
-    assert math.isclose(len(reserved), 1)

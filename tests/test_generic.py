@@ -100,7 +100,7 @@ def test_ddp_spawn_two_processes(case, tmp_path):
 def test_lightning_cli_config(case, tmp_path, monkeypatch):
     from lightning_slim.cli import main
 
-    config = ROOT / "callbacks" / f"{case.name}.yaml"
+    config = Path(case.config) if case.config else ROOT / "callbacks" / f"{case.name}.yaml"
     assert config.exists(), f"missing LightningCLI config {config}"
     args = ["fit", "--config", str(config), "--model", "lightning_slim.MNIST1DCNN", "--model.channels=16",
             "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000",

@@ -9,18 +9,19 @@ from cases import CleanDistributedExit, small_data, small_model
 from lightning_slim import interception
 from lightning_slim.batches import batch_size, slice_batch
 from lightning_slim.callback import SlimCallback
+from lightning_slim.contract import Effect
 
 
 class KeepFirstHalf(SlimCallback):
     """A selection participant: keeps the first half of each batch and records sizes."""
 
     technique = "test_select"
-    step_order = interception.ORDER_SELECTION
+    effects = frozenset({Effect.SELECT_BATCH})
 
     def __init__(self):
         self.seen, self.kept = [], []
 
-    def transform_batch(self, trainer, pl_module, batch, batch_idx):
+    def select_batch(self, trainer, pl_module, batch, batch_idx):
         n = batch_size(batch)
         self.seen.append(n)
         out = slice_batch(batch, torch.arange(n // 2))
@@ -32,11 +33,12 @@ class AddWeightNorm(SlimCallback):
     """A loss participant: adds coef * ||w||^2 of the first layer; records the batch it saw."""
 
     technique = "test_loss"
+    effects = frozenset({Effect.ADD_LOSS})
 
     def __init__(self, coef: float = 1.0, log_order: list | None = None):
         self.coef, self.batches, self.log_order = coef, [], log_order
 
-    def extra_loss(self, trainer, pl_module, batch, batch_idx):
+    def loss_term(self, trainer, pl_module, batch, batch_idx):
         self.batches.append(batch_size(batch))
         if self.log_order is not None:
             self.log_order.append(self.coef)

@@ -95,11 +95,11 @@ def test_order_of_effects_does_not_depend_on_the_callback_list(tmp_path):
     (lambda: [__import__("lightning_slim").IterativeMagnitudePruning(),
               __import__("lightning_slim").IterativeMagnitudePruning()], "more than one 'pruning'"),
     (lambda: [__import__("lightning_slim").OnlineDataSelection(keep=0.5, reference="teacher")],
-     "needs a callback with a teacher"),
+     "needs a .teacher. that another callback provides"),
     (lambda: [__import__("lightning_slim").IterativeMagnitudePruning(
         {"kind": "one_shot", "sparsity": 0.5, "at": 2}, structured=True, targets=["Conv1d"]),
         __import__("lightning_slim").QuantizationAwareTraining(start_after=1)],
-     "must come before fake quantization starts"),
+     "changes the model.s structure until epoch 2, but QuantizationAwareTraining needs it fixed from epoch 1"),
 ])
 def test_combinations_that_cannot_work_are_refused_before_training(build, match, tmp_path):
     student = MNIST1DCNN(channels=16)

@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_slim import DigitsCNN, DigitsDataModule, MNIST1DCNN, MNIST1DDataModule
+from lightning_slim.callback import SlimCallback
+from lightning_slim.contract import Capability
 from lightning_slim.selection import (
     OnlineDataSelection,
     compute_reference_losses,
@@ -105,8 +107,8 @@ def test_sigmoid_pair_losses_and_scoring_mode():
 @pytest.mark.parametrize("kwargs, match", [
     ({"keep": 0.0}, "keep=0.0"), ({"keep": 1.5}, "keep=1.5"), ({"keep": -0.1}, r"\(0, 1\]"),
     ({"batch_size": 0}, "batch_size=0"), ({"selection": "best"}, "selection='best'"),
-    ({"score": "bogus"}, "score='bogus'"), ({"start_step": 5, "end_step": 5}, "end_step=5"),
-    ({"outside_window": "skip"}, "outside_window='skip'"), ({"temperature": 0}, "temperature=0"),
+    ({"score": "bogus"}, "score='bogus'"), ({"window": {"start_step": 5, "stop_step": 5}}, "stop_step=5"),
+    ({"window": {"outside": "skip"}}, "outside='skip'"), ({"temperature": 0}, "temperature=0"),
     ({"reference": nn.Linear(1, 1), "reference_losses": torch.zeros(3)}, "not both"),
     ({"joint": True, "score": "uniform"}, "joint=True"),
 ])
@@ -160,7 +162,7 @@ def dict_loss(model, batch):
     ({"reference": "teacher"}, {}, "teacher"),
     ({"reference": {"class_path": "lightning_slim.MNIST1DCNN", "checkpoint": "/nonexistent.ckpt"}}, {},
      "does not exist"),
-    ({"score": "hard", "loss_fn": "test_selection.no_such_function"}, {}, "cannot import"),
+    ({"score": "hard", "loss_fn": "test_selection.no_such_function"}, {}, "loss_fn=.test_selection.no_such_function. cannot be imported"),
 ])
 def test_errors_before_training(kwargs, data_kwargs, match, tmp_path):
     module = Recorder()
@@ -182,12 +184,12 @@ def test_no_per_example_loss_is_an_error_at_setup_and_loss_fn_fixes_it():
 # --- what the user's training_step receives ---------------------------------------------------------------
 def test_training_step_gets_the_selected_sub_batch_within_the_window():
     module = Recorder()
-    cb = OnlineDataSelection(keep=0.3, score="hard", start_step=2, end_step=5)
+    cb = OnlineDataSelection(keep=0.3, score="hard", window={"start_step": 2, "stop_step": 5})
     fit(cb, module, mnist())
     assert module.sizes == [30] * 8  # 800 examples in super-batches of 100
     assert cb.ledger.selection_steps == 3 and cb.ledger.learner_forwards == 300  # scoring only in the window
     full = Recorder()
-    fit(OnlineDataSelection(keep=0.3, score="hard", start_step=7, outside_window="full"), full, mnist())
+    fit(OnlineDataSelection(keep=0.3, score="hard", window={"start_step": 7, "outside": "full"}), full, mnist())
     assert full.sizes == [100] * 7 + [30]
     exact = Recorder()
     fit(OnlineDataSelection(batch_size=25, score="uniform"), exact, mnist(holdout_fraction=0.3))
@@ -253,8 +255,8 @@ class TwoTower(pl.LightningModule):
 def test_jest_joint_selection_with_a_custom_batch_type():
     loader = DataLoader(PairData(), batch_size=32, collate_fn=collate_pairs)
     module, reference = TwoTower(0), freeze(TwoTower(1))
-    cb = OnlineDataSelection(keep=0.25, joint=True, reference=reference, selector="test_selection.slice_pairs",
-                             num_chunks=4, selection="sample")
+    cb = OnlineDataSelection(keep=0.25, joint={"num_chunks": 4}, reference=reference,
+                             selector="test_selection.slice_pairs", selection="sample")
     fit(cb, module, train_dataloaders=loader, epochs=2)
     assert module.sizes == [8] * 6
     assert cb.ledger.learner_forwards == cb.ledger.reference_forwards == 192
@@ -264,11 +266,16 @@ def test_jest_joint_selection_with_a_custom_batch_type():
 
 
 # --- references: a model, its cache, a precomputed cache, a teacher, a checkpoint: the same training ------------
-class TeacherHolder(pl.Callback):
-    """Stands in for KnowledgeDistillation: a callback exposing `.teacher`."""
+class TeacherHolder(SlimCallback):
+    """Stands in for KnowledgeDistillation: a technique that provides a teacher."""
+
+    technique = "test_teacher"
 
     def __init__(self, teacher):
         self.teacher = teacher
+
+    def provides(self):
+        return {Capability.TEACHER: self.teacher}
 
 
 class PlainNet(nn.Sequential):
@@ -312,7 +319,7 @@ def test_reference_sources_train_identically(tmp_path):
             torch.testing.assert_close(weights[k], direct[k], rtol=0, atol=0)
     restored = OnlineDataSelection(reference=reference, cache_reference=True, **common)
     restored.load_state_dict(variants[0][0].state_dict())  # the lazily built cache is checkpointed
-    torch.testing.assert_close(restored.cache.losses, losses, rtol=0, atol=1e-6)
+    torch.testing.assert_close(restored.cache.lookup(torch.arange(560))["loss"], losses, rtol=0, atol=1e-6)
 
 
 # --- behaviour that matters: under label noise, learnability avoids corrupted examples, "hard" seeks them --------

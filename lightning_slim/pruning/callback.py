@@ -7,14 +7,18 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_slim import log
+from lightning_slim.arguments import check_choice, check_int
 from lightning_slim.callback import SlimCallback
-from lightning_slim.pruning import functional as F
-from lightning_slim.pruning import rewind as R
-from lightning_slim.pruning import structured as S
+from lightning_slim.clock import Moment
+from lightning_slim.contract import Effect, ExportStage
+from lightning_slim.lightning_glue import rebuild_optimizers
+from lightning_slim.pruning import functional as masking
+from lightning_slim.pruning import rewind as rewinding
+from lightning_slim.pruning import structured as channels
 from lightning_slim.pruning.schedules import as_dict, parse_schedule
-from lightning_slim.pruning.trainer_ops import rebuild_optimizers
 
 DEFAULT_SCHEDULE = {"kind": "imp", "rounds": 5, "rate": 0.2, "every": 1, "unit": "epoch"}
 
@@ -51,22 +55,20 @@ class IterativeMagnitudePruning(SlimCallback):
     """
 
     technique = "pruning"
-    export_order = 10  # masks are made permanent before any quantization
+    effects = frozenset({Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE})
+    export_stage = ExportStage.FINALIZE_WEIGHTS  # masks made permanent before any quantization
 
     def __init__(self, schedule: dict[str, Any] | None = None, targets: list[str] | None = None,
                  exclude: list[str] | None = None, exclude_classifier: bool = False, classifier: str | None = None,
                  scope: str = "global", structured: bool = False, rewind: str = "none", rewind_step: int = 0,
                  accuracy_metric: str | None = "val/acc", example_input_shape: list[int] | None = None):
         self.schedule = parse_schedule(DEFAULT_SCHEDULE if schedule is None else schedule)
-        if scope not in F.SCOPES:
-            raise ValueError(f"scope={scope!r} is not one of {F.SCOPES}")
-        if rewind not in R.REWINDS:
-            raise ValueError(f"rewind={rewind!r} is not one of {R.REWINDS}")
-        if not isinstance(rewind_step, int) or isinstance(rewind_step, bool) or rewind_step < 0:
-            raise ValueError(f"rewind_step={rewind_step!r} must be an integer >= 0")
+        check_choice("scope", scope, masking.SCOPES)
+        check_choice("rewind", rewind, rewinding.REWINDS)
+        check_int("rewind_step", rewind_step, minimum=0)
         if rewind == "init" and rewind_step:
             raise ValueError(f"rewind='init' rewinds to step 0; use rewind='step' for rewind_step={rewind_step}")
-        if structured and R.rewinds_weights(rewind):
+        if structured and rewinding.rewinds_weights(rewind):
             raise ValueError(f"rewind={rewind!r} is not supported with structured=True (the snapshot has the "
                              "unpruned shapes); use rewind='none' or 'lr'")
         if self.schedule.kind == "gradual" and rewind != "none":
@@ -92,28 +94,45 @@ class IterativeMagnitudePruning(SlimCallback):
         self._layers: dict[str, torch.nn.Module] = {}
         self._counted: dict[str, torch.nn.Module] = {}
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        self._handles: list = []
         self._sparsity: dict[str, float] = {}
         self._fired = False
 
-    # --- validation and structure ---------------------------------------------------------------
+    # --- the contract ---------------------------------------------------------------------------------
+    @override
+    def restructures_until(self) -> Moment | None:
+        return Moment(self.schedule.unit, max(t for t, _ in self.events)) if self.structured else None
+
+    @override
+    def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
+        # Lightning loads a resumed checkpoint's weights into the model as built: resize it first
+        if state.get("structure"):
+            channels.restructure(pl_module, state["structure"])
+
+    @override
+    def after_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._pairs:  # the guarantee: whatever the optimizer did, pruned weights are exactly zero
+            with torch.no_grad():
+                torch._foreach_mul_([p for p, _ in self._pairs], [m for _, m in self._pairs])
+
+    # --- validation ----------------------------------------------------------------------------------
+    @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)
         if self.structured:
-            S.check_prunable(pl_module, self._example(pl_module), self._layers)
+            channels.check_prunable(pl_module, self._example(pl_module), self._layers)
         if not self.initial_numel:
-            self.initial_numel = S.count_weights(self._counted)
+            self.initial_numel = channels.count_weights(self._counted)
 
     def _resolve(self, pl_module) -> None:
-        self._counted = F.select_layers(pl_module, self.targets)
+        self._counted = masking.select_layers(pl_module, self.targets)
         exclude = list(self.exclude)
         if self.exclude_classifier or self.structured:  # structurally, the class outputs must stay
-            name = self.classifier or F.classifier_name(F.select_layers(pl_module))
+            name = self.classifier or masking.classifier_name(masking.select_layers(pl_module))
             if name not in dict(pl_module.named_modules()):
                 raise ValueError(f"classifier={name!r} is not a module of {type(pl_module).__name__}")
             if name in self._counted:
                 exclude.append(name)
-        self._layers = F.select_layers(pl_module, self.targets, exclude)
+        self._layers = masking.select_layers(pl_module, self.targets, exclude)
 
     def _example(self, pl_module):
         if self.example_input_shape is not None:
@@ -125,37 +144,15 @@ class IterativeMagnitudePruning(SlimCallback):
                              "or pass example_input_shape=[1, ...] to IterativeMagnitudePruning")
         return x.to(pl_module.device) if isinstance(x, torch.Tensor) else x
 
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.structured:
-            # Lightning loads a resumed checkpoint's weights right after setup, into the model as built:
-            # resize it first, from the structure saved in our own state in that checkpoint
-            original = type(pl_module).on_load_checkpoint
-
-            def on_load_checkpoint(checkpoint, _module=pl_module):
-                state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-                if state.get("structure"):
-                    S.restructure(_module, state["structure"])
-                return original(_module, checkpoint)
-
-            pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
-
-    def teardown(self, trainer, pl_module, stage):
-        super().teardown(trainer, pl_module, stage)
-        pl_module.__dict__.pop("on_load_checkpoint", None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
     # --- training hooks -------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer, pl_module):
         self._resolve(pl_module)
         self._refresh_masks(pl_module)
-        F.apply_masks(self._weights(), self.masks)
-        for opt in trainer.optimizers:
-            self._handles.append(opt.register_step_post_hook(self._after_step))
+        masking.apply_masks(self._weights(), self.masks)
         self._update_sparsity()
 
+    @override
     def on_train_start(self, trainer, pl_module):
         if self.schedule.unit == "epoch" and trainer.max_epochs not in (None, -1):
             late = [t for t, _ in self.events[self.events_done:] if t >= trainer.max_epochs]
@@ -169,27 +166,27 @@ class IterativeMagnitudePruning(SlimCallback):
                 raise ValueError(f"rewind_step={self.rewind_step} is later than the first pruning at epoch "
                                  f"{self.events[0][0]} (step {first})")
 
+    @override
     def on_train_epoch_start(self, trainer, pl_module):
         self._advance(trainer, pl_module)
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._advance(trainer, pl_module)
 
+    @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [(p.grad, m) for p, m in self._pairs if p.grad is not None]
         if grads:  # pruned weights get no gradient, so optimizer state stays zero there
             torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
 
-    def _after_step(self, optimizer, args, kwargs):
-        if self._pairs:  # the guarantee: whatever the optimizer did, pruned weights are exactly zero
-            with torch.no_grad():
-                torch._foreach_mul_([p for p, _ in self._pairs], [m for _, m in self._pairs])
-
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._fired or batch_idx % max(trainer.log_every_n_steps, 1) == 0:
             self.log_scalars(pl_module, {"round": float(self.round), **self._sparsity})
             self._fired = False
 
+    @override
     def on_train_end(self, trainer, pl_module):
         self._update_sparsity()
         self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
@@ -206,7 +203,7 @@ class IterativeMagnitudePruning(SlimCallback):
         step = trainer.global_step
         if self.rewind != "none" and self.snapshot is None and step >= self.rewind_step:
             schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-            self.snapshot = R.take_snapshot(self.rewind, pl_module, trainer.optimizers, schedulers)
+            self.snapshot = rewinding.take_snapshot(self.rewind, pl_module, trainer.optimizers, schedulers)
             self.snapshot["step"] = step
         position = trainer.current_epoch if self.schedule.unit == "epoch" else step
         due = [e for e in self.events[self.events_done:] if e[0] <= position]
@@ -224,27 +221,27 @@ class IterativeMagnitudePruning(SlimCallback):
         self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
         if self.structured:
             return self._prune_channels(trainer, pl_module, target)
-        masks = F.magnitude_masks(self._weights(), target, self.scope, self.masks or None)
+        masks = masking.magnitude_masks(self._weights(), target, self.scope, self.masks or None)
         if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = {k: v.to(self._layers[k].weight.device) for k, v in masks.items()}
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if self.snapshot is not None:
-            R.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
+            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
         self._refresh_masks(pl_module)
-        F.apply_masks(self._weights(), self.masks)
+        masking.apply_masks(self._weights(), self.masks)
         for opt in trainer.optimizers:
-            F.mask_optimizer_state(opt, self._pairs)
+            masking.mask_optimizer_state(opt, self._pairs)
 
     def _prune_channels(self, trainer, pl_module, target: float) -> None:
         relative = 1.0 - (1.0 - target) / (1.0 - self.channel_ratio)
-        S.channel_prune(pl_module, self._example(pl_module), self._layers.values(), relative,
+        channels.channel_prune(pl_module, self._example(pl_module), self._layers.values(), relative,
                         global_pruning=self.scope == "global")
         self.channel_ratio = target
-        self.structure = S.structure_of(pl_module)
+        self.structure = channels.structure_of(pl_module)
         rebuild_optimizers(trainer, pl_module)
         if self.snapshot is not None:  # "lr": the schedule goes back, the weights stay
-            R.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers,
+            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers,
                       [c.scheduler for c in trainer.lr_scheduler_configs])
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -260,8 +257,8 @@ class IterativeMagnitudePruning(SlimCallback):
             per = {n: 1.0 - m.weight.numel() / self.initial_numel[n] for n, m in self._counted.items()}
             total = 1.0 - sum(m.weight.numel() for m in self._counted.values()) / sum(self.initial_numel.values())
         else:
-            per = {n: F.sparsity_of(m.weight) for n, m in self._counted.items()}
-            total = F.global_sparsity({n: m.weight for n, m in self._counted.items()})
+            per = {n: masking.sparsity_of(m.weight) for n, m in self._counted.items()}
+            total = masking.global_sparsity({n: m.weight for n, m in self._counted.items()})
         self._sparsity = {"sparsity": total, **{f"sparsity/{n}": v for n, v in per.items()}}
 
     def _accuracy(self, trainer) -> float | None:
@@ -275,6 +272,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     # --- export, report, state ----------------------------------------------------------------------
     @torch.no_grad()
+    @override
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
         modules = dict(model.named_modules())
         for name, mask in self.masks.items():  # plain tensors: zeros where pruned, nothing attached
@@ -282,18 +280,21 @@ class IterativeMagnitudePruning(SlimCallback):
             weight.mul_(mask.to(weight.device, weight.dtype))
         return model
 
+    @override
     def report_rows(self) -> dict[str, Any]:
         rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured",
                                 "rounds": self.round, "scope": self.scope, "rewind": self.rewind}
         rows.update(self._sparsity)
         return rows
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {k: v.detach().cpu() for k, v in self.masks.items()}, "events_done": self.events_done,
                 "snapshot": self.snapshot, "curve": self.curve, "structure": self.structure,
                 "initial_numel": self.initial_numel, "channel_ratio": self.channel_ratio,
                 "schedule": as_dict(self.schedule)}
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
         self.events_done, self.snapshot = state_dict["events_done"], state_dict["snapshot"]

@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from lightning_slim.targets import matches, resolve_class
+from lightning_slim.arguments import check_fraction
+from lightning_slim.targets import select_modules
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SCOPES = ("global", "layer")
@@ -27,42 +28,10 @@ SCOPES = ("global", "layer")
 
 def select_layers(model: nn.Module, targets: Iterable[str] | None = None,
                   exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """The modules with a ``weight`` parameter selected by ``targets`` and not by ``exclude``.
-
-    ``targets=None`` selects every Linear / Conv1d / Conv2d / Conv3d. A path or ``re:`` spec that
-    selects nothing, a name that is neither a path nor a class, or an empty selection raises
-    ``ValueError`` listing what exists (a class the model does not use is allowed).
-    """
-    candidates = {n: m for n, m in model.named_modules()
-                  if n and isinstance(getattr(m, "weight", None), nn.Parameter)}
-    specs = list(targets) if targets is not None else None
-    if specs is None:
-        chosen = {n: m for n, m in candidates.items() if isinstance(m, PRUNABLE_TYPES)}
-    else:
-        chosen = {}
-        for spec in specs:
-            hits = {n: m for n, m in candidates.items() if matches(spec, n, m)}
-            # a real class this model happens not to use is fine (a YAML written for many models);
-            # a path or regex that matches nothing, or a misspelt class, is a mistake
-            if not hits and (spec.startswith("re:") or resolve_class(spec) is None):
-                raise ValueError(f"pruning target {spec!r} matches no module with a weight parameter; "
-                                 f"modules are {_describe(candidates)}")
-            chosen.update(hits)
-    for spec in exclude:
-        hits = [n for n, m in chosen.items() if matches(spec, n, m)]
-        if not hits:
-            raise ValueError(f"exclude entry {spec!r} matches none of the pruning targets {sorted(chosen)}")
-        for n in hits:
-            del chosen[n]
-    if not chosen:
-        raise ValueError(f"no module left to prune; modules are {_describe(candidates)}")
-    order = [n for n, _ in model.named_modules()]  # keep the model's order, whatever the spec order
-    return {n: chosen[n] for n in order if n in chosen}
-
-
-def _describe(candidates: Mapping[str, nn.Module]) -> str:
-    items = [f"{n} ({type(m).__name__})" for n, m in candidates.items()]
-    return ", ".join(items[:40]) + (" ..." if len(items) > 40 else "") if items else "(none)"
+    """The modules with a ``weight`` parameter selected by ``targets`` and not by ``exclude``
+    (the grammar of :mod:`lightning_slim.targets`); ``targets=None``: every Linear / Conv layer."""
+    return select_modules(model, targets, exclude, default=PRUNABLE_TYPES, what="pruning",
+                          supported=lambda m: isinstance(getattr(m, "weight", None), nn.Parameter))
 
 
 def classifier_name(layers: Mapping[str, nn.Module]) -> str:
@@ -148,8 +117,3 @@ def mask_checksum(masks: Mapping[str, torch.Tensor]) -> int:
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64)
         total = (total * 1_000_003 + (i + 1) * int((flat * weights).sum())) % (2**61 - 1)
     return total
-
-
-def check_fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} is outside the allowed range [0, 1)")

@@ -19,19 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from lightning_slim.pruning.functional import check_fraction
-
-UNITS = ("epoch", "step")
-
-
-def _check_unit(unit: str) -> None:
-    if unit not in UNITS:
-        raise ValueError(f"unit={unit!r} is not one of {UNITS}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+from lightning_slim.arguments import check_fraction, check_int
+from lightning_slim.clock import check_unit
 
 
 @dataclass(frozen=True)
@@ -50,10 +39,10 @@ class IMPSchedule:
     kind: str = "imp"
 
     def __post_init__(self):
-        _check_unit(self.unit)
-        _check_int("rounds", self.rounds, 1)
-        _check_int("every", self.every, 1)
-        _check_int("start", self.start, 0)
+        check_unit(self.unit)
+        check_int("rounds", self.rounds, minimum=1)
+        check_int("every", self.every, minimum=1)
+        check_int("start", self.start, minimum=0)
         if self.final_sparsity is not None:
             check_fraction("final_sparsity", self.final_sparsity)
         elif self.rate is None:
@@ -85,11 +74,11 @@ class GradualSchedule:
     kind: str = "gradual"
 
     def __post_init__(self):
-        _check_unit(self.unit)
+        check_unit(self.unit)
         check_fraction("final_sparsity", self.final_sparsity)
         check_fraction("initial_sparsity", self.initial_sparsity)
-        _check_int("start", self.start, 0)
-        _check_int("every", self.every, 1)
+        check_int("start", self.start, minimum=0)
+        check_int("every", self.every, minimum=1)
         if not isinstance(self.end, int) or self.end <= self.start:
             raise ValueError(f"end={self.end!r} must be an integer after start={self.start}")
         if self.initial_sparsity > self.final_sparsity:
@@ -112,9 +101,9 @@ class OneShotSchedule:
     kind: str = "one_shot"
 
     def __post_init__(self):
-        _check_unit(self.unit)
+        check_unit(self.unit)
         check_fraction("sparsity", self.sparsity)
-        _check_int("at", self.at, 0)
+        check_int("at", self.at, minimum=0)
 
     def events(self) -> list[tuple[int, float]]:
         return [(self.at, float(self.sparsity))]

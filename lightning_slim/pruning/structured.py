@@ -23,32 +23,22 @@ model can be loaded (``load_state_dict`` then fits).
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from lightning_slim.modules import evaluating
 
 ROOTS = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose output channels we remove
 SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
               "normalized_shape", "num_embeddings", "embedding_dim", "embed_dim", "num_channels")
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    # tracing runs a forward pass: in train mode it would move batch-norm running statistics
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def dependency_graph(model: nn.Module, example_inputs: Any):
     import torch_pruning as tp
 
-    with _eval_mode(model), warnings.catch_warnings():
+    with evaluating(model, no_grad=False), warnings.catch_warnings():  # tracing follows grad_fn
         warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # reported by check_prunable
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
 
@@ -87,7 +77,7 @@ def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Mo
     targets = list(targets)
     target_ids = {id(m) for m in targets}
     keep_out = [m for m in model.modules() if isinstance(m, ROOTS) and id(m) not in target_ids]
-    with _eval_mode(model):
+    with evaluating(model, no_grad=False):
         pruner = tp.pruner.BasePruner(
             model, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=ratio, global_pruning=global_pruning,

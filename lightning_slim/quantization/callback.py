@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_slim import log
 from lightning_slim.batches import BatchFormatError, batch_inputs
 from lightning_slim.callback import SlimCallback
+from lightning_slim.clock import Moment
+from lightning_slim.contract import ExportStage
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import convert_to_int8, save_int8
 
@@ -51,7 +53,7 @@ class QuantizationAwareTraining(SlimCallback):
     """
 
     technique = "quantization"
-    export_order = 1000  # after masks are made permanent (pruning)
+    export_stage = ExportStage.CONVERT  # after masks are made permanent (pruning)
 
     def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None, weight_bits: int = 8,
                  activation_bits: int | None = 8, group_size: int = 32, start_after: int = 1,
@@ -81,6 +83,10 @@ class QuantizationAwareTraining(SlimCallback):
         self._module: pl.LightningModule | None = None
         self._example: torch.Tensor | None = None
         self.saved_path: str | None = None
+
+    def structure_fixed_from(self) -> Moment | None:
+        # measured: removing channels from layers that are already fake-quantized hangs in torch-pruning
+        return Moment(self.unit, self.start_after)
 
     # --- before training --------------------------------------------------------------------
     def validate(self, trainer, pl_module) -> None:

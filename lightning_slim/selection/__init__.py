@@ -2,6 +2,7 @@
 (RHO-LOSS learnability, JEST joint selection). See README.md, the method card."""
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.callback import OnlineDataSelection
+from lightning_slim.selection.configs import JointSelection, SelectionWindow
 from lightning_slim.selection.functional import (
     default_per_sample_loss,
     example_scores,
@@ -13,14 +14,15 @@ from lightning_slim.selection.functional import (
     sigmoid_pair_losses,
 )
 from lightning_slim.selection.reference import (
-    ReferenceLossCache,
     compute_reference_losses,
     load_reference,
+    reference_loss_cache,
     train_reference,
 )
+from lightning_slim.selection.scoring import Scorer
 
 __all__ = [
-    "OnlineDataSelection", "CostLedger", "ReferenceLossCache", "compute_reference_losses", "load_reference",
-    "train_reference", "default_per_sample_loss", "example_scores", "jest_select", "per_example_loss",
-    "select_sample", "select_topk", "select_uniform", "sigmoid_pair_losses",
+    "OnlineDataSelection", "JointSelection", "SelectionWindow", "CostLedger", "Scorer", "compute_reference_losses",
+    "load_reference", "reference_loss_cache", "train_reference", "default_per_sample_loss", "example_scores",
+    "jest_select", "per_example_loss", "select_sample", "select_topk", "select_uniform", "sigmoid_pair_losses",
 ]

@@ -15,15 +15,15 @@ Scores (higher = more worth training on):
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.batches import BatchFormatError, batch_inputs, batch_size, batch_targets
+from lightning_slim.modules import evaluating
 
 SCORES = ("learnability", "hard", "easy_reference", "uniform")
 NEEDS_LEARNER = {"learnability", "hard"}
@@ -84,21 +84,8 @@ def sigmoid_pair_losses(logits: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(z * logits)
 
 
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode without gradients for scoring, restoring every submodule's own mode afterwards.
-
-    Eval mode keeps scoring deterministic (no dropout) and leaves BatchNorm's running statistics
-    untouched by the examples that are scored but never trained on.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
+# scoring runs in eval mode without gradients (the package's one helper for it)
+scoring_mode = evaluating
 
 
 def example_scores(score: str | Callable, learner_loss: torch.Tensor | None,

@@ -1,13 +1,12 @@
 """The reference model of learnability selection: where it comes from, how it is trained on a
-clean holdout, and its per-example losses cached by dataset index (as RHO-LOSS does).
+clean holdout, and its per-example losses computed once by dataset index (as RHO-LOSS does).
 
->>> cache = ReferenceLossCache(torch.tensor([0.5, float("nan"), 0.2]))
+>>> cache = reference_loss_cache(torch.tensor([0.5, float("nan"), 0.2]))
 >>> cache.missing(torch.tensor([0, 1, 2])).tolist()
-[1]
+[False, True, False]
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -16,29 +15,10 @@ import torch
 from torch import nn
 
 from lightning_slim.batches import batch_indices
-from lightning_slim.selection.functional import per_example_loss, scoring_mode
-
-
-def import_object(path: str) -> Any:
-    """``"package.module.name"`` -> the object (YAML configs name functions and classes this way)."""
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"{path!r} is not a dotted path like 'package.module.name'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {path!r}: {err}") from err
-
-
-def as_callable(value: str | Callable | None, what: str) -> Callable | None:
-    if value is None or callable(value):
-        return value
-    if isinstance(value, str):
-        obj = import_object(value)
-        if not callable(obj):
-            raise ValueError(f"{what}={value!r} names {type(obj).__name__}, which is not callable")
-        return obj
-    raise TypeError(f"{what} must be a callable or a dotted path to one; got {type(value).__name__}")
+from lightning_slim.index_cache import IndexCache
+from lightning_slim.loading import build_module, freeze
+from lightning_slim.modules import device_of, evaluating
+from lightning_slim.selection.functional import per_example_loss
 
 
 def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | None = None,
@@ -55,18 +35,9 @@ def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | 
     if unknown or "class_path" not in spec or ("checkpoint" in spec) == ("train_on_holdout" in spec):
         raise ValueError(f"reference={dict(spec)!r} needs 'class_path', optional 'init_args', and exactly one "
                          "of 'checkpoint' (a file) or 'train_on_holdout' ({epochs, lr})")
-    cls, init_args = import_object(spec["class_path"]), dict(spec.get("init_args") or {})
+    init_args = dict(spec.get("init_args") or {})
     if "checkpoint" in spec:
-        path = Path(spec["checkpoint"])
-        if not path.is_file():
-            raise FileNotFoundError(f"reference checkpoint {str(path)!r} does not exist")
-        if hasattr(cls, "load_from_checkpoint"):
-            return cls.load_from_checkpoint(path, map_location="cpu", **init_args), 0
-        with torch.random.fork_rng(devices=[]):  # building it must not move the user's global RNG
-            model = cls(**init_args)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, Mapping) else state)
-        return model, 0
+        return build_module(spec["class_path"], init_args, spec["checkpoint"], what="reference class_path"), 0
     options = dict(spec["train_on_holdout"] or {})
     if set(options) - {"epochs", "lr"}:
         raise ValueError(f"train_on_holdout={options!r} takes only 'epochs' and 'lr'")
@@ -75,7 +46,7 @@ def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | 
                          "MNIST1DDataModule(holdout_fraction=0.3))")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(**init_args)
+        model = build_module(spec["class_path"], init_args, what="reference class_path")
         seen = fit_on_holdout(model, holdout_loader(), loss_fn=loss_fn, **options)
     return model, seen
 
@@ -103,65 +74,30 @@ def fit_on_holdout(model: nn.Module, loader, epochs: int = 5, lr: float = 1e-2, 
     return seen
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """A reference never trains: eval mode, no gradients."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-class ReferenceLossCache:
-    """Reference losses by dataset index; NaN marks an index not computed yet."""
-
-    def __init__(self, losses: torch.Tensor | None = None):
-        self.losses = (torch.empty(0) if losses is None else losses.detach().float().cpu().flatten()).clone()
-
-    @classmethod
-    def from_file(cls, path: str) -> "ReferenceLossCache":
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"reference_losses file {path!r} does not exist")
-        return cls(torch.load(path, map_location="cpu", weights_only=True))
-
-    def missing(self, indices: torch.Tensor) -> torch.Tensor:
-        """The indices with no cached loss."""
-        indices = indices.long().cpu()
-        known = torch.zeros(len(indices), dtype=torch.bool)
-        inside = (indices >= 0) & (indices < len(self.losses))
-        known[inside] = ~torch.isnan(self.losses[indices[inside]])
-        return indices[~known]
-
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.losses[indices.long().cpu()]
-
-    def put(self, indices: torch.Tensor, values: torch.Tensor) -> None:
-        indices = indices.long().cpu()
-        size = int(indices.max()) + 1 if len(indices) else 0
-        if size > len(self.losses):
-            grown = torch.full((size,), float("nan"))
-            grown[: len(self.losses)] = self.losses
-            self.losses = grown
-        self.losses[indices] = values.detach().float().cpu()
-
-    def __len__(self) -> int:
-        return int((~torch.isnan(self.losses)).sum())
+def reference_loss_cache(losses: torch.Tensor | str) -> IndexCache:
+    """An index cache of reference losses from a dense tensor (NaN: not computed) or its file."""
+    if isinstance(losses, str):
+        if not Path(losses).is_file():
+            raise FileNotFoundError(f"reference_losses file {losses!r} does not exist")
+        losses = torch.load(losses, map_location="cpu", weights_only=True)
+    return IndexCache.from_tensor("loss", torch.as_tensor(losses).flatten())
 
 
 @torch.no_grad()
 def compute_reference_losses(reference: nn.Module, loader, loss_fn: Callable | None = None) -> torch.Tensor:
     """Every example's reference loss, as a tensor indexed by dataset index (batches must carry
     indices: ``(x, y, index)``). Save it with ``torch.save`` and pass the path as ``reference_losses``."""
-    cache = ReferenceLossCache()
-    device = next(reference.parameters(), torch.empty(0)).device
-    with scoring_mode(reference):
+    cache = IndexCache()
+    device = device_of(reference)
+    with evaluating(reference):
         for batch in loader:
             idx = batch_indices(batch)
             if idx is None:
                 raise ValueError("compute_reference_losses needs batches that carry example indices, e.g. "
                                  "(x, y, index) from MNIST1DDataModule(with_index=True)")
-            batch = _to(batch, device)
-            cache.put(idx, per_example_loss(reference, batch, loss_fn))
-    return cache.losses
+            cache.store(idx, {"loss": per_example_loss(reference, _to(batch, device), loss_fn).float()})
+    size = int(cache.filled.nonzero().max()) + 1 if len(cache) else 0  # storage grows ahead: trim it
+    return torch.where(cache.filled[:size], cache.values["loss"][:size], float("nan")) if size else torch.empty(0)
 
 
 def _to(batch, device):

@@ -30,7 +30,7 @@ def small_model(**kwargs) -> pl.LightningModule:
 
 @dataclass
 class Case:
-    name: str  # also the LightningCLI config: callbacks/<name>.yaml
+    name: str  # also the LightningCLI config: callbacks/<name>.yaml, unless `config` names another file
     callback: Callable[[], pl.Callback]
     model: Callable[[], pl.LightningModule] = small_model
     data: Callable[[], pl.LightningDataModule] = small_data
@@ -46,6 +46,8 @@ class Case:
     cli_args: tuple[str, ...] = ()
     # load the module's weights from a checkpoint into a fresh model (structural pruning overrides)
     resume_atol: float = 0.0
+    # the LightningCLI YAML of a technique that does not ship with the package (default callbacks/<name>.yaml)
+    config: str | None = None
 
     def __repr__(self) -> str:
         return self.name

@@ -33,7 +33,8 @@ def teacher_checkpoint() -> str:
 
 def make_callback() -> KnowledgeDistillation:
     return KnowledgeDistillation(teacher_checkpoint=teacher_checkpoint(), teacher_class="lightning_slim.MNIST1DTeacherCNN",
-                                 alpha=0.5, temperature=4.0, feature_pairs={"net.5": "net.8"}, cache_teacher=True)
+                                 alpha=0.5, temperature=4.0, features={"pairs": {"net.5": "net.8"}},
+                                 cache_teacher=True)
 
 
 def _check(trainer, module, cb):

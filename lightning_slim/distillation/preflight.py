@@ -7,8 +7,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from lightning_slim.distillation import functional as F
-
+from lightning_slim.distillation.functional import Projection
+from lightning_slim.modules import submodule
 
 
 def check_models(pl_module: nn.Module, teacher: nn.Module, feature_pairs: Mapping[str, str],
@@ -25,12 +25,12 @@ def check_models(pl_module: nn.Module, teacher: nn.Module, feature_pairs: Mappin
         raise ValueError("the teacher is (part of) the student module: it would be trained by the student's "
                          "optimizer and saved in its checkpoint; give it only to KnowledgeDistillation")
     for s_name, t_name in feature_pairs.items():
-        F.get_submodule(pl_module, s_name, f"the student ({type(pl_module).__name__})")
-        F.get_submodule(teacher, t_name, f"the teacher ({type(teacher).__name__})")
+        submodule(pl_module, s_name, f"the student ({type(pl_module).__name__})")
+        submodule(teacher, t_name, f"the teacher ({type(teacher).__name__})")
     if student_logits_module:
-        F.get_submodule(pl_module, student_logits_module, f"the student ({type(pl_module).__name__})")
+        submodule(pl_module, student_logits_module, f"the student ({type(pl_module).__name__})")
     if teacher_logits_module:
-        F.get_submodule(teacher, teacher_logits_module, f"the teacher ({type(teacher).__name__})")
+        submodule(teacher, teacher_logits_module, f"the teacher ({type(teacher).__name__})")
 
 
 def check_shapes(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
@@ -48,7 +48,7 @@ def check_shapes(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torc
         others = lambda x: [n for i, n in enumerate(x.shape) if i != dim]
         if fs.dim() != ft.dim() or others(fs) != others(ft):
             raise ValueError(f"feature pair {s_name!r} -> {t_name!r}: shapes {tuple(fs.shape)} and "
-                             f"{tuple(ft.shape)} may differ only in dimension feature_dim={feature_dim}")
+                             f"{tuple(ft.shape)} may differ only in dimension dim={feature_dim}")
         shapes[s_name] = (fs.shape, ft.shape)
     return shapes
 
@@ -60,7 +60,7 @@ def build_projections(shapes: Mapping[str, tuple[torch.Size, torch.Size]], featu
     proj = nn.ModuleDict()
     for i, (fs, ft) in enumerate(shapes.values()):
         dim = feature_dim % len(fs)
-        proj[str(i)] = F.Projection(fs[dim], ft[dim], dim, g) if fs[dim] != ft[dim] else nn.Identity()
+        proj[str(i)] = Projection(fs[dim], ft[dim], dim, g) if fs[dim] != ft[dim] else nn.Identity()
     return proj
 
 

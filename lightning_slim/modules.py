@@ -1,0 +1,108 @@
+"""Small things every technique does to an ``nn.Module``: run it in eval mode and put every
+submodule's mode back, find or replace a submodule by path, read a module's output, and
+record outputs (or input statistics) with forward hooks.
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+>>> net[1].eval()  # a mode the user set on one submodule survives
+Dropout(p=0.5, inplace=False)
+>>> with evaluating(net) as m:
+...     m.training
+False
+>>> net.training, net[1].training
+(True, False)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and no gradients) for the block; each submodule's own mode comes back after.
+
+    Eval mode keeps scoring and tracing deterministic (no dropout) and leaves BatchNorm's
+    running statistics untouched by examples that are never trained on.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device(default)
+
+
+def submodule(root: nn.Module, name: str | None, owner: str = "the model") -> nn.Module:
+    """``root.get_submodule(name)`` (``""``/None: the root) with an error listing what exists."""
+    if name in (None, "", "."):
+        return root
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in root.named_modules() if n]
+        shown = ", ".join(names[:30]) + (" ..." if len(names) > 30 else "")
+        raise ValueError(f"{owner} has no submodule named {name!r}; it has: {shown}") from None
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module's output: a tensor, ``.logits``, ``['logits']`` (Hugging Face
+    ``ModelOutput``) or the first tensor of a tuple / dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    items = list(output.values()) if isinstance(output, Mapping) else output
+    if isinstance(items, (tuple, list)):
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"cannot find the output tensor (logits) in a module output of type {type(output).__name__}; "
+                    "pass a function that extracts it")
+
+
+class _Recorder:
+    """A forward hook (a picklable object, not a closure) storing one module's output."""
+
+    def __init__(self, records: dict, name: str, when: Callable[[], bool], output_fn: Callable):
+        self.records, self.name, self.when, self.output_fn = records, name, when, output_fn
+
+    def __call__(self, module, args, output):
+        if self.when():
+            self.records[self.name] = self.output_fn(output)
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: Mapping[str, nn.Module], when: Callable[[], bool] = lambda: True,
+                    output_fn: Callable | Mapping[str, Callable] = output_tensor) -> Iterator[dict]:
+    """Record ``output_fn(output)`` of each named module while the block runs (and ``when()`` holds).
+
+    ``output_fn`` may be one function or one per name. A module that runs several times keeps
+    its last output.
+    """
+    records: dict[str, torch.Tensor] = {}
+    fn = output_fn.get if isinstance(output_fn, Mapping) else (lambda name, default: output_fn)
+    handles = [m.register_forward_hook(_Recorder(records, name, when, fn(name, output_tensor)))
+               for name, m in modules.items()]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
