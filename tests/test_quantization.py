@@ -19,6 +19,7 @@ from lightning_slim.quantization import QuantizationAwareTraining, functional as
 from lightning_slim.quantization.export import convert_to_int8, load_int8, save_int8
 
 X = torch.randn(64, 1, 40, generator=torch.Generator().manual_seed(0))
+TORCHAO = F.QuantSpec(runtime="torchao")
 
 
 def trainer(tmp_path, callbacks, **kw):
@@ -37,12 +38,12 @@ def _bn_cnn():
 
 
 @pytest.mark.parametrize("make", [_bn_cnn, MNIST1DMLP, MNIST1DTransformer], ids=["cnn_bn", "mlp", "transformer"])
-def test_fake_quant_matches_int8_export_and_keeps_parameters(make):
+def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
     model = make().eval()
     float_out = model(X)
     params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
     names = F.select_layers(model)
-    F.prepare_qat(model, names, F.QuantSpec())
+    F.prepare_qat(model, names, TORCHAO)
     assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
     torch.testing.assert_close(model(X), float_out)  # disabled until the schedule starts it
     F.set_fake_quant(model, True)
@@ -62,7 +63,7 @@ def test_fake_quant_matches_int8_export_and_keeps_parameters(make):
 
 def test_int4_grouped_weights_for_linear_models():
     model = MNIST1DTransformer().eval()
-    F.prepare_qat(model, F.select_layers(model, ["Linear"], exclude=["net.embed"]), F.QuantSpec(4, 8, 16))
+    F.prepare_qat(model, F.select_layers(model, ["Linear"], exclude=["net.embed"]), F.QuantSpec(4, 8, 16, runtime="torchao"))
     F.set_fake_quant(model, True)
     rows = {r["layer"]: r for r in F.quantization_error(model)}
     assert rows["net.head"]["weight_bits"] == 4 and rows["net.head"]["relative_error"] > 0.05
@@ -70,7 +71,7 @@ def test_int4_grouped_weights_for_linear_models():
     torch.testing.assert_close(int8(X), model(X), atol=2e-3, rtol=0)
 
 
-def test_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
+def test_torchao_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
     model = _bn_cnn()
     masks = {}
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
             if isinstance(m, (nn.Conv1d, nn.Linear)):
                 masks[name] = torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.6
                 m.weight.mul_(masks[name])
-    F.prepare_qat(model, list(masks), F.QuantSpec())
+    F.prepare_qat(model, list(masks), TORCHAO)
     F.set_fake_quant(model, True)
     for name, m in F.fake_quantized_layers(model).items():
         fq = m.weight_fake_quantizer(m.quant_weight() if hasattr(m, "quant_weight") else m.weight)
@@ -99,7 +100,7 @@ class Probe(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         fq = module.net[0].weight_fake_quantizer
-        self.steps.append((trainer.global_step, fq.enabled, not module.net[1].training, not fq.config.is_dynamic))
+        self.steps.append((trainer.global_step, fq.enabled, not module.net[1].training, F._frozen(fq)))
 
 
 def test_schedule_in_steps(tmp_path):
@@ -131,14 +132,18 @@ def test_qat_checkpoint_loads_into_plain_model_and_resume_restores_ranges(tmp_pa
     for name, r in full_cb.ranges.items():
         torch.testing.assert_close(resumed_cb.ranges[name]["scale"], r["scale"], rtol=0, atol=0)
         torch.testing.assert_close(saved_ranges[name]["scale"], r["scale"], rtol=0, atol=0)
+    # the activation ranges were frozen too, saved with the checkpoint and restored on resume
+    assert set(full_cb.activation_ranges) == set(full_cb.layers)
+    for name, r in full_cb.activation_ranges.items():
+        assert bool(r["frozen"]) and torch.equal(resumed_cb.activation_ranges[name]["max"], r["max"]), name
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_export_saved_program_loads_without_training_code(tmp_path):
+def test_torchao_export_saved_program_loads_without_training_code(tmp_path):
     pl.seed_everything(0)
     path = tmp_path / "int8.pt2"
-    cb = QuantizationAwareTraining(start_after=1, freeze_bn_after=2, export_path=str(path))
+    cb = QuantizationAwareTraining(start_after=1, freeze_bn_after=2, export_path=str(path), runtime="torchao")
     report = CompressionReport(measure_latency=False)
     module = MNIST1DCNN(channels=16, batch_norm=True, lr=3e-3)
     trainer(tmp_path, [cb, report]).fit(module, datamodule=small_data())
@@ -164,6 +169,10 @@ def test_export_saved_program_loads_without_training_code(tmp_path):
     (dict(unit="batch"), "unit='batch'"),
     (dict(start_after=2, freeze_bn_after=1), "freeze_bn_after=1 comes before start_after=2"),
     (dict(start_after=-1), "start_after=-1"),
+    (dict(runtime="tensorrt"), "runtime='tensorrt' is not one of"),
+    (dict(weight_bits=4), "weight_bits=4 with runtime='onnxruntime' is weight-only"),
+    (dict(weight_bits=4, activation_bits=None, group_size=24), "group_size=24 must be a power of two"),
+    (dict(reduce_range="yes"), "reduce_range='yes' must be true or false"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -181,11 +190,13 @@ class GroupedConv(MNIST1DCNN):
     (MNIST1DCNN, dict(targets=["re:nothing.*"]), "match no supported layer"),
     (MNIST1DCNN, dict(targets=["net.1"]), "'net.1' is a ReLU, which is not supported"),
     (MNIST1DCNN, dict(targets=["net.99"]), "'net.99' names no module"),
-    (MNIST1DCNN, dict(weight_bits=4), "convolutions take 8-bit weights"),
-    (MNIST1DMLP, dict(weight_bits=4, group_size=64), "group_size=64 does not divide"),
-    (GroupedConv, dict(), "groups=2 convolutions are not supported"),
+    (MNIST1DCNN, dict(weight_bits=4, activation_bits=None), "convolutions take 8-bit weights"),
+    (MNIST1DMLP, dict(weight_bits=4, group_size=64, runtime="torchao"), "group_size=64 does not divide"),
+    (GroupedConv, dict(runtime="torchao"), "groups=2 convolutions are not supported"),
+    (MNIST1DCNN, dict(activation_bits=None), "no weight-only int8 convolution"),
     (MNIST1DTransformer, dict(targets=["Linear", "Embedding"]), r"\['net.position'\] are never called"),
-], ids=["type", "nothing", "not_a_layer", "no_module", "int4_conv", "group_size", "groups", "uncalled"])
+], ids=["type", "nothing", "not_a_layer", "no_module", "int4_conv", "group_size", "groups", "weight_only_conv",
+        "uncalled"])
 def test_bad_input_fails_before_training(tmp_path, make, kwargs, match):
     t = trainer(tmp_path, [QuantizationAwareTraining(**kwargs)], max_epochs=1)
     with pytest.raises(ValueError, match=match):

@@ -14,7 +14,8 @@ from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment
 from lightning_slim.contract import ExportStage
 from lightning_slim.quantization import functional as F
-from lightning_slim.quantization.export import convert_to_int8, save_int8
+from lightning_slim.quantization import static
+from lightning_slim.quantization.export import save_int8, to_runtime
 
 UNITS = ("epoch", "step")
 PHASES = ("float", "fake_quant", "ranges_frozen")
@@ -31,21 +32,31 @@ class QuantizationAwareTraining(SlimCallback):
     """Train with simulated int8 (or int4) arithmetic, then export a real int8 model.
 
     Schedule (in ``unit`` = epochs or optimizer steps): float training until ``start_after``,
-    then fake quantization of weights and activations; weight ranges freeze at
-    ``freeze_ranges_after`` and the BatchNorms folded into convolutions stop updating their
+    then fake quantization of weights and activations; weight scales and activation ranges freeze
+    at ``freeze_ranges_after`` and the BatchNorms folded into convolutions stop updating their
     statistics at ``freeze_bn_after`` (None: never). The model's structure changes only during
     ``fit`` (same parameters and state-dict keys); at ``teardown`` the float layers are back, with
     the QAT-trained weights. ``export(model)`` gives the int8 model; ``export_path`` saves it at
-    the end of fit as a ``torch.export`` program (see :func:`~.export.load_int8`).
+    the end of fit (see :func:`~.export.load_int8`).
+
+    ``runtime`` decides what is simulated and shipped. ``"onnxruntime"`` (default): static uint8
+    activations (one range per tensor, EMA-observed from the first batch on), int8 per-channel
+    weights, an ONNX file ORT runs with its int8 kernels (QLinearConv, QGemm, ...), loadable with
+    ``onnxruntime`` alone: the fast path on every x86/ARM CPU, AVX2 included. ``"torchao"``:
+    dynamic per-token activations and a ``torch.export`` program on torchao's ``Int8Tensor``
+    (``torch._int_mm``): fast only where that kernel is (CUDA, AVX512-VNNI/AMX CPUs).
 
     Args:
         targets: layer types (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``), module names or
             ``re:<regex>`` over module names. Default: every Linear, Conv1d and Conv2d.
         exclude: the same kinds of entries, removed from the targets (e.g. a sensitive first layer).
-        weight_bits: 8 (per-channel) or 4 (per-group, Linear/Embedding only).
-        activation_bits: 8 (dynamic per-token int8) or None (weight-only).
-        group_size: group of the int4 weights.
+        weight_bits: 8 (per-channel) or 4 (per-group, Linear/Embedding only; on onnxruntime weight-only).
+        activation_bits: 8 or None (weight-only).
+        group_size: group of the int4 weights (on onnxruntime: of every weight-only Linear, a power of 2 >= 16).
         fold_bn: fold a BatchNorm that directly follows a conv into it (simulated during QAT).
+        runtime: ``"onnxruntime"`` or ``"torchao"`` (see above).
+        reduce_range: onnxruntime only: 7-bit weights ([-64, 64]) so AVX2's u8 x s8 int8 kernels
+            never saturate. Only a model served exclusively on VNNI/AMX/ARM-dotprod CPUs may turn it off.
 
     >>> cb = QuantizationAwareTraining(targets=["Linear", "re:net\\\\.0"], start_after=1, freeze_bn_after=3)
     >>> cb.spec.weight_bits, cb.unit
@@ -58,8 +69,9 @@ class QuantizationAwareTraining(SlimCallback):
     def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None, weight_bits: int = 8,
                  activation_bits: int | None = 8, group_size: int = 32, start_after: int = 1,
                  freeze_ranges_after: int | None = None, freeze_bn_after: int | None = None, unit: str = "epoch",
-                 fold_bn: bool = True, export_path: str | None = None, log_error_table: bool = True):
-        self.spec = F.QuantSpec(weight_bits, activation_bits, group_size)
+                 fold_bn: bool = True, export_path: str | None = None, log_error_table: bool = True,
+                 runtime: str = "onnxruntime", reduce_range: bool = True):
+        self.spec = F.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r} is not one of {UNITS}")
         _check_when("start_after", start_after, False)
@@ -68,9 +80,9 @@ class QuantizationAwareTraining(SlimCallback):
             if value is not None and value < start_after:
                 raise ValueError(f"{name}={value} comes before start_after={start_after}; freezing happens "
                                  "after fake quantization starts")
-        if freeze_ranges_after is not None and weight_bits == 4:
-            raise ValueError("freeze_ranges_after is supported for weight_bits=8 only (int4 group scales are "
-                             "recomputed at export)")
+        if freeze_ranges_after is not None and weight_bits == 4 and runtime == "torchao":
+            raise ValueError("freeze_ranges_after with runtime='torchao' is supported for weight_bits=8 only "
+                             "(torchao recomputes int4 group scales at export)")
         self.targets = list(targets) if targets is not None else list(F.DEFAULT_TARGETS)
         self.exclude = list(exclude or [])
         self.start_after, self.freeze_ranges_after, self.freeze_bn_after = start_after, freeze_ranges_after, \
@@ -79,7 +91,10 @@ class QuantizationAwareTraining(SlimCallback):
         self.layers: list[str] = []
         self.folded: dict[str, str] = {}
         self.ranges: dict[str, dict[str, torch.Tensor]] = {}
+        self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # static observers (onnxruntime)
+        self.skipped: list[str] = []
         self.phase = 0
+        self._fastpath: bool | None = None
         self._module: pl.LightningModule | None = None
         self._example: torch.Tensor | None = None
         self.saved_path: str | None = None
@@ -92,6 +107,11 @@ class QuantizationAwareTraining(SlimCallback):
     def validate(self, trainer, pl_module) -> None:
         self.layers = F.select_layers(pl_module, self.targets, self.exclude)
         F.check_layers(pl_module, self.layers, self.spec)
+        self.skipped = F.skipped_attention(pl_module, self.layers)
+        if self.skipped:
+            rank_zero_warn(f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {self.skipped} "
+                           "(in_proj_weight, out_proj) stay float: their weights are read directly by the attention "
+                           "kernel, not through a layer QAT can swap (listed in report_rows()['skipped'])")
         example = getattr(pl_module, "example_input_array", None)
         if isinstance(example, torch.Tensor):
             self._dry_run(pl_module, example)
@@ -101,6 +121,10 @@ class QuantizationAwareTraining(SlimCallback):
         handle, or a targeted layer whose forward never runs, fails here and not mid-training."""
         model = copy.deepcopy(pl_module).cpu().eval()
         F.prepare_qat(model, self.layers, self.spec, self.fold_bn)
+        if self.spec.static:
+            with torch.no_grad():
+                model.train()(example)  # the observers' first range
+                model.eval()
         F.set_fake_quant(model, True)
         called = set()
         layers = F.fake_quantized_layers(model)
@@ -115,7 +139,12 @@ class QuantizationAwareTraining(SlimCallback):
                                      "to `exclude`")
                 for h in hooks:
                     h.remove()
-                convert_to_int8(model)(example)
+                if self.spec.static:
+                    from lightning_slim.quantization.onnx_export import deploy_module
+
+                    deploy_module(model)(example)  # the export's modules, in torch
+                else:
+                    to_runtime(model)(example)
         except Exception as err:
             if isinstance(err, ValueError) and "never called" in str(err):
                 raise
@@ -129,6 +158,9 @@ class QuantizationAwareTraining(SlimCallback):
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
         self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
+        self.activation_ranges = {}
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # it bypasses the swapped layers in validation
         rank_zero_info(f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
                        f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded")
 
@@ -160,6 +192,11 @@ class QuantizationAwareTraining(SlimCallback):
                                      "activation_bits": float(self.spec.activation_bits or 32),
                                      "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))})
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and self.spec.static:  # every rank keeps the same activation ranges
+            static.average_observers(F.fake_quantized_layers(pl_module),
+                                     lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._module is not None:
             self._apply_schedule(trainer, pl_module)
@@ -185,36 +222,52 @@ class QuantizationAwareTraining(SlimCallback):
             self.saved_path = str(save_int8(model, self._example, self.export_path))
             log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
 
+    def _release(self, pl_module) -> None:
+        """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
+        self.activation_ranges = static.observer_state(F.fake_quantized_layers(pl_module))
+        F.unprepare(pl_module)
+        self._module = None
+        if self._fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
+
     def teardown(self, trainer, pl_module, stage) -> None:
         if stage == "fit" and self._module is pl_module:
-            F.unprepare(pl_module)  # the float layers again, with the QAT-trained weights
-            self._module = None
+            self._release(pl_module)
         super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._module is pl_module:  # Lightning skips teardown after an exception
-            F.unprepare(pl_module)
-            self._module = None
+            self._release(pl_module)
 
-    def export(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The real int8 model of ``model`` (a copy of the trained module; modified in place)."""
+    def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
+        """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
+        ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
+        ONNX trace (default: the first training batch seen, else ``example_input_array``)."""
         if not F.fake_quantized_layers(model):
             layers = self.layers or F.select_layers(model, self.targets, self.exclude)
             F.prepare_qat(model, layers, self.spec, self.fold_bn)
             F.set_ranges(model, self.ranges)
-        return convert_to_int8(model.eval())
+            static.load_observer_state(F.fake_quantized_layers(model), self.activation_ranges)
+        if example is None:
+            example = self._example if self._example is not None and self._example.numel() else getattr(
+                model, "example_input_array", None)
+        return to_runtime(model.eval(), example)
 
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:
             return {}
-        return {"layers": len(self.layers), "weight_bits": self.spec.weight_bits,
+        return {"layers": len(self.layers), "runtime": self.spec.runtime, "weight_bits": self.spec.weight_bits,
                 "activation_bits": self.spec.activation_bits or "float", "phase": PHASES[self.phase],
-                "bn_folded": len(self.folded), "saved": self.saved_path or ""}
+                "bn_folded": len(self.folded), "skipped": ", ".join(self.skipped), "saved": self.saved_path or ""}
 
     # --- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._module is not None:
+            self.activation_ranges = static.observer_state(F.fake_quantized_layers(self._module))
         return {"phase": self.phase, "layers": list(self.layers),
-                "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()}}
+                "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()},
+                "activation_ranges": self.activation_ranges}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("layers", [])
@@ -222,5 +275,7 @@ class QuantizationAwareTraining(SlimCallback):
             raise ValueError(f"the checkpoint quantized layers {saved}, this callback targets {self.layers}")
         self.phase = int(state_dict.get("phase", 0))
         self.ranges = dict(state_dict.get("ranges", {}))
-        if self._module is not None and self.ranges:
+        self.activation_ranges = dict(state_dict.get("activation_ranges", {}))
+        if self._module is not None:
             F.set_ranges(self._module, self.ranges)
+            static.load_observer_state(F.fake_quantized_layers(self._module), self.activation_ranges)

@@ -1,6 +1,11 @@
 """From a fake-quantized model to a real int8 one, and to a file that loads without our code.
 
-``convert_to_int8`` swaps every fake-quantized layer for its torchao int8 form with the same
+:func:`to_runtime` picks the path from the model's layers: statically fake-quantized layers
+(``runtime="onnxruntime"``) become an ONNX file served by ONNX Runtime
+(:class:`~.serving.OrtModel`, see :mod:`.onnx_export`); torchao layers go through
+:func:`convert_to_int8`. :func:`save_int8` / :func:`load_int8` handle both kinds of artifact.
+
+torchao path: ``convert_to_int8`` swaps every fake-quantized layer for its torchao int8 form with the same
 numerics as training: Linear -> ``Int8DynamicActivationInt8WeightConfig`` (asymmetric
 per-token int8 activations, symmetric per-channel int8 weights; torchao's int8 GEMM), int4 ->
 ``Int8DynamicActivationIntxWeightConfig`` (per-group int4), Embedding -> ``IntxWeightOnlyConfig``,
@@ -32,7 +37,23 @@ import torch
 from torch import nn
 
 from lightning_slim.quantization import conv as qconv
-from lightning_slim.quantization.functional import _set, fake_quantized_layers
+from lightning_slim.quantization.functional import _set, fake_quantized_layers, is_static
+
+
+def to_runtime(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """The deployable int8 model of a fake-quantized ``model``: an ``OrtModel`` (ONNX Runtime) for
+    static layers (``example``, a CPU batch, is needed to trace the graph), else torchao's int8 modules."""
+    if not is_static(model):
+        return convert_to_int8(model)
+    if example is None:
+        raise ValueError("exporting to onnxruntime needs an example input (a CPU batch of the model's inputs)")
+    import tempfile
+
+    from lightning_slim.quantization.onnx_export import export_onnx
+    from lightning_slim.quantization.serving import OrtModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return OrtModel(export_onnx(model, example, Path(tmp) / "int8.onnx").read_bytes())
 
 
 def _int8_weight(linear: nn.Linear, fq, activations: bool) -> nn.Linear:
@@ -102,7 +123,10 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
 
 
 def save_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """Save an int8 model as a ``torch.export`` program with a dynamic batch dimension."""
+    """Save an int8 model: an ``OrtModel`` as its ONNX file, a torchao model as a ``torch.export``
+    program with a dynamic batch dimension."""
+    if hasattr(model, "onnx_bytes"):
+        return model.save(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_input.detach().cpu()
@@ -115,5 +139,12 @@ def save_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path) -
 
 
 def load_int8(path: str | Path) -> nn.Module:
-    """Load what :func:`save_int8` wrote (needs only torch + torchao)."""
-    return torch.export.load(str(path)).module()
+    """Load what :func:`save_int8` wrote: a ``torch.export`` program (a zip: needs torch + torchao)
+    or an ONNX file (an ``OrtModel``; the file itself needs only onnxruntime)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return torch.export.load(str(path)).module()
+    from lightning_slim.quantization.serving import OrtModel
+
+    return OrtModel.load(path)

@@ -1,9 +1,12 @@
 """Quantization-aware training in plain PyTorch (no Lightning): choose layers, fake-quantize
 them, freeze ranges / BatchNorm, measure the error, convert to int8 and save.
 
-Linear / Embedding use torchao's QAT modules (``FakeQuantizedLinear``/``FakeQuantizedEmbedding``
-with ``IntxFakeQuantizer``); Conv1d/Conv2d go through :mod:`lightning_slim.quantization.conv`.
-Every swap keeps the parameter objects and the state-dict keys of the float model.
+The runtime in :class:`QuantSpec` decides the numerics. ``onnxruntime`` (the default): the
+static layers of :mod:`.static` (per-tensor uint8 activation ranges, per-channel int8 weights,
+native convolutions). ``torchao``: torchao's QAT modules for Linear / Embedding
+(``FakeQuantizedLinear``/``FakeQuantizedEmbedding`` with ``IntxFakeQuantizer``, dynamic per-token
+activations) and the im2col convolutions of :mod:`.conv`. Every swap keeps the parameter
+objects and the state-dict keys of the float model.
 
 >>> import torch
 >>> from torch import nn
@@ -34,16 +37,31 @@ SUPPORTED_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d
 DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
 WEIGHT_BITS = (8, 4)
 ACTIVATION_BITS = (8, None)
+RUNTIMES = ("onnxruntime", "torchao")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What to simulate: int8 per-channel (or int4 per-group) symmetric weights, int8 dynamic
-    per-token asymmetric activations (``activation_bits=None``: weight-only)."""
+    """What to simulate, decided by the runtime that will serve the model.
+
+    ``runtime="onnxruntime"`` (static, see :mod:`.static`): uint8 activations with one observed
+    range per tensor, int8 symmetric per-channel weights (``reduce_range``: 7-bit, [-64, 64], so
+    AVX2 int8 kernels never saturate); weight-only (``activation_bits=None``) Linears take 8- or
+    4-bit weights per group of ``group_size`` (a power of two >= 16, MatMulNBits' blocks).
+    ``runtime="torchao"``: int8 per-channel (or int4 per-group) symmetric weights, int8 dynamic
+    per-token asymmetric activations, as torchao's ``Int8Tensor`` kernels compute them.
+
+    >>> QuantSpec(weight_bits=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 weights
+    """
 
     weight_bits: int = 8
     activation_bits: int | None = 8
-    group_size: int = 32  # int4 weights only
+    group_size: int = 32  # int4 weights; on onnxruntime every weight-only Linear
+    runtime: str = "onnxruntime"
+    reduce_range: bool = True  # onnxruntime: 7-bit weights beside uint8 activations
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS:
@@ -53,6 +71,31 @@ class QuantSpec:
                              "(weight-only)")
         if not (isinstance(self.group_size, int) and self.group_size >= 2):
             raise ValueError(f"group_size={self.group_size!r} must be an integer >= 2")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
+        if not isinstance(self.reduce_range, bool):
+            raise ValueError(f"reduce_range={self.reduce_range!r} must be true or false")
+        if self.static and self.weight_bits == 4 and self.activation_bits is not None:
+            raise ValueError("weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set "
+                             "activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 "
+                             "weights")
+        if self.static and self.activation_bits is None and (self.group_size < 16 or self.group_size & (
+                self.group_size - 1)):
+            raise ValueError(f"group_size={self.group_size} must be a power of two >= 16 for weight-only layers on "
+                             "onnxruntime (MatMulNBits blocks)")
+
+    @property
+    def static(self) -> bool:
+        return self.runtime == "onnxruntime"
+
+    def weight_quantizer(self, module: nn.Module):
+        from lightning_slim.quantization.static import WeightQuantizer
+
+        if isinstance(module, nn.Embedding):
+            return WeightQuantizer(8, reduce_range=False)
+        if self.activation_bits is None:
+            return WeightQuantizer(self.weight_bits, group_size=self.group_size)
+        return WeightQuantizer(8, reduce_range=self.reduce_range)
 
     def weight_config(self):
         from torchao.quantization.qat import IntxFakeQuantizeConfig
@@ -131,15 +174,33 @@ def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
     for name in names:
         m = modules[name]
         if isinstance(m, qconv.CONV_TYPES):
-            qconv.check_conv(name, m)
+            if not spec.static:
+                qconv.check_conv(name, m)
+            elif m.padding_mode != "zeros":
+                raise ValueError(f"layer {name!r}: padding_mode={m.padding_mode!r} is not supported ('zeros' only); "
+                                 "add it to `exclude`")
             if spec.weight_bits != 8:
                 raise ValueError(f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
                                  "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)")
-        elif spec.weight_bits == 4:
+            if spec.static and spec.activation_bits is None:
+                raise ValueError(f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
+                                 "activation_bits=8 or exclude the layer")
+        elif spec.static and isinstance(m, nn.Embedding) and spec.weight_bits != 8:
+            raise ValueError(f"layer {name!r}: embeddings take 8-bit weights on onnxruntime; exclude it")
+        elif spec.weight_bits == 4 and not spec.static:
             width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
             if width % spec.group_size:
                 raise ValueError(f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
                                  f"{width}; choose a divisor or exclude the layer")
+
+
+def skipped_attention(model: nn.Module, names: list[str]) -> list[str]:
+    """``nn.MultiheadAttention`` modules whose projections are not quantized: ``in_proj_weight`` is a
+    bare parameter and ``out_proj``'s weight is read directly by the attention kernel, so neither is a
+    layer QAT can swap. Listed (warning + report row) whenever Linear layers are targeted."""
+    if not any(isinstance(model.get_submodule(n), nn.Linear) for n in names):
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
 # --- preparing and undoing -----------------------------------------------------------------------
@@ -172,25 +233,16 @@ def prepare_qat(model: nn.Module, names: list[str], spec: QuantSpec, fold_bn: bo
     Fake quantization starts disabled (see :func:`set_fake_quant`). Returns ``{conv: bn}``
     for the BatchNorms folded into convolutions. Already-prepared layers are left alone.
     """
-    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
-
     check_layers(model, names, spec)
     folded = {}
     for name in names:
         m = model.get_submodule(name)
         if is_fake_quantized(m):
             continue
-        act, weight = spec.activation_config(), spec.weight_config()
-        if isinstance(m, qconv.CONV_TYPES):
-            bn = _next_batchnorm(model, name) if fold_bn else None
-            if bn:
-                folded[name] = bn[0]
-            new = qconv.fake_quantize_conv(m, act, weight, bn[1] if bn else None)
-        elif isinstance(m, nn.Linear):
-            new = FakeQuantizedLinear.from_linear(m, act, weight)
-        else:
-            new = FakeQuantizedEmbedding.from_embedding(m, weight)
+        bn = _next_batchnorm(model, name) if fold_bn and isinstance(m, qconv.CONV_TYPES) else None
+        if bn:
+            folded[name] = bn[0]
+        new = _static_layer(m, spec, bn) if spec.static else _torchao_layer(m, spec, bn)
         new._forward_hooks, new._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
         new.train(m.training)
         _set(model, name, new)
@@ -198,11 +250,30 @@ def prepare_qat(model: nn.Module, names: list[str], spec: QuantSpec, fold_bn: bo
     return folded
 
 
+def _static_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
+    from lightning_slim.quantization.static import fake_quantize_static
+
+    observe = spec.activation_bits is not None and not isinstance(m, nn.Embedding)
+    return fake_quantize_static(m, spec.weight_quantizer(m), observe, bn[1] if bn else None)
+
+
+def _torchao_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    act, weight = spec.activation_config(), spec.weight_config()
+    if isinstance(m, qconv.CONV_TYPES):
+        return qconv.fake_quantize_conv(m, act, weight, bn[1] if bn else None)
+    if isinstance(m, nn.Linear):
+        return FakeQuantizedLinear.from_linear(m, act, weight)
+    return FakeQuantizedEmbedding.from_embedding(m, weight)
+
+
 def unprepare(model: nn.Module) -> None:
     """Put plain float layers back (same parameters): the model is the user's again."""
     for name, m in list(model.named_modules()):
         if is_fake_quantized(m):
-            plain = m.to_conv() if hasattr(m, "to_conv") else (
+            plain = m.to_float() if hasattr(m, "to_float") else m.to_conv() if hasattr(m, "to_conv") else (
                 m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding())
             plain._forward_hooks, plain._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
             plain.train(m.training)
@@ -211,6 +282,13 @@ def unprepare(model: nn.Module) -> None:
 
 def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_fake_quantized(m)}
+
+
+def is_static(model: nn.Module) -> bool:
+    """Was ``model`` prepared for the onnxruntime runtime (static layers of :mod:`.static`)?"""
+    from lightning_slim.quantization.static import WeightQuantizer
+
+    return any(isinstance(m.weight_fake_quantizer, WeightQuantizer) for m in fake_quantized_layers(model).values())
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -238,11 +316,18 @@ def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Fix each Linear/Conv weight's scale at its current value (the standard QAT recipe stops
     updating ranges late in training). Returns them, to be saved and set back by :func:`set_ranges`.
     Embeddings keep computing theirs (weight-only, nothing to stabilise)."""
+    from lightning_slim.quantization.static import ActivationObserver, WeightQuantizer
+
     ranges = {}
     for name, m in fake_quantized_layers(model).items():
         if isinstance(m, nn.Embedding):
             continue
         fq = m.weight_fake_quantizer
+        if isinstance(fq, WeightQuantizer):  # static (onnxruntime): weight scale and input range
+            ranges[name] = {"scale": fq.compute_scale(_quant_weight(m)).clone()}
+            if isinstance(m.activation_fake_quantizer, ActivationObserver):
+                m.activation_fake_quantizer.freeze()
+            continue
         fq.scale = fq.zero_point = None
         with torch.no_grad():
             fq.config = copy.copy(fq.config)
@@ -263,6 +348,9 @@ def set_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tensor]]) -> 
             raise KeyError(f"frozen ranges for {name!r}, which is not a fake-quantized layer of the model")
         fq = layers[name].weight_fake_quantizer
         device = layers[name].weight.device
+        if "zero_point" not in r:  # static WeightQuantizer
+            fq.scale = r["scale"].to(device)
+            continue
         fq.config = copy.copy(fq.config)
         fq.config.is_dynamic = False
         fq.scale, fq.zero_point = r["scale"].to(device), r["zero_point"].to(device)
@@ -279,13 +367,17 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
         err = fq(w) - w
         fq.enabled = enabled
         signal, noise = float(w.pow(2).sum()), float(err.pow(2).sum())
-        rows.append({"layer": name, "type": type(m).__name__.replace("FakeQuantized", ""),
+        rows.append({"layer": name, "type": type(m).__name__.replace("FakeQuantized", "").replace("Static", ""),
                      "weight_bits": _bits(fq), "activation_bits": 8 if getattr(m, "activation_fake_quantizer", None)
                      is not None else None, "relative_error": (noise / signal) ** 0.5 if signal else 0.0,
                      "sqnr_db": 10 * torch.log10(torch.tensor(signal / noise)).item() if noise else float("inf"),
-                     "ranges_frozen": not fq.config.is_dynamic})
+                     "ranges_frozen": _frozen(fq)})
     return rows
 
 
 def _bits(fq) -> int:
-    return 4 if fq.config.dtype == torch.int4 else 8
+    return fq.bits if hasattr(fq, "bits") else 4 if fq.config.dtype == torch.int4 else 8
+
+
+def _frozen(fq) -> bool:
+    return fq.frozen if hasattr(fq, "frozen") else not fq.config.is_dynamic

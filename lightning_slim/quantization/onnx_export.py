@@ -1,0 +1,237 @@
+"""From a statically fake-quantized model to an ONNX file that ONNX Runtime serves with int8 kernels.
+
+Why a hand-written QDQ graph (and not ``onnxruntime.quantization.quantize_static``): the export
+writes the very integers and scales that training simulated, so nothing is re-derived by a
+second quantizer (its own rounding, calibration, BN folding or ReLU fusion). Each quantized
+layer becomes the pattern ORT fuses at load time (checked in the tests on the optimized graph):
+
+- input ``QuantizeLinear -> DequantizeLinear`` (uint8, the layer's frozen per-tensor range);
+- weight ``DequantizeLinear`` of an int8 initializer (per output channel, BN folded in);
+- bias ``DequantizeLinear`` of an int32 initializer at scale ``s_input * s_weight`` (what ORT's
+  own quantizer writes; the bias rounding it adds is below 1/1000 of an output step);
+- then the float ``Conv`` / ``Gemm`` / ``MatMul``, which ORT replaces by ``QLinearConv`` /
+  ``QGemm`` / ``MatMulIntegerToFloat`` (a following ReLU is dropped when the next Q has zero
+  point 0, which the observers guarantee for ReLU outputs).
+
+Weight-only Linears (``activation_bits=None``: 8- or 4-bit) become ``com.microsoft.MatMulNBits``
+nodes with the trained group scales, packed two 4-bit weights per byte, ``accuracy_level=0``
+(float activations: exactly what training simulated).
+
+The Q/DQ pairs come from two custom torch ops (:func:`qdq`, :func:`dq`) with ONNX translations
+given to ``torch.onnx.export(dynamo=True, custom_translation_table=...)``; in eager mode they
+compute the same fake quantization, so the deploy module can be checked against training.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_slim.quantization.static import ActivationObserver, QMAX_U8
+
+NBITS_ACCURACY_LEVEL = 0  # float activations in MatMulNBits: the numerics weight-only QAT simulates
+
+
+# --- the custom ops (eager = the fake quantization; ONNX = QuantizeLinear / DequantizeLinear) -----------
+@torch.library.custom_op("lightning_slim::qdq", mutates_args=())
+def qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, QMAX_U8)
+
+
+@qdq.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lightning_slim::dq", mutates_args=())
+def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [-1 if i == axis else 1 for i in range(q.dim())]
+    return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+
+@dq.register_fake
+def _(q, scale, zero_point, axis):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("lightning_slim::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int,
+                 bits: int, block_size: int) -> torch.Tensor:
+    return F.linear(x, unpack_nbits(packed, scales, k, bits, block_size), bias)
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, bias, k, bits, block_size):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _matmul_nbits_op():
+    """ORT's contrib op, with a schema written here (``onnx`` ships none for com.microsoft)."""
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    p, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[p("A", "T1"), p("B", "T2"), p("scales", "T1"), p("zero_points", "T3", param_option=optional),
+                p("g_idx", "T4", param_option=optional), p("bias", "T1", param_option=optional)],
+        outputs=[p("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in
+                    ("K", "N", "bits", "block_size", "accuracy_level")])
+    return Op(Opset("com.microsoft", 1), "MatMulNBits", schema)
+
+
+def _translations() -> dict:
+    from onnxscript import opset18 as op
+
+    nbits = _matmul_nbits_op()
+
+    def qdq_onnx(x, scale, zero_point):
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+    def dq_onnx(q, scale, zero_point, axis: int):
+        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+    def nbits_onnx(x, packed, scales, bias, k: int, bits: int, block_size: int):
+        return nbits(x, packed, scales, None, None, bias, K=k, N=packed.shape[0], bits=bits,
+                                block_size=block_size, accuracy_level=NBITS_ACCURACY_LEVEL)
+
+    return {torch.ops.lightning_slim.qdq.default: qdq_onnx, torch.ops.lightning_slim.dq.default: dq_onnx,
+            torch.ops.lightning_slim.matmul_nbits.default: nbits_onnx}
+
+
+# --- packing for MatMulNBits ------------------------------------------------------------------------------
+def pack_nbits(q: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Signed group integers (n * blocks, block) -> MatMulNBits' B: unsigned (default zero point
+    2^(bits-1)), (n, blocks, block * bits / 8) uint8, 4-bit values two per byte, low nibble first."""
+    u = (q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).reshape(n, -1, q.shape[-1])
+    return u if bits == 8 else u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_nbits(packed: torch.Tensor, scales: torch.Tensor, k: int, bits: int, block_size: int) -> torch.Tensor:
+    u = packed if bits == 8 else torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)
+    w = (u.float() - 2 ** (bits - 1)) * scales.reshape(*u.shape[:2], 1)
+    return w.reshape(u.shape[0], -1)[:, :k]
+
+
+# --- deploy modules ------------------------------------------------------------------------------------
+class _QDQ(nn.Module):
+    """Input QDQ + int8 weight DQ + int32 bias DQ around ``op``: the pattern ORT fuses."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        scale, zero_point = layer.activation_fake_quantizer.qparams()
+        d = layer.deploy_weights()
+        n = d["q"].shape[0]
+        s_bias = d["scale"] * torch.tensor(scale, dtype=torch.float32)
+        self.register_buffer("s_in", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("z_in", torch.tensor(zero_point, dtype=torch.uint8))
+        self.register_buffer("weight", d["q"].reshape(*d["shape"].tolist()))
+        self.register_buffer("s_w", d["scale"])
+        self.register_buffer("z_w", torch.zeros(n, dtype=torch.int8))
+        self.register_buffer("bias", torch.round(d["bias"] / s_bias).to(torch.int32))
+        self.register_buffer("s_b", s_bias)
+        self.register_buffer("z_b", torch.zeros(n, dtype=torch.int32))
+        self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups) if hasattr(layer, "stride") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = qdq(x, self.s_in, self.z_in)
+        w, b = dq(self.weight, self.s_w, self.z_w, 0), dq(self.bias, self.s_b, self.z_b, 0)
+        if self.conv is None:
+            return F.linear(x, w, b)
+        conv = F.conv1d if w.dim() == 3 else F.conv2d
+        return conv(x, w, b, *self.conv)
+
+
+class _NBits(nn.Module):
+    """Weight-only Linear as MatMulNBits (8 or 4 bits, per group)."""
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        fq = layer.weight_fake_quantizer
+        d = layer.deploy_weights()
+        self.k, self.bits, self.block_size = layer.in_features, fq.bits, fq.group_size
+        self.register_buffer("packed", pack_nbits(d["q"], layer.out_features, fq.bits))
+        self.register_buffer("scales", d["scale"])
+        self.register_buffer("bias", d["bias"].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul_nbits(x, self.packed, self.scales, self.bias, self.k, self.bits, self.block_size)
+
+
+class _Int8Embedding(nn.Module):
+    """Embedding with an int8 table, dequantized per row (ORT: DequantizeLinear -> Gather)."""
+
+    def __init__(self, emb: nn.Module):
+        super().__init__()
+        q, scale = emb.weight_fake_quantizer.quantize(emb.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", torch.zeros_like(scale, dtype=torch.int8))
+        self.padding_idx = emb.padding_idx
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, dq(self.weight, self.scale, self.zero, 0), self.padding_idx)
+
+
+def deploy_module(model: nn.Module) -> nn.Module:
+    """A copy of a statically fake-quantized ``model`` with each quantized layer replaced by its
+    export form (folded BatchNorms become ``Identity``). Runs in torch with the same numerics."""
+    from lightning_slim.quantization.functional import _set, fake_quantized_layers
+
+    model = copy.deepcopy(model).eval()
+    names = {id(m): n for n, m in model.named_modules()}
+    for name, m in fake_quantized_layers(model).items():
+        if isinstance(m, nn.Embedding):
+            new = _Int8Embedding(m)
+        elif isinstance(getattr(m, "activation_fake_quantizer", None), ActivationObserver):
+            new = _QDQ(m)
+        else:
+            new = _NBits(m)
+        if getattr(m, "folded_bn", None) is not None:
+            _set(model, names[id(m.folded_bn)], nn.Identity())
+        _set(model, name, new)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """``nn.TransformerEncoderLayer``/``MultiheadAttention``'s inference fast path reads Linear weights
+    directly and bypasses swapped modules: off while QAT runs and while exporting."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, custom_ops: bool = True) -> Path:
+    """``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension; returns the file written."""
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = example.detach().cpu()
+    if example.shape[0] < 2:  # a batch of 1 would be specialised
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    table = _translations() if custom_ops else None
+    with no_mha_fastpath(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's chatter (deprecations, torchvision absent)
+        program = torch.onnx.export(module.eval(), (example,), dynamo=True, custom_translation_table=table,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    program.save(str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Write the int8 (QDQ / MatMulNBits) ONNX file of a statically fake-quantized model."""
+    return to_onnx(deploy_module(model), example, path)
