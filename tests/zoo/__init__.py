@@ -1,0 +1,1 @@
+"""The model zoo shared by every technique's zoo tests: see ``models.py``."""
