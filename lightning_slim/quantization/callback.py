@@ -94,7 +94,7 @@ class QuantizationAwareTraining(SlimCallback):
         self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # static observers (onnxruntime)
         self.skipped: list[str] = []
         self.phase = 0
-        self._fastpath: bool | None = None
+        self._fastpath: bool | None = None  # the MHA fast path setting before fit
         self._module: pl.LightningModule | None = None
         self._example: torch.Tensor | None = None
         self.saved_path: str | None = None
@@ -130,7 +130,7 @@ class QuantizationAwareTraining(SlimCallback):
         layers = F.fake_quantized_layers(model)
         hooks = [m.register_forward_hook(lambda mod, *_a, n=n: called.add(n)) for n, m in layers.items()]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), F.no_mha_fastpath():
                 model(example)
                 unused = [n for n in layers if n not in called]
                 if unused:
@@ -159,8 +159,8 @@ class QuantizationAwareTraining(SlimCallback):
         self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
         self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
         self.activation_ranges = {}
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)  # it bypasses the swapped layers in validation
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (F.no_mha_fastpath, held across hooks)
+        torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
         rank_zero_info(f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
                        f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded")
 
@@ -240,19 +240,25 @@ class QuantizationAwareTraining(SlimCallback):
         if self._module is pl_module:  # Lightning skips teardown after an exception
             self._release(pl_module)
 
-    def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
-        """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
-        ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
-        ONNX trace (default: the first training batch seen, else ``example_input_array``)."""
+    def fake_quantized(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (a copy of the trained module; modified in place) as validation saw it during
+        QAT: fake-quantized layers with the trained ranges, in eval mode."""
         if not F.fake_quantized_layers(model):
             layers = self.layers or F.select_layers(model, self.targets, self.exclude)
             F.prepare_qat(model, layers, self.spec, self.fold_bn)
             F.set_ranges(model, self.ranges)
             static.load_observer_state(F.fake_quantized_layers(model), self.activation_ranges)
+        F.set_fake_quant(model, True)
+        return model.eval()
+
+    def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
+        """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
+        ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
+        ONNX trace (default: the first training batch seen, else ``example_input_array``)."""
         if example is None:
             example = self._example if self._example is not None and self._example.numel() else getattr(
                 model, "example_input_array", None)
-        return to_runtime(model.eval(), example)
+        return to_runtime(self.fake_quantized(model), example)
 
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:

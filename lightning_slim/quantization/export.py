@@ -148,3 +148,32 @@ def load_int8(path: str | Path) -> nn.Module:
     from lightning_slim.quantization.serving import OrtModel
 
     return OrtModel.load(path)
+
+
+def int8_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer weights each quantized layer ships, by layer name, as (out, in) rows: read from
+    the ONNX initializers of an ``OrtModel`` (int8, or MatMulNBits' packed 8/4-bit values unpacked),
+    or ``qdata`` of torchao's tensors. For checks such as "pruned weights are exact int8 zeros"."""
+    if not hasattr(model, "onnx_bytes"):
+        found = {}
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if hasattr(w, "qdata"):
+                parent = name.rpartition(".")[0]
+                conv = isinstance(model.get_submodule(parent), qconv.Int8Conv) if parent else False
+                found[parent if conv else name] = w.qdata.reshape(w.qdata.shape[0], -1)
+        return found
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model.onnx_bytes).graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    found = {n[: -len(".weight")]: torch.from_numpy(a.copy()).reshape(a.shape[0], -1) for n, a in arrays.items()
+             if n.endswith(".weight") and a.dtype.name == "int8"}
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: a.i for a in node.attribute}
+        packed = torch.from_numpy(arrays[node.input[1]].copy())
+        u = packed if attrs["bits"] == 8 else torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)
+        q = u.to(torch.int16).reshape(u.shape[0], -1)[:, : attrs["K"]] - 2 ** (attrs["bits"] - 1)
+        found[node.input[1][: -len(".packed")]] = q.to(torch.int8)
+    return found

@@ -22,6 +22,7 @@ torch.Size([3, 4])
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -201,6 +202,18 @@ def skipped_attention(model: nn.Module, names: list[str]) -> list[str]:
     if not any(isinstance(model.get_submodule(n), nn.Linear) for n in names):
         return []
     return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """``nn.TransformerEncoderLayer``/``MultiheadAttention``'s inference fast path reads Linear weights
+    directly and bypasses swapped modules: off while QAT runs and while exporting."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 # --- preparing and undoing -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.conv import _rebuild as _rebuild_conv, bn_factor, folded_weight_bias
+from lightning_slim.quantization.conv import _rebuild as _rebuild_conv, bn_factor
 
 QMAX_U8 = 255
 
@@ -120,9 +120,13 @@ class WeightQuantizer(nn.Module):
         return out.reshape(w.shape[0], -1)[:, :width].reshape(w.shape)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fake_with_scale(w)[0]
+
+    def fake_with_scale(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.enabled:
-            return w
-        return self._fake(w, self.scale if self.frozen else self.compute_scale(w))
+            return w, None
+        scale = self.scale if self.frozen else self.compute_scale(w)
+        return self._fake(w, scale), scale
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +137,24 @@ class WeightQuantizer(nn.Module):
         return q.to(torch.int8), scale
 
 
+def bias_scale(weight_scale: torch.Tensor, input_scale: float) -> torch.Tensor:
+    """The int32 bias grid of QLinearConv / QGemm: input scale x weight scale (per channel)."""
+    return weight_scale * torch.tensor(input_scale, dtype=torch.float32, device=weight_scale.device)
+
+
+def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(b / scale)
+
+
 class _StaticMixin:
-    """Shared forward pieces: fake-quantized input and weight; a BatchNorm right after a conv is
-    folded the standard QAT way (weight scaled by gamma/sqrt(var+eps) before quantization, the
-    output divided back, the user's BN then runs as usual)."""
+    """Shared forward pieces: fake-quantized input, weight and bias; a BatchNorm right after a conv
+    is folded the standard QAT way (weight scaled by gamma/sqrt(var+eps) before quantization, the
+    output divided back, the user's BN then runs as usual).
+
+    With fake quantization on and the BN using running statistics (validation, or after
+    ``freeze_bn_after``), the output is arranged so that the user's BN produces exactly the export's
+    ``conv(x, W_folded) + round(b_folded / (s_x s_w)) s_x s_w``: rounding the bias to ORT's int32
+    grid moves about one activation in 500 by one step, so it is simulated too."""
 
     def _setup_static(self, weight_quantizer: WeightQuantizer, observe: bool, bn: nn.Module | None) -> None:
         self.weight_fake_quantizer = weight_quantizer
@@ -156,23 +174,47 @@ class _StaticMixin:
         f = self._factor()
         return self.weight if f is None else self.weight * f.reshape(-1, *[1] * (self.weight.dim() - 1))
 
+    def folded_bias(self) -> torch.Tensor:
+        """The bias the export writes: the conv's, with the BN (running statistics) folded in."""
+        bias = self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], device=self.weight.device)
+        bn = self.folded_bn
+        if bn is None:
+            return bias
+        return (bias - bn.running_mean) * bn_factor(bn) + (bn.bias if bn.affine else 0.0)
+
     def _static_forward(self, x: torch.Tensor, op) -> torch.Tensor:
-        if self.activation_fake_quantizer is not None:
-            x = self.activation_fake_quantizer(x)
-        y = op(x, self.weight_fake_quantizer(self.quant_weight()))
-        f = self._factor()
-        if f is not None:
-            shape = (1, -1, *[1] * (y.dim() - 2))
-            y = y / torch.where(f == 0, torch.ones_like(f), f).reshape(shape)
-        if self.bias is not None:
-            y = y + (self.bias if isinstance(self, nn.Linear) else self.bias.reshape(1, -1, *[1] * (y.dim() - 2)))
-        return y
+        aq = self.activation_fake_quantizer
+        if aq is not None:
+            x = aq(x)
+        w, w_scale = self.weight_fake_quantizer.fake_with_scale(self.quant_weight())
+        y = op(x, w)
+        shape = (-1,) if isinstance(self, nn.Linear) else (1, -1, *[1] * (y.dim() - 2))
+        bn, f = self.folded_bn, self._factor()
+        exact = aq is not None and aq.enabled and w_scale is not None and (bn is None or not bn.training)
+        if not exact:  # float warm-up, weight-only, or BN on batch statistics
+            if f is not None:
+                y = y / torch.where(f == 0, torch.ones_like(f), f).reshape(shape)
+            return y if self.bias is None else y + self.bias.reshape(shape)
+        b = self.folded_bias()
+        s_b = bias_scale(w_scale, aq.qparams()[0])
+        y = y + (b + (quantize_bias(b, s_b) * s_b - b).detach()).reshape(shape)  # straight-through
+        if bn is None:
+            return y
+        shift = bn.bias if bn.affine else torch.zeros_like(f)  # undo the BN the user's module applies next
+        return (y - shift.reshape(shape)) / torch.where(f == 0, torch.ones_like(f), f).reshape(shape) + \
+            bn.running_mean.reshape(shape)
 
     def deploy_weights(self) -> dict[str, torch.Tensor]:
-        """What the export writes: integer weight, its scales, and the float bias with the BN folded in."""
-        w, b = folded_weight_bias(self, self.folded_bn)
+        """What the export writes: integer weight and its scales (BN folded in); the folded bias as
+        float and, for layers with an activation range, as int32 on the ``bias_scale`` grid."""
+        with torch.no_grad():
+            w, b = self.quant_weight().detach(), self.folded_bias().detach()
         q, scale = self.weight_fake_quantizer.quantize(w)
-        return {"q": q, "scale": scale, "bias": b, "shape": torch.tensor(w.shape)}
+        out = {"q": q, "scale": scale, "bias": b, "shape": torch.tensor(w.shape)}
+        if self.activation_fake_quantizer is not None:
+            out["bias_scale"] = bias_scale(scale, self.activation_fake_quantizer.qparams()[0])
+            out["bias_q"] = quantize_bias(b, out["bias_scale"]).to(torch.int32)
+        return out
 
     def to_float(self) -> nn.Module:
         """The plain layer again, sharing this module's parameters."""
