@@ -2,15 +2,21 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH := 2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install docs lint build clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==$(TORCH)
+	# No torchvision (nor timm, which needs it): PyPI's torchvision is built against CUDA torch and
+	# fails to import beside the CPU build ("operator torchvision::nms does not exist"), which
+	# breaks `import lightning` too.
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)') else f'torch $(TORCH) was replaced by {v}')"
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,5 +27,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# wheel and sdist in dist/; the build backend is fetched into an isolated environment as for a release
+build: $(STAMP)
+	$(PY) -m build
+
 clean:
-	rm -rf $(VENV) .slim_cache
+	rm -rf $(VENV) .slim_cache site dist

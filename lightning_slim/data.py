@@ -6,12 +6,22 @@ cache per-example values (reference losses, teacher outputs) by dataset index.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _demo_module(name: str):
+    """Import a dependency of the demo data sets only, or say which extra installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"the demo data sets need {name.split('.')[0]!r}, which the core package does not "
+                          "install: pip install 'lightning-slim[demo]'") from e
 
 
 def cache_dir() -> Path:
@@ -170,11 +180,10 @@ class MNIST1DDataModule(_ClassificationDataModule):
     def _load(self):
         path = cache_dir() / f"mnist1d_n{self.num_samples}_s{self.data_seed}.pt"
         if not path.exists():
-            from mnist1d.data import get_dataset_args, make_dataset  # never get_dataset(): it downloads
-
-            args = get_dataset_args()
+            mnist1d_data = _demo_module("mnist1d.data")  # never get_dataset(): it downloads
+            args = mnist1d_data.get_dataset_args()
             args.num_samples, args.seed = self.num_samples, self.data_seed
-            d = make_dataset(args)
+            d = mnist1d_data.make_dataset(args)
             data = {k: torch.as_tensor(d[k]) for k in ("x", "y", "x_test", "y_test")}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -189,9 +198,7 @@ class DigitsDataModule(_ClassificationDataModule):
     """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1], 80/20 split."""
 
     def _load(self):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        d = _demo_module("sklearn.datasets").load_digits()
         x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(d.target, dtype=torch.long)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))

@@ -4,7 +4,8 @@ They are package data, so a ``pip install lightning-slim`` has them too; in a cl
 repository ``callbacks/`` points at this folder. Pass a path to the CLI:
 
 ```bash
-python -m lightning_slim.cli fit --config "$(python -c 'import lightning_slim.configs as c; print(c.path("pruning"))')" \\
+CONFIG=$(python -c 'import lightning_slim.configs as c; print(c.path("pruning"))')
+python -m lightning_slim.cli fit --config "$CONFIG" \\
     --model lightning_slim.MNIST1DCNN --data lightning_slim.MNIST1DDataModule
 ```
 

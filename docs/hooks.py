@@ -1,0 +1,84 @@
+"""MkDocs hook: build pages from the files that already exist in the repository.
+
+- ``<!-- include: PATH -->`` (a line of its own) is replaced by the file at PATH (relative to
+  the repository root), so the README and the method cards are written once. Relative links in
+  the included text are rewritten: to the page that includes the target, if one does; to plain
+  text if the target exists but the site does not publish it; a target that does not exist is
+  a warning (an error under ``--strict``).
+- ``<!-- api: public -->`` is replaced by one mkdocstrings block per name that
+  ``lightning_slim`` exports (its ``_PUBLIC`` table), so the reference follows the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INCLUDE = re.compile(r"^<!--\s*include:\s*(\S+)\s*-->\s*$", re.MULTILINE)
+API_PUBLIC = re.compile(r"^<!--\s*api:\s*public\s*-->\s*$", re.MULTILINE)
+LINK = re.compile(r"(!?)\[([^\]\n]*)\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+
+log = logging.getLogger("mkdocs.hooks.slim")
+_pages: dict[str, str] = {}  # repository path -> docs page that shows it
+
+
+def on_files(files, config):
+    """Map every repository file the site shows to its page, before any page is rendered."""
+    _pages.clear()
+    docs_dir = Path(config["docs_dir"]).resolve()
+    for f in files.documentation_pages():
+        _pages[(docs_dir / f.src_uri).relative_to(ROOT).as_posix()] = f.src_uri
+        for target in INCLUDE.findall(Path(f.abs_src_path).read_text(encoding="utf-8")):
+            _pages[posixpath.normpath(target)] = f.src_uri
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    here = page.file.src_uri
+
+    def include(match: re.Match) -> str:
+        source = posixpath.normpath(match.group(1))
+        path = ROOT / source
+        if not path.is_file():
+            log.warning("%s includes %s, which does not exist", here, source)
+            return ""
+        return _rewrite_links(path.read_text(encoding="utf-8"), posixpath.dirname(source), here)
+
+    markdown = INCLUDE.sub(include, markdown)
+    return API_PUBLIC.sub(lambda _: _public_api(), markdown)
+
+
+def _rewrite_links(text: str, source_dir: str, page: str) -> str:
+    """Links relative to the included file become links relative to the page (code blocks untouched)."""
+
+    def fix(match: re.Match) -> str:
+        bang, label, target = match.groups()
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):  # URL, anchor or absolute: leave it
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        repo_path = posixpath.normpath(posixpath.join(source_dir, path))
+        if repo_path in _pages:
+            url = posixpath.relpath(_pages[repo_path], posixpath.dirname(page) or ".")
+            return f"{bang}[{label}]({url}{'#' + anchor if anchor else ''})"
+        if not (ROOT / repo_path).exists():
+            log.warning("%s links to %s, which does not exist", page, repo_path)
+        elif bang:
+            log.warning("%s shows the image %s, which the site does not publish", page, repo_path)
+        return label  # a file in the repository that the site does not publish: keep the words
+
+    out, in_code = [], False
+    for line in text.splitlines(keepends=True):
+        if FENCE.match(line):
+            in_code = not in_code
+        out.append(line if in_code else LINK.sub(fix, line))
+    return "".join(out)
+
+
+def _public_api() -> str:
+    import lightning_slim
+
+    return "\n".join(f"::: {module}.{name}\n" for name, module in lightning_slim._PUBLIC.items())
