@@ -3,6 +3,7 @@ the four method cards, the architecture page, the API reference of every public 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -75,3 +76,15 @@ def test_api_reference_documents_every_public_name(site):
     functional = article(site, "api/functional")
     for technique in TECHNIQUES:
         assert f'id="lightning_slim.{technique}.functional.' in functional, technique
+
+
+def test_docstrings_become_markdown():
+    spec = importlib.util.spec_from_file_location("docstrings", ROOT / "docs" / "docstrings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "See :class:`~.configs.Window` and :func:`lightning_slim.targets.select`.\n\n    >>> 1 + 1\n    2\n\nDone."
+    assert module.markdown_docstring(text) == (
+        "See `Window` and `lightning_slim.targets.select`.\n\n    ```pycon\n    >>> 1 + 1\n    2\n    ```\n\nDone."
+    )
+    fenced = "```python\n>>> kept as it is\n```"
+    assert module.markdown_docstring(fenced) == fenced
