@@ -85,3 +85,49 @@ def select_modules(model: nn.Module, targets: Iterable[str] | None = None, exclu
     if not chosen:
         raise ValueError(f"{what}: no module left to act on; modules it can handle are {describe(candidates)}")
     return {n: chosen[n] for n in modules if n in chosen}
+
+
+def select_parameters(model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = (), *,
+                      default: tuple[type[nn.Module], ...], params_of: Callable[[nn.Module], Iterable[str]],
+                      what: str = "targets") -> dict[str, tuple[str, str]]:
+    """Parameters to act on, ``{full name: (module path, parameter name)}`` in the model's order.
+
+    Module entries (the grammar of :func:`select_modules`) select ``params_of(module)`` of each
+    module they match (``targets=None``: the modules of a ``default`` type); an entry may also name
+    one parameter by its full name (``"layers.0.self_attn.in_proj_weight"``). ``exclude`` takes
+    both kinds. A parameter tied to several modules appears once, under its first name. Errors as
+    in :func:`select_modules`, all before training.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.MultiheadAttention(2, 1))
+    >>> sorted(select_parameters(m, ["1.in_proj_weight", "Linear"], exclude=["1.out_proj"], default=(nn.Linear,),
+    ...                          params_of=lambda mod: ["weight"]))
+    ['0.weight', '1.in_proj_weight']
+    """
+    params = dict(model.named_parameters())
+    prefixes = {id(p): name for name, p in params.items()}
+    targets = None if targets is None else [_check_spec(s, f"{what} targets") for s in targets]
+    exclude = [_check_spec(s, f"{what} exclude") for s in exclude]
+    module_specs = None if targets is None else [s for s in targets if s not in params]
+    chosen: dict[str, tuple[str, str]] = {}
+    if module_specs is None or module_specs:
+        supported = lambda mod: any(isinstance(getattr(mod, k, None), nn.Parameter) for k in params_of(mod))
+        for path, module in select_modules(model, module_specs, (), default=default, supported=supported,
+                                           what=what).items():
+            for key in params_of(module):
+                p = getattr(module, key, None)
+                if isinstance(p, nn.Parameter):
+                    chosen.setdefault(prefixes[id(p)], (path, key))
+    for spec in targets or ():
+        if spec in params:
+            path, _, key = spec.rpartition(".")
+            chosen[spec] = (path, key)
+    modules = dict(model.named_modules())
+    for spec in exclude:
+        hits = [n for n, (path, _) in chosen.items() if spec == n or matches(spec, path, modules[path])]
+        if not hits:
+            raise ValueError(f"{what} exclude entry {spec!r} matches none of the targets {sorted(chosen)}")
+        for n in hits:
+            del chosen[n]
+    if not chosen:
+        raise ValueError(f"{what}: no parameter left to act on")
+    return {n: chosen[n] for n in params if n in chosen}

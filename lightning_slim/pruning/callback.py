@@ -1,57 +1,77 @@
-"""IterativeMagnitudePruning: the Lightning shell around ``functional``, ``schedules``,
-``rewind`` and ``structured``. Hooks decide *when*; the pure functions decide *what*."""
+"""IterativeMagnitudePruning: the Lightning shell around ``functional`` (masks, patterns, importance),
+``schedules``, ``rewind``, ``structured`` and ``heads``. Hooks decide *when*; the pure functions decide *what*."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_slim import log
-from lightning_slim.arguments import check_choice, check_int
+from lightning_slim.arguments import check_int
 from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment
 from lightning_slim.contract import Effect, ExportStage
+from lightning_slim.interception import InTrainingStep
 from lightning_slim.lightning_glue import rebuild_optimizers
+from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import functional as masking
+from lightning_slim.pruning import heads as attention
 from lightning_slim.pruning import rewind as rewinding
 from lightning_slim.pruning import structured as channels
+from lightning_slim.pruning import tensors as tensor_targets
+from lightning_slim.pruning.importance import inputs_of
+from lightning_slim.pruning.options import PruningCoverageWarning, check_options, coverage_warning, resolve_pattern
 from lightning_slim.pruning.schedules import as_dict, parse_schedule
 
 DEFAULT_SCHEDULE = {"kind": "imp", "rounds": 5, "rate": 0.2, "every": 1, "unit": "epoch"}
 
 
 class IterativeMagnitudePruning(SlimCallback):
-    """Magnitude pruning on a schedule, with rewinding, masks that cost nothing in ``forward``,
-    optional channel removal, and state that survives checkpoints.
+    """Pruning on a schedule (magnitude or Wanda importance; unstructured, N:M or channels/heads),
+    with rewinding, masks that cost nothing in ``forward``, and state that survives checkpoints.
 
     Args:
         schedule: when and how much to prune, as data: ``{"kind": "imp", "rounds", "rate" or
             "final_sparsity", "every", "start", "unit": "epoch"|"step"}``, ``{"kind": "gradual",
             "final_sparsity", "initial_sparsity", "start", "end", "every", "unit"}`` (Zhu & Gupta) or
-            ``{"kind": "one_shot", "sparsity", "at", "unit"}``. Sparsities are fractions of the pruned
-            layers' weights (of their output channels with ``structured=True``).
-        targets: modules to prune: class names (``"Conv1d"``, ``"torch.nn.Linear"``), module paths
-            (``"net.0"``) or ``"re:<regex>"`` on paths. Default: every Linear and Conv layer.
+            ``{"kind": "one_shot", "sparsity", "at", "unit"}``. Sparsities are fractions of the target
+            tensors' weights (of their output channels / heads with ``pattern="channels"``).
+        targets: what to prune: class names (``"Conv1d"``, ``"torch.nn.Linear"``), module paths
+            (``"net.0"``), ``"re:<regex>"`` on paths, or full parameter names
+            (``"layers.0.self_attn.in_proj_weight"``). Default: every Linear, Conv, MultiheadAttention
+            (``in_proj_weight``) and transformers ``Conv1D`` weight; for structural pruning of a
+            transformer, its MLP channels and attention heads.
         exclude: the same kind of specs, removed from ``targets``.
         exclude_classifier: leave the final classifier (the last Linear/Conv layer, or ``classifier``) dense.
-            It still counts in the reported sparsity, which is over every target layer.
-        scope: ``"global"`` ranks all weights together, ``"layer"`` prunes each layer to the target.
-        structured: remove whole output channels / neurons with torch-pruning (a smaller, faster
-            model) instead of masking single weights. Use ``strategy="ddp"``, not ``ddp_spawn``.
+            It still counts in the reported sparsity, which is over every target tensor.
+        scope: ``"global"`` ranks all target weights together, ``"layer"`` each tensor, ``"row"`` each
+            output row. Default: ``"row"`` for Wanda (its comparison group), ``"layer"`` for structural
+            pruning of transformers, ``"global"`` otherwise.
+        pattern: ``"unstructured"``, ``"N:M"`` semi-structured (``"2:4"``: 2 of every 4 consecutive
+            inputs of a row stay; the schedule must end at ``1 - N/M``) or ``"channels"`` (structural,
+            with torch-pruning: a smaller, faster model; use ``strategy="ddp"``, not ``ddp_spawn``).
+        structured: the same as ``pattern="channels"``.
+        importance: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W|`` times the input channel's norm,
+            collected by forward hooks over the training steps since the previous pruning event).
+        heads: with ``pattern="channels"`` on a transformer, remove whole attention heads as well as MLP
+            channels (``False``: MLP channels only).
         rewind: at each pruning event, ``"none"`` (fine-tune), ``"init"`` (lottery ticket),
             ``"step"`` (to ``rewind_step``, Frankle et al. 2020) or ``"lr"`` (learning-rate rewinding,
             Renda et al. 2020, to ``rewind_step``). Weights and optimizer/scheduler state go back together.
         rewind_step: the optimizer step to snapshot for ``"step"`` and ``"lr"``.
         accuracy_metric: logged metric recorded at each round for the accuracy-vs-sparsity curve.
         example_input_shape: input shape for torch-pruning's tracing when the module has no
-            ``example_input_array`` (structured only).
+            ``example_input_array`` (structural only); ``example_input_dtype``: ``"auto"`` (int64 token
+            ids when the model has an ``nn.Embedding``), ``"float32"`` or ``"int64"``.
 
     >>> cb = IterativeMagnitudePruning({"kind": "imp", "rounds": 3, "rate": 0.5, "every": 1}, rewind="init")
     >>> cb.events
     [(1, 0.5), (2, 0.75), (3, 0.875)]
+    >>> IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="2:4", importance="wanda").scope
+    'row'
     """
 
     technique = "pruning"
@@ -60,28 +80,24 @@ class IterativeMagnitudePruning(SlimCallback):
 
     def __init__(self, schedule: dict[str, Any] | None = None, targets: list[str] | None = None,
                  exclude: list[str] | None = None, exclude_classifier: bool = False, classifier: str | None = None,
-                 scope: str = "global", structured: bool = False, rewind: str = "none", rewind_step: int = 0,
-                 accuracy_metric: str | None = "val/acc", example_input_shape: list[int] | None = None):
+                 scope: str | None = None, structured: bool = False, rewind: str = "none", rewind_step: int = 0,
+                 accuracy_metric: str | None = "val/acc", example_input_shape: list[int] | None = None,
+                 pattern: str | None = None, importance: str = "magnitude", heads: bool = True,
+                 example_input_dtype: str = "auto"):
         self.schedule = parse_schedule(DEFAULT_SCHEDULE if schedule is None else schedule)
-        check_choice("scope", scope, masking.SCOPES)
-        check_choice("rewind", rewind, rewinding.REWINDS)
+        self.pattern = resolve_pattern(pattern, structured)
         check_int("rewind_step", rewind_step, minimum=0)
-        if rewind == "init" and rewind_step:
-            raise ValueError(f"rewind='init' rewinds to step 0; use rewind='step' for rewind_step={rewind_step}")
-        if structured and rewinding.rewinds_weights(rewind):
-            raise ValueError(f"rewind={rewind!r} is not supported with structured=True (the snapshot has the "
-                             "unpruned shapes); use rewind='none' or 'lr'")
-        if self.schedule.kind == "gradual" and rewind != "none":
-            raise ValueError(f"rewind={rewind!r} with a gradual schedule would rewind at every small step; "
-                             "gradual pruning fine-tunes (rewind='none')")
         self.events = self.schedule.events()
-        if self.schedule.unit == "step" and rewind != "none" and rewind_step > self.events[0][0]:
-            raise ValueError(f"rewind_step={rewind_step} is later than the first pruning at step {self.events[0][0]}")
+        check_options(self.pattern, importance, scope, rewind, rewind_step, self.schedule, self.events)
+        self.structured = self.pattern.kind == "channels"
         self.targets, self.exclude = targets, list(exclude or [])
         self.exclude_classifier, self.classifier = exclude_classifier, classifier
-        self.scope, self.structured, self.rewind, self.rewind_step = scope, structured, rewind, rewind_step
+        self._scope = scope  # None: resolved per model (structural transformers rank per layer)
+        self.scope = scope or ("row" if importance == "wanda" else "global")
+        self.importance, self.heads = importance, heads
+        self.rewind, self.rewind_step = rewind, rewind_step
         self.accuracy_metric = accuracy_metric
-        self.example_input_shape = example_input_shape
+        self.example_input_shape, self.example_input_dtype = example_input_shape, example_input_dtype
         # state saved in checkpoints
         self.masks: dict[str, torch.Tensor] = {}
         self.events_done = 0
@@ -90,11 +106,19 @@ class IterativeMagnitudePruning(SlimCallback):
         self.structure: dict | None = None
         self.initial_numel: dict[str, int] = {}
         self.channel_ratio = 0.0
+        self.norms = InputNorms()  # Wanda's input statistics since the last event
+        self.config_changes: dict[str, Any] = {}
         # runtime only
-        self._layers: dict[str, torch.nn.Module] = {}
-        self._counted: dict[str, torch.nn.Module] = {}
+        self._layers: dict[str, torch.nn.Module] = {}  # structural roots
+        self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
+        self._targets: dict[str, tensor_targets.Target] = {}  # what is masked
+        self._untouched: dict[str, str] = {}
+        self._tied: dict[str, list[str]] = {}
+        self._num_heads: dict[torch.nn.Module, int] = {}
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._sparsity: dict[str, float] = {}
+        self._hooks: list = []
+        self._fallback: set[str] = set()  # Wanda targets scored by magnitude (their module saw no input)
         self._fired = False
 
     # --- the contract ---------------------------------------------------------------------------------
@@ -119,38 +143,82 @@ class IterativeMagnitudePruning(SlimCallback):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)
         if self.structured:
-            channels.check_prunable(pl_module, self._example(pl_module), self._layers)
+            root, example = self._example(pl_module)
+            channels.check_prunable(root, example, self._layers)
+            if self.structure is None:  # a fresh fit: prune a copy to the final ratio, run it, before training
+                changes = channels.dry_run(root, example, self._layers, self.events[-1][1], self.scope == "global",
+                                           self._num_heads)
+                if not changes.get("reloadable", True):
+                    rank_zero_warn("IterativeMagnitudePruning: this model's config cannot describe the pruned heads "
+                                   "(its head size is hidden_size / num_attention_heads): reload it with "
+                                   "lightning_slim.pruning.load_pruned(), not from_pretrained()",
+                                   category=PruningCoverageWarning)
+        else:
+            for name, t in self._targets.items():
+                shape = tensor_targets.as_matrix(tensor_targets.tensor_of(pl_module, t), t.layout).shape
+                masking.patterns.check_nm_shape(name, tuple(shape), self.pattern)
+            message = coverage_warning(self._untouched, self._tied)
+            if message:
+                rank_zero_warn(message, category=PruningCoverageWarning)
         if not self.initial_numel:
-            self.initial_numel = channels.count_weights(self._counted)
+            self.initial_numel = {n: self._numel(pl_module, n) for n in self._counted}
 
     def _resolve(self, pl_module) -> None:
-        self._counted = masking.select_layers(pl_module, self.targets)
-        exclude = list(self.exclude)
-        if self.exclude_classifier or self.structured:  # structurally, the class outputs must stay
-            name = self.classifier or masking.classifier_name(masking.select_layers(pl_module))
-            if name not in dict(pl_module.named_modules()):
-                raise ValueError(f"classifier={name!r} is not a module of {type(pl_module).__name__}")
-            if name in self._counted:
-                exclude.append(name)
-        self._layers = masking.select_layers(pl_module, self.targets, exclude)
+        if self.structured:
+            return self._resolve_channels(pl_module)
+        self._counted = tensor_targets.select_tensors(pl_module, self.targets)
+        exclude = list(self.exclude) + self._classifier(pl_module, self._counted, self.exclude_classifier)
+        self._targets = tensor_targets.select_tensors(pl_module, self.targets, exclude)
+        self._untouched = tensor_targets.untouched_matrices(pl_module, self._counted, exclude)
+        if self.pattern.kind == "N:M" and self.targets is None:  # by kind: layers N:M cannot split are listed
+            for name in masking.nm_misfits(pl_module, self._targets, self.pattern):
+                self._untouched[name] = f"inputs not a multiple of {self.pattern.m}"
+                del self._targets[name]
+        self._tied = tensor_targets.tied(pl_module, self._counted)
+
+    def _classifier(self, pl_module, counted, wanted: bool) -> list[str]:
+        if not wanted:
+            return []
+        name = self.classifier or masking.classifier_name(masking.select_layers(pl_module))
+        if name not in dict(pl_module.named_modules()):
+            raise ValueError(f"classifier={name!r} is not a module of {type(pl_module).__name__}")
+        return [name] if name in counted else []
+
+    def _resolve_channels(self, pl_module) -> None:
+        roots, num_heads, refused = attention.transformer_plan(pl_module, self.heads)
+        modules = dict(pl_module.named_modules())
+        if not (roots or refused):  # a CNN / MLP: every target but the classifier (its class outputs must stay)
+            self._counted = masking.select_layers(pl_module, self.targets)
+            classifier = self._classifier(pl_module, self._counted, True)
+            if set(self._counted) <= set(classifier):
+                raise ValueError(f"structural pruning keeps the classifier's outputs ({classifier}), and "
+                                 f"{type(pl_module).__name__} has no other Linear/Conv target; use pattern='unstructured'")
+            self._layers = masking.select_layers(pl_module, self.targets, list(self.exclude) + classifier)
+            return
+        if self._scope == "global":
+            raise ValueError("scope='global' would give transformer layers different head counts and MLP widths, "
+                             "which a model config cannot hold; use scope='layer' (the default for transformers)")
+        chosen = attention.choose(modules, roots, refused, self.targets and masking.select_layers(
+            pl_module, self.targets, self.exclude), self.exclude)
+        self.scope = "layer"
+        self._num_heads = {modules[n]: h for n, h in num_heads.items() if n in chosen}
+        self._counted = self._layers = chosen
 
     def _example(self, pl_module):
-        if self.example_input_shape is not None:
-            x = torch.zeros(*self.example_input_shape)
-        elif getattr(pl_module, "example_input_array", None) is not None:
-            x = pl_module.example_input_array
-        else:
-            raise ValueError("structured pruning traces the model: set example_input_array on the module "
-                             "or pass example_input_shape=[1, ...] to IterativeMagnitudePruning")
-        return x.to(pl_module.device) if isinstance(x, torch.Tensor) else x
+        return channels.trace_inputs(pl_module, getattr(pl_module, "example_input_array", None),
+                                     self.example_input_shape, self.example_input_dtype)
 
     # --- training hooks -------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer, pl_module):
         self._resolve(pl_module)
         self._refresh_masks(pl_module)
-        masking.apply_masks(self._weights(), self.masks)
-        self._update_sparsity()
+        masking.apply_masks(self._tensors(pl_module), self.masks)
+        self._update_sparsity(pl_module)
+        if self.importance == "wanda" and not self._hooks:
+            modules = {t.module: pl_module.get_submodule(t.module) for t in self._targets.values()}
+            self._hooks = self.norms.attach(modules, InTrainingStep(pl_module),
+                                            {n: inputs_of(m) for n, m in modules.items()})
 
     @override
     def on_train_start(self, trainer, pl_module):
@@ -188,11 +256,26 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def on_train_end(self, trainer, pl_module):
-        self._update_sparsity()
+        self._update_sparsity(pl_module)
         self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
         self._log_curve(trainer)
         log.set_summary(trainer, {"slim/pruning/final_sparsity": self._sparsity["sparsity"],
                                   "slim/pruning/rounds": self.round})
+
+    @override
+    def teardown(self, trainer, pl_module, stage):
+        self._remove_hooks()
+        super().teardown(trainer, pl_module, stage)
+
+    @override
+    def on_exception(self, trainer, pl_module, exception):
+        self._remove_hooks()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     # --- pruning events ---------------------------------------------------------------------------
     @property
@@ -210,55 +293,70 @@ class IterativeMagnitudePruning(SlimCallback):
         if due:
             self._prune(trainer, pl_module, due[-1][1])
             self.events_done += len(due)
-            self._update_sparsity()
+            self._update_sparsity(pl_module)
             self._fired = True
             self._log_curve(trainer)
             rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: "
                            f"sparsity {self._sparsity['sparsity']:.4f}")
 
     def _prune(self, trainer, pl_module, target: float) -> None:
-        self._update_sparsity()
+        self._update_sparsity(pl_module)
         self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
         if self.structured:
             return self._prune_channels(trainer, pl_module, target)
-        masks = masking.magnitude_masks(self._weights(), target, self.scope, self.masks or None)
+        fallback: list[str] = []
+        masks = masking.compute_masks(pl_module, self._targets, target, self.pattern, self.importance, self.scope,
+                                      self.norms, self.masks or None, fallback)
+        if set(fallback) - self._fallback:
+            self._fallback.update(fallback)
+            rank_zero_warn(coverage_warning({}, {}, sorted(fallback)), category=PruningCoverageWarning)
+        self.norms.reset()  # the next event scores by the inputs seen after this one
         if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
-        self.masks = {k: v.to(self._layers[k].weight.device) for k, v in masks.items()}
+        self.masks = masks
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if self.snapshot is not None:
             rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
         self._refresh_masks(pl_module)
-        masking.apply_masks(self._weights(), self.masks)
+        masking.apply_masks(self._tensors(pl_module), self.masks)
         for opt in trainer.optimizers:
             masking.mask_optimizer_state(opt, self._pairs)
 
     def _prune_channels(self, trainer, pl_module, target: float) -> None:
         relative = 1.0 - (1.0 - target) / (1.0 - self.channel_ratio)
-        channels.channel_prune(pl_module, self._example(pl_module), self._layers.values(), relative,
-                        global_pruning=self.scope == "global")
+        root, example = self._example(pl_module)
+        channels.channel_prune(root, example, self._layers.values(), relative,
+                               global_pruning=self.scope == "global", num_heads=self._num_heads)
+        self.config_changes.update(attention.sync_configs(pl_module))
         self.channel_ratio = target
         self.structure = channels.structure_of(pl_module)
         rebuild_optimizers(trainer, pl_module)
         if self.snapshot is not None:  # "lr": the schedule goes back, the weights stay
             rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers,
-                      [c.scheduler for c in trainer.lr_scheduler_configs])
+                              [c.scheduler for c in trainer.lr_scheduler_configs])
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return {n: m.weight for n, m in self._layers.items()}
+    def _tensors(self, pl_module) -> dict[str, torch.Tensor]:
+        return {n: tensor_targets.tensor_of(pl_module, t) for n, t in self._targets.items()}
+
+    def _numel(self, pl_module, name: str) -> int:
+        item = self._counted[name]
+        return (item.weight if self.structured else tensor_targets.tensor_of(pl_module, item)).numel()
 
     def _refresh_masks(self, pl_module) -> None:
-        self.masks = {k: v.to(self._layers[k].weight.device) for k, v in self.masks.items()}
-        self._pairs = [(self._layers[n].weight, m.to(self._layers[n].weight.dtype)) for n, m in self.masks.items()]
+        tensors = self._tensors(pl_module)
+        self.masks = {k: v.to(tensors[k].device) for k, v in self.masks.items()}
+        self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
-    def _update_sparsity(self) -> None:
+    def _update_sparsity(self, pl_module) -> None:
         if self.structured:
-            per = {n: 1.0 - m.weight.numel() / self.initial_numel[n] for n, m in self._counted.items()}
-            total = 1.0 - sum(m.weight.numel() for m in self._counted.values()) / sum(self.initial_numel.values())
+            numel = {n: m.weight.numel() for n, m in self._counted.items()}
+            per = {n: 1.0 - numel[n] / self.initial_numel[n] for n in numel}
+            total = 1.0 - sum(numel.values()) / sum(self.initial_numel.values())
         else:
-            per = {n: masking.sparsity_of(m.weight) for n, m in self._counted.items()}
-            total = masking.global_sparsity({n: m.weight for n, m in self._counted.items()})
+            tensors = {n: tensor_targets.tensor_of(pl_module, t) for n, t in self._counted.items()}
+            per = {n: masking.sparsity_of(t) for n, t in tensors.items()}
+            total = masking.global_sparsity(tensors)
         self._sparsity = {"sparsity": total, **{f"sparsity/{n}": v for n, v in per.items()}}
 
     def _accuracy(self, trainer) -> float | None:
@@ -274,16 +372,26 @@ class IterativeMagnitudePruning(SlimCallback):
     @torch.no_grad()
     @override
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
-        modules = dict(model.named_modules())
         for name, mask in self.masks.items():  # plain tensors: zeros where pruned, nothing attached
-            weight = modules[name].weight
-            weight.mul_(mask.to(weight.device, weight.dtype))
+            tensor = tensor_targets.tensor_of(model, self._targets[name])
+            tensor.mul_(mask.to(tensor.device, tensor.dtype))
+        if self.pattern.kind == "N:M":  # on a CUDA fp16/bf16 model only (untested here: no GPU)
+            masking.to_semi_structured(model, [t.module for t in self._targets.values()], self.pattern)
         return model
 
     @override
     def report_rows(self) -> dict[str, Any]:
         rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured",
-                                "rounds": self.round, "scope": self.scope, "rewind": self.rewind}
+                                "pattern": str(self.pattern), "importance": self.importance,
+                                "rounds": self.round, "scope": self.scope, "rewind": self.rewind,
+                                "sparsity_over": f"{len(self._counted)} target tensors" + (
+                                    " (output channels / heads)" if self.structured else "")}
+        if not self.structured:
+            rows.update(untouched=dict(self._untouched), tied=dict(self._tied))
+            if self._fallback:
+                rows["magnitude_fallback"] = sorted(self._fallback)
+        else:
+            rows["config"] = dict(self.config_changes)
         rows.update(self._sparsity)
         return rows
 
@@ -292,7 +400,8 @@ class IterativeMagnitudePruning(SlimCallback):
         return {"masks": {k: v.detach().cpu() for k, v in self.masks.items()}, "events_done": self.events_done,
                 "snapshot": self.snapshot, "curve": self.curve, "structure": self.structure,
                 "initial_numel": self.initial_numel, "channel_ratio": self.channel_ratio,
-                "schedule": as_dict(self.schedule)}
+                "schedule": as_dict(self.schedule), "norms": self.norms.state_dict(),
+                "config_changes": self.config_changes}
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -301,3 +410,6 @@ class IterativeMagnitudePruning(SlimCallback):
         self.curve = [list(r) for r in state_dict["curve"]]
         self.structure, self.channel_ratio = state_dict["structure"], state_dict["channel_ratio"]
         self.initial_numel = dict(state_dict["initial_numel"])
+        if "norms" in state_dict:  # checkpoints from before Wanda have none
+            self.norms.load_state_dict(state_dict["norms"])
+        self.config_changes = dict(state_dict.get("config_changes", {}))

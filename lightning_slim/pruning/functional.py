@@ -1,16 +1,19 @@
-"""Unstructured magnitude pruning in plain PyTorch: which weights, which masks, when.
+"""Unstructured and N:M pruning in plain PyTorch: which tensors, which masks, applying them.
 
 No Lightning here: every function takes modules, tensors and optimizers, so the math is
-testable without a Trainer.
+testable (and usable in a plain training loop) without a Trainer. :func:`prune` is the one verb:
 
 >>> import torch
 >>> from torch import nn
->>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+>>> masks = prune(net, 0.5, pattern="2:4")
+>>> [(name, m.shape) for name, m in masks.items()], is_nm(net[0].weight != 0, 2, 4)
+([('0', torch.Size([8, 8])), ('2', torch.Size([4, 8]))], True)
 >>> layers = select_layers(net, ["Linear"])
->>> masks = magnitude_masks({n: m.weight for n, m in layers.items()}, 0.5, scope="global")
+>>> masks = magnitude_masks({n: m.weight for n, m in layers.items()}, 0.75, scope="global")
 >>> apply_masks({n: m.weight for n, m in layers.items()}, masks)
 >>> round(global_sparsity({n: m.weight for n, m in layers.items()}), 2)
-0.5
+0.75
 """
 from __future__ import annotations
 
@@ -19,17 +22,23 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from lightning_slim.arguments import check_fraction
+from lightning_slim.modules import InputNorms
+from lightning_slim.pruning import importance as imp
+from lightning_slim.pruning import patterns
+from lightning_slim.pruning.patterns import Pattern, is_nm, nm_masks, parse_pattern  # noqa: F401 - the API
+from lightning_slim.pruning.tensors import Target, as_matrix, from_matrix, select_tensors, tensor_of
 from lightning_slim.targets import select_modules
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SCOPES = ("global", "layer")
+SCOPES = patterns.SCOPES
 
 
 def select_layers(model: nn.Module, targets: Iterable[str] | None = None,
                   exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The modules with a ``weight`` parameter selected by ``targets`` and not by ``exclude``
-    (the grammar of :mod:`lightning_slim.targets`); ``targets=None``: every Linear / Conv layer."""
+    (the grammar of :mod:`lightning_slim.targets`); ``targets=None``: every Linear / Conv layer.
+    (Module level, for structural pruning; :func:`~lightning_slim.pruning.tensors.select_tensors`
+    selects the tensors unstructured pruning masks.)"""
     return select_modules(model, targets, exclude, default=PRUNABLE_TYPES, what="pruning",
                           supported=lambda m: isinstance(getattr(m, "weight", None), nn.Parameter))
 
@@ -39,42 +48,58 @@ def classifier_name(layers: Mapping[str, nn.Module]) -> str:
     return list(layers)[-1]
 
 
+def default_scope(importance: str) -> str:
+    """Magnitude ranks globally; Wanda within each output row (its paper's comparison group)."""
+    return "row" if importance == "wanda" else "global"
+
+
+def compute_masks(model: nn.Module, targets: Mapping[str, Target], sparsity: float,
+                  pattern: Pattern | str = "unstructured", importance: str = "magnitude", scope: str | None = None,
+                  stats: InputNorms | None = None, previous: Mapping[str, torch.Tensor] | None = None,
+                  fallback: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks, each in its tensor's own shape, removing ``sparsity`` of the target weights
+    by ``importance`` (``stats``: input norms for ``"wanda"``; ``fallback``: see
+    :func:`~lightning_slim.pruning.importance.scores`), under ``pattern`` within ``scope``.
+    Weights pruned in ``previous`` stay pruned."""
+    pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    scope = scope or default_scope(importance)
+    tensors = {n: tensor_of(model, t) for n, t in targets.items()}
+    for n, t in targets.items():
+        patterns.check_nm_shape(n, tuple(as_matrix(tensors[n], t.layout).shape), pattern)
+    scores = imp.scores(model, targets, importance, stats, fallback)
+    prev = {n: as_matrix(m, targets[n].layout) for n, m in (previous or {}).items() if n in targets}
+    keep = patterns.masks(scores, sparsity, scope, pattern, prev)
+    return {n: from_matrix(keep[n], tensors[n], t.layout) for n, t in targets.items()}
+
+
+def nm_misfits(model: nn.Module, targets: Mapping[str, Target], pattern: Pattern) -> list[str]:
+    """The targets whose rows do not split into whole groups of M inputs (e.g. a first conv's 3x3x3)."""
+    return [n for n, t in targets.items()
+            if pattern.kind == "N:M" and as_matrix(tensor_of(model, t), t.layout).shape[1] % pattern.m]
+
+
+def prune(model: nn.Module, sparsity: float, pattern: str = "unstructured", importance: str = "magnitude",
+          scope: str | None = None, targets: Iterable[str] | None = None, exclude: Iterable[str] = (),
+          stats: InputNorms | None = None, previous: Mapping[str, torch.Tensor] | None = None,
+          ) -> dict[str, torch.Tensor]:
+    """Select the targets (default: every Linear, Conv, MultiheadAttention and transformers Conv1D
+    weight), compute masks and zero the pruned weights in place; returns the masks. Keep applying
+    them after each optimizer step (:func:`apply_masks`) to keep the zeros."""
+    chosen = select_tensors(model, targets, exclude)
+    masks = compute_masks(model, chosen, sparsity, pattern, importance, scope, stats, previous)
+    apply_masks({n: tensor_of(model, t) for n, t in chosen.items()}, masks)
+    return masks
+
+
 def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
                     masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks that zero the ``sparsity`` fraction of smallest-magnitude weights.
-
-    ``scope="global"`` ranks all weights together; ``"layer"`` prunes each tensor to ``sparsity``.
-    Weights already masked in ``masks`` stay masked (masks only grow), so IMP rounds compose.
-    Ties are broken by position, deterministically, so every DDP rank computes the same masks.
-    """
-    check_fraction("sparsity", sparsity)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
-    scores = {}
-    for name, w in weights.items():
-        s = w.detach().abs().float().flatten()
-        if masks is not None and name in masks:
-            s = torch.where(masks[name].flatten().to(s.device), s, torch.full_like(s, -1.0))
-        scores[name] = s
-    if scope == "layer":
-        return {n: _keep_top(s, sparsity).view_as(weights[n]) for n, s in scores.items()}
-    flat = torch.cat(list(scores.values()))
-    keep = _keep_top(flat, sparsity)
-    out, start = {}, 0
-    for name, w in weights.items():
-        out[name] = keep[start:start + w.numel()].view_as(w)
-        start += w.numel()
-    return out
-
-
-def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    n_keep = scores.numel() - int(round(sparsity * scores.numel()))
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_keep > 0:
-        # stable sort: equal magnitudes keep their order, the same on every rank and run
-        order = torch.sort(scores, descending=True, stable=True).indices
-        keep[order[:n_keep]] = True
-    return keep
+    """Boolean keep-masks that zero the ``sparsity`` fraction of smallest-magnitude weights of any
+    shape (``scope``: ``"global"`` or ``"layer"``); weights masked in ``masks`` stay masked. Ties
+    are broken by position, deterministically, so every DDP rank computes the same masks."""
+    rows = {n: w.detach().abs().reshape(1, -1) for n, w in weights.items()}
+    prev = {n: m.reshape(1, -1) for n, m in (masks or {}).items()}
+    keep = patterns.masks(rows, sparsity, scope, previous=prev)
+    return {n: keep[n].view_as(w) for n, w in weights.items()}
 
 
 @torch.no_grad()
@@ -117,3 +142,26 @@ def mask_checksum(masks: Mapping[str, torch.Tensor]) -> int:
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64)
         total = (total * 1_000_003 + (i + 1) * int((flat * weights).sum())) % (2**61 - 1)
     return total
+
+
+@torch.no_grad()
+def to_semi_structured(model: nn.Module, names: Iterable[str], pattern: Pattern | str = "2:4") -> list[str]:
+    """Swap each named ``nn.Linear``'s 2:4-sparse weight for ``torch.sparse.to_sparse_semi_structured``,
+    the layout NVIDIA's sparse tensor cores multiply (CUDA, fp16/bf16, both dimensions multiples of
+    64; see PyTorch's semi-structured sparsity docs). Returns the layers converted; others (not
+    Linear, on CPU, fp32, odd shapes) are left dense. UNTESTED here: the test machines have no GPU;
+    the CPU tests check the mask layout this kernel expects (groups of 4 along each row's inputs)."""
+    pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    if (pattern.n, pattern.m) != (2, 4) or not torch.cuda.is_available():
+        return []
+    from torch.sparse import to_sparse_semi_structured
+
+    done = []
+    for name in names:
+        layer = model.get_submodule(name)
+        w = getattr(layer, "weight", None)
+        if (type(layer) is nn.Linear and w is not None and w.is_cuda and w.dtype in (torch.float16, torch.bfloat16)
+                and w.shape[0] % 64 == 0 and w.shape[1] % 64 == 0 and is_nm(w != 0, 2, 4)):
+            layer.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+            done.append(name)
+    return done

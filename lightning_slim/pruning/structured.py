@@ -22,13 +22,15 @@ model can be loaded (``load_state_dict`` then fits).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from lightning_slim.modules import evaluating
+from lightning_slim.modules import device_of, evaluating, output_tensor
+from lightning_slim.pruning.heads import sync_configs
 
 ROOTS = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose output channels we remove
 SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
@@ -39,8 +41,61 @@ def dependency_graph(model: nn.Module, example_inputs: Any):
     import torch_pruning as tp
 
     with evaluating(model, no_grad=False), warnings.catch_warnings():  # tracing follows grad_fn
-        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # reported by check_prunable
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # norms' weights: pruned with them
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                     output_transform=output_tensor)
+
+
+def trace_inputs(module: nn.Module, example_input_array: Any = None, example_input_shape: Any = None,
+                 example_input_dtype: str = "auto") -> tuple[nn.Module, Any]:
+    """What torch-pruning traces: ``(root module, example inputs)``.
+
+    In order: the module's ``example_input_array``; zeros of ``example_input_shape`` (integer
+    token ids when ``example_input_dtype`` is ``"int64"``, or ``"auto"`` and the model has an
+    ``nn.Embedding``); else a Hugging Face model inside the module, traced alone with
+    ``input_ids`` or ``pixel_values`` built from its config (its parameters are the module's).
+    """
+    if example_input_shape is not None:
+        dtype = {"float32": torch.float32, "int64": torch.long}.get(example_input_dtype)
+        if dtype is None:  # "auto"
+            has_embedding = any(isinstance(m, nn.Embedding) for m in module.modules())
+            dtype = torch.long if has_embedding else torch.float32
+        return module, torch.zeros(*example_input_shape, dtype=dtype, device=device_of(module))
+    if example_input_array is not None:
+        return module, example_input_array
+    for _, sub in module.named_modules():
+        config = getattr(sub, "config", None)
+        if hasattr(config, "to_dict") and hasattr(sub, "main_input_name"):
+            device = device_of(sub)
+            if sub.main_input_name == "pixel_values":
+                size = getattr(config, "image_size", 32)
+                size = size if isinstance(size, int) else size[0]
+                return sub, {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size,
+                                                         device=device)}
+            return sub, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device=device)}
+    raise ValueError("structured pruning traces the model: set example_input_array on the module or pass "
+                     "example_input_shape=[1, ...] to IterativeMagnitudePruning (token ids are fed as int64)")
+
+
+def dry_run(model: nn.Module, example_inputs: Any, targets: Mapping[str, nn.Module], ratio: float,
+            global_pruning: bool, num_heads: Mapping[nn.Module, int] | None = None) -> dict[str, Any]:
+    """Prune a copy of ``model`` to ``ratio`` and run it, so that a model the pruned shapes break
+    fails here, before training, and not mid-fit. Returns the config changes it would make."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    copy_ = copy.deepcopy(model)
+    mods = dict(copy_.named_modules())
+    chosen = [mods[paths[id(m)]] for m in targets.values()]
+    heads = {mods[paths[id(m)]]: h for m, h in (num_heads or {}).items()}
+    try:
+        channel_prune(copy_, example_inputs, chosen, ratio, global_pruning=global_pruning, num_heads=heads)
+        changed = sync_configs(copy_)
+        with evaluating(copy_):
+            out = copy_(**example_inputs) if isinstance(example_inputs, dict) else copy_(example_inputs)
+            output_tensor(out)
+    except Exception as err:  # noqa: BLE001 - any failure of the pruned copy is reported the same way
+        raise ValueError(f"structural pruning of {sorted(targets)} to {ratio:g} breaks the model "
+                         f"({type(err).__name__}: {err}); exclude the layers involved or prune less") from err
+    return changed
 
 
 def check_prunable(model: nn.Module, example_inputs: Any, layers: Mapping[str, nn.Module]) -> None:
@@ -64,11 +119,14 @@ def check_prunable(model: nn.Module, example_inputs: Any, layers: Mapping[str, n
 
 
 def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Module], ratio: float,
-                  global_pruning: bool = False, ignored: Iterable[nn.Module] = ()) -> list:
+                  global_pruning: bool = False, ignored: Iterable[nn.Module] = (),
+                  num_heads: Mapping[nn.Module, int] | None = None) -> list:
     """Remove ``ratio`` of the *current* output channels of ``targets`` (L2 magnitude ranking).
 
     Every other root layer (Conv / Linear) is left as is; its inputs still shrink when a layer
-    feeding it loses channels. Returns torch-pruning's pruning history (module, out?, indices).
+    feeding it loses channels. ``num_heads`` (``{query/key/value layer: heads}``) removes ``ratio``
+    of those layers' attention heads whole instead of single channels (head size unchanged).
+    Returns torch-pruning's pruning history (module, out?, indices).
     """
     import torch_pruning as tp
 
@@ -77,11 +135,14 @@ def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Mo
     targets = list(targets)
     target_ids = {id(m) for m in targets}
     keep_out = [m for m in model.modules() if isinstance(m, ROOTS) and id(m) not in target_ids]
-    with evaluating(model, no_grad=False):
+    with evaluating(model, no_grad=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # norms' weights: pruned with them
         pruner = tp.pruner.BasePruner(
             model, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=keep_out + list(ignored),
+            ignored_layers=keep_out + list(ignored), output_transform=output_tensor,
+            num_heads=dict(num_heads or {}), prune_num_heads=bool(num_heads), prune_head_dims=not num_heads,
+            head_pruning_ratio=ratio if num_heads else 0.0,
         )
         pruner.step()
     return [list(h) for h in pruner.pruning_history()]
@@ -122,6 +183,7 @@ def restructure(model: nn.Module, structure: Mapping[str, Mapping[str, Any]]) ->
                 changed += 1
         for key, value in spec["attrs"].items():
             setattr(module, key, value)
+    sync_configs(model)  # head counts, intermediate_size: the config follows the shapes
     return changed
 
 
