@@ -25,3 +25,8 @@ def _wandb_dirs(tmp_path, monkeypatch):
 
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
+
+
+def pytest_configure(config):
+    # slow model-zoo cells: deselect with -m "not zoo_slow", run alone with `make test-zoo`
+    config.addinivalue_line("markers", "zoo_slow: a slow model-zoo cell (tests/zoo), run by `make test-zoo`")

@@ -34,6 +34,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -52,8 +53,8 @@ STDLIB_FILES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py",
 @lru_cache(maxsize=None)
 def stdlib_corpus(files: tuple[str, ...] = STDLIB_FILES) -> torch.Tensor:
     """The bytes of ``files`` from the standard library's directory, as symbols 0..95 (long)."""
-    root = os.path.dirname(os.__file__)
-    text = b"\n".join(open(os.path.join(root, f), "rb").read() for f in files)
+    root = Path(os.path.dirname(os.__file__))
+    text = b"\n".join((root / f).read_bytes() for f in files)
     b = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     return torch.where(b == 10, torch.full_like(b, 95), (b - 32).clamp(0, 94))
 
