@@ -1,13 +1,20 @@
-"""Iterative magnitude pruning: lottery tickets, gradual schedules, structural speed-ups.
+"""Pruning: lottery tickets, gradual schedules, N:M (2:4) sparsity, Wanda, structural speed-ups.
 
-``IterativeMagnitudePruning`` is the Lightning callback; ``functional``, ``schedules``,
-``rewind`` and ``structured`` are the plain-PyTorch pieces it is made of.
-``load_pruned(model, checkpoint_path)`` loads a structurally pruned checkpoint into a fresh model.
+``IterativeMagnitudePruning`` is the Lightning callback; the plain-PyTorch pieces it is made of:
+``tensors`` (what a target is), ``patterns`` (unstructured / N:M masks), ``importance``
+(magnitude, Wanda), ``functional`` (``prune``, ``apply_masks``...), ``schedules``, ``rewind``,
+``structured`` and ``heads`` (channels and attention heads). ``load_pruned(model, checkpoint_path)``
+loads a structurally pruned checkpoint into a fresh model.
 """
 from lightning_slim.pruning.callback import IterativeMagnitudePruning
-from lightning_slim.pruning.structured import load_pruned
-from lightning_slim.pruning.functional import apply_masks, magnitude_masks, select_layers
+from lightning_slim.pruning.functional import (apply_masks, compute_masks, magnitude_masks, prune, select_layers,
+                                               to_semi_structured)
+from lightning_slim.pruning.importance import calibrate
+from lightning_slim.pruning.options import PruningCoverageWarning
 from lightning_slim.pruning.schedules import GradualSchedule, IMPSchedule, OneShotSchedule, parse_schedule
+from lightning_slim.pruning.structured import load_pruned
+from lightning_slim.pruning.tensors import select_tensors
 
-__all__ = ["IterativeMagnitudePruning", "load_pruned", "apply_masks", "magnitude_masks", "select_layers",
+__all__ = ["IterativeMagnitudePruning", "load_pruned", "apply_masks", "magnitude_masks", "select_layers", "prune",
+           "compute_masks", "calibrate", "select_tensors", "to_semi_structured", "PruningCoverageWarning",
            "IMPSchedule", "GradualSchedule", "OneShotSchedule", "parse_schedule"]
