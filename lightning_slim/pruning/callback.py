@@ -263,19 +263,11 @@ class IterativeMagnitudePruning(SlimCallback):
                                   "slim/pruning/rounds": self.round})
 
     @override
-    def teardown(self, trainer, pl_module, stage):
-        self._remove_hooks()
-        super().teardown(trainer, pl_module, stage)
-
-    @override
-    def on_exception(self, trainer, pl_module, exception):
-        self._remove_hooks()
-        super().on_exception(trainer, pl_module, exception)
-
-    def _remove_hooks(self) -> None:
+    def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        super()._leave(pl_module)
 
     # --- pruning events ---------------------------------------------------------------------------
     @property
@@ -349,15 +341,7 @@ class IterativeMagnitudePruning(SlimCallback):
         self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
     def _update_sparsity(self, pl_module) -> None:
-        if self.structured:
-            numel = {n: m.weight.numel() for n, m in self._counted.items()}
-            per = {n: 1.0 - numel[n] / self.initial_numel[n] for n in numel}
-            total = 1.0 - sum(numel.values()) / sum(self.initial_numel.values())
-        else:
-            tensors = {n: tensor_targets.tensor_of(pl_module, t) for n, t in self._counted.items()}
-            per = {n: masking.sparsity_of(t) for n, t in tensors.items()}
-            total = masking.global_sparsity(tensors)
-        self._sparsity = {"sparsity": total, **{f"sparsity/{n}": v for n, v in per.items()}}
+        self._sparsity = masking.sparsity_rows(pl_module, self._counted, self.initial_numel if self.structured else None)
 
     def _accuracy(self, trainer) -> float | None:
         value = trainer.callback_metrics.get(self.accuracy_metric) if self.accuracy_metric else None
@@ -381,11 +365,9 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def report_rows(self) -> dict[str, Any]:
-        rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured",
-                                "pattern": str(self.pattern), "importance": self.importance,
-                                "rounds": self.round, "scope": self.scope, "rewind": self.rewind,
-                                "sparsity_over": f"{len(self._counted)} target tensors" + (
-                                    " (output channels / heads)" if self.structured else "")}
+        rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured", "pattern": str(self.pattern),
+                                "importance": self.importance, "rounds": self.round, "scope": self.scope,
+                                "rewind": self.rewind, "sparsity_over": f"{len(self._counted)} target tensors"}
         if not self.structured:
             rows.update(untouched=dict(self._untouched), tied=dict(self._tied))
             if self._fallback:

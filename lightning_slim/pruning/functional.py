@@ -134,6 +134,20 @@ def global_sparsity(tensors: Mapping[str, torch.Tensor]) -> float:
     return 1.0 - nonzero / max(total, 1)
 
 
+def sparsity_rows(model: nn.Module, counted: Mapping, initial_numel: Mapping[str, int] | None = None) -> dict:
+    """``{"sparsity": over all of ``counted``, "sparsity/<name>": each}``: exact zeros of target tensors,
+    or, given ``initial_numel`` (structural: ``counted`` are modules), the fraction of weights removed."""
+    if initial_numel is not None:
+        numel = {n: m.weight.numel() for n, m in counted.items()}
+        per = {n: 1.0 - numel[n] / initial_numel[n] for n in numel}
+        total = 1.0 - sum(numel.values()) / sum(initial_numel.values())
+    else:
+        tensors = {n: tensor_of(model, t) for n, t in counted.items()}
+        per = {n: sparsity_of(t) for n, t in tensors.items()}
+        total = global_sparsity(tensors)
+    return {"sparsity": total, **{f"sparsity/{n}": v for n, v in per.items()}}
+
+
 def mask_checksum(masks: Mapping[str, torch.Tensor]) -> int:
     """An order-sensitive integer fingerprint of a set of masks (to compare across ranks)."""
     total = 0
