@@ -5,13 +5,15 @@
 Per model and seed (paired: same data split, same initialisation, same cosine-decayed
 learning rate and epochs for every method):
   fp32  -- plain training (Lightning, no callback);
-  PTQ   -- that fp32 model converted to int8 as is (what a user tries first; dynamic per-token
-           activations need no calibration);
-  QAT   -- the same training with QuantizationAwareTraining (1 float warm-up epoch, ranges and
-           folded BN frozen for the last 20% of epochs), exported to int8.
-Accuracies are on the 4000-example test split. Latency: CPU, batch 256, 2 threads, fp32 and int8
-timed alternately in one process (median of interleaved repeats). Size: torch.save(state_dict)
-bytes; ``payload_ratio`` counts tensor bytes only (what per-file overhead hides on tiny models).
+  PTQ   -- that fp32 model quantized for onnxruntime as is (activation ranges observed on 2048
+           training inputs, no training);
+  QAT   -- the same training with QuantizationAwareTraining (runtime="onnxruntime": 1 float warm-up
+           epoch, ranges and folded BN frozen for the last 20% of epochs), exported to int8 ONNX.
+Accuracies are on the 4000-example test split. Latency: CPU, batch 256, 2 threads, fp32 eager and
+the int8 ONNX Runtime artifact timed alternately in one process (median of interleaved repeats;
+benchmarks/serving.py adds fp32-in-ORT, batch 1 and one-thread rows). Size: torch.save(state_dict)
+of the fp32 model against the int8 module, whose state is the ONNX file's bytes;
+``payload_ratio`` counts tensor bytes only (what per-file overhead hides on tiny models).
 Two wider models (untrained) add size and latency rows to show how int8 scales with width.
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from lightning_slim.data import MNIST1DDataModule
 from lightning_slim.measure import serialized_bytes
 from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
 from lightning_slim.quantization import QuantizationAwareTraining, functional as F
-from lightning_slim.quantization.export import convert_to_int8
+from lightning_slim.quantization.export import to_runtime
+from lightning_slim.quantization.static import calibrate
 from lightning_slim.report import classification_accuracy
 
 MODELS = {  # name -> (factory, epochs, lr); the issue's required rows, trained
@@ -54,10 +57,13 @@ def fit(make, epochs, lr, seed, data, callbacks=()):
     return module
 
 
-def ptq(module):
+def ptq(module, calibration):
+    """Post-training int8 for onnxruntime: ranges observed on ``calibration`` inputs, no training."""
     model = copy.deepcopy(module).cpu().eval()
     F.prepare_qat(model, F.select_layers(model), F.QuantSpec())
-    return convert_to_int8(model)
+    calibrate(model, calibration.split(256))
+    F.set_fake_quant(model, True)
+    return to_runtime(model.eval(), calibration[:8])
 
 
 def payload_bytes(model) -> int:
@@ -100,7 +106,7 @@ def run_model(name, seeds, num_samples, repeats, epochs_scale):
         x = data.x_test[:256]
         fp32_ms, int8_ms = interleaved_latency(fp32, qat_int8, x, repeats)
         rows.append({"seed": seed, "fp32_acc": classification_accuracy(fp32, test),
-                     "ptq_int8_acc": classification_accuracy(ptq(fp32), test),
+                     "ptq_int8_acc": classification_accuracy(ptq(fp32, data.x_train[:2048]), test),
                      "qat_fp32_acc": classification_accuracy(qat, test),
                      "qat_int8_acc": classification_accuracy(qat_int8, test),
                      "fp32_bytes": serialized_bytes(fp32), "int8_bytes": serialized_bytes(qat_int8),
@@ -119,8 +125,8 @@ def run_model(name, seeds, num_samples, repeats, epochs_scale):
 
 def run_wide(name, repeats):
     fp32 = WIDE[name]().eval()
-    int8 = ptq(fp32)
     x = torch.randn(256, 1, 40, generator=torch.Generator().manual_seed(0))
+    int8 = ptq(fp32, x)
     fp32_ms, int8_ms = interleaved_latency(fp32, int8, x, repeats)
     row = {"size_ratio": serialized_bytes(fp32) / serialized_bytes(int8),
            "payload_size_ratio": payload_bytes(fp32) / payload_bytes(int8), "latency_speedup": fp32_ms / int8_ms,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,10 @@ def _(x, scale, zero_point):
 
 
 @torch.library.custom_op("lightning_slim::dq", mutates_args=())
-def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int) -> torch.Tensor:
     shape = [-1 if i == axis else 1 for i in range(q.dim())]
-    return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+    q = q.float() if zero_point is None else q.float() - zero_point.float().reshape(shape)
+    return q * scale.reshape(shape)
 
 
 @dq.register_fake
@@ -96,6 +98,8 @@ def _translations() -> dict:
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
     def dq_onnx(q, scale, zero_point, axis: int):
+        if zero_point is None:  # int32 biases: ORT fuses them without one (QGemm needs the weights')
+            return op.DequantizeLinear(q, scale, axis=axis)
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
     def nbits_onnx(x, packed, scales, bias, k: int, bits: int, block_size: int):
@@ -136,12 +140,11 @@ class _QDQ(nn.Module):
         self.register_buffer("z_w", torch.zeros(n, dtype=torch.int8))
         self.register_buffer("bias", d["bias_q"])
         self.register_buffer("s_b", d["bias_scale"])
-        self.register_buffer("z_b", torch.zeros(n, dtype=torch.int32))
         self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups) if hasattr(layer, "stride") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = qdq(x, self.s_in, self.z_in)
-        w, b = dq(self.weight, self.s_w, self.z_w, 0), dq(self.bias, self.s_b, self.z_b, 0)
+        w, b = dq(self.weight, self.s_w, self.z_w, 0), dq(self.bias, self.s_b, None, 0)
         if self.conv is None:
             return F.linear(x, w, b)
         conv = F.conv1d if w.dim() == 3 else F.conv2d

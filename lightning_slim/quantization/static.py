@@ -306,3 +306,17 @@ def average_observers(layers: dict[str, nn.Module], reduce_mean) -> None:
     flat = reduce_mean(torch.stack([t for o in observers for t in (o.min_val, o.max_val)]))
     for i, o in enumerate(observers):
         o.min_val, o.max_val = flat[2 * i].clone(), flat[2 * i + 1].clone()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> None:
+    """Post-training ranges: run ``batches`` (input tensors) through ``model`` with only the
+    activation observers updating (BatchNorm statistics and everything else in eval mode)."""
+    observers = [m for m in model.modules() if isinstance(m, ActivationObserver)]
+    was_training = model.training
+    model.eval()
+    for o in observers:
+        o.train()
+    for x in batches:
+        model(x)
+    model.train(was_training)
