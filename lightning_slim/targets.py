@@ -15,7 +15,7 @@ An entry is ``"re:<regex>"`` (full match on the module path), an exact module pa
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from cases import small_data, small_model
 from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import IterativeMagnitudePruning
 from lightning_slim.pruning import functional as F
@@ -41,14 +41,15 @@ def test_nm_masks_keep_the_n_best_of_every_group_along_the_inputs():
     for r in range(6):  # by hand: in each group of 4 consecutive inputs, the 2 largest scores stay
         for g in range(4):
             block = s[r, 4 * g:4 * g + 4]
-            assert set(torch.nonzero(keep[r, 4 * g:4 * g + 4]).flatten().tolist()) == set(block.topk(2).indices.tolist())
+            kept = torch.nonzero(keep[r, 4 * g:4 * g + 4]).flatten().tolist()
+            assert set(kept) == set(block.topk(2).indices.tolist())
     # a gradual schedule: below 50% no group loses more than 2, at 50% the layout is exactly 2:4
     half = P.masks({"w": s}, 0.25, "layer", P.parse_pattern("2:4"))["w"]
     assert (~half).float().mean() == 0.25 and not (P.nm_masks(s, 2, 4) & ~half).any()  # the 2 best are kept
     assert ((~half).reshape(6, 4, 4).sum(-1) <= 2).all()
     final = P.masks({"w": s}, 0.5, "layer", P.parse_pattern("2:4"), previous={"w": half})["w"]
     assert P.is_nm(final, 2, 4) and (~final).float().mean() == 0.5 and not (final & ~half).any()
-    with pytest.raises(ValueError, match="sparsity=0.6 exceeds what pattern='2:4' allows"):
+    with pytest.raises(ValueError, match=r"sparsity=0.6 exceeds what pattern='2:4' allows"):
         P.masks({"w": s}, 0.6, pattern=P.parse_pattern("2:4"))
     for bad in ("4:2", "2-4", "0:4"):
         with pytest.raises(ValueError, match=f"pattern={bad!r} is not one of"):

@@ -7,14 +7,20 @@
 loads a structurally pruned checkpoint into a fresh model.
 """
 from lightning_slim.pruning.callback import IterativeMagnitudePruning
-from lightning_slim.pruning.functional import (apply_masks, compute_masks, magnitude_masks, prune, select_layers,
-                                               to_semi_structured)
+from lightning_slim.pruning.functional import (
+    apply_masks,
+    compute_masks,
+    magnitude_masks,
+    prune,
+    select_layers,
+    to_semi_structured,
+)
 from lightning_slim.pruning.importance import calibrate
 from lightning_slim.pruning.options import PruningCoverageWarning
 from lightning_slim.pruning.schedules import GradualSchedule, IMPSchedule, OneShotSchedule, parse_schedule
 from lightning_slim.pruning.structured import load_pruned
 from lightning_slim.pruning.tensors import select_tensors
 
-__all__ = ["IterativeMagnitudePruning", "load_pruned", "apply_masks", "magnitude_masks", "select_layers", "prune",
-           "compute_masks", "calibrate", "select_tensors", "to_semi_structured", "PruningCoverageWarning",
-           "IMPSchedule", "GradualSchedule", "OneShotSchedule", "parse_schedule"]
+__all__ = ["GradualSchedule", "IMPSchedule", "IterativeMagnitudePruning", "OneShotSchedule", "PruningCoverageWarning",
+           "apply_masks", "calibrate", "compute_masks", "load_pruned", "magnitude_masks", "parse_schedule", "prune",
+           "select_layers", "select_tensors", "to_semi_structured"]

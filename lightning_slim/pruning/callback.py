@@ -2,7 +2,8 @@
 ``schedules``, ``rewind``, ``structured`` and ``heads``. Hooks decide *when*; the pure functions decide *what*."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -70,7 +71,9 @@ class IterativeMagnitudePruning(SlimCallback):
     >>> cb = IterativeMagnitudePruning({"kind": "imp", "rounds": 3, "rate": 0.5, "every": 1}, rewind="init")
     >>> cb.events
     [(1, 0.5), (2, 0.75), (3, 0.875)]
-    >>> IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="2:4", importance="wanda").scope
+    >>> wanda = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="2:4",
+    ...                                   importance="wanda")
+    >>> wanda.scope
     'row'
     """
 
@@ -192,7 +195,8 @@ class IterativeMagnitudePruning(SlimCallback):
             classifier = self._classifier(pl_module, self._counted, True)
             if set(self._counted) <= set(classifier):
                 raise ValueError(f"structural pruning keeps the classifier's outputs ({classifier}), and "
-                                 f"{type(pl_module).__name__} has no other Linear/Conv target; use pattern='unstructured'")
+                                 f"{type(pl_module).__name__} has no other Linear/Conv target; "
+                                 "use pattern='unstructured'")
             self._layers = masking.select_layers(pl_module, self.targets, list(self.exclude) + classifier)
             return
         if self._scope == "global":
@@ -341,7 +345,8 @@ class IterativeMagnitudePruning(SlimCallback):
         self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
     def _update_sparsity(self, pl_module) -> None:
-        self._sparsity = masking.sparsity_rows(pl_module, self._counted, self.initial_numel if self.structured else None)
+        initial = self.initial_numel if self.structured else None
+        self._sparsity = masking.sparsity_rows(pl_module, self._counted, initial)
 
     def _accuracy(self, trainer) -> float | None:
         value = trainer.callback_metrics.get(self.accuracy_metric) if self.accuracy_metric else None
@@ -365,8 +370,9 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def report_rows(self) -> dict[str, Any]:
-        rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured", "pattern": str(self.pattern),
-                                "importance": self.importance, "rounds": self.round, "scope": self.scope,
+        rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured",
+                                "pattern": str(self.pattern), "importance": self.importance,
+                                "rounds": self.round, "scope": self.scope,
                                 "rewind": self.rewind, "sparsity_over": f"{len(self._counted)} target tensors"}
         if not self.structured:
             rows.update(untouched=dict(self._untouched), tied=dict(self._tied))

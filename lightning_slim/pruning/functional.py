@@ -17,7 +17,7 @@ testable (and usable in a plain training loop) without a Trainer. :func:`prune` 
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -111,7 +111,8 @@ def apply_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
 
 
 @torch.no_grad()
-def mask_optimizer_state(optimizer: torch.optim.Optimizer, params_and_masks: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
+def mask_optimizer_state(optimizer: torch.optim.Optimizer,
+                         params_and_masks: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
     """Zero every per-element optimizer state (SGD momentum, Adam exp_avg / exp_avg_sq...) at masked
     positions, so the optimizer cannot move a pruned weight again."""
     for param, mask in params_and_masks:

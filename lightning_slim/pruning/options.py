@@ -3,7 +3,7 @@ coverage warning: kept here so the callback stays a thin shell. Each raises a ``
 naming the value and what is allowed, at construction."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from lightning_slim.arguments import check_choice
 from lightning_slim.pruning.importance import IMPORTANCES

@@ -15,8 +15,8 @@ Weights already pruned (``masks``) stay pruned: masks only grow, so rounds compo
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

@@ -19,7 +19,8 @@ Plain PyTorch: optimizers and schedulers are passed in as lists.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

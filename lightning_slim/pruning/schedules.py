@@ -16,8 +16,9 @@ A schedule is a dict that YAML can write (``kind`` picks the class) or one of th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 from lightning_slim.arguments import check_fraction, check_int
 from lightning_slim.clock import check_unit

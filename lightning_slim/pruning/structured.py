@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,7 +93,7 @@ def dry_run(model: nn.Module, example_inputs: Any, targets: Mapping[str, nn.Modu
         with evaluating(copy_):
             out = copy_(**example_inputs) if isinstance(example_inputs, dict) else copy_(example_inputs)
             output_tensor(out)
-    except Exception as err:  # noqa: BLE001 - any failure of the pruned copy is reported the same way
+    except Exception as err:
         raise ValueError(f"structural pruning of {sorted(targets)} to {ratio:g} breaks the model "
                          f"({type(err).__name__}: {err}); exclude the layers involved or prune less") from err
     return changed

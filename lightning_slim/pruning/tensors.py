@@ -21,8 +21,8 @@ name otherwise (``"layers.0.self_attn.in_proj_weight"``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn

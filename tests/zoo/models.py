@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -50,7 +51,7 @@ STDLIB_FILES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py",
 
 
 # --- data ------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def stdlib_corpus(files: tuple[str, ...] = STDLIB_FILES) -> torch.Tensor:
     """The bytes of ``files`` from the standard library's directory, as symbols 0..95 (long)."""
     root = Path(os.path.dirname(os.__file__))
@@ -345,7 +346,8 @@ class _InvertedResidual(nn.Module):
 class MobileNetV3Small(nn.Module):
     """torchvision's ``mobilenet_v3_small`` layout (its inverted-residual table), ``width_mult`` scaled."""
 
-    SETTING = [(16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2), (24, 3, 88, 24, False, "RE", 1),
+    SETTING: ClassVar[list[tuple]] = [
+               (16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2), (24, 3, 88, 24, False, "RE", 1),
                (24, 5, 96, 40, True, "HS", 2), (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
                (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1), (48, 5, 288, 96, True, "HS", 2),
                (96, 5, 576, 96, True, "HS", 1), (96, 5, 576, 96, True, "HS", 1)]

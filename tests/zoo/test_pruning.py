@@ -27,8 +27,10 @@ MODES = {
 }
 # cells that must refuse before training, and what the error must say
 ERRORS = {
-    ("char_transformer", "channels"): r"cannot prune 'encoder.layers.0.self_attn': nn.MultiheadAttention ties.*heads=False",
-    ("gpt2", "channels"): r"cannot prune 'model.transformer.h.0.attn': torch-pruning has no pruner for transformers' Conv1D",
+    ("char_transformer", "channels"):
+        r"cannot prune 'encoder.layers.0.self_attn': nn.MultiheadAttention ties.*heads=False",
+    ("gpt2", "channels"):
+        r"cannot prune 'model.transformer.h.0.attn': torch-pruning has no pruner for transformers' Conv1D",
     ("boring", "channels"): r"keeps the classifier's outputs \(\['layer'\]\)",
 }
 # cells that work and must say what they leave dense or prune through a tie
@@ -41,7 +43,8 @@ WARNINGS = {
     ("bert", "channels"): r"reload it with lightning_slim.pruning.load_pruned\(\)",
 }
 # tensors that must be among the pruned ones (the kinds issue 11 found skipped)
-MUST_PRUNE = {"char_transformer": "encoder.layers.0.self_attn.in_proj_weight", "gpt2": "model.transformer.h.0.attn.c_attn"}
+MUST_PRUNE = {"char_transformer": "encoder.layers.0.self_attn.in_proj_weight",
+              "gpt2": "model.transformer.h.0.attn.c_attn"}
 
 
 def expected_warning(name: str, mode: str) -> str | None:
