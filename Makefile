@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 
-.PHONY: demo test install docs lint build clean
+.PHONY: demo test install docs lint build test-min clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,5 +38,16 @@ lint: $(STAMP)
 build: $(STAMP)
 	$(PY) -m build
 
+# the suite against the lowest versions pyproject.toml admits, in a venv of its own (not part of
+# `make test`: a second install and run, about 15 minutes here)
+MIN_VENV := .venv-min
+test-min:
+	test -x $(MIN_VENV)/bin/python || python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q torch==$(TORCH)
+	$(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[dev]"
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) .slim_cache site dist
+	rm -rf $(VENV) $(MIN_VENV) .slim_cache site dist

@@ -161,3 +161,18 @@ def test_demo_data_names_the_extra_when_its_dependency_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import of it now fails
     with pytest.raises(ImportError, match=r"pip install 'lightning-slim\[demo\]'"):
         DigitsDataModule().setup()
+
+
+def test_min_versions_file_pins_every_lower_bound(dists):
+    """`make test-min` installs .ci/min-versions.txt: it pins exactly the lower bounds the package declares."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lower = {}
+    for line in wheel_metadata(dists["wheel"]).get_all("Requires-Dist"):
+        req = Requirement(line)
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("demo", "onnx", "zoo")):
+            lower.update((req.name, Version(s.version)) for s in req.specifier if s.operator == ">=")
+    pins = [line for line in (ROOT / ".ci" / "min-versions.txt").read_text().splitlines() if line[:1].isalnum()]
+    pinned = {r.name: Version(next(iter(r.specifier)).version) for r in map(Requirement, pins)}
+    assert pinned == lower
