@@ -71,14 +71,20 @@ def test_int4_grouped_weights_for_linear_models():
     torch.testing.assert_close(int8(X), model(X), atol=2e-3, rtol=0)
 
 
-def test_torchao_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
-    model = _bn_cnn()
+def prune_randomly(model):
+    """Zero 60% of every Conv1d/Linear weight in place (as magnitude pruning leaves them); the masks."""
     masks = {}
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, (nn.Conv1d, nn.Linear)):
                 masks[name] = torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.6
                 m.weight.mul_(masks[name])
+    return masks
+
+
+def test_torchao_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
+    model = _bn_cnn()
+    masks = prune_randomly(model)
     F.prepare_qat(model, list(masks), TORCHAO)
     F.set_fake_quant(model, True)
     for name, m in F.fake_quantized_layers(model).items():

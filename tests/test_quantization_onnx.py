@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cases import small_data
+from test_quantization import prune_randomly
 from lightning_slim import DigitsCNN, MNIST1DCNN, MNIST1DMLP, MNIST1DTransformer
 from lightning_slim.models import ClassifierModule
 from lightning_slim.quantization import (QuantizationAwareTraining, artifact_bytes, cpu_int8_capability, fp32_onnx,
@@ -121,12 +122,7 @@ def test_int4_weight_only_is_packed_into_matmulnbits_and_six_times_smaller(tmp_p
 
 def test_pruned_zeros_are_exact_int8_zeros_in_the_onnx_file():
     model = MNIST1DCNN(channels=16, batch_norm=True)
-    masks = {}
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv1d, nn.Linear)):
-                masks[name] = torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.6
-                m.weight.mul_(masks[name])
+    masks = prune_randomly(model)
     weights = int8_weights(to_runtime(prepared(model, X), X[:4]))
     for name, mask in masks.items():
         rows = mask.reshape(mask.shape[0], -1)

@@ -21,7 +21,7 @@ installed) but neither lightning-slim nor the user's model class.
 >>> from lightning_slim.quantization.functional import QuantSpec, prepare_qat
 >>> model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
 ...                       nn.Linear(8 * 16, 4))
->>> folded = prepare_qat(model, ["0", "4"], QuantSpec())
+>>> folded = prepare_qat(model, ["0", "4"], QuantSpec(runtime="torchao"))
 >>> folded
 {'0': '1'}
 >>> int8 = convert_to_int8(copy.deepcopy(model).eval())
@@ -98,6 +98,8 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     layers = fake_quantized_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no fake-quantized layer to convert; prepare it first")
+    if is_static(model):
+        raise ValueError("the model was prepared for runtime='onnxruntime'; convert it with to_runtime(model, example)")
     names = {id(m): n for n, m in model.named_modules()}
     for name, m in layers.items():
         fq = m.weight_fake_quantizer

@@ -47,8 +47,9 @@ QMAX_U8 = 255
 class ActivationObserver(nn.Module):
     """Per-tensor uint8 range of a layer's input: EMA of batch min/max while training (from the
     first batch on, also during the float warm-up), fixed once :meth:`freeze` is called. Fake
-    quantization (``enabled``) uses the current range in training and validation alike; an
-    evaluation before any training batch (Lightning's sanity check) starts the range itself."""
+    quantization (``enabled``) uses the current range in training and validation alike. Only
+    training batches move the range: an evaluation before the first one (Lightning's sanity
+    check, another callback's probe with ``example_input_array``) runs unquantized."""
 
     def __init__(self, momentum: float = 0.01):
         super().__init__()
@@ -65,6 +66,11 @@ class ActivationObserver(nn.Module):
             self.min_val = self.min_val + self.momentum * (lo - self.min_val)
             self.max_val = self.max_val + self.momentum * (hi - self.max_val)
 
+    @property
+    def active(self) -> bool:
+        """Fake-quantizing: enabled and a range observed (no training batch yet, e.g. in a sanity check: float)."""
+        return self.enabled and self.min_val is not None
+
     def qparams(self) -> tuple[float, int]:
         """(scale, zero point) as the export writes them: the range always contains 0 (exact
         zero padding; a ReLU output gets zero point 0, which lets ORT drop the ReLU)."""
@@ -75,9 +81,9 @@ class ActivationObserver(nn.Module):
         return scale, int(min(max(round(-lo / scale), 0), QMAX_U8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and not self.frozen) or self.min_val is None:  # (a sanity check before any step)
+        if self.training and not self.frozen:
             self.observe(x)
-        if not self.enabled:
+        if not self.active:
             return x
         scale, zero_point = self.qparams()
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, QMAX_U8)
@@ -190,7 +196,7 @@ class _StaticMixin:
         y = op(x, w)
         shape = (-1,) if isinstance(self, nn.Linear) else (1, -1, *[1] * (y.dim() - 2))
         bn, f = self.folded_bn, self._factor()
-        exact = aq is not None and aq.enabled and w_scale is not None and (bn is None or not bn.training)
+        exact = aq is not None and aq.active and w_scale is not None and (bn is None or not bn.training)
         if not exact:  # float warm-up, weight-only, or BN on batch statistics
             if f is not None:
                 y = y / torch.where(f == 0, torch.ones_like(f), f).reshape(shape)
