@@ -7,14 +7,15 @@ Tolerances fixed before running: CNN within 2 points of 94%, MLP within 3 points
 
     python benchmarks/mnist1d_baselines.py --out benchmarks/results/mnist1d_baselines.json
 """
+
 from __future__ import annotations
 
 import statistics
 import time
 
 import lightning.pytorch as pl
-
 from common import fair_cpu, parser, quiet_trainer, write
+
 from lightning_slim.data import MNIST1DDataModule
 from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
 
@@ -37,8 +38,14 @@ def main() -> None:
             trainer.fit(model, datamodule=data)
             accs.append(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
         mean = statistics.mean(accs)
-        results[name] = {"test_acc": accs, "mean": mean, "std": statistics.stdev(accs), "paper": paper_acc,
-                         "tolerance": tolerance, "within_tolerance": abs(mean - paper_acc) <= tolerance}
+        results[name] = {
+            "test_acc": accs,
+            "mean": mean,
+            "std": statistics.stdev(accs),
+            "paper": paper_acc,
+            "tolerance": tolerance,
+            "within_tolerance": abs(mean - paper_acc) <= tolerance,
+        }
     write(args.out, results, started)
 
 

@@ -2,49 +2,65 @@
 
     flock /tmp/slim_bench.lock python benchmarks/pruning.py --out benchmarks/results/pruning.json
 
-Measures (DESIGN.md "Benchmarks": fixed threads, flushed denormals, paired splits, 3 seeds,
-a 4000-example test split, a decaying learning rate, interleaved timing, medians):
+Workload (DESIGN.md "Benchmarks"): MNIST-1D, 25,000 examples: 5,000 test, 4,000 validation carved
+from the training examples (recipes were chosen there, see the method card), 16,000 train; paired
+across methods (the same split for every seed); 3 seeds; Adam lr 1e-2 with a cosine decay over one
+training of ``--round-steps`` steps (batch 128). The over-parameterised network is a 128-channel
+CNN (105k weights); the paper's 25-channel CNN (5k weights) is the capacity-limited reference row.
+Sparsity is over every Conv/Linear weight, classifier included, ranked globally by magnitude.
 
-- ``imp``: lottery-ticket IMP on a 64-channel CNN, 4 rounds of 53.6% (to 53.6 / 78.5 / 90.0 /
-  95.4% sparsity over every Conv/Linear weight, classifier included), rewinding weights, Adam
-  state and the per-round cosine schedule to step ``--rewind-step`` (Frankle et al. 2020);
-  ``imp_rewind_init`` the same rewinding to step 0; round 0 is the dense network (``dense_acc``)
-  trained with the same per-round budget.
-- ``random_reinit_acc``: the final masks on freshly initialised weights, trained one round.
-- ``structured``: a 128-channel CNN, 30% of Conv channels removed (torch-pruning) halfway through
-  training, against the dense network trained as long; MACs, CPU latency (batch 256), accuracy.
+- ``dense_acc``: the dense network after one training (IMP's round 0).
+- ``imp``: lottery-ticket IMP, 20% of the remaining weights per round for ``--rounds`` rounds (to
+  95.6%); every round rewinds weights, Adam state and the LR schedule to step ``--rewind-step``
+  (Frankle et al. 2020) and trains back to the end of the schedule.
+- ``gradual``: Zhu & Gupta's cubic schedule, one training of the same length as the dense one per
+  final sparsity, pruning every 50 steps from step 0 to 70% of the training, then fine-tuning.
+- ``random_reinit_acc``: IMP's final masks on freshly initialised weights, trained as long.
+- ``structured``: 30% of the Conv channels removed (torch-pruning) a quarter into training, against
+  the dense network trained as long; MACs, CPU latency (batch 256, interleaved, medians), accuracy.
 - ``overhead``: median training-step time with 90% masks active over dense step time, for this
   callback and for Lightning's ``ModelPruning``, interleaved in one process.
+- ``small_cnn``: ``dense_acc``, ``imp`` and ``gradual`` for the paper's CNN (capacity-limited).
+
+Accuracies (``acc``) are on the test split; ``val_acc`` beside them is the validation split.
 """
+
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import multiprocessing
-import os
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from common import (
+    ValidatedMNIST1D,
+    accuracy,
+    fair_cpu,
+    mean,
+    parser,
+    quiet_trainer,
+    run_all,
+    steady_allocator,
+    step_timer,
+    write,
+)
 
-from lightning_slim.data import MNIST1DDataModule
 from lightning_slim.measure import count_macs, count_parameters, cpu_latency_ms
 from lightning_slim.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning
+from lightning_slim.pruning import functional as PF
 from lightning_slim.pruning.structured import restructure, structure_of
 
 warnings.filterwarnings("ignore")  # Lightning's advice about workers / logging intervals
 
 
 class RoundCNN(MNIST1DCNN):
-    """The reference CNN with Adam and a cosine learning rate over one IMP round (``round_steps``).
-    Rewinding restores the scheduler, so every round replays the same decaying schedule."""
+    """The reference CNN with Adam and a cosine learning rate over one training of ``round_steps``.
+    Rewinding restores the scheduler too, so every IMP round ends at the end of the same schedule."""
 
-    def __init__(self, round_steps: int = 500, **kwargs):
+    def __init__(self, round_steps: int, **kwargs):
         super().__init__(**kwargs)
         self.round_steps = round_steps
 
@@ -55,94 +71,162 @@ class RoundCNN(MNIST1DCNN):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def trainer(**kwargs) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
-    args.update(kwargs)
-    return pl.Trainer(**args)
+class Evaluate(pl.Callback):
+    """Sparsity and validation / test accuracy after the optimizer steps in ``at_steps`` (the ends of
+    the IMP rounds: the next step's start prunes)."""
+
+    def __init__(self, data: ValidatedMNIST1D, at_steps):
+        self.data, self.at_steps, self.rows = data, set(at_steps), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.at_steps:
+            weights = {n: m.weight for n, m in PF.select_layers(pl_module).items()}
+            self.rows.append(
+                {
+                    "step": trainer.global_step,
+                    "sparsity": round(PF.global_sparsity(weights), 4),
+                    **{f"{s}_acc": accuracy(pl_module, *self.data.split(s)) for s in ("val", "test")},
+                }
+            )
 
 
-def data(args, seed: int) -> MNIST1DDataModule:
-    # the same 16k/4k split for every seed and method (paired); the seed moves init and shuffling
-    return MNIST1DDataModule(num_samples=args.num_samples, data_seed=42, batch_size=args.batch_size, seed=seed)
+def data(args, seed: int) -> ValidatedMNIST1D:
+    # the same split for every seed and method (paired); the seed moves initialisation and batch order
+    return ValidatedMNIST1D(
+        num_samples=args.num_samples,
+        val_examples=args.val_examples,
+        data_seed=42,
+        batch_size=args.batch_size,
+        seed=seed,
+    )
 
 
-def imp_run(args, seed: int, rewind_step: int) -> tuple[list[list], dict]:
-    pl.seed_everything(seed, verbose=False)
+def fit(args, seed: int, channels: int, steps: int, callbacks, at=(), init_seed: int | None = None) -> list[dict]:
+    """Train ``RoundCNN(channels)`` for ``steps`` with ``callbacks``; the Evaluate rows at ``at`` and the end."""
+    pl.seed_everything(seed if init_seed is None else init_seed, verbose=False)
+    model = RoundCNN(round_steps=args.round_steps, channels=channels, lr=args.lr)
     dm = data(args, seed)
-    steps_per_epoch = math.ceil(args.num_samples * 0.8 / args.batch_size)
-    round_steps = args.round_epochs * steps_per_epoch
-    model = RoundCNN(round_steps=round_steps + rewind_step, channels=args.imp_channels, lr=args.lr)
+    evaluate = Evaluate(dm, [*at, steps])
+    quiet_trainer(max_steps=steps, limit_val_batches=0, deterministic=True, callbacks=[evaluate, *callbacks]).fit(
+        model, datamodule=dm
+    )
+    return evaluate.rows
+
+
+def imp_schedule(args) -> dict:
+    # round 0 trains round_steps; each later round rewinds to rewind_step and trains back to round_steps
+    every = args.round_steps - args.rewind_step
+    return {
+        "kind": "imp",
+        "rounds": args.rounds,
+        "rate": args.rate,
+        "every": every,
+        "start": args.rewind_step,
+        "unit": "step",
+    }
+
+
+def imp_run(args, seed: int, channels: int) -> tuple[list[dict], dict]:
     cb = IterativeMagnitudePruning(
-        {"kind": "imp", "rounds": args.rounds, "final_sparsity": 1 - 0.1 ** (args.rounds / 3),
-         "every": args.round_epochs, "unit": "epoch"}, scope="global", rewind="step" if rewind_step else "init",
-        rewind_step=rewind_step)
-    trainer(max_epochs=(args.rounds + 1) * args.round_epochs, callbacks=[cb]).fit(model, datamodule=dm)
-    return cb.curve, {k: v.clone() for k, v in cb.masks.items()}
+        imp_schedule(args), scope="global", rewind="step" if args.rewind_step else "init", rewind_step=args.rewind_step
+    )
+    steps = args.round_steps + args.rounds * (args.round_steps - args.rewind_step)
+    rows = fit(args, seed, channels, steps, [cb], at=[t for t, _ in cb.events])
+    return rows, {k: v.clone() for k, v in cb.masks.items()}
 
 
-def reinit_run(args, seed: int, masks: dict, sparsity: float) -> float:
-    pl.seed_everything(seed + 1000, verbose=False)  # fresh weights, same masks, same data order
-    steps_per_epoch = math.ceil(args.num_samples * 0.8 / args.batch_size)
-    model = RoundCNN(round_steps=args.round_epochs * steps_per_epoch, channels=args.imp_channels, lr=args.lr)
-    cb = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": sparsity, "at": 0})
+def gradual_schedule(args, final_sparsity: float) -> dict:
+    if args.gradual_unit == "epoch":  # as in callbacks/pruning.yaml: one event per epoch
+        epochs = args.round_steps * args.batch_size // (args.num_samples * 4 // 5 - args.val_examples)
+        return {
+            "kind": "gradual",
+            "final_sparsity": final_sparsity,
+            "start": 0,
+            "end": round(args.gradual_end * epochs),
+            "every": 1,
+            "unit": "epoch",
+        }
+    return {
+        "kind": "gradual",
+        "final_sparsity": final_sparsity,
+        "start": 0,
+        "end": int(args.gradual_end * args.round_steps),
+        "every": args.gradual_every,
+        "unit": "step",
+    }
+
+
+def gradual_run(args, seed: int, channels: int, final_sparsity: float) -> dict:
+    cb = IterativeMagnitudePruning(gradual_schedule(args, final_sparsity), scope="global")
+    return fit(args, seed, channels, args.round_steps, [cb])[-1]
+
+
+def reinit_run(args, seed: int, masks: dict, sparsity: float) -> dict:
+    """The winning ticket's masks on fresh weights (another initialisation seed), trained one round."""
+    cb = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": sparsity, "at": 0, "unit": "step"})
     cb.load_state_dict({**cb.state_dict(), "masks": masks, "events_done": 1})  # enforce these masks, prune no more
-    t = trainer(max_epochs=args.round_epochs, callbacks=[cb])
-    t.fit(model, datamodule=data(args, seed))
-    return float(t.callback_metrics["val/acc"])
+    return fit(args, seed, args.channels, args.round_steps, [cb], init_seed=seed + 1000)[-1]
 
 
-def structured_run(args, seed: int, prune: bool) -> tuple[float, dict, dict]:
-    pl.seed_everything(seed, verbose=False)
-    model = MNIST1DCNN(channels=args.wide_channels, lr=args.lr, lr_schedule="cosine")
+def structured_run(args, seed: int, prune: bool) -> tuple[dict, dict, dict]:
     callbacks = []
     if prune:
-        callbacks.append(IterativeMagnitudePruning(
-            {"kind": "one_shot", "sparsity": args.channel_ratio, "at": args.structured_epochs // 2},
-            structured=True, targets=["Conv1d"], scope="layer"))
-    t = trainer(max_epochs=args.structured_epochs, callbacks=callbacks)
-    t.fit(model, datamodule=data(args, seed))
-    return float(t.callback_metrics["val/acc"]), model.cpu().state_dict(), structure_of(model)
+        callbacks.append(
+            IterativeMagnitudePruning(
+                {
+                    "kind": "one_shot",
+                    "sparsity": args.channel_ratio,
+                    "unit": "step",
+                    "at": int(args.structured_at * args.round_steps),
+                },
+                structured=True,
+                targets=["Conv1d"],
+                scope="layer",
+            )
+        )
+    pl.seed_everything(seed, verbose=False)
+    model = RoundCNN(round_steps=args.round_steps, channels=args.channels, lr=args.lr)
+    dm = data(args, seed)
+    quiet_trainer(max_steps=args.round_steps, limit_val_batches=0, deterministic=True, callbacks=callbacks).fit(
+        model, datamodule=dm
+    )
+    accs = {f"{s}_acc": accuracy(model, *dm.split(s)) for s in ("val", "test")}
+    return accs, model.cpu().state_dict(), structure_of(model)
 
 
 def rebuild(args, state: dict, structure: dict) -> torch.nn.Module:
-    model = MNIST1DCNN(channels=args.wide_channels)
+    model = MNIST1DCNN(channels=args.channels)
     restructure(model, structure)
     model.load_state_dict(state)
     return model.eval()
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
+def curve(per_seed: list[list[dict]]) -> list[dict]:
+    """Seed means per round of the Evaluate rows (test ``acc``, ``val_acc``), per-seed test accuracy."""
+    return [
+        {
+            "round": r,
+            "sparsity": rows[0]["sparsity"],
+            "acc": mean(x["test_acc"] for x in rows),
+            "val_acc": mean(x["val_acc"] for x in rows),
+            "acc_per_seed": [x["test_acc"] for x in rows],
+        }
+        for r, rows in enumerate(zip(*per_seed))
+    ]
 
 
-def _call(job):
-    fn, job_args = job
-    return fn(*job_args)
-
-
-def run_all(args, jobs: list) -> list:
-    """Independent trainings in ``args.workers`` processes of ``args.threads`` threads (results in order)."""
-    if args.workers <= 1:
-        return [_call(j) for j in jobs]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool:
-        return pool.map(_call, jobs, chunksize=1)
-
-
-class StepTimer(pl.Callback):
-    """Wall time between consecutive batch starts (everything the loop does per step) in epoch 1."""
-
-    def __init__(self):
-        self.times, self._last = [], None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
-        if trainer.current_epoch == 1 and self._last is not None and batch_idx > 1:
-            self.times.append(now - self._last)
-        self._last = now
+def summary(rows: list[dict], sparsities) -> list[dict]:
+    return [
+        {
+            "round": i,
+            "sparsity": s,
+            "acc": mean(x["test_acc"] for x in r),
+            "val_acc": mean(x["val_acc"] for x in r),
+            "reached_sparsity": mean(x["sparsity"] for x in r),
+            "acc_per_seed": [x["test_acc"] for x in r],
+        }
+        for i, (s, r) in enumerate(zip(sparsities, rows))
+    ]
 
 
 def overhead(args) -> dict:
@@ -150,111 +234,178 @@ def overhead(args) -> dict:
 
     def callbacks(method, model):
         layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear))]
-        if method == "slim":  # 90% masks from the start of epoch 1 (timed)
-            return [IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.9, "at": 1})]
+        if method == "slim":  # 90% masks from the start (every timed step is masked)
+            return [IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.9, "at": 0})]
         if method == "lightning_modelpruning":  # prunes 90% at the end of epoch 0, masks live in epoch 1
-            return [ModelPruning("l1_unstructured", parameters_to_prune=[(m, "weight") for m in layers],
-                                 amount=0.9, apply_pruning=lambda epoch: epoch == 0,
-                                 use_lottery_ticket_hypothesis=False, verbose=0)]
+            return [
+                ModelPruning(
+                    "l1_unstructured",
+                    parameters_to_prune=[(m, "weight") for m in layers],
+                    amount=0.9,
+                    apply_pruning=lambda epoch: epoch == 0,
+                    use_lottery_ticket_hypothesis=False,
+                    verbose=0,
+                )
+            ]
         return []
 
     times = {"dense": [], "slim": [], "lightning_modelpruning": []}
     order = list(times)
     for rep in range(args.overhead_reps):
-        for method in order[rep % 3:] + order[:rep % 3]:  # rotate so no method always runs first
+        for method in order[rep % 3 :] + order[: rep % 3]:  # rotate so no method always runs first
             pl.seed_everything(rep, verbose=False)
-            model = MNIST1DCNN(channels=args.imp_channels, lr=args.lr)
-            timer = StepTimer()
-            t = trainer(max_epochs=2, limit_train_batches=args.overhead_steps, limit_val_batches=0,
-                        callbacks=[timer, *callbacks(method, model)])
+            model = MNIST1DCNN(channels=args.channels, lr=args.lr)
+            timer = step_timer(skip_first=args.overhead_steps + 2)  # time epoch 1 only
+            t = quiet_trainer(
+                max_epochs=2,
+                limit_train_batches=args.overhead_steps,
+                limit_val_batches=0,
+                callbacks=[timer, *callbacks(method, model)],
+            )
             t.fit(model, datamodule=data(args, rep))
             times[method] += timer.times
     dense = statistics.median(times["dense"])
-    return {"slim": statistics.median(times["slim"]) / dense,
-            "lightning_modelpruning": statistics.median(times["lightning_modelpruning"]) / dense,
-            "dense_step_ms": 1000 * dense, "steps_timed_per_method": len(times["dense"])}
+    return {
+        "slim": statistics.median(times["slim"]) / dense,
+        "lightning_modelpruning": statistics.median(times["lightning_modelpruning"]) / dense,
+        "dense_step_ms": 1000 * dense,
+        "steps_timed_per_method": len(times["dense"]),
+    }
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results/pruning.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=1, help="per process; 1 avoids thread spin on a shared machine")
-    p.add_argument("--workers", type=int, default=2, help="trainings run in parallel (timings run alone)")
-    p.add_argument("--num-samples", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--imp-channels", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--round-epochs", type=int, default=8)
-    p.add_argument("--rewind-step", type=int, default=80)
-    p.add_argument("--skip-init-rewind", action="store_true")
-    p.add_argument("--wide-channels", type=int, default=128)
-    p.add_argument("--channel-ratio", type=float, default=0.3)
-    p.add_argument("--structured-epochs", type=int, default=8)
-    p.add_argument("--overhead-reps", type=int, default=4)
-    p.add_argument("--overhead-steps", type=int, default=100)
-    args = p.parse_args()
-    started = time.time()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("LIGHTNING_SLIM_CACHE", str(Path(__file__).resolve().parents[1] / ".slim_cache"))
-    results: dict = {"config": vars(args)}
-
-    variants = [("imp", args.rewind_step)] + ([] if args.skip_init_rewind else [("imp_rewind_init", 0)])
-    jobs = [(imp_run, (args, s, k)) for _, k in variants for s in args.seeds]
-    jobs += [(structured_run, (args, s, prune)) for s in args.seeds for prune in (False, True)]
-    outputs = run_all(args, jobs)
-    n = len(args.seeds)
-    curves = {label: outputs[i * n:(i + 1) * n] for i, (label, _) in enumerate(variants)}
-    for label, per_seed in curves.items():
-        results[label] = [{"round": row[0], "sparsity": round(row[1], 4),
-                           "acc": mean([c[i][2] for c, _ in per_seed]),
-                           "acc_per_seed": [c[i][2] for c, _ in per_seed]}
-                          for i, row in enumerate(per_seed[0][0])]
-    results["dense_acc"] = results["imp"][0]["acc"]
-    print("imp", json.dumps(results["imp"]), f"{time.time() - started:.0f}s", flush=True)
-
-    final = results["imp"][-1]
-    results["imp_layer_sparsity"] = {  # where global ranking put the zeros (seed 0's final masks)
-        name: round(1 - mask.float().mean().item(), 4) for name, mask in curves["imp"][0][1].items()}
-    reinit = run_all(args, [(reinit_run, (args, s, masks, final["sparsity"]))
-                            for s, (_, masks) in zip(args.seeds, curves["imp"])])
-    results["random_reinit_acc"] = mean(reinit)
-    results["random_reinit"] = {"sparsity": final["sparsity"], "acc_per_seed": reinit,
-                                "winning_ticket_acc": final["acc"]}
-    print("reinit", reinit, f"{time.time() - started:.0f}s", flush=True)
-
-    pairs = outputs[len(variants) * n:]
-    dense, pruned = [p[0] for p in pairs[0::2]], [p[0] for p in pairs[1::2]]
-    model_d, model_p = rebuild(args, *pairs[-2][1:]), rebuild(args, *pairs[-1][1:])
-    torch.set_num_threads(args.threads)
+def structured_summary(args, dense_runs, pruned_runs) -> dict:
+    dense, pruned = [r[0] for r in dense_runs], [r[0] for r in pruned_runs]
+    model_d, model_p = rebuild(args, *dense_runs[-1][1:]), rebuild(args, *pruned_runs[-1][1:])
     x = torch.randn(256, 1, 40)
+    steady = steady_allocator()
     lat_d, lat_p = [], []
     for _ in range(7):  # interleaved, medians
         lat_d.append(cpu_latency_ms(model_d, x, warmup=3, repeats=10))
         lat_p.append(cpu_latency_ms(model_p, x, warmup=3, repeats=10))
-    results["structured"] = {
+    return {
         "macs_ratio": count_macs(model_d, x[:1]) / count_macs(model_p, x[:1]),
         "latency_speedup": statistics.median(lat_d) / statistics.median(lat_p),
-        "acc": mean(pruned), "dense_acc": mean(dense), "acc_per_seed": pruned, "dense_acc_per_seed": dense,
+        "acc": mean(p["test_acc"] for p in pruned),
+        "dense_acc": mean(p["test_acc"] for p in dense),
+        "val_acc": mean(p["val_acc"] for p in pruned),
+        "dense_val_acc": mean(p["val_acc"] for p in dense),
+        "acc_per_seed": [p["test_acc"] for p in pruned],
+        "dense_acc_per_seed": [p["test_acc"] for p in dense],
         "params_ratio": count_parameters(model_d) / count_parameters(model_p),
-        "latency_ms": {"dense": statistics.median(lat_d), "pruned": statistics.median(lat_p), "batch": 256,
-                       "threads": args.threads},
-        "channels": args.wide_channels, "channel_ratio": args.channel_ratio}
-    print("structured", json.dumps(results["structured"]), f"{time.time() - started:.0f}s", flush=True)
+        "latency_ms": {
+            "dense": statistics.median(lat_d),
+            "pruned": statistics.median(lat_p),
+            "batch": 256,
+            "threads": args.threads,
+            "steady_allocator": steady,
+        },
+        "channels": args.channels,
+        "channel_ratio": args.channel_ratio,
+        "pruned_at_step": int(args.structured_at * args.round_steps),
+    }
 
-    results["overhead"] = overhead(args)
-    results["machine"] = {"cpu_cores": os.cpu_count(), "threads_per_process": args.threads,
-                          "training_processes": args.workers, "torch": torch.__version__, "lightning": pl.__version__}
-    results["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
+
+def main() -> None:
+    p = parser(__doc__.split("\n")[0], "benchmarks/results/pruning.json")
+    p.set_defaults(threads=1)  # per process; 1 avoids thread spin on a shared machine
+    p.add_argument("--workers", type=int, default=2, help="trainings run in parallel (timings run alone)")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["imp", "gradual", "structured", "small", "overhead"],
+        help="what to run (the random re-init control runs with imp; small: the paper CNN's rows)",
+    )
+    p.add_argument("--num-samples", type=int, default=25000)
+    p.add_argument("--val-examples", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--channels", type=int, default=128)
+    p.add_argument("--small-channels", type=int, default=25)
+    p.add_argument("--round-steps", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=14)
+    p.add_argument("--rate", type=float, default=0.2)
+    p.add_argument("--rewind-step", type=int, default=200, help="0: rewind to initialisation")
+    p.add_argument("--gradual-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--gradual-end", type=float, default=0.7, help="fraction of the training")
+    p.add_argument("--gradual-every", type=int, default=50, help="steps between pruning events (unit step)")
+    p.add_argument("--gradual-unit", choices=["step", "epoch"], default="step")
+    p.add_argument("--channel-ratio", type=float, default=0.3)
+    p.add_argument("--structured-at", type=float, default=0.25, help="fraction of the training")
+    p.add_argument("--overhead-reps", type=int, default=4)
+    p.add_argument("--overhead-steps", type=int, default=100)
+    args = p.parse_args()
+    started = time.time()
+    fair_cpu(args.threads)
+    arms, seeds = set(args.arms), args.seeds
+    nets = {"main": args.channels, **({"small": args.small_channels} if "small" in arms else {})}
+    plan = []  # (what, job): every training in one pool, the longest (IMP) first
+    for name, c in nets.items():
+        plan += [((name, "imp"), (imp_run, (args, s, c))) for s in seeds if "imp" in arms]
+    for name, c in nets.items():
+        plan += [
+            ((name, f), (gradual_run, (args, s, c, f)))
+            for f in args.gradual_sparsities
+            for s in seeds
+            if "gradual" in arms
+        ]
+    plan += [
+        (("structured", prune), (structured_run, (args, s, prune)))
+        for s in seeds
+        for prune in (False, True)
+        if "structured" in arms
+    ]
+    got: dict = {}
+    for (what, _), output in zip(plan, run_all([job for _, job in plan], args.workers, args.threads)):
+        got.setdefault(what, []).append(output)
+
+    results: dict = {
+        "config": vars(args),
+        "channels": args.channels,
+        "imp_schedule": imp_schedule(args),
+        "gradual_schedule": gradual_schedule(args, args.gradual_sparsities[-1]),
+    }
+    for name, channels in nets.items():
+        res = (
+            results
+            if name == "main"
+            else results.setdefault(
+                "small_cnn", {"channels": channels, "note": "the paper's CNN: capacity-limited reference row"}
+            )
+        )
+        if "imp" in arms:
+            res["imp"] = curve([rows for rows, _ in got[(name, "imp")]])
+            res["dense_acc"], res["dense_val_acc"] = res["imp"][0]["acc"], res["imp"][0]["val_acc"]
+        if "gradual" in arms:
+            res["gradual"] = summary([got[(name, f)] for f in args.gradual_sparsities], args.gradual_sparsities)
+    print(
+        {k: results.get(k) for k in ("dense_acc", "imp", "gradual", "small_cnn")},
+        f"{time.time() - started:.0f}s",
+        flush=True,
+    )
+
+    if "imp" in arms:
+        final, masks = results["imp"][-1], [m for _, m in got[("main", "imp")]]
+        results["imp_layer_sparsity"] = {  # where global ranking put the zeros (seed 0's final masks)
+            n: round(1 - m.float().mean().item(), 4) for n, m in masks[0].items()
+        }
+        reinit = run_all(
+            [(reinit_run, (args, s, m, final["sparsity"])) for s, m in zip(seeds, masks)], args.workers, args.threads
+        )
+        results["random_reinit_acc"] = mean(r["test_acc"] for r in reinit)
+        results["random_reinit"] = {
+            "sparsity": final["sparsity"],
+            "acc_per_seed": [r["test_acc"] for r in reinit],
+            "val_acc": mean(r["val_acc"] for r in reinit),
+            "winning_ticket_acc": final["acc"],
+        }
+        print("reinit", results["random_reinit"], f"{time.time() - started:.0f}s", flush=True)
+    if "structured" in arms:
+        results["structured"] = structured_summary(args, got[("structured", False)], got[("structured", True)])
+        print("structured", results["structured"], f"{time.time() - started:.0f}s", flush=True)
+    if "overhead" in arms:
+        results["overhead"] = overhead(args)
+    results["training_processes"] = args.workers
+    write(args.out, results, started)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ of the fp32 model against the int8 module, whose state is the ONNX file's bytes;
 ``payload_ratio`` counts tensor bytes only (what per-file overhead hides on tiny models).
 Two wider models (untrained) add size and latency rows to show how int8 scales with width.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,8 @@ import torch
 from lightning_slim.data import MNIST1DDataModule
 from lightning_slim.measure import serialized_bytes
 from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
-from lightning_slim.quantization import QuantizationAwareTraining, functional as F
+from lightning_slim.quantization import QuantizationAwareTraining
+from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import to_runtime
 from lightning_slim.quantization.static import calibrate
 from lightning_slim.report import classification_accuracy
@@ -44,16 +46,27 @@ MODELS = {  # name -> (factory, epochs, lr); the issue's required rows, trained
 }
 # wider models, size and latency only (untrained weights: the 10-minute budget has no room to
 # train them): does int8 pay off once GEMMs, not per-op overhead, dominate?
-WIDE = {"mnist1d_mlp_1024": partial(MNIST1DMLP, hidden=1024),
-        "mnist1d_cnn_128_bn": partial(MNIST1DCNN, channels=128, batch_norm=True)}
+WIDE = {
+    "mnist1d_mlp_1024": partial(MNIST1DMLP, hidden=1024),
+    "mnist1d_cnn_128_bn": partial(MNIST1DCNN, channels=128, batch_norm=True),
+}
 
 
 def fit(make, epochs, lr, seed, data, callbacks=()):
     pl.seed_everything(seed, verbose=False)
     module = make(lr=lr, lr_schedule="cosine")
-    pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-               limit_val_batches=0, callbacks=list(callbacks)).fit(module, datamodule=data)
+    pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    ).fit(module, datamodule=data)
     return module
 
 
@@ -99,28 +112,46 @@ def run_model(name, seeds, num_samples, repeats, epochs_scale):
         test = data.test_dataloader()
         t0 = time.time()
         fp32 = fit(make, epochs, lr, seed, data).cpu().eval()
-        cb = QuantizationAwareTraining(start_after=1, freeze_ranges_after=max(1, round(0.8 * epochs)),
-                                       freeze_bn_after=max(1, round(0.8 * epochs)))
+        cb = QuantizationAwareTraining(
+            start_after=1, freeze_ranges_after=max(1, round(0.8 * epochs)), freeze_bn_after=max(1, round(0.8 * epochs))
+        )
         qat = fit(make, epochs, lr, seed, data, [cb]).cpu().eval()
         qat_int8 = cb.export(copy.deepcopy(qat))
         x = data.x_test[:256]
         fp32_ms, int8_ms = interleaved_latency(fp32, qat_int8, x, repeats)
-        rows.append({"seed": seed, "fp32_acc": classification_accuracy(fp32, test),
-                     "ptq_int8_acc": classification_accuracy(ptq(fp32, data.x_train[:2048]), test),
-                     "qat_fp32_acc": classification_accuracy(qat, test),
-                     "qat_int8_acc": classification_accuracy(qat_int8, test),
-                     "fp32_bytes": serialized_bytes(fp32), "int8_bytes": serialized_bytes(qat_int8),
-                     "payload_ratio": payload_bytes(fp32) / payload_bytes(qat_int8),
-                     "fp32_ms": fp32_ms, "int8_ms": int8_ms, "seconds": time.time() - t0})
+        rows.append(
+            {
+                "seed": seed,
+                "fp32_acc": classification_accuracy(fp32, test),
+                "ptq_int8_acc": classification_accuracy(ptq(fp32, data.x_train[:2048]), test),
+                "qat_fp32_acc": classification_accuracy(qat, test),
+                "qat_int8_acc": classification_accuracy(qat_int8, test),
+                "fp32_bytes": serialized_bytes(fp32),
+                "int8_bytes": serialized_bytes(qat_int8),
+                "payload_ratio": payload_bytes(fp32) / payload_bytes(qat_int8),
+                "fp32_ms": fp32_ms,
+                "int8_ms": int8_ms,
+                "seconds": time.time() - t0,
+            }
+        )
         print(name, rows[-1], flush=True)
     mean = lambda k: statistics.mean(r[k] for r in rows)
-    return {"fp32_acc": mean("fp32_acc"), "ptq_int8_acc": mean("ptq_int8_acc"), "qat_int8_acc": mean("qat_int8_acc"),
-            "size_ratio": mean("fp32_bytes") / mean("int8_bytes"), "payload_size_ratio": mean("payload_ratio"),
-            "latency_speedup": statistics.median(r["fp32_ms"] / r["int8_ms"] for r in rows),
-            "fp32_latency_ms": mean("fp32_ms"), "int8_latency_ms": mean("int8_ms"),
-            "params": sum(p.numel() for p in make().parameters()), "epochs": epochs, "lr": lr,
-            "acc_std_fp32": statistics.pstdev(r["fp32_acc"] for r in rows),
-            "acc_std_qat_int8": statistics.pstdev(r["qat_int8_acc"] for r in rows), "per_seed": rows}
+    return {
+        "fp32_acc": mean("fp32_acc"),
+        "ptq_int8_acc": mean("ptq_int8_acc"),
+        "qat_int8_acc": mean("qat_int8_acc"),
+        "size_ratio": mean("fp32_bytes") / mean("int8_bytes"),
+        "payload_size_ratio": mean("payload_ratio"),
+        "latency_speedup": statistics.median(r["fp32_ms"] / r["int8_ms"] for r in rows),
+        "fp32_latency_ms": mean("fp32_ms"),
+        "int8_latency_ms": mean("int8_ms"),
+        "params": sum(p.numel() for p in make().parameters()),
+        "epochs": epochs,
+        "lr": lr,
+        "acc_std_fp32": statistics.pstdev(r["fp32_acc"] for r in rows),
+        "acc_std_qat_int8": statistics.pstdev(r["qat_int8_acc"] for r in rows),
+        "per_seed": rows,
+    }
 
 
 def run_wide(name, repeats):
@@ -128,10 +159,15 @@ def run_wide(name, repeats):
     x = torch.randn(256, 1, 40, generator=torch.Generator().manual_seed(0))
     int8 = ptq(fp32, x)
     fp32_ms, int8_ms = interleaved_latency(fp32, int8, x, repeats)
-    row = {"size_ratio": serialized_bytes(fp32) / serialized_bytes(int8),
-           "payload_size_ratio": payload_bytes(fp32) / payload_bytes(int8), "latency_speedup": fp32_ms / int8_ms,
-           "fp32_latency_ms": fp32_ms, "int8_latency_ms": int8_ms,
-           "params": sum(p.numel() for p in fp32.parameters()), "trained": False}
+    row = {
+        "size_ratio": serialized_bytes(fp32) / serialized_bytes(int8),
+        "payload_size_ratio": payload_bytes(fp32) / payload_bytes(int8),
+        "latency_speedup": fp32_ms / int8_ms,
+        "fp32_latency_ms": fp32_ms,
+        "int8_latency_ms": int8_ms,
+        "params": sum(p.numel() for p in fp32.parameters()),
+        "trained": False,
+    }
     print(name, row, flush=True)
     return row
 
@@ -145,8 +181,14 @@ def gemm_row(repeats):
     a, b = (torch.randint(-128, 128, s, dtype=torch.int8, generator=g) for s in ((256, 1024), (1024, 1024)))
     af, bf = a.float(), b.float()
     fp32_ms, int8_ms = interleaved_latency(lambda _x: af @ bf, lambda _x: torch._int_mm(a, b), None, repeats)
-    return {"shape": "256x1024 @ 1024x1024", "fp32_ms": fp32_ms, "int8_ms": int8_ms, "int8_speedup": fp32_ms / int8_ms,
-            "cpu_avx512_vnni": _cpu_is_vnni_supported(), "cpu_amx": _cpu_is_amx_tile_supported()}
+    return {
+        "shape": "256x1024 @ 1024x1024",
+        "fp32_ms": fp32_ms,
+        "int8_ms": int8_ms,
+        "int8_speedup": fp32_ms / int8_ms,
+        "cpu_avx512_vnni": _cpu_is_vnni_supported(),
+        "cpu_amx": _cpu_is_amx_tile_supported(),
+    }
 
 
 def main():
@@ -161,22 +203,33 @@ def main():
     torch.set_flush_denormal(True)
     torch.set_num_threads(2)
     start = time.time()
-    results = {name: run_model(name, args.seeds, args.num_samples, args.repeats, args.epochs_scale)
-               for name in args.models}
+    results = {
+        name: run_model(name, args.seeds, args.num_samples, args.repeats, args.epochs_scale) for name in args.models
+    }
     # int8 is slow on some CPUs (see gemm_row): fewer repeats keep these rows inside the budget
     results |= {name: run_wide(name, min(args.repeats, 10)) for name in WIDE}
     gemm = gemm_row(min(args.repeats, 10))
     print("gemm", gemm)
-    meta = {"int8_gemm_kernel": gemm, "command": "python " + " ".join(sys.argv),
-            "seeds": args.seeds, "torch": torch.__version__, "threads": 2, "machine": platform.processor() or
-            platform.machine(), "cpus": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
-            "test_examples": int(args.num_samples * 0.2), "latency_batch": 256}
+    meta = {
+        "int8_gemm_kernel": gemm,
+        "command": "python " + " ".join(sys.argv),
+        "seeds": args.seeds,
+        "torch": torch.__version__,
+        "threads": 2,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "seconds": round(time.time() - start, 1),
+        "test_examples": int(args.num_samples * 0.2),
+        "latency_batch": 256,
+    }
     with open(args.out, "w") as f:
         json.dump({**results, "_meta": meta}, f, indent=2)
     for name, r in results.items():
         accs = " ".join(f"{k[:-4]} {r[k]:.4f}" for k in ("fp32_acc", "ptq_int8_acc", "qat_int8_acc") if k in r)
-        print(f"{name:>20}: {accs} size x{r['size_ratio']:.2f} (payload x{r['payload_size_ratio']:.2f}) "
-              f"latency x{r['latency_speedup']:.2f} ({r['fp32_latency_ms']:.2f} -> {r['int8_latency_ms']:.2f} ms)")
+        print(
+            f"{name:>20}: {accs} size x{r['size_ratio']:.2f} (payload x{r['payload_size_ratio']:.2f}) "
+            f"latency x{r['latency_speedup']:.2f} ({r['fp32_latency_ms']:.2f} -> {r['int8_latency_ms']:.2f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ examples), then, in one process with one thread (torch and ORT ``intra_op_num_th
   QAT), ``int8_metric`` of the ORT artifact, their argmax agreement and largest logit difference.
 Nothing is tuned: the recipe is the method card's default schedule.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fair_cpu, quiet_trainer  # noqa: E402
+from common import fair_cpu, quiet_trainer
 
-from lightning_slim.data import MNIST1DDataModule  # noqa: E402
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer  # noqa: E402
-from lightning_slim.quantization import (QuantizationAwareTraining, artifact_bytes, cpu_int8_capability,  # noqa: E402
-                                         fp32_onnx, functional as F, fused_ops, interleaved_latency_ms, to_runtime)
-from lightning_slim.quantization.export import save_int8  # noqa: E402
+from lightning_slim.data import MNIST1DDataModule
+from lightning_slim.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer
+from lightning_slim.quantization import (
+    QuantizationAwareTraining,
+    artifact_bytes,
+    cpu_int8_capability,
+    fp32_onnx,
+    fused_ops,
+    interleaved_latency_ms,
+    to_runtime,
+)
+from lightning_slim.quantization import (
+    functional as F,
+)
+from lightning_slim.quantization.export import save_int8
 
 # name -> (factory, lr, Linear-heavy: also int4)
 MODELS = {
@@ -82,16 +93,27 @@ def measure(name, module, cb, data, batch, tmp, repeats):
     fq_out, int8_out = logits(fake, x_test), logits(int8, x_test)
     acc = lambda out: float((out.argmax(-1) == y_test).float().mean())
     x = x_test[:batch]
-    times = interleaved_latency_ms({"fp32_eager": lambda: module(x), "fp32_runtime": lambda: fp32_rt(x),
-                                    "int8": lambda: int8(x)}, repeats=repeats)
-    row = {"params": sum(p.numel() for p in module.parameters()), "batch": batch, "runtime": "onnxruntime",
-           "fp32_eager_ms": times["fp32_eager"], "fp32_runtime_ms": times["fp32_runtime"], "int8_ms": times["int8"],
-           "int8_speedup": times["fp32_eager"] / times["int8"],
-           "int8_speedup_vs_fp32_runtime": times["fp32_runtime"] / times["int8"],
-           "fp32_bytes": artifact_bytes(fp32_path), "int8_bytes": artifact_bytes(int8_path),
-           "fp32_metric": acc(logits(module, x_test)), "fakequant_metric": acc(fq_out), "int8_metric": acc(int8_out),
-           "argmax_agreement": float((fq_out.argmax(-1) == int8_out.argmax(-1)).float().mean()),
-           "max_logit_diff": float((fq_out - int8_out).abs().max()), "int8_ops": fused_ops(int8_path)}
+    times = interleaved_latency_ms(
+        {"fp32_eager": lambda: module(x), "fp32_runtime": lambda: fp32_rt(x), "int8": lambda: int8(x)}, repeats=repeats
+    )
+    row = {
+        "params": sum(p.numel() for p in module.parameters()),
+        "batch": batch,
+        "runtime": "onnxruntime",
+        "fp32_eager_ms": times["fp32_eager"],
+        "fp32_runtime_ms": times["fp32_runtime"],
+        "int8_ms": times["int8"],
+        "int8_speedup": times["fp32_eager"] / times["int8"],
+        "int8_speedup_vs_fp32_runtime": times["fp32_runtime"] / times["int8"],
+        "fp32_bytes": artifact_bytes(fp32_path),
+        "int8_bytes": artifact_bytes(int8_path),
+        "fp32_metric": acc(logits(module, x_test)),
+        "fakequant_metric": acc(fq_out),
+        "int8_metric": acc(int8_out),
+        "argmax_agreement": float((fq_out.argmax(-1) == int8_out.argmax(-1)).float().mean()),
+        "max_logit_diff": float((fq_out - int8_out).abs().max()),
+        "int8_ops": fused_ops(int8_path),
+    }
     row["int8_size_ratio"] = row["fp32_bytes"] / row["int8_bytes"]
     if MODELS[name.removesuffix("_b1")][2]:
         row["int4_bytes"], int4 = int4_artifact(module, x_test, tmp / f"{name}_int4.onnx")
@@ -126,24 +148,47 @@ def main(argv=None):
             results[name] = {**measure(name, module, cb, data, batch, Path(tmp), repeats), "train_s": train_s}
             print(name, json.dumps(results[name]), flush=True)
     cap = cpu_int8_capability()
-    flags = sorted(f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                   for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "vnni", "fma", "sse4")))
+    flags = sorted(
+        f
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+        for f in line.split(":", 1)[1].split()
+        if f.startswith(("avx", "amx", "vnni", "fma", "sse4"))
+    )
     import lightning
     import onnxruntime
 
-    out = {"machine": {"cpu": cap["model"], "int8_capability": cap, "cpu_flags": sorted(set(flags)),
-                       "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                       "lightning": lightning.__version__, "threads": 1, "ort_intra_op_threads": 1},
-           "command": "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "settings": {"epochs": args.epochs, "seed": args.seed, "num_samples": args.num_samples,
-                        "test_examples": len(data.y_test), "int4_block": INT4_BLOCK, "repeats": args.repeats},
-           "models": results, "wall_s": round(time.time() - started, 1)}
+    out = {
+        "machine": {
+            "cpu": cap["model"],
+            "int8_capability": cap,
+            "cpu_flags": sorted(set(flags)),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "lightning": lightning.__version__,
+            "threads": 1,
+            "ort_intra_op_threads": 1,
+        },
+        "command": "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "num_samples": args.num_samples,
+            "test_examples": len(data.y_test),
+            "int4_block": INT4_BLOCK,
+            "repeats": args.repeats,
+        },
+        "models": results,
+        "wall_s": round(time.time() - started, 1),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     for name, r in results.items():
-        print(f"{name:>12} {r['params']:>9,} b={r['batch']:<3} eager {r['fp32_eager_ms']:7.3f} ms | ORT fp32 "
-              f"{r['fp32_runtime_ms']:7.3f} | ORT int8 {r['int8_ms']:7.3f} ({r['int8_speedup']:.2f}x) | size "
-              f"x{r['int8_size_ratio']:.2f} | acc fq {r['fakequant_metric']:.4f} int8 {r['int8_metric']:.4f}")
+        print(
+            f"{name:>12} {r['params']:>9,} b={r['batch']:<3} eager {r['fp32_eager_ms']:7.3f} ms | ORT fp32 "
+            f"{r['fp32_runtime_ms']:7.3f} | ORT int8 {r['int8_ms']:7.3f} ({r['int8_speedup']:.2f}x) | size "
+            f"x{r['int8_size_ratio']:.2f} | acc fq {r['fakequant_metric']:.4f} int8 {r['int8_metric']:.4f}"
+        )
     print("wall_s", out["wall_s"])
     return out
 

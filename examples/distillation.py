@@ -7,6 +7,7 @@
 2. Add ``KnowledgeDistillation`` to the student's Trainer: the student's module is unchanged.
    (From YAML: ``--config callbacks/distillation.yaml`` with ``teacher_checkpoint`` set to the path.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from lightning_slim import CompressionReport, KnowledgeDistillation, MNIST1DCNN, MNIST1DDataModule, MNIST1DTeacherCNN
+from lightning_slim import MNIST1DCNN, CompressionReport, KnowledgeDistillation, MNIST1DDataModule, MNIST1DTeacherCNN
 
 
 def main() -> None:
@@ -36,9 +37,11 @@ def main() -> None:
     trainer.save_checkpoint(ckpt)
 
     kd = KnowledgeDistillation(
-        teacher_checkpoint=str(ckpt), teacher_class="lightning_slim.MNIST1DTeacherCNN",  # or teacher=teacher
-        alpha=0.9, temperature=4.0,            # (1 - alpha) * your loss + alpha * T^2 * KL(teacher || student)
-        cache_teacher=True,                    # the teacher runs once per training example
+        teacher_checkpoint=str(ckpt),
+        teacher_class="lightning_slim.MNIST1DTeacherCNN",  # or teacher=teacher
+        alpha=0.9,
+        temperature=4.0,  # (1 - alpha) * your loss + alpha * T^2 * KL(teacher || student)
+        cache_teacher=True,  # the teacher runs once per training example
     )
     logger = False
     if args.wandb:
@@ -46,13 +49,21 @@ def main() -> None:
 
         logger = WandbLogger(offline=True, save_dir=str(out), project="lightning-slim-examples")
     student = MNIST1DCNN(lr_schedule="cosine")
-    trainer = pl.Trainer(max_epochs=args.epochs, logger=logger, log_every_n_steps=10, enable_progress_bar=False,
-                         default_root_dir=out, callbacks=[kd, CompressionReport(accuracy_metric="val/acc")])
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        logger=logger,
+        log_every_n_steps=10,
+        enable_progress_bar=False,
+        default_root_dir=out,
+        callbacks=[kd, CompressionReport(accuracy_metric="val/acc")],
+    )
     trainer.fit(student, datamodule=data)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "slim/"))}
-    print(f"student val/acc {metrics['val/acc']}, teacher-student agreement "
-          f"{metrics.get('slim/distillation/agreement')}; teacher forward examples {kd.counts['teacher_examples']} "
-          f"for {kd.counts['student_examples']} student examples; cache {kd.cache.nbytes / 1e6:.2f} MB")
+    print(
+        f"student val/acc {metrics['val/acc']}, teacher-student agreement "
+        f"{metrics.get('slim/distillation/agreement')}; teacher forward examples {kd.counts['teacher_examples']} "
+        f"for {kd.counts['student_examples']} student examples; cache {kd.cache.nbytes / 1e6:.2f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
    what is left. 2. Structural pruning: remove 30% of the Conv channels after 2 epochs, save
    checkpoints, and load the small model back from one with ``load_pruned``.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -16,34 +17,46 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_slim import CompressionReport, IterativeMagnitudePruning, MNIST1DCNN, MNIST1DDataModule
+from lightning_slim import MNIST1DCNN, CompressionReport, IterativeMagnitudePruning, MNIST1DDataModule
 from lightning_slim.pruning import load_pruned
 
 
 def trainer(epochs: int, callbacks, **kwargs) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=callbacks, **kwargs)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def lottery_ticket(data: MNIST1DDataModule, workdir: Path) -> None:
     pruning = IterativeMagnitudePruning(
         schedule={"kind": "imp", "rounds": 3, "rate": 0.5, "every": 2, "unit": "epoch"},  # 50%, 75%, 87.5%
-        rewind="step", rewind_step=20)
+        rewind="step",
+        rewind_step=20,
+    )
     report = CompressionReport(accuracy_metric="val/acc", measure_latency=False)
     trainer(8, [pruning, report], enable_checkpointing=False, default_root_dir=workdir).fit(
-        MNIST1DCNN(channels=32), datamodule=data)
+        MNIST1DCNN(channels=32), datamodule=data
+    )
     for round_, sparsity, acc, step in pruning.curve:
         print(f"round {round_}: sparsity {sparsity:.3f}  val/acc {acc:.3f}  (step {step})")
     # report.exported_model is the deployable copy: plain tensors, zeros where pruned, no hooks
 
 
 def channel_pruning(data: MNIST1DDataModule, workdir: Path) -> None:
-    pruning = IterativeMagnitudePruning(schedule={"kind": "one_shot", "sparsity": 0.3, "at": 2},
-                                        structured=True, targets=["Conv1d"], scope="layer")
+    pruning = IterativeMagnitudePruning(
+        schedule={"kind": "one_shot", "sparsity": 0.3, "at": 2}, structured=True, targets=["Conv1d"], scope="layer"
+    )
     ckpt = ModelCheckpoint(dirpath=workdir, save_last=True)
     model = MNIST1DCNN(channels=128, lr=3e-3, lr_schedule="cosine")
     trainer(4, [pruning, ckpt, CompressionReport(accuracy_metric="val/acc")], default_root_dir=workdir).fit(
-        model, datamodule=data)
+        model, datamodule=data
+    )
     # a fresh model built as usual is resized to the checkpoint's shapes, then loaded
     small = load_pruned(MNIST1DCNN(channels=128), str(workdir / "last.ckpt")).eval()
     x = data.x_test[:256]

@@ -8,6 +8,7 @@ the files below), printable ASCII as 96 symbols, first 90% train / last 10% vali
 contents follow the Python version. Everything uses ``lightning_slim.pruning``'s functions, as
 a plain training loop or a benchmark would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,20 @@ from lightning_slim.pruning.heads import sync_configs, transformer_plan
 from lightning_slim.pruning.structured import channel_prune
 from lightning_slim.pruning.tensors import tensor_of
 
-FILES = ["textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py", "fnmatch.py", "glob.py", "argparse.py",
-         "difflib.py", "pprint.py", "calendar.py", "inspect.py"]
+FILES = [
+    "textwrap.py",
+    "string.py",
+    "heapq.py",
+    "bisect.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "argparse.py",
+    "difflib.py",
+    "pprint.py",
+    "calendar.py",
+    "inspect.py",
+]
 
 
 def corpus(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,15 +116,29 @@ def main(out: str | None, dense_steps: int, tune_steps: int) -> dict:
     seq = 64
     train_ids, val_ids = corpus(seq)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=256, use_cache=False, pad_token_id=None,
-                      bos_token_id=None, eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        use_cache=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     dense = LlamaForCausalLM(cfg)
     train(dense, train_ids, dense_steps, 3e-3, seed=0)
     results = {"dense_before_finetune": val_loss(dense, val_ids)}
     linear = ["re:.*(q|k|v|o|gate|up|down)_proj"]  # every Linear of the decoder layers (lm_head, embeddings dense)
-    variants = {"dense": {}, "unstructured_50": dict(scope="layer"), "2:4": dict(pattern="2:4"),
-                "wanda_2:4": dict(pattern="2:4", importance="wanda")}
+    variants = {
+        "dense": {},
+        "unstructured_50": dict(scope="layer"),
+        "2:4": dict(pattern="2:4"),
+        "wanda_2:4": dict(pattern="2:4", importance="wanda"),
+    }
     for name, kw in variants.items():
         model = copy.deepcopy(dense)
         masks, targets = None, None
@@ -126,18 +153,31 @@ def main(out: str | None, dense_steps: int, tune_steps: int) -> dict:
     small = copy.deepcopy(dense)
     roots, heads, _ = transformer_plan(small, heads=True)
     mods = dict(small.named_modules())
-    channel_prune(small, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, [mods[r] for r in roots], 0.5,
-                  num_heads={mods[n]: h for n, h in heads.items()})
+    channel_prune(
+        small,
+        {"input_ids": torch.zeros(1, 8, dtype=torch.long)},
+        [mods[r] for r in roots],
+        0.5,
+        num_heads={mods[n]: h for n, h in heads.items()},
+    )
     config = sync_configs(small)
     results["heads_mlp_before_finetune"] = val_loss(small, val_ids)
     train(small, train_ids, tune_steps, 1e-3, seed=1)
     lat = latency_ms({"dense": dense, "pruned": small}, 256)
-    results["heads_mlp"] = {"loss": val_loss(small, val_ids), "macs_ratio": macs(dense, 256) / macs(small, 256),
-                            "params_ratio": sum(p.numel() for p in dense.parameters())
-                            / sum(p.numel() for p in small.parameters()),
-                            "latency_speedup": lat["dense"] / lat["pruned"], "latency_ms": lat, "config": config}
-    results.update(dense_steps=dense_steps, tune_steps=tune_steps, wall_s=round(time.time() - start, 1),
-                   model="Llama 4 layers, width 128, 4 heads, MLP 384; seq 64, batch 16, AdamW")
+    results["heads_mlp"] = {
+        "loss": val_loss(small, val_ids),
+        "macs_ratio": macs(dense, 256) / macs(small, 256),
+        "params_ratio": sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in small.parameters()),
+        "latency_speedup": lat["dense"] / lat["pruned"],
+        "latency_ms": lat,
+        "config": config,
+    }
+    results.update(
+        dense_steps=dense_steps,
+        tune_steps=tune_steps,
+        wall_s=round(time.time() - start, 1),
+        model="Llama 4 layers, width 128, 4 heads, MLP 384; seq 64, batch 16, AdamW",
+    )
     print(json.dumps(results, indent=1))
     if out:
         Path(out).write_text(json.dumps(results, indent=1))

@@ -9,10 +9,11 @@ statistics frozen for the last epoch, and at the end an ONNX file that ``onnxrun
 runs with its int8 kernels -- no torch, no lightning-slim, no model class.
 (``runtime="torchao"`` instead writes a ``torch.export`` program for CUDA / VNNI hosts.)
 """
+
 import lightning.pytorch as pl
 import numpy as np
 
-from lightning_slim import CompressionReport, MNIST1DCNN, MNIST1DDataModule, QuantizationAwareTraining
+from lightning_slim import MNIST1DCNN, CompressionReport, MNIST1DDataModule, QuantizationAwareTraining
 from lightning_slim.quantization import cpu_int8_capability, fused_ops
 
 
@@ -20,8 +21,11 @@ def main():
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(
         targets=["Conv1d", "Linear"],  # or module names / "re:net\\.[0-3]"
-        exclude=[],                     # e.g. a sensitive first layer: ["net.0"]
-        start_after=1, freeze_ranges_after=4, freeze_bn_after=4, unit="epoch",
+        exclude=[],  # e.g. a sensitive first layer: ["net.0"]
+        start_after=1,
+        freeze_ranges_after=4,
+        freeze_bn_after=4,
+        unit="epoch",
         export_path="int8_model/mnist1d_cnn.onnx",
     )
     report = CompressionReport(accuracy_metric="val/acc")  # fp32 vs int8: size, latency, accuracy

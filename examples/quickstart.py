@@ -1,10 +1,11 @@
 """The smallest use of lightning-slim: an existing LightningModule, a plain Trainer, one callback.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
+
 import lightning.pytorch as pl
 
-from lightning_slim import CompressionReport, MNIST1DCNN, MNIST1DDataModule
+from lightning_slim import MNIST1DCNN, CompressionReport, MNIST1DDataModule
 
 if __name__ == "__main__":
     pl.seed_everything(0)

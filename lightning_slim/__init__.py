@@ -3,6 +3,7 @@
 Importing the package is lean: wandb, torchao and torch_pruning load only when a feature
 that needs them runs. Public names resolve lazily.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -8,9 +8,11 @@ Traceback (most recent call last):
 ...
 ValueError: rounds=0 must be an integer >= 1
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
@@ -21,21 +23,32 @@ def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False)
     return value
 
 
-def check_range(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False,
-                high_open: bool = False, allow_none: bool = False) -> Any:
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> Any:
     """``low <= value <= high`` (``<`` where open; ``high=None`` is unbounded)."""
     if value is None and allow_none:
         return value
     bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad_type or (value <= low if low_open else value < low) or (
-            high is not None and (value >= high if high_open else value > high)):
+    if (
+        bad_type
+        or (value <= low if low_open else value < low)
+        or (high is not None and (value >= high if high_open else value > high))
+    ):
         upper = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name}={value!r} is outside the allowed range {'(' if low_open else '['}{low:g}, {upper}")
     return value
 
 
-def check_fraction(name: str, value: Any, low_open: bool = False, high_closed: bool = False,
-                   allow_none: bool = False) -> Any:
+def check_fraction(
+    name: str, value: Any, low_open: bool = False, high_closed: bool = False, allow_none: bool = False
+) -> Any:
     """A fraction in [0, 1) by default; ``low_open`` / ``high_closed`` move the ends."""
     return check_range(name, value, 0.0, 1.0, low_open=low_open, high_open=not high_closed, allow_none=allow_none)
 

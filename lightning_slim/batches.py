@@ -5,9 +5,11 @@ Supported without help: tensors, tuples/lists whose elements are tensors (``(x, 
 ``(x, y, index)``), and dicts (``x``/``input``/``inputs``, ``y``/``target``/``label``,
 ``index``/``idx``). Anything else needs a user-supplied function on the callback.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -73,6 +75,26 @@ def batch_size(batch: Any) -> int:
     return int(batch_inputs(batch).shape[0])
 
 
+def example_count(batch: Any) -> int:
+    """Examples in a batch (or an ``(args, kwargs)`` call): the inputs' leading dimension, else the
+    first tensor's, else ``len(batch)``."""
+    try:
+        return batch_size(batch)
+    except BatchFormatError:
+        leaves = [batch]
+        while leaves:
+            leaf = leaves.pop(0)
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                return int(leaf.shape[0])
+            if isinstance(leaf, Mapping):
+                leaves.extend(leaf.values())
+            elif isinstance(leaf, (tuple, list)):
+                leaves.extend(leaf)
+        if hasattr(batch, "__len__"):
+            return len(batch)
+        raise
+
+
 def slice_batch(batch: Any, rows: torch.Tensor, size: int | None = None) -> Any:
     """The same batch restricted to ``rows`` (a 1-D index tensor), container preserved.
 
@@ -109,5 +131,19 @@ def sample_batch(loader: Any, n: int = 4) -> Any | None:
     try:
         size = len(loader.dataset)
         return loader.collate_fn([loader.dataset[i] for i in range(min(n, size))]) if size else None
-    except Exception:  # noqa: BLE001 - datasets without integer indexing: callers check the first real batch
+    except Exception:
         return None
+
+
+def move_to(value: Any, device: torch.device | str) -> Any:
+    """Every tensor in a (nested) batch, ``(args, kwargs)`` call or container moved to ``device``
+    (tensors already there are returned as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return type(value)({k: move_to(v, device) for k, v in value.items()})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(move_to(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to(v, device) for v in value)
+    return value

@@ -26,9 +26,11 @@ Traceback (most recent call last):
 ...
 TypeError: Broken declares Effect.ADD_LOSS but does not implement loss_term()
 """
+
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -55,8 +57,10 @@ class SlimCallback(pl.Callback):
                 if effect in cls.effects and not implemented:
                     raise TypeError(f"{cls.__name__} declares Effect.{effect.name} but does not implement {method}()")
         if (cls.export is not SlimCallback.export) != (cls.export_stage is not None):
-            raise TypeError(f"{cls.__name__}: export() and export_stage go together (an ExportStage says when "
-                            "in the export chain it runs)")
+            raise TypeError(
+                f"{cls.__name__}: export() and export_stage go together (an ExportStage says when "
+                "in the export chain it runs)"
+            )
 
     # --- the contract: declarations about other techniques --------------------------------------
     def provides(self) -> Mapping[Capability, Any]:
@@ -83,18 +87,21 @@ class SlimCallback(pl.Callback):
         """``SELECT_BATCH``: the batch the user's ``training_step`` receives instead of ``batch``."""
         return batch
 
-    def scale_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any,
-                   batch_idx: int) -> torch.Tensor:
+    def scale_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any, batch_idx: int
+    ) -> torch.Tensor:
         """``SCALE_LOSS``: the user's loss, rescaled (before any term is added)."""
         return loss
 
-    def loss_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                  batch_idx: int) -> torch.Tensor | None:
+    def loss_term(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> torch.Tensor | None:
         """``ADD_LOSS``: a term added to the loss ``training_step`` returns (None: nothing this step)."""
         return None
 
-    def after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             optimizer: torch.optim.Optimizer) -> None:
+    def after_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         """``AFTER_OPTIMIZER_STEP``: runs right after every ``optimizer.step()``."""
 
     def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,6 +3,7 @@
 Plain LightningCLI in subclass mode: any LightningModule / DataModule by class path, and
 the callbacks from the YAML configs in ``callbacks/``.
 """
+
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI

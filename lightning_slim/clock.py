@@ -8,6 +8,7 @@ techniques declare (they must be in the same unit to be ordered).
 >>> m.before(Moment("epoch", 3)), m.before(Moment("step", 900))
 (True, None)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,10 +18,12 @@ Refused before training: two techniques of one kind; a sharded strategy; a techn
 (``restructures_until``) at or after the moment another needs its structure fixed
 (``structure_fixed_from``: channel pruning after fake quantization starts hung in torch-pruning).
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -62,12 +64,15 @@ def check_combination(trainer: pl.Trainer) -> None:
         raise UnsupportedStrategyError(
             f"{strategy} shards the model across ranks; {[type(c).__name__ for c in slim]} would build masks on "
             f"local shards, copy a sharded module and replicate teachers on every rank. Supported: "
-            f"{SUPPORTED_STRATEGIES}")
+            f"{SUPPORTED_STRATEGIES}"
+        )
     twice = [t for t, n in Counter(cb.technique for cb in slim).items() if n > 1]
     if twice:
         names = [type(c).__name__ for c in slim if c.technique == twice[0]]
-        raise IncompatibleCallbacksError(f"more than one {twice[0]!r} callback in one Trainer ({names}); they would "
-                                         "fight over the same model: use one, with a schedule that covers both needs")
+        raise IncompatibleCallbacksError(
+            f"more than one {twice[0]!r} callback in one Trainer ({names}); they would "
+            "fight over the same model: use one, with a schedule that covers both needs"
+        )
     selectors = [type(c).__name__ for c in slim if Effect.SELECT_BATCH in c.effects]
     if len(selectors) > 1:
         raise IncompatibleCallbacksError(f"{selectors} all select the batch of each step; use one")
@@ -76,18 +81,23 @@ def check_combination(trainer: pl.Trainer) -> None:
             if capability(trainer, need, asker=cb) is None:
                 raise IncompatibleCallbacksError(
                     f"{type(cb).__name__} needs a {need.value!r} that another callback provides (e.g. "
-                    "KnowledgeDistillation provides its teacher); none in this Trainer does")
+                    "KnowledgeDistillation provides its teacher); none in this Trainer does"
+                )
     for a in slim:
         until = a.restructures_until()
         for b in slim:
             fixed = b.structure_fixed_from()
             if a is b or until is None or fixed is None or until.before(fixed):
                 continue
-            hint = f"e.g. start it at {until.unit} {until.value + 1}" if until.unit == fixed.unit else \
-                f"give both schedules the same unit ({until.unit!r})"
+            hint = (
+                f"e.g. start it at {until.unit} {until.value + 1}"
+                if until.unit == fixed.unit
+                else f"give both schedules the same unit ({until.unit!r})"
+            )
             raise IncompatibleCallbacksError(
                 f"{type(a).__name__} changes the model's structure until {until}, but {type(b).__name__} needs it "
-                f"fixed from {fixed}: every restructuring must come before that, in the same unit; {hint}")
+                f"fixed from {fixed}: every restructuring must come before that, in the same unit; {hint}"
+            )
 
 
 def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
@@ -100,8 +110,15 @@ def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
     from lightning_slim.callback import SlimCallback
 
     slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
-    order = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.RESTRUCTURE, Effect.SELECT_BATCH, Effect.SCALE_LOSS,
-             Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP]
+    order = [
+        Effect.BASELINE,
+        Effect.SWAP_MODULES,
+        Effect.RESTRUCTURE,
+        Effect.SELECT_BATCH,
+        Effect.SCALE_LOSS,
+        Effect.ADD_LOSS,
+        Effect.AFTER_OPTIMIZER_STEP,
+    ]
     rows = [(e.value, c.technique) for e in order for c in slim if e in c.effects]
     exporters = sorted((c for c in slim if c.export_stage is not None), key=lambda c: c.export_stage)
     return rows + [(f"export: {c.export_stage.name}", c.technique) for c in exporters]

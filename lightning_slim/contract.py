@@ -24,6 +24,7 @@ iterates over these declarations and never asks for a technique by name:
 >>> ExportStage.FINALIZE_WEIGHTS < ExportStage.CONVERT
 True
 """
+
 from __future__ import annotations
 
 import enum

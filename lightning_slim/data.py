@@ -4,6 +4,7 @@ scikit-learn's bundled 8x8 digits. Nothing is downloaded.
 Batches are ``(x, y)``, or ``(x, y, index)`` with ``with_index=True`` so callbacks can
 cache per-example values (reference losses, teacher outputs) by dataset index.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,10 @@ def _demo_module(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(f"the demo data sets need {name.split('.')[0]!r}, which the core package does not "
-                          "install: pip install 'lightning-slim[demo]'") from e
+        raise ImportError(
+            f"the demo data sets need {name.split('.')[0]!r}, which the core package does not "
+            "install: pip install 'lightning-slim[demo]'"
+        ) from e
 
 
 def cache_dir() -> Path:
@@ -93,9 +96,16 @@ class _ClassificationDataModule(pl.LightningDataModule):
 
     num_classes = 10
 
-    def __init__(self, batch_size: int = 100, seed: int = 0, holdout_fraction: float = 0.0,
-                 label_noise: float = 0.0, with_index: bool = False, eval_batch_size: int = 1000,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 100,
+        seed: int = 0,
+        holdout_fraction: float = 0.0,
+        label_noise: float = 0.0,
+        with_index: bool = False,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -121,8 +131,7 @@ class _ClassificationDataModule(pl.LightningDataModule):
         self.y_train_clean = y[train]
         self.x_train = x[train]
         # noise is injected into the training split only; the holdout stays clean
-        self.y_train, self.noisy = corrupt_labels(self.y_train_clean, self.label_noise,
-                                                  self.num_classes, self.seed + 1)
+        self.y_train, self.noisy = corrupt_labels(self.y_train_clean, self.label_noise, self.num_classes, self.seed + 1)
         self.x_test, self.y_test = x_test, y_test
         self._prepared = True
 

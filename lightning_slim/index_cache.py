@@ -13,9 +13,11 @@ computed for its new rows only.
 >>> cache.lookup(torch.tensor([1, 3]))["loss"].tolist(), cache.lookup(torch.tensor([0]))
 ([0.20000000298023224, 0.5], None)
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -22,10 +22,12 @@ Module swaps (``SWAP_MODULES``: ``prepare_model`` / ``restore_model``) and the b
 :class:`~lightning_slim.callback.SlimCallback`'s ``setup`` / ``teardown``. Once the last technique
 leaves, the module is its class's own again.
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,8 +36,9 @@ from lightning_slim.contract import Effect
 from lightning_slim.lightning_glue import trainer_of
 
 _ATTR = "_slim_step_interceptor"
-STEP_EFFECTS = frozenset({Effect.SELECT_BATCH, Effect.SCALE_LOSS, Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP,
-                          Effect.RESTRUCTURE})
+STEP_EFFECTS = frozenset(
+    {Effect.SELECT_BATCH, Effect.SCALE_LOSS, Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE}
+)
 LOSS_EFFECTS = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
 
 
@@ -108,7 +111,8 @@ def attach(pl_module: pl.LightningModule, participant: Any) -> None:
     if participant.effects & LOSS_EFFECTS and not pl_module.automatic_optimization:
         raise RuntimeError(
             f"{type(participant).__name__} changes the loss training_step returns, which needs automatic "
-            "optimization; this module sets automatic_optimization=False")
+            "optimization; this module sets automatic_optimization=False"
+        )
     interceptor = pl_module.__dict__.get(_ATTR)
     if interceptor is None:
         interceptor = _Interceptor(pl_module)
@@ -118,8 +122,10 @@ def attach(pl_module: pl.LightningModule, participant: Any) -> None:
     if participant not in interceptor.participants:
         selectors = interceptor.doing(Effect.SELECT_BATCH)
         if Effect.SELECT_BATCH in participant.effects and selectors:
-            raise RuntimeError(f"{type(participant).__name__} and {type(selectors[0]).__name__} both select the "
-                               "batch of each step; use one")
+            raise RuntimeError(
+                f"{type(participant).__name__} and {type(selectors[0]).__name__} both select the "
+                "batch of each step; use one"
+            )
         interceptor.participants.append(participant)
 
 

@@ -10,6 +10,7 @@ tests run against the Lightning version the package declares as its lowest:
   parameters were replaced, or the replaced layers silently stop training;
 - the sharded strategies we refuse until we support them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,7 @@ def train_loader(trainer: pl.Trainer) -> Any | None:
             return trainer.datamodule.train_dataloader()
         source = trainer.fit_loop._data_source  # the loader or module given to fit()
         return source.dataloader() if source.is_defined() else None
-    except Exception:  # noqa: BLE001 - callers fall back to checking the first real batch
+    except Exception:
         return None
 
 

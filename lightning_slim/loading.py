@@ -9,11 +9,13 @@ Traceback (most recent call last):
 ...
 ValueError: teacher_class='torch.nn.NoSuchThing' cannot be imported: module 'torch.nn' has no attribute 'NoSuchThing'
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,8 +66,12 @@ def read_state_dict(checkpoint: str | Path) -> Mapping[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, Mapping) else state
 
 
-def build_module(class_path: str, init_args: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
-                 what: str = "class_path") -> nn.Module:
+def build_module(
+    class_path: str,
+    init_args: Mapping[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    what: str = "class_path",
+) -> nn.Module:
     """A model from its class path: a LightningModule with a checkpoint through ``load_from_checkpoint``
     (its saved hyper-parameters, ``init_args`` overriding), any other ``nn.Module`` built from
     ``init_args`` and given the checkpoint's weights. Building does not move the global RNG."""

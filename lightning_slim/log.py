@@ -5,9 +5,11 @@ Scalars are ``slim/<technique>/<metric>`` and go through ``pl_module.log`` so ev
 artifacts go to Weights & Biases only when a ``WandbLogger`` is attached (with the trainer's
 step); without one we warn once and carry on. We never call the global ``wandb.log``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -51,8 +53,11 @@ def wandb_logger(trainer: pl.Trainer, purpose: str = "") -> Any | None:
     key = purpose or "wandb"
     if key not in _warned:
         _warned.add(key)
-        rank_zero_warn(f"lightning-slim: no WandbLogger attached; skipping {purpose or 'W&B-only logging'}"
-                       " (scalars still reach every logger)", category=NoWandbLoggerWarning)
+        rank_zero_warn(
+            f"lightning-slim: no WandbLogger attached; skipping {purpose or 'W&B-only logging'}"
+            " (scalars still reach every logger)",
+            category=NoWandbLoggerWarning,
+        )
     return None
 
 
@@ -74,8 +79,9 @@ def log_histogram(trainer: pl.Trainer, key: str, values: torch.Tensor) -> None:
 
 
 @rank_zero_only
-def log_line_plot(trainer: pl.Trainer, key: str, columns: list[str], rows: Iterable[Iterable[Any]],
-                  x: str, y: str, title: str) -> None:
+def log_line_plot(
+    trainer: pl.Trainer, key: str, columns: list[str], rows: Iterable[Iterable[Any]], x: str, y: str, title: str
+) -> None:
     """A W&B table plus a line plot of ``y`` against ``x`` drawn from it."""
     logger = wandb_logger(trainer, f"W&B plot {key}")
     if logger is not None:
@@ -95,8 +101,9 @@ def set_summary(trainer: pl.Trainer, values: Mapping[str, Any]) -> None:
 
 
 @rank_zero_only
-def log_artifact(trainer: pl.Trainer, path: str, name: str, kind: str = "model",
-                 metadata: Mapping[str, Any] | None = None) -> None:
+def log_artifact(
+    trainer: pl.Trainer, path: str, name: str, kind: str = "model", metadata: Mapping[str, Any] | None = None
+) -> None:
     logger = wandb_logger(trainer, f"W&B artifact {name}")
     if logger is not None:
         import wandb

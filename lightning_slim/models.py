@@ -4,6 +4,7 @@ They are ordinary user code: nothing in them knows about lightning-slim's callba
 Each logs ``train/loss``, ``val/loss``, ``val/acc`` and ``test/acc`` (torchmetrics), and
 offers ``per_sample_loss(batch)`` for data selection.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,15 @@ class ClassifierModule(pl.LightningModule):
     step to zero over the run (``trainer.estimated_stepping_batches``).
     """
 
-    def __init__(self, lr: float = 1e-2, optimizer: str = "adam", weight_decay: float = 0.0,
-                 lr_schedule: str = "none", momentum: float = 0.9, num_classes: int = 10):
+    def __init__(
+        self,
+        lr: float = 1e-2,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        lr_schedule: str = "none",
+        momentum: float = 0.9,
+        num_classes: int = 10,
+    ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}")
@@ -77,8 +85,16 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _conv_stack(conv: type[nn.Module], bn: type[nn.Module], channels: int, batch_norm: bool,
-                first: tuple[int, int, int], rest: tuple[int, int, int], depth: int, in_ch: int = 1):
+def _conv_stack(
+    conv: type[nn.Module],
+    bn: type[nn.Module],
+    channels: int,
+    batch_norm: bool,
+    first: tuple[int, int, int],
+    rest: tuple[int, int, int],
+    depth: int,
+    in_ch: int = 1,
+):
     layers, c_in = [], in_ch
     for i in range(depth):
         k, s, p = first if i == 0 else rest

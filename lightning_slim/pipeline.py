@@ -7,6 +7,7 @@ the student trains with fake-quantized weights/activations once QAT starts, prun
 are re-applied after every optimizer step, and the export makes the masks permanent before
 converting to int8.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,9 +18,16 @@ from torch import nn
 from lightning_slim.measure import count_macs, cpu_latency_ms, serialized_bytes
 
 
-def compression_callbacks(teacher: nn.Module, epochs: int, keep: float = 0.5, sparsity: float = 0.5,
-                          alpha: float = 0.7, temperature: float = 4.0, report_path: str | None = None,
-                          measure_latency: bool = True) -> list[pl.Callback]:
+def compression_callbacks(
+    teacher: nn.Module,
+    epochs: int,
+    keep: float = 0.5,
+    sparsity: float = 0.5,
+    alpha: float = 0.7,
+    temperature: float = 4.0,
+    report_path: str | None = None,
+    measure_latency: bool = True,
+) -> list[pl.Callback]:
     """The four technique callbacks plus a CompressionReport, configured for ``epochs`` of training.
 
     Pruning reaches ``sparsity`` gradually over the first ~60% of training, QAT starts after
@@ -27,8 +35,13 @@ def compression_callbacks(teacher: nn.Module, epochs: int, keep: float = 0.5, sp
     the teacher's outputs and its reference losses are cached by example index (batches
     must carry indices: ``MNIST1DDataModule(with_index=True)``).
     """
-    from lightning_slim import (CompressionReport, IterativeMagnitudePruning, KnowledgeDistillation,
-                                OnlineDataSelection, QuantizationAwareTraining)
+    from lightning_slim import (
+        CompressionReport,
+        IterativeMagnitudePruning,
+        KnowledgeDistillation,
+        OnlineDataSelection,
+        QuantizationAwareTraining,
+    )
 
     if epochs < 3:
         raise ValueError(f"epochs={epochs!r}: the pipeline needs at least 3 epochs (prune, then quantize)")
@@ -36,8 +49,9 @@ def compression_callbacks(teacher: nn.Module, epochs: int, keep: float = 0.5, sp
     return [
         OnlineDataSelection(keep=keep, score="learnability", reference="teacher", cache_reference=True),
         KnowledgeDistillation(teacher=teacher, alpha=alpha, temperature=temperature, cache_teacher=True),
-        IterativeMagnitudePruning({"kind": "gradual", "final_sparsity": sparsity, "start": 0, "end": prune_end,
-                                   "every": 1, "unit": "epoch"}),
+        IterativeMagnitudePruning(
+            {"kind": "gradual", "final_sparsity": sparsity, "start": 0, "end": prune_end, "every": 1, "unit": "epoch"}
+        ),
         QuantizationAwareTraining(start_after=prune_end, freeze_bn_after=None),
         CompressionReport(accuracy_metric="val/acc", output_path=report_path, measure_latency=measure_latency),
     ]
@@ -58,9 +72,14 @@ def training_compute(trainer: pl.Trainer, student: nn.Module, teacher: nn.Module
     kd = find(trainer, "distillation").report_rows()
     teacher_forwards = kd["teacher_examples"] + sel["reference_forwards"]
     total = student_macs * (3 * sel["examples_trained"] + sel["scoring_forwards"]) + teacher_macs * teacher_forwards
-    return {"student_macs_per_example": student_macs, "teacher_macs_per_example": teacher_macs,
-            "examples_seen": sel["examples_seen"], "examples_trained": sel["examples_trained"],
-            "teacher_forwards": teacher_forwards, "pipeline_macs": total}
+    return {
+        "student_macs_per_example": student_macs,
+        "teacher_macs_per_example": teacher_macs,
+        "examples_seen": sel["examples_seen"],
+        "examples_trained": sel["examples_trained"],
+        "teacher_forwards": teacher_forwards,
+        "pipeline_macs": total,
+    }
 
 
 def compare_deployables(models: dict[str, nn.Module], example, repeats: int = 20) -> dict[str, Any]:
@@ -82,16 +101,25 @@ def train_teacher(data, epochs: int, root: str) -> tuple[nn.Module, float, int]:
     from lightning_slim.models import MNIST1DTeacherCNN
 
     teacher = MNIST1DTeacherCNN(lr=3e-3, lr_schedule="cosine")
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, default_root_dir=root, enable_checkpointing=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=False, default_root_dir=root, enable_checkpointing=False, enable_model_summary=False
+    )
     trainer.fit(teacher, datamodule=data)
     examples = trainer.global_step * data.batch_size  # full batches: drop nothing, count nothing twice
     return teacher.eval(), float(trainer.callback_metrics["val/acc"]), min(examples, epochs * len(data.y_train))
 
 
-def run_pipeline(num_samples: int = 20000, teacher_epochs: int = 8, student_epochs: int = 10, seed: int = 0,
-                 logger: Any = False, out: str = "pipeline_output", keep: float = 0.5, sparsity: float = 0.5,
-                 **trainer_kwargs) -> tuple[dict[str, Any], pl.Trainer]:
+def run_pipeline(
+    num_samples: int = 20000,
+    teacher_epochs: int = 8,
+    student_epochs: int = 10,
+    seed: int = 0,
+    logger: Any = False,
+    out: str = "pipeline_output",
+    keep: float = 0.5,
+    sparsity: float = 0.5,
+    **trainer_kwargs,
+) -> tuple[dict[str, Any], pl.Trainer]:
     """Teacher, then the compressed student in one fit; returns (summary, the student's trainer).
 
     The summary compares the teacher (fp32) with the exported int8 student: accuracy on the
@@ -108,20 +136,26 @@ def run_pipeline(num_samples: int = 20000, teacher_epochs: int = 8, student_epoc
     teacher, teacher_acc, teacher_examples = train_teacher(data, teacher_epochs, f"{out}/teacher")
     data.batch_size = int(128 / keep)  # super-batches: the student trains on 128 per step
     student = MNIST1DCNN(lr=1e-2, lr_schedule="cosine")
-    callbacks = compression_callbacks(teacher, student_epochs, keep=keep, sparsity=sparsity,
-                                      report_path=f"{out}/compression_report.json")
-    trainer = pl.Trainer(max_epochs=student_epochs, logger=logger, callbacks=callbacks, default_root_dir=out,
-                         **trainer_kwargs)
+    callbacks = compression_callbacks(
+        teacher, student_epochs, keep=keep, sparsity=sparsity, report_path=f"{out}/compression_report.json"
+    )
+    trainer = pl.Trainer(
+        max_epochs=student_epochs, logger=logger, callbacks=callbacks, default_root_dir=out, **trainer_kwargs
+    )
     trainer.fit(student, datamodule=data)
     int8 = find(trainer, "report").exported_model
     example = data.x_test[:256]
-    summary = {"teacher_acc": teacher_acc, "student_acc": classification_accuracy(int8, data.val_dataloader()),
-               "teacher_params": sum(p.numel() for p in teacher.parameters()),
-               "student_params": sum(p.numel() for p in student.parameters()),
-               "student_nonzero_params": find(trainer, "report").after["nonzero_params"],
-               **compare_deployables({"teacher": teacher.cpu(), "student": int8, "student_fp32": student.cpu().eval()},
-                                     example),
-               **training_compute(trainer, student, teacher, example)}
+    summary = {
+        "teacher_acc": teacher_acc,
+        "student_acc": classification_accuracy(int8, data.val_dataloader()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "student_nonzero_params": find(trainer, "report").after["nonzero_params"],
+        **compare_deployables(
+            {"teacher": teacher.cpu(), "student": int8, "student_fp32": student.cpu().eval()}, example
+        ),
+        **training_compute(trainer, student, teacher, example),
+    }
     # the int8 kernels are only faster on CPUs with int8 dot-product units (VNNI/AMX): report the
     # same pruned, QAT-trained student in fp32 beside it
     summary["latency_speedup"] = summary["teacher_latency_ms"] / summary["student_latency_ms"]

@@ -12,6 +12,7 @@ An entry is ``"re:<regex>"`` (full match on the module path), an exact module pa
 >>> list(select_modules(m, None, default=(nn.Linear,), what="pruning"))
 ['2']
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,10 @@ def matches(spec: str, name: str, module: nn.Module) -> bool:
 
 def _check_spec(spec: object, what: str) -> str:
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"{what} entry {spec!r} must be a non-empty string: a class such as 'Linear', a module "
-                         "path such as 'net.0', or 're:<regex>'")
+        raise ValueError(
+            f"{what} entry {spec!r} must be a non-empty string: a class such as 'Linear', a module "
+            "path such as 'net.0', or 're:<regex>'"
+        )
     if spec.startswith("re:"):
         try:
             re.compile(spec[3:])
@@ -49,9 +52,15 @@ def describe(modules: Mapping[str, nn.Module], limit: int = 40) -> str:
     return (", ".join(items[:limit]) + (" ..." if len(items) > limit else "")) if items else "(none)"
 
 
-def select_modules(model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = (), *,
-                   default: tuple[type[nn.Module], ...], supported: Callable[[nn.Module], bool] | None = None,
-                   what: str = "targets") -> dict[str, nn.Module]:
+def select_modules(
+    model: nn.Module,
+    targets: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    *,
+    default: tuple[type[nn.Module], ...],
+    supported: Callable[[nn.Module], bool] | None = None,
+    what: str = "targets",
+) -> dict[str, nn.Module]:
     """The modules ``targets`` selects and ``exclude`` does not, in the model's order.
 
     ``targets=None`` selects every module of a ``default`` type. ``supported(module)`` says which
@@ -69,12 +78,15 @@ def select_modules(model: nn.Module, targets: Iterable[str] | None = None, exclu
         chosen = {}
         for spec in map(lambda s: _check_spec(s, f"{what} targets"), targets):
             if spec in modules and spec not in candidates:
-                raise ValueError(f"{what} target {spec!r} is a {type(modules[spec]).__name__}, which {what} does not "
-                                 f"handle; it handles: {describe(candidates)}")
+                raise ValueError(
+                    f"{what} target {spec!r} is a {type(modules[spec]).__name__}, which {what} does not "
+                    f"handle; it handles: {describe(candidates)}"
+                )
             hits = {n: m for n, m in candidates.items() if matches(spec, n, m)}
             if not hits and (spec.startswith("re:") or find_class(spec) is None):
-                raise ValueError(f"{what} target {spec!r} matches no module {what} can handle; those are "
-                                 f"{describe(candidates)}")
+                raise ValueError(
+                    f"{what} target {spec!r} matches no module {what} can handle; those are {describe(candidates)}"
+                )
             chosen.update(hits)
     for spec in map(lambda s: _check_spec(s, f"{what} exclude"), exclude):
         hits = [n for n, m in chosen.items() if matches(spec, n, m)]
@@ -87,9 +99,15 @@ def select_modules(model: nn.Module, targets: Iterable[str] | None = None, exclu
     return {n: chosen[n] for n in modules if n in chosen}
 
 
-def select_parameters(model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = (), *,
-                      default: tuple[type[nn.Module], ...], params_of: Callable[[nn.Module], Iterable[str]],
-                      what: str = "targets") -> dict[str, tuple[str, str]]:
+def select_parameters(
+    model: nn.Module,
+    targets: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    *,
+    default: tuple[type[nn.Module], ...],
+    params_of: Callable[[nn.Module], Iterable[str]],
+    what: str = "targets",
+) -> dict[str, tuple[str, str]]:
     """Parameters to act on, ``{full name: (module path, parameter name)}`` in the model's order.
 
     Module entries (the grammar of :func:`select_modules`) select ``params_of(module)`` of each
@@ -111,8 +129,9 @@ def select_parameters(model: nn.Module, targets: Iterable[str] | None = None, ex
     chosen: dict[str, tuple[str, str]] = {}
     if module_specs is None or module_specs:
         supported = lambda mod: any(isinstance(getattr(mod, k, None), nn.Parameter) for k in params_of(mod))
-        for path, module in select_modules(model, module_specs, (), default=default, supported=supported,
-                                           what=what).items():
+        for path, module in select_modules(
+            model, module_specs, (), default=default, supported=supported, what=what
+        ).items():
             for key in params_of(module):
                 p = getattr(module, key, None)
                 if isinstance(p, nn.Parameter):

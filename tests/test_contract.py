@@ -1,5 +1,6 @@
 """The technique contract: declarations checked at class definition, composition driven by them,
 sharded strategies refused, and no technique changing the order in which the data arrives."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,9 +8,9 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import all_cases
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-from cases import all_cases
 from lightning_slim import compose
 from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment
@@ -20,8 +21,11 @@ def test_declarations_and_methods_must_agree():
     with pytest.raises(TypeError, match="implements select_batch\\(\\) but does not declare Effect.SELECT_BATCH"):
         type("Sneaky", (SlimCallback,), {"select_batch": lambda self, *a: a[2]})
     with pytest.raises(TypeError, match="declares Effect.SWAP_MODULES but does not implement restore_model"):
-        type("HalfSwap", (SlimCallback,), {"effects": frozenset({Effect.SWAP_MODULES}),
-                                           "prepare_model": lambda self, t, m: None})
+        type(
+            "HalfSwap",
+            (SlimCallback,),
+            {"effects": frozenset({Effect.SWAP_MODULES}), "prepare_model": lambda self, t, m: None},
+        )
     with pytest.raises(TypeError, match="export\\(\\) and export_stage go together"):
         type("Exporter", (SlimCallback,), {"export": lambda self, m: m})
     ok = type("Ok", (SlimCallback,), {"export_stage": ExportStage.CONVERT, "export": lambda self, m: m})
@@ -60,11 +64,16 @@ class FixesStructure(SlimCallback):
 
 def test_constraints_come_from_declarations_not_names():
     check = lambda *cbs: compose.check_combination(SimpleNamespace(strategy=DDPStrategy(), callbacks=list(cbs)))
-    teacher = type("Lends", (SlimCallback,), {"technique": "test_lends",
-                                               "provides": lambda self: {Capability.TEACHER: torch.nn.Linear(1, 1)}})()
+    teacher = type(
+        "Lends",
+        (SlimCallback,),
+        {"technique": "test_lends", "provides": lambda self: {Capability.TEACHER: torch.nn.Linear(1, 1)}},
+    )()
     check(Restructures(), FixesStructure(Moment("epoch", 4)), teacher)
-    with pytest.raises(compose.IncompatibleCallbacksError, match="until epoch 3, but FixesStructure needs it fixed "
-                                                                 "from epoch 3.*start it at epoch 4"):
+    with pytest.raises(
+        compose.IncompatibleCallbacksError,
+        match="until epoch 3, but FixesStructure needs it fixed from epoch 3.*start it at epoch 4",
+    ):
         check(Restructures(), FixesStructure(Moment("epoch", 3)), teacher)
     with pytest.raises(compose.IncompatibleCallbacksError, match="same unit"):
         check(Restructures(), FixesStructure(Moment("step", 900)), teacher)
@@ -87,8 +96,15 @@ def _yielded(case, callbacks):
     module = case.model()
     module.example_input_array = None  # techniques must find a sample batch without iterating the loader
     record = RecordYielded()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, callbacks=[*callbacks, record])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, record],
+    )
     trainer.fit(module, datamodule=case.data())
     return record.batches
 

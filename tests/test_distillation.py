@@ -1,5 +1,6 @@
 """KnowledgeDistillation on real Trainers: gradients, teacher handling, features, cache, schedule,
 batch formats and the errors a user gets before training."""
+
 from __future__ import annotations
 
 import copy
@@ -11,12 +12,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import small_data, small_model
+from cases.distillation import teacher_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from cases import small_data, small_model
-from cases.distillation import teacher_checkpoint
 from lightning_slim import CompressionReport, KnowledgeDistillation
 from lightning_slim.distillation.callback import PROJECTIONS
 from lightning_slim.distillation.functional import soft_target_loss
@@ -30,8 +31,16 @@ def make_teacher(**kw):
 
 
 def fit(callbacks, module=None, data=None, **kw):
-    args = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                enable_model_summary=False, deterministic=True, limit_val_batches=0)
+    args = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=True,
+        limit_val_batches=0,
+    )
     args.update(kw)
     trainer = pl.Trainer(callbacks=callbacks, **args)
     module = module or small_model()
@@ -67,8 +76,9 @@ def test_distillation_term_reaches_the_gradients(convention, start_step):
     torch.manual_seed(0)
     student, teacher, alpha, T = small_model(), make_teacher(), 0.7, 2.0
     initial = copy.deepcopy(student)
-    kd = KnowledgeDistillation(teacher=teacher, alpha=alpha, temperature=T, convention=convention,
-                               schedule={"start_step": start_step})
+    kd = KnowledgeDistillation(
+        teacher=teacher, alpha=alpha, temperature=T, convention=convention, schedule={"start_step": start_step}
+    )
     probe = Probe()
     fit([kd, probe], student, max_steps=1)
 
@@ -111,8 +121,9 @@ def test_teacher_stays_frozen_in_eval_and_out_of_the_checkpoint(tmp_path):
 
 
 def test_teacher_from_checkpoint_and_class_path_or_into_a_given_module():
-    kd = KnowledgeDistillation(teacher_checkpoint=teacher_checkpoint(),
-                               teacher_class="lightning_slim.models.MNIST1DTeacherCNN")
+    kd = KnowledgeDistillation(
+        teacher_checkpoint=teacher_checkpoint(), teacher_class="lightning_slim.models.MNIST1DTeacherCNN"
+    )
     saved = torch.load(teacher_checkpoint(), weights_only=False)["state_dict"]
     assert all(torch.equal(kd.teacher.state_dict()[k], v) for k, v in saved.items())
     fresh = MNIST1DTeacherCNN(channels=32)
@@ -123,11 +134,19 @@ def test_teacher_from_checkpoint_and_class_path_or_into_a_given_module():
 
 
 def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away(tmp_path):
-    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=0.5, features={"loss": "cosine", "pairs": {"net.3": "net.5", "net.5": "net.8"}})
+    kd = KnowledgeDistillation(
+        teacher=make_teacher(), alpha=0.5, features={"loss": "cosine", "pairs": {"net.3": "net.5", "net.5": "net.8"}}
+    )
     report = CompressionReport(measure_latency=False, output_path=str(tmp_path / "r.json"))
     module = small_model()
-    trainer, _ = fit([kd, report, ModelCheckpoint(dirpath=tmp_path)], module, max_epochs=2, enable_checkpointing=True,
-                     limit_val_batches=None, log_every_n_steps=5)
+    trainer, _ = fit(
+        [kd, report, ModelCheckpoint(dirpath=tmp_path)],
+        module,
+        max_epochs=2,
+        enable_checkpointing=True,
+        limit_val_batches=None,
+        log_every_n_steps=5,
+    )
     proj = getattr(module, PROJECTIONS)
     assert [tuple(p.linear.weight.shape) for p in proj.values()] == [(32, 16), (32, 16)]
     fresh = type(proj["0"])(16, 32, 1, torch.Generator().manual_seed(kd.seed))
@@ -149,16 +168,28 @@ def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
     assert full.counts["teacher_examples"] == 800 and full.counts["cache_hits"] == 800
     first = next(tmp_path.glob("epoch=0*.ckpt"))
     resumed = cb()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
-                         callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)],
+    )
     trainer.fit(small_model(), datamodule=data(), ckpt_path=first)
     assert resumed.counts == full.counts  # the restored cache served every later step
     ckpt = torch.load(first, weights_only=False)  # as written with cache_teacher={'checkpoint': False}
     del ckpt["callbacks"]["KnowledgeDistillation"]["cache"]
     torch.save(ckpt, first)
     rebuilt = cb({"checkpoint": False})
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
-                         callbacks=[rebuilt, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[rebuilt, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)],
+    )
     trainer.fit(small_model(), datamodule=data(), ckpt_path=first)
     assert rebuilt.counts["teacher_examples"] == 1600 and "cache" not in rebuilt.state_dict()
     with pytest.raises(TypeError, match="with_index=True"):
@@ -166,8 +197,12 @@ def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
 
 
 def test_schedule_window_and_annealing():
-    kd = KnowledgeDistillation(teacher=make_teacher(), alpha=1.0, temperature=4.0,
-                               schedule={"alpha_final": 0.0, "temperature_final": 1.0, "start_step": 2, "stop_step": 6})
+    kd = KnowledgeDistillation(
+        teacher=make_teacher(),
+        alpha=1.0,
+        temperature=4.0,
+        schedule={"alpha_final": 0.0, "temperature_final": 1.0, "start_step": 2, "stop_step": 6},
+    )
     probe = Probe()
     fit([kd, probe], max_steps=8, log_every_n_steps=1)
     assert kd.counts["teacher_passes"] == 4  # steps 2, 3, 4, 5 only
@@ -208,8 +243,11 @@ def test_dict_and_custom_batches():
 
     custom = DataLoader(list(zip(x, y)), batch_size=50, collate_fn=collate_signals)
     with pytest.raises(RuntimeError, match="student_module"):
-        fit([KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal)],
-            CustomBatchModule(channels=16), custom)
+        fit(
+            [KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal)],
+            CustomBatchModule(channels=16),
+            custom,
+        )
     kd = KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal, logits={"student_module": "net"})
     trainer, _ = fit([kd], CustomBatchModule(channels=16), custom)
     assert kd.counts["teacher_examples"] == 200 and trainer.global_step == 4
@@ -227,20 +265,50 @@ def holds_teacher(teacher):
     return module
 
 
-@pytest.mark.parametrize("make,error,match", [
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(num_classes=5)), small_model()),
-     ValueError, r"student output shape \(1, 10\) differs from the teacher's \(1, 5\)"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.9": "net.8"}}), small_model()),
-     ValueError, r"the student \(MNIST1DCNN\) has no submodule named 'net.9'; it has: .*net.0, net.1"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.5": "body"}}), small_model()),
-     ValueError, "the teacher .* has no submodule named 'body'"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.1": "net.8"}}), small_model()),
-     ValueError, r"shapes \(1, 16, 19\) and \(1, 32, 5\) may differ only in dimension dim=1"),
-    (lambda: (KnowledgeDistillation(teacher=make_teacher()), Manual(channels=16)),
-     RuntimeError, "needs automatic optimization.*soft_target_loss"),
-    (lambda: (lambda t: (KnowledgeDistillation(teacher=t), holds_teacher(t)))(make_teacher()),
-     ValueError, "the teacher is \\(part of\\) the student"),
-])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (
+            lambda: (KnowledgeDistillation(teacher=make_teacher(num_classes=5)), small_model()),
+            ValueError,
+            r"student output shape \(1, 10\) differs from the teacher's \(1, 5\)",
+        ),
+        (
+            lambda: (
+                KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.9": "net.8"}}),
+                small_model(),
+            ),
+            ValueError,
+            r"the student \(MNIST1DCNN\) has no submodule named 'net.9'; it has: .*net.0, net.1",
+        ),
+        (
+            lambda: (
+                KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.5": "body"}}),
+                small_model(),
+            ),
+            ValueError,
+            "the teacher .* has no submodule named 'body'",
+        ),
+        (
+            lambda: (
+                KnowledgeDistillation(teacher=make_teacher(), features={"pairs": {"net.1": "net.8"}}),
+                small_model(),
+            ),
+            ValueError,
+            r"shapes \(1, 16, 19\) and \(1, 32, 5\) may differ only in dimension dim=1",
+        ),
+        (
+            lambda: (KnowledgeDistillation(teacher=make_teacher()), Manual(channels=16)),
+            RuntimeError,
+            "needs automatic optimization.*soft_target_loss",
+        ),
+        (
+            lambda: (lambda t: (KnowledgeDistillation(teacher=t), holds_teacher(t)))(make_teacher()),
+            ValueError,
+            "the teacher is \\(part of\\) the student",
+        ),
+    ],
+)
 def test_bad_setups_fail_before_training(make, error, match):
     kd, module = make()
     before = copy.deepcopy(module.state_dict())
@@ -250,19 +318,22 @@ def test_bad_setups_fail_before_training(make, error, match):
     assert "training_step" not in module.__dict__
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": 0.0}, r"temperature=0.0 is outside the allowed range \(0, inf\)"),
-    ({"schedule": {"temperature_final": -1.0}}, "temperature_final=-1.0"),
-    ({"alpha": 1.5}, r"alpha=1.5 is outside the allowed range \[0, 1\]"),
-    ({"alpha": -0.1}, "alpha=-0.1"),
-    ({"schedule": {"alpha_final": 2.0}}, "alpha_final=2.0"),
-    ({"convention": "sum"}, "convention='sum' is not one of"),
-    ({"features": {"loss": "l1", "pairs": {"a": "b"}}}, "loss='l1'"),
-    ({"features": {"pair": {"a": "b"}}}, "features has no option 'pair'"),
-    ({"schedule": {"start_step": 5, "stop_step": 5}}, "stop_step=5 must be greater than start_step=5"),
-    ({"alpha": 0.0}, "distils nothing"),
-    ({"teacher": None}, "no teacher"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": 0.0}, r"temperature=0.0 is outside the allowed range \(0, inf\)"),
+        ({"schedule": {"temperature_final": -1.0}}, "temperature_final=-1.0"),
+        ({"alpha": 1.5}, r"alpha=1.5 is outside the allowed range \[0, 1\]"),
+        ({"alpha": -0.1}, "alpha=-0.1"),
+        ({"schedule": {"alpha_final": 2.0}}, "alpha_final=2.0"),
+        ({"convention": "sum"}, "convention='sum' is not one of"),
+        ({"features": {"loss": "l1", "pairs": {"a": "b"}}}, "loss='l1'"),
+        ({"features": {"pair": {"a": "b"}}}, "features has no option 'pair'"),
+        ({"schedule": {"start_step": 5, "stop_step": 5}}, "stop_step=5 must be greater than start_step=5"),
+        ({"alpha": 0.0}, "distils nothing"),
+        ({"teacher": None}, "no teacher"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     kwargs = {"teacher": make_teacher(), **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """The pure-torch core of distillation: losses, projection, schedule (no Trainer)."""
+
 from __future__ import annotations
 
 import pytest

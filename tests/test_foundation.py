@@ -1,4 +1,5 @@
 """Package set-up, demo data, measurement and the compression report."""
+
 from __future__ import annotations
 
 import json
@@ -8,19 +9,21 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from cases import small_data, small_model
+from wandb_offline import read_run
+
 from lightning_slim.batches import BatchFormatError, batch_indices, batch_inputs, slice_batch
 from lightning_slim.data import DigitsDataModule, EpochSeededSampler, MNIST1DDataModule
 from lightning_slim.measure import count_nonzero_parameters, measure, serialized_bytes
-from lightning_slim.models import DigitsCNN, MNIST1DMLP, MNIST1DTransformer
+from lightning_slim.models import MNIST1DMLP, DigitsCNN, MNIST1DTransformer
 from lightning_slim.report import CompressionReport
-from wandb_offline import read_run
 
 
 def test_import_is_lean():
-    code = ("import sys, lightning_slim; lightning_slim.MNIST1DCNN; lightning_slim.CompressionReport;"
-            "print([m for m in ('wandb', 'torchao', 'torch_pruning') if m in sys.modules])")
+    code = (
+        "import sys, lightning_slim; lightning_slim.MNIST1DCNN; lightning_slim.CompressionReport;"
+        "print([m for m in ('wandb', 'torchao', 'torch_pruning') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -71,8 +74,9 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert list(s) != first and sorted(s) == list(range(50))
 
 
-@pytest.mark.parametrize("bad", [dict(label_noise=1.0), dict(holdout_fraction=-0.1), dict(batch_size=0),
-                                 dict(num_samples=3)])
+@pytest.mark.parametrize(
+    "bad", [dict(label_noise=1.0), dict(holdout_fraction=-0.1), dict(batch_size=0), dict(num_samples=3)]
+)
 def test_bad_data_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         MNIST1DDataModule(**bad)
@@ -86,8 +90,9 @@ def test_unknown_data_option_is_an_error():
 def test_digits_data_and_conv2d_model_learn_quickly():
     pl.seed_everything(0)
     dm, model = DigitsDataModule(batch_size=64), DigitsCNN()
-    trainer = pl.Trainer(max_epochs=5, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=5, logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.callback_metrics["val/acc"] > 0.9
 
@@ -121,12 +126,18 @@ def test_measure_counts_zeros_and_bytes():
 
 
 def test_report_writes_json_and_wandb_table_and_summary(tmp_path):
-    from lightning.pytorch.loggers import WandbLogger
     import wandb
+    from lightning.pytorch.loggers import WandbLogger
 
     report = CompressionReport(latency_batch_size=32, output_path=str(tmp_path / "r.json"))
-    trainer = pl.Trainer(max_epochs=1, logger=WandbLogger(offline=True, save_dir=str(tmp_path)), callbacks=[report],
-                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=WandbLogger(offline=True, save_dir=str(tmp_path)),
+        callbacks=[report],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(small_model(), datamodule=small_data())
     wandb.finish()
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -139,10 +150,17 @@ def test_report_writes_json_and_wandb_table_and_summary(tmp_path):
 
 
 def test_report_warns_about_a_metric_that_is_never_logged(tmp_path):
-    report = CompressionReport(accuracy_metric="val/accuracy", measure_latency=False,
-                               output_path=str(tmp_path / "r.json"))
-    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[report], enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False)
+    report = CompressionReport(
+        accuracy_metric="val/accuracy", measure_latency=False, output_path=str(tmp_path / "r.json")
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[report],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     with pytest.warns(UserWarning, match="val/accuracy.*never logged.*val/acc"):
         trainer.fit(small_model(), datamodule=small_data())
     assert "accuracy" not in report.after and report.after["params"] > 0  # the rest is still reported
@@ -173,8 +191,14 @@ class _DictBatchModule(pl.LightningModule):
 
 def test_report_warns_about_a_model_it_cannot_measure_and_reports_the_rest(tmp_path):
     report = CompressionReport(accuracy_metric=None, output_path=str(tmp_path / "r.json"))
-    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[report], enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[report],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     with pytest.warns(UserWarning, match="cannot find the inputs.*features"):
         trainer.fit(_DictBatchModule())
     assert report.after["params"] == 10 and "macs" not in report.after and "latency_ms" not in report.after

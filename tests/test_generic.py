@@ -1,6 +1,7 @@
 """The same tests for every callback in the registry (tests/cases/): a short fit, two fits in
 a row, resume = uninterrupted, ddp_spawn with 2 CPU processes, the LightningCLI config, and
 the keys a user finds in a real offline W&B run."""
+
 from __future__ import annotations
 
 import re
@@ -9,11 +10,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-
 from cases import CleanDistributedExit, all_cases
-from lightning_slim import interception
+from lightning.pytorch.callbacks import ModelCheckpoint
 from wandb_offline import read_run
+
+from lightning_slim import interception
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = all_cases()
@@ -21,9 +22,17 @@ KEY = re.compile(r"^slim/[a-z_]+/[A-Za-z0-9_./\-]+$")
 
 
 def trainer_for(case, tmp_path, **kwargs) -> pl.Trainer:
-    args = dict(max_epochs=case.epochs, accelerator="cpu", devices=1, logger=False,
-                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                default_root_dir=tmp_path, deterministic=True)
+    args = dict(
+        max_epochs=case.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     args.update(case.trainer_kwargs)
     args.update(kwargs)
     return pl.Trainer(**args)
@@ -64,29 +73,38 @@ def test_resume_matches_uninterrupted(case, tmp_path):
     ckpt = every_epoch(tmp_path / "ckpt")
     full = case.model()
     trainer_for(case, tmp_path, callbacks=[case.callback(), ckpt], enable_checkpointing=True).fit(
-        full, datamodule=case.data())
+        full, datamodule=case.data()
+    )
     first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))
     assert first, "no checkpoint after the first epoch"
 
     pl.seed_everything(123)  # resuming must not depend on the global RNG
     resumed = case.model()
-    trainer_for(case, tmp_path / "resumed", callbacks=[case.callback(), every_epoch(tmp_path / "ckpt")],
-                enable_checkpointing=True).fit(
-        resumed, datamodule=case.data(), ckpt_path=first[0])
+    trainer_for(
+        case,
+        tmp_path / "resumed",
+        callbacks=[case.callback(), every_epoch(tmp_path / "ckpt")],
+        enable_checkpointing=True,
+    ).fit(resumed, datamodule=case.data(), ckpt_path=first[0])
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
-        torch.testing.assert_close(b[k], a[k], atol=case.resume_atol, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], atol=case.resume_atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_ddp_spawn_two_processes(case, tmp_path):
     pl.seed_everything(0)
     module = case.model()
-    trainer = trainer_for(case, tmp_path, callbacks=[case.callback(), CleanDistributedExit()], strategy="ddp_spawn",
-                          devices=2,
-                          max_epochs=min(case.epochs, 2))
+    trainer = trainer_for(
+        case,
+        tmp_path,
+        callbacks=[case.callback(), CleanDistributedExit()],
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=min(case.epochs, 2),
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer.fit(module, datamodule=case.data())
     # ddp_spawn sends back the trained weights and metrics (not the step counter)
@@ -102,10 +120,24 @@ def test_lightning_cli_config(case, tmp_path, monkeypatch):
 
     config = Path(case.config) if case.config else ROOT / "callbacks" / f"{case.name}.yaml"
     assert config.exists(), f"missing LightningCLI config {config}"
-    args = ["fit", "--config", str(config), "--model", "lightning_slim.MNIST1DCNN", "--model.channels=16",
-            "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000",
-            "--trainer.max_epochs=1", "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", *case.cli_args]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--model",
+        "lightning_slim.MNIST1DCNN",
+        "--model.channels=16",
+        "--data",
+        "lightning_slim.MNIST1DDataModule",
+        "--data.num_samples=1000",
+        "--trainer.max_epochs=1",
+        "--seed_everything=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *case.cli_args,
+    ]
     monkeypatch.setattr("sys.argv", ["lightning_slim.cli"])
     cli = main(args)
     expected = type(case.callback())
@@ -120,8 +152,7 @@ def test_wandb_offline_keys(case, tmp_path):
 
     pl.seed_everything(0)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="slim-tests")
-    trainer = trainer_for(case, tmp_path, callbacks=[case.callback()], logger=logger, max_epochs=2,
-                          log_every_n_steps=1)
+    trainer = trainer_for(case, tmp_path, callbacks=[case.callback()], logger=logger, max_epochs=2, log_every_n_steps=1)
     trainer.fit(case.model(), datamodule=case.data())
     wandb.finish()
     run = read_run(tmp_path)

@@ -1,11 +1,12 @@
 """The shared training_step wrapper on its own: order, loss containers, restore, DDP."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from cases import CleanDistributedExit, small_data, small_model
+
 from lightning_slim import interception
 from lightning_slim.batches import batch_size, slice_batch
 from lightning_slim.callback import SlimCallback
@@ -47,8 +48,14 @@ class AddWeightNorm(SlimCallback):
 
 def fit(callbacks, module=None, **kwargs):
     module = module or small_model()
-    args = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                enable_checkpointing=False, enable_model_summary=False)
+    args = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     args.update(kwargs)
     trainer = pl.Trainer(callbacks=callbacks, **args)
     trainer.fit(module, datamodule=small_data())
@@ -112,7 +119,7 @@ def test_dict_loss_and_none_are_handled():
             return None if batch_idx == 0 else {"loss": loss, "extra": 1}
 
     term = AddWeightNorm(1e-3)
-    trainer, module = fit([term], module=DictStep(channels=16))
+    _trainer, module = fit([term], module=DictStep(channels=16))
     assert len(term.batches) == 7  # the skipped first step got no loss term
     assert "training_step" not in module.__dict__
 
@@ -146,8 +153,13 @@ def test_wrapper_works_under_ddp_spawn(tmp_path):
     fit([CleanDistributedExit()], module=plain, strategy="ddp_spawn", devices=2, max_epochs=3)
     pl.seed_everything(0)
     shrunk = small_model()
-    fit([AddWeightNorm(coef=1.0), KeepFirstHalf(), CleanDistributedExit()], module=shrunk, strategy="ddp_spawn",
-        devices=2, max_epochs=3)
+    fit(
+        [AddWeightNorm(coef=1.0), KeepFirstHalf(), CleanDistributedExit()],
+        module=shrunk,
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=3,
+    )
     # both ranks trained with the loss term: the weights were pulled towards zero
     assert shrunk.net[0].weight.norm() < 0.8 * plain.net[0].weight.norm()
     assert "training_step" not in shrunk.__dict__

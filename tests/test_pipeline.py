@@ -1,5 +1,6 @@
 """All four techniques in one Trainer on one model (issue 7): the order of their effects, the
 export, combinations that are refused, the combined LightningCLI recipes, and real DDP."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from cases import small_data  # noqa: E402
+
 from lightning_slim.batches import batch_size  # noqa: E402
 from lightning_slim.compose import IncompatibleCallbacksError  # noqa: E402
 from lightning_slim.models import MNIST1DCNN, MNIST1DTeacherCNN  # noqa: E402
 from lightning_slim.pipeline import compression_callbacks, find  # noqa: E402
+from lightning_slim.quantization.export import int8_weights  # noqa: E402
 
 
 class RecordingCNN(MNIST1DCNN):
@@ -44,11 +47,20 @@ def pipeline_fit(tmp_path, reverse: bool = False, epochs: int = 3, **trainer_kwa
     pl.seed_everything(0)
     data = small_data(with_index=True, batch_size=200)
     student = RecordingCNN(channels=16)
-    callbacks = compression_callbacks(teacher(), epochs, keep=0.5, sparsity=0.5,
-                                      report_path=str(tmp_path / "report.json"), measure_latency=False)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks[::-1] if reverse else callbacks, logger=False,
-                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, log_every_n_steps=1, **trainer_kwargs)
+    callbacks = compression_callbacks(
+        teacher(), epochs, keep=0.5, sparsity=0.5, report_path=str(tmp_path / "report.json"), measure_latency=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks[::-1] if reverse else callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        **trainer_kwargs,
+    )
     trainer.fit(student, datamodule=data)
     return trainer, student
 
@@ -68,12 +80,11 @@ def test_all_four_in_one_trainer(tmp_path):
         assert not student.get_submodule(name).weight[~mask.bool()].any(), name
     # the export: pruning made permanent, then int8; masked positions are exact int8 zeros
     report = find(trainer, "report")
-    int8 = report.exported_model
+    shipped = int8_weights(report.exported_model)  # the int8 initializers of the ONNX file
+    assert set(pruning.masks) <= set(shipped)
     for name, mask in pruning.masks.items():
-        layer = int8.get_submodule(name)
-        q = (layer.linear if hasattr(layer, "linear") else layer).weight
-        assert q.qdata.dtype == torch.int8, name
-        assert not q.qdata[~mask.bool().reshape(mask.shape[0], -1)].any(), name
+        assert shipped[name].dtype == torch.int8, name
+        assert not shipped[name][~mask.bool().reshape(mask.shape[0], -1)].any(), name
     # (a 2.4k-parameter model: per-tensor serialization overhead, not the weights, dominates its bytes)
     assert report.after["size_bytes"] < report.before["size_bytes"]
     # the int8 model predicts like the fake-quantized model Lightning validated
@@ -88,26 +99,47 @@ def test_order_of_effects_does_not_depend_on_the_callback_list(tmp_path):
     _, forward = pipeline_fit(tmp_path / "a", epochs=3)
     _, backward = pipeline_fit(tmp_path / "b", epochs=3, reverse=True)
     for (k, a), b in zip(forward.state_dict().items(), backward.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: [__import__("lightning_slim").IterativeMagnitudePruning(),
-              __import__("lightning_slim").IterativeMagnitudePruning()], "more than one 'pruning'"),
-    (lambda: [__import__("lightning_slim").OnlineDataSelection(keep=0.5, reference="teacher")],
-     "needs a .teacher. that another callback provides"),
-    (lambda: [__import__("lightning_slim").IterativeMagnitudePruning(
-        {"kind": "one_shot", "sparsity": 0.5, "at": 2}, structured=True, targets=["Conv1d"]),
-        __import__("lightning_slim").QuantizationAwareTraining(start_after=1)],
-     "changes the model.s structure until epoch 2, but QuantizationAwareTraining needs it fixed from epoch 1"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (
+            lambda: [
+                __import__("lightning_slim").IterativeMagnitudePruning(),
+                __import__("lightning_slim").IterativeMagnitudePruning(),
+            ],
+            "more than one 'pruning'",
+        ),
+        (
+            lambda: [__import__("lightning_slim").OnlineDataSelection(keep=0.5, reference="teacher")],
+            "needs a .teacher. that another callback provides",
+        ),
+        (
+            lambda: [
+                __import__("lightning_slim").IterativeMagnitudePruning(
+                    {"kind": "one_shot", "sparsity": 0.5, "at": 2}, structured=True, targets=["Conv1d"]
+                ),
+                __import__("lightning_slim").QuantizationAwareTraining(start_after=1),
+            ],
+            "changes the model.s structure until epoch 2, but QuantizationAwareTraining needs it fixed from epoch 1",
+        ),
+    ],
+)
 def test_combinations_that_cannot_work_are_refused_before_training(build, match, tmp_path):
     student = MNIST1DCNN(channels=16)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     # two callbacks of one type: Lightning refuses them itself (duplicate state_key) at construction
     with pytest.raises((IncompatibleCallbacksError, RuntimeError), match=f"{match}|more than one stateful"):
-        trainer = pl.Trainer(max_epochs=1, callbacks=build(), logger=False, enable_progress_bar=False,
-                             enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            callbacks=build(),
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(student, datamodule=small_data(with_index=True))
     assert "training_step" not in student.__dict__
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
@@ -116,17 +148,34 @@ def test_combinations_that_cannot_work_are_refused_before_training(build, match,
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "callbacks").glob("recipe_*.yaml")))
 def test_combined_recipes_run_through_lightning_cli(recipe, tmp_path, monkeypatch):
     from cases.distillation import teacher_checkpoint
+
     from lightning_slim.cli import main
 
     monkeypatch.chdir(tmp_path)  # recipes name the teacher checkpoint relative to the working folder
     (tmp_path / "checkpoints").mkdir()
     os.symlink(teacher_checkpoint(), tmp_path / "checkpoints" / "teacher.ckpt")
     monkeypatch.setattr("sys.argv", ["lightning_slim.cli"])
-    cli = main(["fit", "--config", str(ROOT / "callbacks" / recipe), "--model", "lightning_slim.MNIST1DCNN",
-                "--model.channels=16", "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000",
-                "--data.with_index=true", "--data.batch_size=200", "--data.holdout_fraction=0.2",
-                "--trainer.max_epochs=3", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                "--seed_everything=0", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "callbacks" / recipe),
+            "--model",
+            "lightning_slim.MNIST1DCNN",
+            "--model.channels=16",
+            "--data",
+            "lightning_slim.MNIST1DDataModule",
+            "--data.num_samples=1000",
+            "--data.with_index=true",
+            "--data.batch_size=200",
+            "--data.holdout_fraction=0.2",
+            "--trainer.max_epochs=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--seed_everything=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     techniques = {getattr(cb, "technique", None) for cb in cli.trainer.callbacks}
     assert len(techniques & {"pruning", "quantization", "distillation", "selection"}) >= 2, techniques
     assert cli.trainer.global_step > 0 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
@@ -137,11 +186,21 @@ def test_channel_pruning_then_qat_on_the_smaller_model(tmp_path):
 
     pl.seed_everything(0)
     report = CompressionReport(measure_latency=False, output_path=str(tmp_path / "r.json"))
-    callbacks = [IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True,
-                                           targets=["Conv1d"], scope="layer"),
-                 QuantizationAwareTraining(start_after=2), report]
-    trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path)
+    callbacks = [
+        IterativeMagnitudePruning(
+            {"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True, targets=["Conv1d"], scope="layer"
+        ),
+        QuantizationAwareTraining(start_after=2),
+        report,
+    ]
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(MNIST1DCNN(channels=16), datamodule=small_data())
     assert report.after["params"] < 0.4 * report.before["params"]  # half the channels of each conv
     assert abs(report.after["export_accuracy"] - report.after["accuracy"]) < 0.02
@@ -150,29 +209,46 @@ def test_channel_pruning_then_qat_on_the_smaller_model(tmp_path):
 def _ddp_worker(out: Path) -> None:
     class Probe(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):  # collectives are safe here
-            mine = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in pl_module.parameters())],
-                                dtype=torch.float64)
-            record = {"gathered": trainer.strategy.all_gather(mine).flatten().tolist(),
-                      "step_sizes": pl_module.step_sizes}
+            mine = torch.tensor(
+                [sum(float(p.detach().double().abs().sum()) for p in pl_module.parameters())], dtype=torch.float64
+            )
+            record = {
+                "gathered": trainer.strategy.all_gather(mine).flatten().tolist(),
+                "step_sizes": pl_module.step_sizes,
+            }
             (out / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json").write_text(json.dumps(record))
 
     pl.seed_everything(0)
-    callbacks = compression_callbacks(teacher(), 3, keep=0.5, sparsity=0.5, report_path=str(out / "report.json"),
-                                      measure_latency=False)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                         callbacks=[*callbacks, Probe()], enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, default_root_dir=out)
+    callbacks = compression_callbacks(
+        teacher(), 3, keep=0.5, sparsity=0.5, report_path=str(out / "report.json"), measure_latency=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        callbacks=[*callbacks, Probe()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
     trainer.fit(RecordingCNN(channels=16), datamodule=small_data(with_index=True, batch_size=200))
 
 
 def test_pipeline_under_real_ddp_two_processes(tmp_path):
     # strategy="ddp" re-launches the running script for rank 1; inside pytest that would re-run
     # pytest, so this file is also the script, run in a subprocess with a clean environment
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    }
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for epoch in range(3):
         r0, r1 = (json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1))

@@ -1,5 +1,8 @@
 """The pure-PyTorch core of pruning: target selection, masks, schedules, rewinding, structure."""
+
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -53,34 +56,43 @@ def test_magnitude_masks_hit_the_target_and_only_grow(scope):
 
 def test_schedules_are_data_and_validate():
     assert parse_schedule({"kind": "imp", "rounds": 2, "rate": 0.5, "every": 3, "unit": "step"}).events() == [
-        (3, 0.5), (6, 0.75)]
+        (3, 0.5),
+        (6, 0.75),
+    ]
     imp = IMPSchedule(rounds=4, rate=None, final_sparsity=0.9375)
     assert [round(s, 6) for _, s in imp.events()] == [0.5, 0.75, 0.875, 0.9375]
     gradual = GradualSchedule(final_sparsity=0.8, initial_sparsity=0.2, start=10, end=50, every=10)
     events = gradual.events()
     assert [t for t, _ in events] == [10, 20, 30, 40, 50]
     assert events[0][1] == pytest.approx(0.2) and events[-1][1] == pytest.approx(0.8)
-    assert all(b >= a for (_, a), (_, b) in zip(events, events[1:]))
+    assert all(b >= a for (_, a), (_, b) in itertools.pairwise(events))
     assert parse_schedule({"kind": "one_shot", "sparsity": 0.3}).events() == [(0, 0.3)]
-    for bad, match in [({"kind": "imp", "rate": 1.0}, "rate=1.0 is outside"),
-                       ({"kind": "one_shot", "sparsity": -0.1}, "sparsity=-0.1 is outside"),
-                       ({"kind": "gradual", "final_sparsity": 1.5}, "final_sparsity=1.5 is outside"),
-                       ({"kind": "imp", "rounds": 0}, "rounds=0 must be"),
-                       ({"kind": "imp", "unit": "batch"}, "unit='batch' is not one of"),
-                       ({"kind": "imp", "every_n": 2}, r"unknown imp schedule keys \['every_n'\]"),
-                       ({"kind": "cubic"}, "kind='cubic' is not one of")]:
+    for bad, match in [
+        ({"kind": "imp", "rate": 1.0}, "rate=1.0 is outside"),
+        ({"kind": "one_shot", "sparsity": -0.1}, "sparsity=-0.1 is outside"),
+        ({"kind": "gradual", "final_sparsity": 1.5}, "final_sparsity=1.5 is outside"),
+        ({"kind": "imp", "rounds": 0}, "rounds=0 must be"),
+        ({"kind": "imp", "unit": "batch"}, "unit='batch' is not one of"),
+        ({"kind": "imp", "every_n": 2}, r"unknown imp schedule keys \['every_n'\]"),
+        ({"kind": "cubic"}, "kind='cubic' is not one of"),
+    ]:
         with pytest.raises(ValueError, match=match):
             parse_schedule(bad)
 
 
 def test_callback_rejects_bad_arguments_at_construction():
-    for kwargs, match in [(dict(scope="model"), "scope='model'"), (dict(rewind="weights"), "rewind='weights'"),
-                          (dict(rewind="step", rewind_step=-1), "rewind_step=-1"),
-                          (dict(schedule={"kind": "one_shot", "sparsity": 1.0}), r"outside the allowed range \[0, 1\)"),
-                          (dict(schedule={"kind": "imp", "every": 5, "unit": "step"}, rewind="step", rewind_step=6),
-                           "rewind_step=6 is later than the first pruning at step 5"),
-                          (dict(structured=True, rewind="init"), "not supported with structured=True"),
-                          (dict(schedule={"kind": "gradual"}, rewind="lr"), "gradual")]:
+    for kwargs, match in [
+        (dict(scope="model"), "scope='model'"),
+        (dict(rewind="weights"), "rewind='weights'"),
+        (dict(rewind="step", rewind_step=-1), "rewind_step=-1"),
+        (dict(schedule={"kind": "one_shot", "sparsity": 1.0}), r"outside the allowed range \[0, 1\)"),
+        (
+            dict(schedule={"kind": "imp", "every": 5, "unit": "step"}, rewind="step", rewind_step=6),
+            "rewind_step=6 is later than the first pruning at step 5",
+        ),
+        (dict(structured=True, rewind="init"), "not supported with structured=True"),
+        (dict(schedule={"kind": "gradual"}, rewind="lr"), "gradual"),
+    ]:
         with pytest.raises(ValueError, match=match):
             IterativeMagnitudePruning(**kwargs)
 
@@ -104,7 +116,10 @@ def test_rewind_restores_weights_optimizer_and_schedule_exactly():
 
     def train(n):
         for _ in range(n):
-            opt.zero_grad(); net(torch.randn(16, 4)).pow(2).mean().backward(); opt.step(); sched.step()
+            opt.zero_grad()
+            net(torch.randn(16, 4)).pow(2).mean().backward()
+            opt.step()
+            sched.step()
 
     train(3)
     snap = R.take_snapshot("step", net, [opt], [sched])

@@ -3,6 +3,7 @@ structurally pruned model re-wrapped so every rank keeps training the same small
 
 ``strategy="ddp"`` re-launches the running script for rank 1, which inside pytest would re-run
 pytest; so this file is also the script, run in a subprocess with a clean environment."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ def _worker(out: Path) -> None:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from cases import small_data, small_model
+
     from lightning_slim.pruning import IterativeMagnitudePruning
     from lightning_slim.pruning.functional import mask_checksum
 
@@ -29,14 +31,21 @@ def _worker(out: Path) -> None:
             self.pruning, self.name = pruning, name
 
         def on_train_epoch_end(self, trainer, pl_module):  # collectives are safe here (not in on_train_end)
-            mine = torch.tensor([mask_checksum(self.pruning.masks) % 2**31,
-                                 sum(float(p.detach().double().abs().sum()) for p in pl_module.parameters())],
-                                dtype=torch.float64)
+            mine = torch.tensor(
+                [
+                    mask_checksum(self.pruning.masks) % 2**31,
+                    sum(float(p.detach().double().abs().sum()) for p in pl_module.parameters()),
+                ],
+                dtype=torch.float64,
+            )
             gathered = trainer.strategy.all_gather(mine)
             wrapped = trainer.strategy.model
             record = {
-                "rank": trainer.global_rank, "epoch": trainer.current_epoch, "round": self.pruning.round,
-                "gathered": gathered.tolist(), "mine": mine.tolist(),
+                "rank": trainer.global_rank,
+                "epoch": trainer.current_epoch,
+                "round": self.pruning.round,
+                "gathered": gathered.tolist(),
+                "mine": mine.tolist(),
                 "shapes": {k: list(v.shape) for k, v in pl_module.state_dict().items()},
                 "ddp_wraps_module_params": isinstance(wrapped, DistributedDataParallel)
                 and {id(p) for p in wrapped.parameters()} == {id(p) for p in pl_module.parameters()},
@@ -47,25 +56,45 @@ def _worker(out: Path) -> None:
                 json.dump(record, f)
 
     for name, cb in [
-        ("masks", IterativeMagnitudePruning({"kind": "imp", "rounds": 1, "rate": 0.5, "every": 1},
-                                            rewind="step", rewind_step=2)),
-        ("structured", IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True,
-                                                 targets=["Conv1d"], scope="layer")),
+        (
+            "masks",
+            IterativeMagnitudePruning(
+                {"kind": "imp", "rounds": 1, "rate": 0.5, "every": 1}, rewind="step", rewind_step=2
+            ),
+        ),
+        (
+            "structured",
+            IterativeMagnitudePruning(
+                {"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True, targets=["Conv1d"], scope="layer"
+            ),
+        ),
     ]:
         pl.seed_everything(0)
-        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                             callbacks=[cb, Probe(cb, name)])
+        trainer = pl.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[cb, Probe(cb, name)],
+        )
         trainer.fit(small_model(), datamodule=small_data())
 
 
 def test_ddp_two_processes_identical_masks_and_rewrapped_structure(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    }
     env.setdefault("LIGHTNING_SLIM_CACHE", str(ROOT / ".slim_cache"))
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert len(records) == 8, sorted(records)

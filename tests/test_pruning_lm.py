@@ -1,6 +1,7 @@
 """Pruning for transformers: every weight matrix covered (MultiheadAttention's in_proj_weight,
 transformers' Conv1D), N:M masks in the semi-structured layout, Wanda against a hand computation,
 whole attention heads with the config updated, errors before training, exact resume."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -40,8 +41,8 @@ def test_nm_masks_keep_the_n_best_of_every_group_along_the_inputs():
     keep = P.nm_masks(s, 2, 4)
     for r in range(6):  # by hand: in each group of 4 consecutive inputs, the 2 largest scores stay
         for g in range(4):
-            block = s[r, 4 * g:4 * g + 4]
-            kept = torch.nonzero(keep[r, 4 * g:4 * g + 4]).flatten().tolist()
+            block = s[r, 4 * g : 4 * g + 4]
+            kept = torch.nonzero(keep[r, 4 * g : 4 * g + 4]).flatten().tolist()
             assert set(kept) == set(block.topk(2).indices.tolist())
     # a gradual schedule: below 50% no group loses more than 2, at 50% the layout is exactly 2:4
     half = P.masks({"w": s}, 0.25, "layer", P.parse_pattern("2:4"))["w"]
@@ -108,35 +109,63 @@ def test_wanda_norms_for_attention_and_grouped_convs():
 def test_llama_heads_are_removed_whole_and_the_config_follows():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        use_cache=False,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     attn = model.model.layers[0].self_attn
     original = attn.q_proj.weight.detach().clone().reshape(4, 8, 32)  # 4 heads of 8 rows
-    roots = [attn.q_proj, attn.k_proj, attn.v_proj, model.model.layers[0].mlp.gate_proj,
-             model.model.layers[0].mlp.up_proj]
-    S.channel_prune(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, roots, 0.5,
-                    num_heads={attn.q_proj: 4, attn.k_proj: 4, attn.v_proj: 4})
+    roots = [
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        model.model.layers[0].mlp.gate_proj,
+        model.model.layers[0].mlp.up_proj,
+    ]
+    S.channel_prune(
+        model,
+        {"input_ids": torch.zeros(1, 8, dtype=torch.long)},
+        roots,
+        0.5,
+        num_heads={attn.q_proj: 4, attn.k_proj: 4, attn.v_proj: 4},
+    )
     changes = S.sync_configs(model)
     kept = attn.q_proj.weight.detach().reshape(-1, 8, 32)
     assert kept.shape[0] == 2  # each kept block of 8 rows is one whole original head
     assert all(any(torch.equal(h, o) for o in original) for h in kept)
-    assert changes == {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 24,
-                       "reloadable": True}
+    assert changes == {
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 24,
+        "reloadable": True,
+    }
     out = model(input_ids=torch.randint(0, 32, (2, 8)), labels=torch.randint(0, 32, (2, 8)))
     assert torch.isfinite(out.loss)
     fresh = transformers.LlamaForCausalLM(model.config)  # the config alone rebuilds the pruned shapes
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(pattern="2:4", schedule={"kind": "one_shot", "sparsity": 0.7}), "the schedule must end at sparsity 0.5"),
-    (dict(pattern="2:4", structured=True), "cannot be combined with pattern='2:4'"),
-    (dict(importance="wanda", schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0}), "at least one epoch"),
-    (dict(importance="lsq"), "importance='lsq' is not one of"),
-    (dict(structured=True, importance="wanda", schedule={"kind": "one_shot", "at": 1}), "ranks channels by magnitude"),
-    (dict(structured=True, scope="row"), "scope='row'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pattern="2:4", schedule={"kind": "one_shot", "sparsity": 0.7}), "the schedule must end at sparsity 0.5"),
+        (dict(pattern="2:4", structured=True), "cannot be combined with pattern='2:4'"),
+        (dict(importance="wanda", schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0}), "at least one epoch"),
+        (dict(importance="lsq"), "importance='lsq' is not one of"),
+        (
+            dict(structured=True, importance="wanda", schedule={"kind": "one_shot", "at": 1}),
+            "ranks channels by magnitude",
+        ),
+        (dict(structured=True, scope="row"), "scope='row'"),
+    ],
+)
 def test_bad_combinations_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         IterativeMagnitudePruning(**kwargs)
@@ -146,23 +175,35 @@ def test_an_explicit_target_that_nm_cannot_split_fails_before_training(tmp_path)
     model = small_model()  # net.0 is Conv1d(1, 16, 5): 5 inputs per output
     cb = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="2:4", targets=["net.0"])
     with pytest.raises(ValueError, match=r"needs the inputs of 'net.0' \(shape \(16, 5\)"):
-        pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[cb],
-                   enable_checkpointing=False).fit(model, datamodule=small_data())
+        pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+            callbacks=[cb],
+            enable_checkpointing=False,
+        ).fit(model, datamodule=small_data())
 
 
 def test_wanda_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
     """Wanda's input statistics are callback state: a run resumed between two epochs of
     accumulation prunes with the same masks and ends bit-identical."""
-    make = lambda: IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 2}, pattern="2:4",
-                                             importance="wanda", targets=["net.2", "net.4"])
+    make = lambda: IterativeMagnitudePruning(
+        {"kind": "one_shot", "sparsity": 0.5, "at": 2}, pattern="2:4", importance="wanda", targets=["net.2", "net.4"]
+    )
 
     def run(root, ckpt_path=None):
         pl.seed_everything(0)
         cb, model = make(), small_model()
-        pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   deterministic=True, default_root_dir=root,
-                   callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)]
-                   ).fit(model, datamodule=small_data(), ckpt_path=ckpt_path)
+        pl.Trainer(
+            max_epochs=3,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            deterministic=True,
+            default_root_dir=root,
+            callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)],
+        ).fit(model, datamodule=small_data(), ckpt_path=ckpt_path)
         return cb, model
 
     cb, full = run(tmp_path / "a")

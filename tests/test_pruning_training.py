@@ -1,22 +1,31 @@
 """IterativeMagnitudePruning in real Lightning fits: masks that hold under SGD momentum and Adam
 (with gradient accumulation and bf16), exact rewinding, errors before training, structural pruning
 with resume, checkpoint loading and the W&B curve."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cases import small_data, small_model
 from lightning_slim.pruning import IterativeMagnitudePruning, load_pruned
 from lightning_slim.pruning.functional import global_sparsity, select_layers
 
 
 def fit(tmp_path, callbacks, model=None, ckpt_path=None, **kwargs):
-    args = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                deterministic=True)
+    args = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     args.update(kwargs)
     model = model if model is not None else small_model()
     trainer = pl.Trainer(callbacks=callbacks, **args)
@@ -48,18 +57,28 @@ class MaskProbe(pl.Callback):
             self.checked += 1
 
 
-@pytest.mark.parametrize("setting", [
-    dict(model=dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    dict(model=dict(optimizer="adam", lr=0.01, weight_decay=1e-3), precision="bf16-mixed", accumulate_grad_batches=2),
-], ids=["sgd_momentum", "adam_bf16_accumulate"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(model=dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)),
+        dict(
+            model=dict(optimizer="adam", lr=0.01, weight_decay=1e-3), precision="bf16-mixed", accumulate_grad_batches=2
+        ),
+    ],
+    ids=["sgd_momentum", "adam_bf16_accumulate"],
+)
 def test_masks_hold_under_momentum_adam_accumulation_and_bf16(setting, tmp_path):
     pl.seed_everything(0)
     setting = dict(setting)
-    cb = IterativeMagnitudePruning({"kind": "gradual", "final_sparsity": 0.8, "start": 1, "end": 5, "every": 2,
-                                    "unit": "step"}, exclude_classifier=True, scope="layer")
+    cb = IterativeMagnitudePruning(
+        {"kind": "gradual", "final_sparsity": 0.8, "start": 1, "end": 5, "every": 2, "unit": "step"},
+        exclude_classifier=True,
+        scope="layer",
+    )
     probe = MaskProbe(cb)
-    trainer, model = fit(tmp_path, [cb, probe], model=small_model(**setting.pop("model")), max_steps=7,
-                         limit_val_batches=0, **setting)
+    _trainer, model = fit(
+        tmp_path, [cb, probe], model=small_model(**setting.pop("model")), max_steps=7, limit_val_batches=0, **setting
+    )
     assert probe.checked > 0 and cb.round == 3
     layers = select_layers(model, exclude=["net.7"])
     for name, module in layers.items():  # per-layer scope: every pruned layer at 80%
@@ -79,9 +98,15 @@ class RewindProbe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.pruning.round == 1 and self.seen is None:
             sched = trainer.lr_scheduler_configs[0].scheduler
-            self.seen = ({k: v.clone() for k, v in pl_module.state_dict().items()},
-                         {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizers[0].state_dict()["state"].items()},
-                         sched.last_epoch, trainer.optimizers[0].param_groups[0]["lr"])
+            self.seen = (
+                {k: v.clone() for k, v in pl_module.state_dict().items()},
+                {
+                    i: {k: v.clone() for k, v in s.items()}
+                    for i, s in trainer.optimizers[0].state_dict()["state"].items()
+                },
+                sched.last_epoch,
+                trainer.optimizers[0].param_groups[0]["lr"],
+            )
 
 
 def test_step_rewind_restores_snapshot_exactly(tmp_path):
@@ -106,7 +131,7 @@ def test_lr_rewind_keeps_weights_and_rewinds_schedule(tmp_path):
     pl.seed_everything(0)
     cb = IterativeMagnitudePruning({"kind": "imp", "rounds": 1, "rate": 0.5, "every": 1}, rewind="lr", rewind_step=0)
     probe = RewindProbe(cb)
-    _, model = fit(tmp_path, [cb, probe], model=small_model(lr_schedule="cosine"))
+    _, _model = fit(tmp_path, [cb, probe], model=small_model(lr_schedule="cosine"))
     weights, _, last_epoch, lr = probe.seen
     assert last_epoch == 0 and lr == pytest.approx(1e-2)  # back to the start of the schedule
     assert cb.snapshot.get("module") is None  # weights are not snapshotted, nor rewound
@@ -124,13 +149,21 @@ class Gate(torch.nn.Module):
         return torch.relu(x * self.weight)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(targets=["net.9"]), "pruning target 'net.9' matches no module"),
-    (dict(schedule={"kind": "imp", "every": 1}, rewind="step", rewind_step=50), "rewind_step=50 is later than"),
-    (dict(structured=True, targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
-     "structured pruning traces the model"),
-    (dict(structured=True, targets=["net.1"], schedule={"kind": "one_shot"}), r"cannot handle layer 'net.1' \(Gate\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targets=["net.9"]), "pruning target 'net.9' matches no module"),
+        (dict(schedule={"kind": "imp", "every": 1}, rewind="step", rewind_step=50), "rewind_step=50 is later than"),
+        (
+            dict(structured=True, targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
+            "structured pruning traces the model",
+        ),
+        (
+            dict(structured=True, targets=["net.1"], schedule={"kind": "one_shot"}),
+            r"cannot handle layer 'net.1' \(Gate\)",
+        ),
+    ],
+)
 def test_bad_input_fails_before_the_first_step(kwargs, match, tmp_path):
     model = small_model()
     if kwargs.get("structured") and "example_input_shape" in kwargs:
@@ -147,24 +180,37 @@ def test_bad_input_fails_before_the_first_step(kwargs, match, tmp_path):
 def test_structured_prunes_trains_resumes_and_loads(tmp_path):
     """Channels go at the start of epoch 1; a run resumed from the pruned epoch-1 checkpoint ends
     exactly where the uninterrupted one ends, and load_pruned rebuilds the small model."""
-    make_cb = lambda: IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True,
-                                                targets=["Conv1d"], scope="layer", rewind="lr",
-                                                rewind_step=0)
+    make_cb = lambda: IterativeMagnitudePruning(
+        {"kind": "one_shot", "sparsity": 0.5, "at": 1},
+        structured=True,
+        targets=["Conv1d"],
+        scope="layer",
+        rewind="lr",
+        rewind_step=0,
+    )
     ckpt = lambda d: ModelCheckpoint(dirpath=d, save_top_k=-1, every_n_epochs=1)
     pl.seed_everything(0)
     make = lambda: small_model(optimizer="sgd", lr=0.05, lr_schedule="cosine")
-    trainer, full = fit(tmp_path, [make_cb(), ckpt(tmp_path / "ckpt")], model=make(), max_epochs=3,
-                        enable_checkpointing=True)
+    trainer, full = fit(
+        tmp_path, [make_cb(), ckpt(tmp_path / "ckpt")], model=make(), max_epochs=3, enable_checkpointing=True
+    )
     assert [m.out_channels for m in full.net if isinstance(m, torch.nn.Conv1d)] == [8, 8, 8]
     # the optimizer holds the pruned layers' new parameters, so they kept training
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in full.parameters()} == opt_params
     ep1, ep2 = (sorted((tmp_path / "ckpt").glob(f"epoch={e}*.ckpt"))[0] for e in (1, 2))
-    assert not torch.equal(torch.load(ep1, weights_only=False)["state_dict"]["net.0.weight"],
-                           full.net[0].weight.detach())
+    assert not torch.equal(
+        torch.load(ep1, weights_only=False)["state_dict"]["net.0.weight"], full.net[0].weight.detach()
+    )
     pl.seed_everything(123)
-    _, resumed = fit(tmp_path / "r", [make_cb(), ckpt(tmp_path / "ckpt")], model=make(), max_epochs=3,
-                     enable_checkpointing=True, ckpt_path=ep1)
+    _, resumed = fit(
+        tmp_path / "r",
+        [make_cb(), ckpt(tmp_path / "ckpt")],
+        model=make(),
+        max_epochs=3,
+        enable_checkpointing=True,
+        ckpt_path=ep1,
+    )
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
     small = load_pruned(small_model(), str(ep2))
@@ -177,7 +223,6 @@ def test_structured_prunes_trains_resumes_and_loads(tmp_path):
 def test_wandb_gets_the_accuracy_vs_sparsity_table(tmp_path):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
-
     from wandb_offline import read_run
 
     pl.seed_everything(0)
@@ -204,10 +249,25 @@ def test_other_lightning_cli_configs(config, tmp_path, monkeypatch):
 
     path = Path(__file__).resolve().parents[1] / "callbacks" / f"{config}.yaml"
     monkeypatch.setattr("sys.argv", ["lightning_slim.cli"])
-    cli = main(["fit", "--config", str(path), "--model", "lightning_slim.MNIST1DCNN", "--model.channels=16",
-                "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000", "--trainer.max_epochs=1",
-                "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(path),
+            "--model",
+            "lightning_slim.MNIST1DCNN",
+            "--model.channels=16",
+            "--data",
+            "lightning_slim.MNIST1DDataModule",
+            "--data.num_samples=1000",
+            "--trainer.max_epochs=1",
+            "--seed_everything=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, IterativeMagnitudePruning))
     assert cb.round >= 1 and cb.report_rows()["sparsity"] > 0
     if config == "pruning_structured":

@@ -1,30 +1,41 @@
 """QuantizationAwareTraining: numerics, schedule, checkpoints, export, pruning, bad input."""
+
 from __future__ import annotations
 
 import copy
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import small_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from cases import small_data
-from lightning_slim import CompressionReport, MNIST1DCNN, MNIST1DMLP, MNIST1DTransformer
+from lightning_slim import MNIST1DCNN, MNIST1DMLP, CompressionReport, MNIST1DTransformer
 from lightning_slim.measure import serialized_bytes
-from lightning_slim.quantization import QuantizationAwareTraining, functional as F
-from lightning_slim.quantization.export import convert_to_int8, load_int8, save_int8
+from lightning_slim.quantization import QuantizationAwareTraining
+from lightning_slim.quantization import functional as F
+from lightning_slim.quantization.export import convert_to_int8, load_int8
 
 X = torch.randn(64, 1, 40, generator=torch.Generator().manual_seed(0))
 TORCHAO = F.QuantSpec(runtime="torchao")
 
 
 def trainer(tmp_path, callbacks, **kw):
-    args = dict(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, deterministic=True)
+    args = dict(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     return pl.Trainer(callbacks=callbacks, **{**args, **kw})
 
 
@@ -63,7 +74,9 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
 
 def test_int4_grouped_weights_for_linear_models():
     model = MNIST1DTransformer().eval()
-    F.prepare_qat(model, F.select_layers(model, ["Linear"], exclude=["net.embed"]), F.QuantSpec(4, 8, 16, runtime="torchao"))
+    F.prepare_qat(
+        model, F.select_layers(model, ["Linear"], exclude=["net.embed"]), F.QuantSpec(4, 8, 16, runtime="torchao")
+    )
     F.set_fake_quant(model, True)
     rows = {r["layer"]: r for r in F.quantization_error(model)}
     assert rows["net.head"]["weight_bits"] == 4 and rows["net.head"]["relative_error"] > 0.05
@@ -134,7 +147,8 @@ def test_qat_checkpoint_loads_into_plain_model_and_resume_restores_ranges(tmp_pa
     resumed_cb, resumed = make_cb(), MNIST1DCNN(channels=8, batch_norm=True)
     again = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path / "r", [resumed_cb, again], enable_checkpointing=True).fit(
-        resumed, datamodule=small_data(), ckpt_path=mid)
+        resumed, datamodule=small_data(), ckpt_path=mid
+    )
     for name, r in full_cb.ranges.items():
         torch.testing.assert_close(resumed_cb.ranges[name]["scale"], r["scale"], rtol=0, atol=0)
         torch.testing.assert_close(saved_ranges[name]["scale"], r["scale"], rtol=0, atol=0)
@@ -161,25 +175,34 @@ def test_torchao_export_saved_program_loads_without_training_code(tmp_path):
     x = torch.randn(5, 1, 40)
     expected = cb.export(copy.deepcopy(module))(x)  # module is plain again: export prepares a copy
     torch.testing.assert_close(load_int8(path)(x), expected)
-    code = ("import sys, torch; m = torch.export.load(sys.argv[1]).module(); x = torch.load(sys.argv[2]); "
-            "torch.save(m(x), sys.argv[3]); assert 'lightning_slim' not in sys.modules")
+    code = (
+        "import sys, torch; m = torch.export.load(sys.argv[1]).module(); x = torch.load(sys.argv[2]); "
+        "torch.save(m(x), sys.argv[3]); assert 'lightning_slim' not in sys.modules"
+    )
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(weight_bits=3), "weight_bits=3 is not supported"),
-    (dict(activation_bits=4), "activation_bits=4 is not supported"),
-    (dict(unit="batch"), "unit='batch'"),
-    (dict(start_after=2, freeze_bn_after=1), "freeze_bn_after=1 comes before start_after=2"),
-    (dict(start_after=-1), "start_after=-1"),
-    (dict(runtime="tensorrt"), "runtime='tensorrt' is not one of"),
-    (dict(weight_bits=4), "weight_bits=4 with runtime='onnxruntime' is weight-only"),
-    (dict(weight_bits=4, activation_bits=None, group_size=24), "group_size=24 must be a power of two"),
-    (dict(reduce_range="yes"), "reduce_range='yes' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weight_bits=3), "weight_bits=3 is not supported"),
+        (dict(activation_bits=4), "activation_bits=4 is not supported"),
+        (dict(unit="batch"), "unit='batch'"),
+        (dict(start_after=2, freeze_bn_after=1), "freeze_bn_after=1 comes before start_after=2"),
+        (dict(start_after=-1), "start_after=-1"),
+        (dict(runtime="tensorrt"), "runtime='tensorrt' is not one of"),
+        (dict(weight_bits=4), "weight_bits=4 with runtime='onnxruntime' is weight-only"),
+        (dict(weight_bits=4, activation_bits=None, group_size=24), "group_size=24 must be a power of two"),
+        (dict(reduce_range="yes"), "reduce_range='yes' must be true or false"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizationAwareTraining(**kwargs)
@@ -191,18 +214,31 @@ class GroupedConv(MNIST1DCNN):
         self.net[2] = nn.Conv1d(8, 8, 3, stride=2, padding=1, groups=2)
 
 
-@pytest.mark.parametrize("make, kwargs, match", [
-    (MNIST1DCNN, dict(targets=["LSTM"]), "layer type 'LSTM' in targets is not supported"),
-    (MNIST1DCNN, dict(targets=["re:nothing.*"]), "match no supported layer"),
-    (MNIST1DCNN, dict(targets=["net.1"]), "'net.1' is a ReLU, which is not supported"),
-    (MNIST1DCNN, dict(targets=["net.99"]), "'net.99' names no module"),
-    (MNIST1DCNN, dict(weight_bits=4, activation_bits=None), "convolutions take 8-bit weights"),
-    (MNIST1DMLP, dict(weight_bits=4, group_size=64, runtime="torchao"), "group_size=64 does not divide"),
-    (GroupedConv, dict(runtime="torchao"), "groups=2 convolutions are not supported"),
-    (MNIST1DCNN, dict(activation_bits=None), "no weight-only int8 convolution"),
-    (MNIST1DTransformer, dict(targets=["Linear", "Embedding"]), r"\['net.position'\] are never called"),
-], ids=["type", "nothing", "not_a_layer", "no_module", "int4_conv", "group_size", "groups", "weight_only_conv",
-        "uncalled"])
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (MNIST1DCNN, dict(targets=["LSTM"]), "layer type 'LSTM' in targets is not supported"),
+        (MNIST1DCNN, dict(targets=["re:nothing.*"]), "match no supported layer"),
+        (MNIST1DCNN, dict(targets=["net.1"]), "'net.1' is a ReLU, which is not supported"),
+        (MNIST1DCNN, dict(targets=["net.99"]), "'net.99' names no module"),
+        (MNIST1DCNN, dict(weight_bits=4, activation_bits=None), "convolutions take 8-bit weights"),
+        (MNIST1DMLP, dict(weight_bits=4, group_size=64, runtime="torchao"), "group_size=64 does not divide"),
+        (GroupedConv, dict(runtime="torchao"), "groups=2 convolutions are not supported"),
+        (MNIST1DCNN, dict(activation_bits=None), "no weight-only int8 convolution"),
+        (MNIST1DTransformer, dict(targets=["Linear", "Embedding"]), r"\['net.position'\] are never called"),
+    ],
+    ids=[
+        "type",
+        "nothing",
+        "not_a_layer",
+        "no_module",
+        "int4_conv",
+        "group_size",
+        "groups",
+        "weight_only_conv",
+        "uncalled",
+    ],
+)
 def test_bad_input_fails_before_training(tmp_path, make, kwargs, match):
     t = trainer(tmp_path, [QuantizationAwareTraining(**kwargs)], max_epochs=1)
     with pytest.raises(ValueError, match=match):
@@ -215,10 +251,25 @@ def test_int4_cli_config_on_the_transformer(tmp_path, monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["lightning_slim.cli"])
     config = Path(__file__).parents[1] / "callbacks" / "quantization_int4.yaml"
-    cli = main(["fit", "--config", str(config), "--model", "lightning_slim.MNIST1DTransformer", "--model.dim=32",
-                "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000",
-                "--trainer.max_epochs=2", "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model",
+            "lightning_slim.MNIST1DTransformer",
+            "--model.dim=32",
+            "--data",
+            "lightning_slim.MNIST1DDataModule",
+            "--data.num_samples=1000",
+            "--trainer.max_epochs=2",
+            "--seed_everything=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
     assert cb.spec.weight_bits == 4 and cb.phase == 1 and "net.embed" not in cb.layers and len(cb.layers) == 9
     int8 = cb.export(copy.deepcopy(cli.model))

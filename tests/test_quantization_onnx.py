@@ -1,5 +1,6 @@
 """The onnxruntime runtime: a QDQ graph ORT really runs in int8, equal to what training simulated,
 loadable with onnxruntime alone; int4 packed into MatMulNBits; honest size and speed helpers."""
+
 from __future__ import annotations
 
 import copy
@@ -12,28 +13,46 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
-
 from cases import small_data
 from test_quantization import prune_randomly
-from lightning_slim import DigitsCNN, MNIST1DCNN, MNIST1DMLP, MNIST1DTransformer
+from torch import nn
+
+from lightning_slim import MNIST1DCNN, MNIST1DMLP, DigitsCNN, MNIST1DTransformer
 from lightning_slim.models import ClassifierModule
-from lightning_slim.quantization import (QuantizationAwareTraining, artifact_bytes, cpu_int8_capability, fp32_onnx,
-                                         functional as F, fused_ops, to_runtime)
+from lightning_slim.quantization import (
+    QuantizationAwareTraining,
+    artifact_bytes,
+    cpu_int8_capability,
+    fp32_onnx,
+    fused_ops,
+    to_runtime,
+)
+from lightning_slim.quantization import (
+    functional as F,
+)
 from lightning_slim.quantization.export import int8_weights, load_int8, save_int8
 
 X = torch.randn(256, 1, 40, generator=torch.Generator().manual_seed(0))
 
 
 def trainer(tmp_path, callbacks, **kw):
-    args = dict(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, deterministic=True)
+    args = dict(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     return pl.Trainer(callbacks=callbacks, **{**args, **kw})
 
 
-def prepared(model, x, spec=F.QuantSpec()):
+def prepared(model, x, spec=None):
     """``model`` fake-quantized for onnxruntime with ranges observed on ``x`` (BN statistics too)."""
-    F.prepare_qat(model, F.select_layers(model), spec)
+    F.prepare_qat(model, F.select_layers(model), spec or F.QuantSpec())
     with torch.no_grad():
         model.train()(x)
     F.set_fake_quant(model, True)
@@ -44,12 +63,16 @@ def _digits_input():
     return torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("make, x, int8_ops", [
-    (lambda: MNIST1DCNN(channels=16, batch_norm=True), X, {"QLinearConv": 3, "QGemm": 1}),
-    (lambda: DigitsCNN(channels=8, batch_norm=True), _digits_input(), {"QLinearConv": 2, "QGemm": 1}),
-    (lambda: MNIST1DMLP(hidden=64), X, {"QGemm": 3}),
-    (lambda: MNIST1DTransformer(dim=32), X, {"MatMulIntegerToFloat": 9, "QGemm": 1}),
-], ids=["conv1d_bn", "conv2d_bn", "mlp", "transformer"])
+@pytest.mark.parametrize(
+    "make, x, int8_ops",
+    [
+        (lambda: MNIST1DCNN(channels=16, batch_norm=True), X, {"QLinearConv": 3, "QGemm": 1}),
+        (lambda: DigitsCNN(channels=8, batch_norm=True), _digits_input(), {"QLinearConv": 2, "QGemm": 1}),
+        (lambda: MNIST1DMLP(hidden=64), X, {"QGemm": 3}),
+        (lambda: MNIST1DTransformer(dim=32), X, {"MatMulIntegerToFloat": 9, "QGemm": 1}),
+    ],
+    ids=["conv1d_bn", "conv2d_bn", "mlp", "transformer"],
+)
 def test_onnx_graph_is_int8_fused_by_ort_and_computes_what_training_simulated(make, x, int8_ops):
     model = prepared(make(), x)
     int8 = to_runtime(copy.deepcopy(model), x[:4])
@@ -82,8 +105,10 @@ def test_trained_qat_model_and_its_ort_artifact_agree(tmp_path):
     real = cb.export(copy.deepcopy(module))(x)
     agreement = float((fake.argmax(-1) == real.argmax(-1)).float().mean())
     fake_acc, real_acc = [float((o.argmax(-1) == y).float().mean()) for o in (fake, real)]
-    print(f"argmax agreement {agreement:.4f}, max logit difference {float((fake - real).abs().max()):.4f}, "
-          f"accuracy fake-quant {fake_acc:.4f} / onnxruntime {real_acc:.4f}")
+    print(
+        f"argmax agreement {agreement:.4f}, max logit difference {float((fake - real).abs().max()):.4f}, "
+        f"accuracy fake-quant {fake_acc:.4f} / onnxruntime {real_acc:.4f}"
+    )
     assert agreement >= 0.995 and abs(fake_acc - real_acc) <= 0.003 and real_acc > 0.5
 
 
@@ -96,11 +121,17 @@ def test_artifact_runs_with_onnxruntime_alone(tmp_path):
     assert cb.saved_path == str(path) and artifact_bytes(path) == path.stat().st_size
     x = torch.randn(5, 1, 40)
     np.save(tmp_path / "x.npy", x.numpy())
-    code = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
-            "np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: np.load(sys.argv[2])})[0]); "
-            "assert not {'torch', 'lightning_slim'} & set(sys.modules), sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, cwd=tmp_path, capture_output=True)
+    code = (
+        "import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
+        "np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: np.load(sys.argv[2])})[0]); "
+        "assert not {'torch', 'lightning_slim'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     expected = cb.export(copy.deepcopy(module))(x)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected)
     torch.testing.assert_close(load_int8(path)(x), expected)  # the generic loader knows the file
@@ -114,8 +145,10 @@ def test_int4_weight_only_is_packed_into_matmulnbits_and_six_times_smaller(tmp_p
     assert all(int(q.abs().max()) == 7 for q in int8_weights(int4).values())
     fp32 = fp32_onnx(MNIST1DMLP(hidden=512), X[:4])
     int4_path, fp32_path = save_int8(int4, X[:4], tmp_path / "int4.onnx"), fp32.save(tmp_path / "fp32.onnx")
-    assert artifact_bytes(int4_path) * 6 <= artifact_bytes(fp32_path), (artifact_bytes(int4_path),
-                                                                        artifact_bytes(fp32_path))
+    assert artifact_bytes(int4_path) * 6 <= artifact_bytes(fp32_path), (
+        artifact_bytes(int4_path),
+        artifact_bytes(fp32_path),
+    )
     with torch.no_grad():  # weight-only, float activations: the same arithmetic as training
         torch.testing.assert_close(int4(X), model(X), atol=1e-4, rtol=1e-4)
 
@@ -164,8 +197,11 @@ def test_transformer_encoder_validates_through_fake_quant_and_names_what_stays_f
     assert torch.backends.mha.get_fastpath_enabled()
     cb, counter = QuantizationAwareTraining(start_after=0), CountValidationCalls()
     module = EncoderClassifier()
-    with pytest.warns(UserWarning, match=r"nn.MultiheadAttention \['encoder.layers.0.self_attn', "
-                                         r"'encoder.layers.1.self_attn'\].*stay float"):
+    with pytest.warns(
+        UserWarning,
+        match=r"nn.MultiheadAttention \['encoder.layers.0.self_attn', "
+        r"'encoder.layers.1.self_attn'\].*stay float",
+    ):
         trainer(tmp_path, [cb, counter], max_epochs=1).fit(module, datamodule=small_data())
     assert counter.calls > 0  # the fast path (which reads linear1.weight directly) was off in validation
     assert "encoder.layers.1.self_attn" in cb.report_rows()["skipped"]
@@ -199,14 +235,22 @@ def test_cpu_int8_capability_reads_the_flags():
     avx2 = "model name\t: Some CPU\nflags\t\t: fpu sse avx avx2 fma\n"
     vnni = "model name\t: EPYC\nflags\t\t: avx2 avx512f avx512_vnni avx_vnni amx_tile amx_int8\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd asimddp\n"
-    assert cpu_int8_capability(avx2) == {"model": "Some CPU", "avx2": True, "avx512_vnni": False, "avx_vnni": False,
-                                         "amx": False, "arm_dotprod": False}
+    assert cpu_int8_capability(avx2) == {
+        "model": "Some CPU",
+        "avx2": True,
+        "avx512_vnni": False,
+        "avx_vnni": False,
+        "amx": False,
+        "arm_dotprod": False,
+    }
     assert cpu_int8_capability(vnni)["avx512_vnni"] and cpu_int8_capability(vnni)["amx"]
     assert cpu_int8_capability(arm)["arm_dotprod"] and not cpu_int8_capability(arm)["avx2"]
 
 
 def test_importing_and_configuring_qat_loads_no_onnx_or_torchao():
-    code = ("import sys; from lightning_slim import QuantizationAwareTraining as Q; Q(); "
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript', 'torchao') if m in sys.modules))")
+    code = (
+        "import sys; from lightning_slim import QuantizationAwareTraining as Q; Q(); "
+        "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript', 'torchao') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

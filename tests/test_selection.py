@@ -1,5 +1,6 @@
 """OnlineDataSelection: the functional core, bad input caught before training, what the user's
 training_step receives, the reference sources agreeing exactly, noise avoidance, and JEST."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_slim import DigitsCNN, DigitsDataModule, MNIST1DCNN, MNIST1DDataModule
+from lightning_slim import MNIST1DCNN, DigitsCNN, DigitsDataModule, MNIST1DDataModule
 from lightning_slim.callback import SlimCallback
 from lightning_slim.contract import Capability
 from lightning_slim.selection import (
@@ -35,8 +36,17 @@ def _one_thread():
 
 
 def fit(cb, module, data=None, epochs=1, **kwargs):
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[cb], deterministic=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[cb],
+        deterministic=True,
+    )
     trainer.fit(module, datamodule=data, **kwargs)
     return trainer
 
@@ -65,7 +75,7 @@ def test_scores_and_topk():
     assert select_topk(example_scores("learnability", learner, reference), 2).tolist() == [0, 3]
     assert select_topk(example_scores("hard", learner, None), 1).tolist() == [2]
     assert select_topk(example_scores("easy_reference", None, reference), 1).tolist() == [1]
-    assert example_scores(lambda l, r: l * 0 + 7, learner, None).tolist() == [7.0] * 4
+    assert example_scores(lambda learner_loss, r: learner_loss * 0 + 7, learner, None).tolist() == [7.0] * 4
 
 
 def test_sampling_is_seeded_without_replacement_and_follows_scores():
@@ -104,14 +114,22 @@ def test_sigmoid_pair_losses_and_scoring_mode():
 
 
 # --- bad input: a clear error before training -----------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"keep": 0.0}, "keep=0.0"), ({"keep": 1.5}, "keep=1.5"), ({"keep": -0.1}, r"\(0, 1\]"),
-    ({"batch_size": 0}, "batch_size=0"), ({"selection": "best"}, "selection='best'"),
-    ({"score": "bogus"}, "score='bogus'"), ({"window": {"start_step": 5, "stop_step": 5}}, "stop_step=5"),
-    ({"window": {"outside": "skip"}}, "outside='skip'"), ({"temperature": 0}, "temperature=0"),
-    ({"reference": nn.Linear(1, 1), "reference_losses": torch.zeros(3)}, "not both"),
-    ({"joint": True, "score": "uniform"}, "joint=True"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep": 0.0}, "keep=0.0"),
+        ({"keep": 1.5}, "keep=1.5"),
+        ({"keep": -0.1}, r"\(0, 1\]"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"selection": "best"}, "selection='best'"),
+        ({"score": "bogus"}, "score='bogus'"),
+        ({"window": {"start_step": 5, "stop_step": 5}}, "stop_step=5"),
+        ({"window": {"outside": "skip"}}, "outside='skip'"),
+        ({"temperature": 0}, "temperature=0"),
+        ({"reference": nn.Linear(1, 1), "reference_losses": torch.zeros(3)}, "not both"),
+        ({"joint": True, "score": "uniform"}, "joint=True"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OnlineDataSelection(**kwargs)
@@ -151,19 +169,32 @@ def dict_loss(model, batch):
     return F.cross_entropy(model(batch["signal"]), batch["label"], reduction="none")
 
 
-@pytest.mark.parametrize("kwargs, data_kwargs, match", [
-    ({"batch_size": 200, "score": "hard"}, {}, "smaller than the batch_size=200"),
-    ({"keep": 0.001, "score": "hard"}, {}, "keeps no example"),
-    ({"score": "learnability"}, {}, "needs a reference"),
-    ({"reference": nn.Linear(1, 1), "cache_reference": True}, {}, "carry example indices"),
-    ({"reference_losses": torch.cat([torch.rand(500), torch.full((300,), float("nan"))])},
-     {"with_index": True}, r"covers 500 of the 800 training examples; missing indices \[500, 501"),
-    ({"score": "hard", "joint": True}, {}, "pair_loss_fn"),
-    ({"reference": "teacher"}, {}, "teacher"),
-    ({"reference": {"class_path": "lightning_slim.MNIST1DCNN", "checkpoint": "/nonexistent.ckpt"}}, {},
-     "does not exist"),
-    ({"score": "hard", "loss_fn": "test_selection.no_such_function"}, {}, "loss_fn=.test_selection.no_such_function. cannot be imported"),
-])
+@pytest.mark.parametrize(
+    "kwargs, data_kwargs, match",
+    [
+        ({"batch_size": 200, "score": "hard"}, {}, "smaller than the batch_size=200"),
+        ({"keep": 0.001, "score": "hard"}, {}, "keeps no example"),
+        ({"score": "learnability"}, {}, "needs a reference"),
+        ({"reference": nn.Linear(1, 1), "cache_reference": True}, {}, "carry example indices"),
+        (
+            {"reference_losses": torch.cat([torch.rand(500), torch.full((300,), float("nan"))])},
+            {"with_index": True},
+            r"covers 500 of the 800 training examples; missing indices \[500, 501",
+        ),
+        ({"score": "hard", "joint": True}, {}, "pair_loss_fn"),
+        ({"reference": "teacher"}, {}, "teacher"),
+        (
+            {"reference": {"class_path": "lightning_slim.MNIST1DCNN", "checkpoint": "/nonexistent.ckpt"}},
+            {},
+            "does not exist",
+        ),
+        (
+            {"score": "hard", "loss_fn": "test_selection.no_such_function"},
+            {},
+            "loss_fn=.test_selection.no_such_function. cannot be imported",
+        ),
+    ],
+)
 def test_errors_before_training(kwargs, data_kwargs, match, tmp_path):
     module = Recorder()
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -255,8 +286,13 @@ class TwoTower(pl.LightningModule):
 def test_jest_joint_selection_with_a_custom_batch_type():
     loader = DataLoader(PairData(), batch_size=32, collate_fn=collate_pairs)
     module, reference = TwoTower(0), freeze(TwoTower(1))
-    cb = OnlineDataSelection(keep=0.25, joint={"num_chunks": 4}, reference=reference,
-                             selector="test_selection.slice_pairs", selection="sample")
+    cb = OnlineDataSelection(
+        keep=0.25,
+        joint={"num_chunks": 4},
+        reference=reference,
+        selector="test_selection.slice_pairs",
+        selection="sample",
+    )
     fit(cb, module, train_dataloaders=loader, epochs=2)
     assert module.sizes == [8] * 6
     assert cb.ledger.learner_forwards == cb.ledger.reference_forwards == 192
@@ -297,8 +333,15 @@ def test_reference_sources_train_identically(tmp_path):
     def run(cb, extra=()):
         torch.manual_seed(0)
         module = Recorder()
-        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, callbacks=[*extra, cb])
+        trainer = pl.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[*extra, cb],
+        )
         trainer.fit(module, datamodule=data())
         return module.state_dict(), cb.ledger
 
@@ -309,8 +352,13 @@ def test_reference_sources_train_identically(tmp_path):
         (OnlineDataSelection(reference=reference, cache_reference=True, **common), (), 560),
         (OnlineDataSelection(reference_losses=losses, **common), (), 0),
         (OnlineDataSelection(reference="teacher", **common), (TeacherHolder(reference),), 2 * 560),
-        (OnlineDataSelection(reference={"class_path": "test_selection.PlainNet",
-                                        "checkpoint": str(tmp_path / "ref.pt")}, **common), (), 2 * 560),
+        (
+            OnlineDataSelection(
+                reference={"class_path": "test_selection.PlainNet", "checkpoint": str(tmp_path / "ref.pt")}, **common
+            ),
+            (),
+            2 * 560,
+        ),
     ]
     for cb, extra, forwards in variants:
         weights, ledger = run(cb, extra)
@@ -328,8 +376,9 @@ def test_learnability_avoids_noisy_labels_and_hard_selection_seeks_them():
     reference = {"class_path": "lightning_slim.DigitsCNN", "train_on_holdout": {"epochs": 10, "lr": 0.01}}
     results = {}
     for score in ("learnability", "hard"):
-        cb = OnlineDataSelection(keep=0.2, score=score, reference=reference if score != "hard" else None,
-                                 cache_reference=score != "hard")
+        cb = OnlineDataSelection(
+            keep=0.2, score=score, reference=reference if score != "hard" else None, cache_reference=score != "hard"
+        )
         trainer = fit(cb, DigitsCNN(), data(), epochs=3)
         results[score] = cb.ledger.noisy_summary()
     assert abs(results["hard"]["noisy_fraction_seen"] - 0.3) < 0.02
@@ -345,11 +394,25 @@ def test_uniform_control_yaml(tmp_path, monkeypatch):
 
     config = Path(__file__).resolve().parents[1] / "callbacks" / "selection_uniform.yaml"
     monkeypatch.setattr("sys.argv", ["lightning_slim.cli"])
-    cli = main(["fit", "--config", str(config), "--model", "lightning_slim.MNIST1DCNN", "--model.channels=8",
-                "--data", "lightning_slim.MNIST1DDataModule", "--data.num_samples=1000", "--trainer.max_epochs=1",
-                "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false",
-                f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model",
+            "lightning_slim.MNIST1DCNN",
+            "--model.channels=8",
+            "--data",
+            "lightning_slim.MNIST1DDataModule",
+            "--data.num_samples=1000",
+            "--trainer.max_epochs=1",
+            "--seed_everything=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, OnlineDataSelection)]
     assert cb.score == "uniform" and cb.ledger.examples_trained == 8 * 25 and cb.ledger.learner_forwards == 0
 

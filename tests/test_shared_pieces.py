@@ -1,5 +1,6 @@
 """The pieces every technique shares (one of each): the per-index cache, output extraction, the
 eval-mode helper, the loader and the validators."""
+
 from __future__ import annotations
 
 import math

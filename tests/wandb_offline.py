@@ -4,6 +4,7 @@ wandb 0.31 ships no reader for ``run-*.wandb`` but ships its protobufs. The file
 LevelDB-style log: a 7-byte header (``:W&B``, 0xBEE1, version), then 32 KiB blocks of
 records, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ def _records(data: bytes):
         if BLOCK - pos % BLOCK < HEADER:  # block tail too small for a header: padding
             pos += BLOCK - pos % BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        payload = data[pos + HEADER:pos + HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
             yield payload

@@ -9,15 +9,19 @@ ValueError: stop_step=5 must be greater than start_step=10
 >>> FeatureDistillation(pairs={"net.5": "net.8"}).loss
 'mse'
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from lightning_slim.arguments import check_choice, check_int, check_order, check_range
+from lightning_slim.tokens import IGNORE_INDEX, SHIFTS
 
 FEATURE_LOSSES = ("mse", "cosine")
 CONVENTIONS = ("weighted", "additive")
+CACHE_DTYPES = (None, "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,18 @@ class FeatureDistillation:
 
 @dataclass(frozen=True)
 class LogitsSource:
-    """Where the logits are: the output of a submodule (``student_module`` / ``teacher_module``,
-    default the whole module), read by ``output_fn`` / ``teacher_output_fn`` (default: a tensor,
-    ``.logits`` or the first tensor of the output; a callable or a dotted path)."""
+    """Where the logits are, and so which call the teacher repeats.
+
+    ``student_module``: the student's submodule whose output is the logits. Default: the
+    LightningModule itself when it defines ``forward`` (``training_step`` calls ``self(x)``), else
+    its one child with parameters (``self.model(**batch)`` / ``self.model(input_ids=..., labels=...)``
+    on a Hugging Face model). Its call's positional and keyword arguments inside the user's
+    ``training_step`` are recorded and the teacher is called with exactly those (``labels`` left
+    out, ``use_cache=False`` added where accepted), unless ``input_fn`` is given.
+    ``teacher_module``: the same on the teacher (default: the teacher, or its one child when it is
+    a LightningModule without ``forward``). ``output_fn`` / ``teacher_output_fn`` read the logits
+    from the output (default: a tensor, ``.logits`` of a ``ModelOutput``, or its first tensor; a
+    callable or a dotted path)."""
 
     student_module: str | None = None
     teacher_module: str | None = None
@@ -73,11 +86,48 @@ class LogitsSource:
 
 
 @dataclass(frozen=True)
+class TokenMask:
+    """Which positions of token logits ``(B, T, V)`` a KD term counts: positions whose target is
+    ``ignore_index`` (in the call's or batch's ``labels``, or an ``(x, y)`` batch's ``y``), and,
+    with ``padding``, positions the ``attention_mask`` marks 0, contribute nothing. ``shift``:
+    ``"auto"`` shifts Hugging Face-style ``labels`` of a causal LM by one as its own loss does
+    (position t is scored on ``labels[t + 1]``, the last position on nothing), ``"causal"`` /
+    ``"none"`` force it. Logits without a token dimension are never masked."""
+
+    ignore_index: int = IGNORE_INDEX
+    shift: str = "auto"
+    padding: bool = True
+
+    def __post_init__(self):
+        check_choice("shift", self.shift, SHIFTS)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index={self.ignore_index!r} must be an integer")
+
+
+@dataclass(frozen=True)
 class TeacherCacheConfig:
     """Store teacher outputs by example index (``index_fn(batch)``, default the batch's
     ``index``) so the teacher runs once per example; needs a deterministic input per index (no
     random augmentation). ``checkpoint=False`` rebuilds the cache after a resume instead of
-    saving it."""
+    saving it.
+
+    ``top_k``: store only the teacher's ``top_k`` classes per position with the mass of the rest
+    (:mod:`~lightning_slim.distillation.topk`), for language models whose full ``(T, V)`` logits
+    cannot be kept for every example; it fixes the temperature (no ``temperature_final``).
+    ``dtype``: the stored logits' / log-probabilities' type (``"float32"``, ``"float16"``,
+    ``"bfloat16"``; default float32 for full logits, float16 for top-k)."""
 
     checkpoint: bool = True
     index_fn: Callable[[Any], Any] | str | None = None
+    top_k: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        check_int("top_k", self.top_k, minimum=1, allow_none=True)
+        check_choice("dtype", self.dtype, CACHE_DTYPES)
+
+    @property
+    def storage_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype or ("float16" if self.top_k else "float32"))

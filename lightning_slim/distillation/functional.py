@@ -9,6 +9,7 @@ matches feature widths, and the annealing schedule. (Output capture with forward
 >>> linear_schedule(step=50, start=0, stop=100, begin=1.0, end=0.0)
 0.5
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,27 +17,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.distillation.configs import FEATURE_LOSSES
+from lightning_slim.tokens import masked_mean
 
 
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+def soft_target_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hinton et al. (2015): ``KL(softmax(t / T) || softmax(s / T)) * T^2``, mean over examples.
 
     Classes are the last dimension; any leading dimensions (tokens, positions) count as examples.
+    ``mask`` (the leading shape, e.g. ``(B, T)``) keeps only its True positions in the mean: padding
+    and ``ignore_index`` tokens contribute nothing (:func:`lightning_slim.tokens.token_targets`).
     The ``T^2`` factor keeps the gradient scale independent of ``T``.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
     c = student_logits.shape[-1]
     s = F.log_softmax(student_logits.reshape(-1, c).float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.reshape(-1, c).float().detach() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    if mask is None:
+        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    per_position = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    return masked_mean(per_position, mask.reshape(-1)) * temperature**2
 
 
-def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of examples where student and teacher predict the same class."""
-    return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+def agreement(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fraction of examples (positions ``mask`` keeps) where student and teacher predict the same class."""
+    return masked_mean((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float(), mask)
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -56,7 +71,7 @@ class Projection(nn.Module):
         super().__init__()
         self.dim = dim
         self.linear = nn.utils.skip_init(nn.Linear, in_width, out_width)  # no draw from the global RNG
-        bound = in_width ** -0.5  # nn.Linear's default range, drawn from our own generator: no global RNG use
+        bound = in_width**-0.5  # nn.Linear's default range, drawn from our own generator: no global RNG use
         with torch.no_grad():
             self.linear.weight.uniform_(-bound, bound, generator=generator)
             self.linear.bias.uniform_(-bound, bound, generator=generator)

@@ -1,16 +1,30 @@
-"""The frozen teacher: an object, or a checkpoint plus a class path (what LightningCLI / YAML can
-express), built through the package's one loader (:mod:`lightning_slim.loading`)."""
+"""The frozen teacher: built from an object, or a checkpoint plus a class path (what LightningCLI /
+YAML can express), and run on the student's own inputs, once per example with the cache."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
+from lightning_slim.batches import BatchFormatError, move_to, slice_batch
+from lightning_slim.distillation.configs import TeacherCacheConfig
+from lightning_slim.distillation.topk import teacher_topk
+from lightning_slim.index_cache import IndexCache
 from lightning_slim.loading import build_module, freeze, read_state_dict
+from lightning_slim.modules import capture_outputs, device_of, named_arguments, output_tensor, submodule
+
+Call = tuple[tuple, dict]  # the positional and keyword arguments of one forward call
 
 
-def resolve_teacher(teacher: nn.Module | None, checkpoint: str | None, class_path: str | None,
-                    init_args: Mapping[str, Any] | None = None) -> nn.Module:
+def resolve_teacher(
+    teacher: nn.Module | None,
+    checkpoint: str | None,
+    class_path: str | None,
+    init_args: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """The frozen (no grad, eval mode) teacher. A LightningModule ``class_path`` loads through
     ``load_from_checkpoint``; a plain ``nn.Module`` class is built from ``init_args``; a given
     ``teacher`` object gets the checkpoint's weights when one is named."""
@@ -18,11 +32,102 @@ def resolve_teacher(teacher: nn.Module | None, checkpoint: str | None, class_pat
         raise ValueError("pass either teacher (a module) or teacher_class (a class path), not both")
     if teacher is None:
         if class_path is None or checkpoint is None:
-            raise ValueError("no teacher: pass teacher=<nn.Module>, or teacher_checkpoint=<path> with "
-                             "teacher_class=<'package.module.Class'>")
+            raise ValueError(
+                "no teacher: pass teacher=<nn.Module>, or teacher_checkpoint=<path> with "
+                "teacher_class=<'package.module.Class'>"
+            )
         teacher = build_module(class_path, init_args, checkpoint, what="teacher_class")
     elif not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     elif checkpoint is not None:
         teacher.load_state_dict(read_state_dict(checkpoint))
     return freeze(teacher)
+
+
+def teacher_arguments(target: nn.Module, call: Call) -> Call:
+    """The student's call as the teacher gets it: ``labels`` left out (the teacher would compute a
+    loss nobody uses), ``use_cache=False`` added where its ``forward`` takes it (no key/value cache)."""
+    args, kwargs = call
+    kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+    if "use_cache" in named_arguments(target):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+class TeacherRunner:
+    """Runs the teacher (``target`` is what is called, ``logits_module`` what outputs the logits) and
+    keeps its outputs by example index when a cache is configured: full logits, or the top-k
+    buckets of ``softmax(logits / temperature)``; paired features as they are."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        target: nn.Module,
+        logits_module: str | None,
+        output_fn: Callable,
+        features: list[str],
+        cache: TeacherCacheConfig | None,
+        temperature: float,
+    ):
+        self.teacher, self.target, self.output_fn, self.features = teacher, target, output_fn, features
+        self.logits_module = submodule(teacher, logits_module) if logits_module else target
+        self.config, self.temperature = cache, temperature
+        self.cache = IndexCache()
+        self.counts = {"teacher_examples": 0, "teacher_passes": 0, "cache_hits": 0}
+
+    def _hooks(self):
+        modules = {"logits": self.logits_module, **{f"feat:{n}": self.teacher.get_submodule(n) for n in self.features}}
+        fns = {"logits": self.output_fn, **{f"feat:{n}": output_tensor for n in self.features}}
+        return capture_outputs(modules, output_fn=fns)
+
+    @torch.no_grad()
+    def forward(self, call: Call, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The teacher's logits (and features) on one call, not cached, not counted. The teacher
+        moves to ``device`` (the student's) on first use."""
+        args, kwargs = call
+        if device is not None and device_of(self.teacher, device) != device:
+            self.teacher.to(device)
+        device = device_of(self.teacher)
+        with self._hooks() as out:
+            self.target(*move_to(args, device), **move_to(kwargs, device))
+        return dict(out)
+
+    def _run(self, call: Call, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        out = self.forward(call, device)
+        self.counts["teacher_passes"] += 1
+        self.counts["teacher_examples"] += n
+        return out
+
+    def _stored(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype, logits = self.config.storage_dtype, out.pop("logits")
+        if self.config.top_k:
+            out |= teacher_topk(logits, self.config.top_k, self.temperature, dtype)
+        else:
+            out["logits"] = logits.to(dtype)
+        for key, value in out.items():
+            held = self.cache.values.get(key)
+            if held is not None and held.shape[1:] != value.shape[1:]:
+                raise ValueError(
+                    f"cache_teacher stores {key!r} of shape {tuple(held.shape[1:])} per example, but this "
+                    f"batch gives {tuple(value.shape[1:])}: the cache needs one fixed shape per example "
+                    "(pad every sequence to one length, e.g. padding='max_length'), or disable it"
+                )
+        return out
+
+    def outputs(self, call: Call, n: int, index: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
+        """Teacher outputs for the ``n`` examples of this call (``index``: their dataset indices, for the cache)."""
+        if self.config is None:
+            return self._run(call, n, device)
+        if index is None:
+            raise BatchFormatError(
+                "cache_teacher needs each example's dataset index in the batch, e.g. "
+                "MNIST1DDataModule(with_index=True) batches (x, y, index), an 'index' key in dict "
+                "batches, or pass its index_fn"
+            )
+        missing = self.cache.missing(index)
+        self.counts["cache_hits"] += int((~missing).sum())
+        if missing.any():  # the teacher runs on the examples it has not seen yet, only
+            rows = missing.nonzero().squeeze(1)
+            sub = slice_batch(call, rows, size=n) if len(rows) < n else call
+            self.cache.store(index[rows.to(index.device)], self._stored(self._run(sub, len(rows), device)))
+        return {k: v.to(device, non_blocking=True) for k, v in self.cache.lookup(index).items()}

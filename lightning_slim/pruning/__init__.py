@@ -6,6 +6,7 @@
 ``structured`` and ``heads`` (channels and attention heads). ``load_pruned(model, checkpoint_path)``
 loads a structurally pruned checkpoint into a fresh model.
 """
+
 from lightning_slim.pruning.callback import IterativeMagnitudePruning
 from lightning_slim.pruning.functional import (
     apply_masks,
@@ -21,6 +22,20 @@ from lightning_slim.pruning.schedules import GradualSchedule, IMPSchedule, OneSh
 from lightning_slim.pruning.structured import load_pruned
 from lightning_slim.pruning.tensors import select_tensors
 
-__all__ = ["GradualSchedule", "IMPSchedule", "IterativeMagnitudePruning", "OneShotSchedule", "PruningCoverageWarning",
-           "apply_masks", "calibrate", "compute_masks", "load_pruned", "magnitude_masks", "parse_schedule", "prune",
-           "select_layers", "select_tensors", "to_semi_structured"]
+__all__ = [
+    "GradualSchedule",
+    "IMPSchedule",
+    "IterativeMagnitudePruning",
+    "OneShotSchedule",
+    "PruningCoverageWarning",
+    "apply_masks",
+    "calibrate",
+    "compute_masks",
+    "load_pruned",
+    "magnitude_masks",
+    "parse_schedule",
+    "prune",
+    "select_layers",
+    "select_tensors",
+    "to_semi_structured",
+]

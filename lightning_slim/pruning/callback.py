@@ -1,5 +1,6 @@
 """IterativeMagnitudePruning: the Lightning shell around ``functional`` (masks, patterns, importance),
 ``schedules``, ``rewind``, ``structured`` and ``heads``. Hooks decide *when*; the pure functions decide *what*."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -81,12 +82,24 @@ class IterativeMagnitudePruning(SlimCallback):
     effects = frozenset({Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE})
     export_stage = ExportStage.FINALIZE_WEIGHTS  # masks made permanent before any quantization
 
-    def __init__(self, schedule: dict[str, Any] | None = None, targets: list[str] | None = None,
-                 exclude: list[str] | None = None, exclude_classifier: bool = False, classifier: str | None = None,
-                 scope: str | None = None, structured: bool = False, rewind: str = "none", rewind_step: int = 0,
-                 accuracy_metric: str | None = "val/acc", example_input_shape: list[int] | None = None,
-                 pattern: str | None = None, importance: str = "magnitude", heads: bool = True,
-                 example_input_dtype: str = "auto"):
+    def __init__(
+        self,
+        schedule: dict[str, Any] | None = None,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        exclude_classifier: bool = False,
+        classifier: str | None = None,
+        scope: str | None = None,
+        structured: bool = False,
+        rewind: str = "none",
+        rewind_step: int = 0,
+        accuracy_metric: str | None = "val/acc",
+        example_input_shape: list[int] | None = None,
+        pattern: str | None = None,
+        importance: str = "magnitude",
+        heads: bool = True,
+        example_input_dtype: str = "auto",
+    ):
         self.schedule = parse_schedule(DEFAULT_SCHEDULE if schedule is None else schedule)
         self.pattern = resolve_pattern(pattern, structured)
         check_int("rewind_step", rewind_step, minimum=0)
@@ -149,13 +162,16 @@ class IterativeMagnitudePruning(SlimCallback):
             root, example = self._example(pl_module)
             channels.check_prunable(root, example, self._layers)
             if self.structure is None:  # a fresh fit: prune a copy to the final ratio, run it, before training
-                changes = channels.dry_run(root, example, self._layers, self.events[-1][1], self.scope == "global",
-                                           self._num_heads)
+                changes = channels.dry_run(
+                    root, example, self._layers, self.events[-1][1], self.scope == "global", self._num_heads
+                )
                 if not changes.get("reloadable", True):
-                    rank_zero_warn("IterativeMagnitudePruning: this model's config cannot describe the pruned heads "
-                                   "(its head size is hidden_size / num_attention_heads): reload it with "
-                                   "lightning_slim.pruning.load_pruned(), not from_pretrained()",
-                                   category=PruningCoverageWarning)
+                    rank_zero_warn(
+                        "IterativeMagnitudePruning: this model's config cannot describe the pruned heads "
+                        "(its head size is hidden_size / num_attention_heads): reload it with "
+                        "lightning_slim.pruning.load_pruned(), not from_pretrained()",
+                        category=PruningCoverageWarning,
+                    )
         else:
             for name, t in self._targets.items():
                 shape = tensor_targets.as_matrix(tensor_targets.tensor_of(pl_module, t), t.layout).shape
@@ -194,23 +210,36 @@ class IterativeMagnitudePruning(SlimCallback):
             self._counted = masking.select_layers(pl_module, self.targets)
             classifier = self._classifier(pl_module, self._counted, True)
             if set(self._counted) <= set(classifier):
-                raise ValueError(f"structural pruning keeps the classifier's outputs ({classifier}), and "
-                                 f"{type(pl_module).__name__} has no other Linear/Conv target; "
-                                 "use pattern='unstructured'")
+                raise ValueError(
+                    f"structural pruning keeps the classifier's outputs ({classifier}), and "
+                    f"{type(pl_module).__name__} has no other Linear/Conv target; "
+                    "use pattern='unstructured'"
+                )
             self._layers = masking.select_layers(pl_module, self.targets, list(self.exclude) + classifier)
             return
         if self._scope == "global":
-            raise ValueError("scope='global' would give transformer layers different head counts and MLP widths, "
-                             "which a model config cannot hold; use scope='layer' (the default for transformers)")
-        chosen = attention.choose(modules, roots, refused, self.targets and masking.select_layers(
-            pl_module, self.targets, self.exclude), self.exclude)
+            raise ValueError(
+                "scope='global' would give transformer layers different head counts and MLP widths, "
+                "which a model config cannot hold; use scope='layer' (the default for transformers)"
+            )
+        chosen = attention.choose(
+            modules,
+            roots,
+            refused,
+            self.targets and masking.select_layers(pl_module, self.targets, self.exclude),
+            self.exclude,
+        )
         self.scope = "layer"
         self._num_heads = {modules[n]: h for n, h in num_heads.items() if n in chosen}
         self._counted = self._layers = chosen
 
     def _example(self, pl_module):
-        return channels.trace_inputs(pl_module, getattr(pl_module, "example_input_array", None),
-                                     self.example_input_shape, self.example_input_dtype)
+        return channels.trace_inputs(
+            pl_module,
+            getattr(pl_module, "example_input_array", None),
+            self.example_input_shape,
+            self.example_input_dtype,
+        )
 
     # --- training hooks -------------------------------------------------------------------------
     @override
@@ -221,22 +250,27 @@ class IterativeMagnitudePruning(SlimCallback):
         self._update_sparsity(pl_module)
         if self.importance == "wanda" and not self._hooks:
             modules = {t.module: pl_module.get_submodule(t.module) for t in self._targets.values()}
-            self._hooks = self.norms.attach(modules, InTrainingStep(pl_module),
-                                            {n: inputs_of(m) for n, m in modules.items()})
+            self._hooks = self.norms.attach(
+                modules, InTrainingStep(pl_module), {n: inputs_of(m) for n, m in modules.items()}
+            )
 
     @override
     def on_train_start(self, trainer, pl_module):
         if self.schedule.unit == "epoch" and trainer.max_epochs not in (None, -1):
-            late = [t for t, _ in self.events[self.events_done:] if t >= trainer.max_epochs]
+            late = [t for t, _ in self.events[self.events_done :] if t >= trainer.max_epochs]
             if late:  # an event at the last epoch boundary or after it is never trained (or never happens)
-                rank_zero_info(f"IterativeMagnitudePruning: pruning events at epochs {late} come at or after "
-                               f"max_epochs={trainer.max_epochs}; those rounds will not be trained")
+                rank_zero_info(
+                    f"IterativeMagnitudePruning: pruning events at epochs {late} come at or after "
+                    f"max_epochs={trainer.max_epochs}; those rounds will not be trained"
+                )
         if self.schedule.unit == "epoch" and self.rewind != "none" and self.snapshot is None:
             per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
             first = self.events[0][0] * per_epoch
             if self.rewind_step > first:
-                raise ValueError(f"rewind_step={self.rewind_step} is later than the first pruning at epoch "
-                                 f"{self.events[0][0]} (step {first})")
+                raise ValueError(
+                    f"rewind_step={self.rewind_step} is later than the first pruning at epoch "
+                    f"{self.events[0][0]} (step {first})"
+                )
 
     @override
     def on_train_epoch_start(self, trainer, pl_module):
@@ -263,8 +297,9 @@ class IterativeMagnitudePruning(SlimCallback):
         self._update_sparsity(pl_module)
         self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
         self._log_curve(trainer)
-        log.set_summary(trainer, {"slim/pruning/final_sparsity": self._sparsity["sparsity"],
-                                  "slim/pruning/rounds": self.round})
+        log.set_summary(
+            trainer, {"slim/pruning/final_sparsity": self._sparsity["sparsity"], "slim/pruning/rounds": self.round}
+        )
 
     @override
     def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
@@ -285,15 +320,17 @@ class IterativeMagnitudePruning(SlimCallback):
             self.snapshot = rewinding.take_snapshot(self.rewind, pl_module, trainer.optimizers, schedulers)
             self.snapshot["step"] = step
         position = trainer.current_epoch if self.schedule.unit == "epoch" else step
-        due = [e for e in self.events[self.events_done:] if e[0] <= position]
+        due = [e for e in self.events[self.events_done :] if e[0] <= position]
         if due:
             self._prune(trainer, pl_module, due[-1][1])
             self.events_done += len(due)
             self._update_sparsity(pl_module)
             self._fired = True
             self._log_curve(trainer)
-            rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: "
-                           f"sparsity {self._sparsity['sparsity']:.4f}")
+            rank_zero_info(
+                f"IterativeMagnitudePruning: round {self.round} at step {step}: "
+                f"sparsity {self._sparsity['sparsity']:.4f}"
+            )
 
     def _prune(self, trainer, pl_module, target: float) -> None:
         self._update_sparsity(pl_module)
@@ -301,8 +338,17 @@ class IterativeMagnitudePruning(SlimCallback):
         if self.structured:
             return self._prune_channels(trainer, pl_module, target)
         fallback: list[str] = []
-        masks = masking.compute_masks(pl_module, self._targets, target, self.pattern, self.importance, self.scope,
-                                      self.norms, self.masks or None, fallback)
+        masks = masking.compute_masks(
+            pl_module,
+            self._targets,
+            target,
+            self.pattern,
+            self.importance,
+            self.scope,
+            self.norms,
+            self.masks or None,
+            fallback,
+        )
         if set(fallback) - self._fallback:
             self._fallback.update(fallback)
             rank_zero_warn(coverage_warning({}, {}, sorted(fallback)), category=PruningCoverageWarning)
@@ -321,15 +367,26 @@ class IterativeMagnitudePruning(SlimCallback):
     def _prune_channels(self, trainer, pl_module, target: float) -> None:
         relative = 1.0 - (1.0 - target) / (1.0 - self.channel_ratio)
         root, example = self._example(pl_module)
-        channels.channel_prune(root, example, self._layers.values(), relative,
-                               global_pruning=self.scope == "global", num_heads=self._num_heads)
+        channels.channel_prune(
+            root,
+            example,
+            self._layers.values(),
+            relative,
+            global_pruning=self.scope == "global",
+            num_heads=self._num_heads,
+        )
         self.config_changes.update(attention.sync_configs(pl_module))
         self.channel_ratio = target
         self.structure = channels.structure_of(pl_module)
         rebuild_optimizers(trainer, pl_module)
         if self.snapshot is not None:  # "lr": the schedule goes back, the weights stay
-            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers,
-                              [c.scheduler for c in trainer.lr_scheduler_configs])
+            rewinding.restore(
+                self.rewind,
+                self.snapshot,
+                pl_module,
+                trainer.optimizers,
+                [c.scheduler for c in trainer.lr_scheduler_configs],
+            )
 
     # --- helpers ----------------------------------------------------------------------------------
     def _tensors(self, pl_module) -> dict[str, torch.Tensor]:
@@ -354,8 +411,15 @@ class IterativeMagnitudePruning(SlimCallback):
 
     def _log_curve(self, trainer) -> None:
         rows = [[r, s, float("nan") if a is None else a, st] for r, s, a, st in self.curve]
-        log.log_line_plot(trainer, "slim/pruning/accuracy_vs_sparsity", ["round", "sparsity", "accuracy", "step"],
-                          rows, x="sparsity", y="accuracy", title="accuracy vs sparsity over pruning rounds")
+        log.log_line_plot(
+            trainer,
+            "slim/pruning/accuracy_vs_sparsity",
+            ["round", "sparsity", "accuracy", "step"],
+            rows,
+            x="sparsity",
+            y="accuracy",
+            title="accuracy vs sparsity over pruning rounds",
+        )
 
     # --- export, report, state ----------------------------------------------------------------------
     @torch.no_grad()
@@ -370,10 +434,15 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def report_rows(self) -> dict[str, Any]:
-        rows: dict[str, Any] = {"mode": "structured" if self.structured else "unstructured",
-                                "pattern": str(self.pattern), "importance": self.importance,
-                                "rounds": self.round, "scope": self.scope,
-                                "rewind": self.rewind, "sparsity_over": f"{len(self._counted)} target tensors"}
+        rows: dict[str, Any] = {
+            "mode": "structured" if self.structured else "unstructured",
+            "pattern": str(self.pattern),
+            "importance": self.importance,
+            "rounds": self.round,
+            "scope": self.scope,
+            "rewind": self.rewind,
+            "sparsity_over": f"{len(self._counted)} target tensors",
+        }
         if not self.structured:
             rows.update(untouched=dict(self._untouched), tied=dict(self._tied))
             if self._fallback:
@@ -385,11 +454,18 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.detach().cpu() for k, v in self.masks.items()}, "events_done": self.events_done,
-                "snapshot": self.snapshot, "curve": self.curve, "structure": self.structure,
-                "initial_numel": self.initial_numel, "channel_ratio": self.channel_ratio,
-                "schedule": as_dict(self.schedule), "norms": self.norms.state_dict(),
-                "config_changes": self.config_changes}
+        return {
+            "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+            "events_done": self.events_done,
+            "snapshot": self.snapshot,
+            "curve": self.curve,
+            "structure": self.structure,
+            "initial_numel": self.initial_numel,
+            "channel_ratio": self.channel_ratio,
+            "schedule": as_dict(self.schedule),
+            "norms": self.norms.state_dict(),
+            "config_changes": self.config_changes,
+        }
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

@@ -15,6 +15,7 @@ testable (and usable in a plain training loop) without a Trainer. :func:`prune` 
 >>> round(global_sparsity({n: m.weight for n, m in layers.items()}), 2)
 0.75
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -33,14 +34,21 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 SCOPES = patterns.SCOPES
 
 
-def select_layers(model: nn.Module, targets: Iterable[str] | None = None,
-                  exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+def select_layers(
+    model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> dict[str, nn.Module]:
     """The modules with a ``weight`` parameter selected by ``targets`` and not by ``exclude``
     (the grammar of :mod:`lightning_slim.targets`); ``targets=None``: every Linear / Conv layer.
     (Module level, for structural pruning; :func:`~lightning_slim.pruning.tensors.select_tensors`
     selects the tensors unstructured pruning masks.)"""
-    return select_modules(model, targets, exclude, default=PRUNABLE_TYPES, what="pruning",
-                          supported=lambda m: isinstance(getattr(m, "weight", None), nn.Parameter))
+    return select_modules(
+        model,
+        targets,
+        exclude,
+        default=PRUNABLE_TYPES,
+        what="pruning",
+        supported=lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
+    )
 
 
 def classifier_name(layers: Mapping[str, nn.Module]) -> str:
@@ -53,10 +61,17 @@ def default_scope(importance: str) -> str:
     return "row" if importance == "wanda" else "global"
 
 
-def compute_masks(model: nn.Module, targets: Mapping[str, Target], sparsity: float,
-                  pattern: Pattern | str = "unstructured", importance: str = "magnitude", scope: str | None = None,
-                  stats: InputNorms | None = None, previous: Mapping[str, torch.Tensor] | None = None,
-                  fallback: list[str] | None = None) -> dict[str, torch.Tensor]:
+def compute_masks(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    sparsity: float,
+    pattern: Pattern | str = "unstructured",
+    importance: str = "magnitude",
+    scope: str | None = None,
+    stats: InputNorms | None = None,
+    previous: Mapping[str, torch.Tensor] | None = None,
+    fallback: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """Boolean keep-masks, each in its tensor's own shape, removing ``sparsity`` of the target weights
     by ``importance`` (``stats``: input norms for ``"wanda"``; ``fallback``: see
     :func:`~lightning_slim.pruning.importance.scores`), under ``pattern`` within ``scope``.
@@ -74,14 +89,24 @@ def compute_masks(model: nn.Module, targets: Mapping[str, Target], sparsity: flo
 
 def nm_misfits(model: nn.Module, targets: Mapping[str, Target], pattern: Pattern) -> list[str]:
     """The targets whose rows do not split into whole groups of M inputs (e.g. a first conv's 3x3x3)."""
-    return [n for n, t in targets.items()
-            if pattern.kind == "N:M" and as_matrix(tensor_of(model, t), t.layout).shape[1] % pattern.m]
+    return [
+        n
+        for n, t in targets.items()
+        if pattern.kind == "N:M" and as_matrix(tensor_of(model, t), t.layout).shape[1] % pattern.m
+    ]
 
 
-def prune(model: nn.Module, sparsity: float, pattern: str = "unstructured", importance: str = "magnitude",
-          scope: str | None = None, targets: Iterable[str] | None = None, exclude: Iterable[str] = (),
-          stats: InputNorms | None = None, previous: Mapping[str, torch.Tensor] | None = None,
-          ) -> dict[str, torch.Tensor]:
+def prune(
+    model: nn.Module,
+    sparsity: float,
+    pattern: str = "unstructured",
+    importance: str = "magnitude",
+    scope: str | None = None,
+    targets: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    stats: InputNorms | None = None,
+    previous: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Select the targets (default: every Linear, Conv, MultiheadAttention and transformers Conv1D
     weight), compute masks and zero the pruned weights in place; returns the masks. Keep applying
     them after each optimizer step (:func:`apply_masks`) to keep the zeros."""
@@ -91,8 +116,12 @@ def prune(model: nn.Module, sparsity: float, pattern: str = "unstructured", impo
     return masks
 
 
-def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
-                    masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "global",
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Boolean keep-masks that zero the ``sparsity`` fraction of smallest-magnitude weights of any
     shape (``scope``: ``"global"`` or ``"layer"``); weights masked in ``masks`` stay masked. Ties
     are broken by position, deterministically, so every DDP rank computes the same masks."""
@@ -111,8 +140,9 @@ def apply_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
 
 
 @torch.no_grad()
-def mask_optimizer_state(optimizer: torch.optim.Optimizer,
-                         params_and_masks: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
+def mask_optimizer_state(
+    optimizer: torch.optim.Optimizer, params_and_masks: Iterable[tuple[nn.Parameter, torch.Tensor]]
+) -> None:
     """Zero every per-element optimizer state (SGD momentum, Adam exp_avg / exp_avg_sq...) at masked
     positions, so the optimizer cannot move a pruned weight again."""
     for param, mask in params_and_masks:
@@ -175,8 +205,15 @@ def to_semi_structured(model: nn.Module, names: Iterable[str], pattern: Pattern 
     for name in names:
         layer = model.get_submodule(name)
         w = getattr(layer, "weight", None)
-        if (type(layer) is nn.Linear and w is not None and w.is_cuda and w.dtype in (torch.float16, torch.bfloat16)
-                and w.shape[0] % 64 == 0 and w.shape[1] % 64 == 0 and is_nm(w != 0, 2, 4)):
+        if (
+            type(layer) is nn.Linear
+            and w is not None
+            and w.is_cuda
+            and w.dtype in (torch.float16, torch.bfloat16)
+            and w.shape[0] % 64 == 0
+            and w.shape[1] % 64 == 0
+            and is_nm(w != 0, 2, 4)
+        ):
             layer.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
             done.append(name)
     return done

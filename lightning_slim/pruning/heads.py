@@ -18,6 +18,7 @@ Qwen2 are covered too):
   tied to ``embed_dim``, the residual stream), grouped-query attention, and transformers' ``Conv1D``
   (GPT-2), which torch-pruning has no pruner for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,17 +51,35 @@ def find_blocks(model: nn.Module) -> list[Block]:
         p = f"{path}." if path else ""
         if _linear(m, "q_proj", "k_proj", "v_proj", "o_proj") and isinstance(getattr(m, "head_dim", None), int):
             heads, kv = m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim
-            problem = "" if heads == kv else (f"grouped-query attention ({heads} query heads, {kv} key/value "
-                                              "heads) is not supported for head pruning")
-            blocks.append(Block("llama-attention", path, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], heads,
-                                problem))
+            problem = (
+                ""
+                if heads == kv
+                else (
+                    f"grouped-query attention ({heads} query heads, {kv} key/value "
+                    "heads) is not supported for head pruning"
+                )
+            )
+            blocks.append(Block("llama-attention", path, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], heads, problem))
         elif _linear(m, "query", "key", "value") and isinstance(getattr(m, "attention_head_size", None), int):
-            blocks.append(Block("bert-attention", path, [f"{p}query", f"{p}key", f"{p}value"],
-                                m.query.out_features // m.attention_head_size))
+            blocks.append(
+                Block(
+                    "bert-attention",
+                    path,
+                    [f"{p}query", f"{p}key", f"{p}value"],
+                    m.query.out_features // m.attention_head_size,
+                )
+            )
         elif isinstance(m, nn.MultiheadAttention):
-            blocks.append(Block("mha", path, [], m.num_heads,
-                                f"nn.MultiheadAttention ties its inner width to embed_dim={m.embed_dim} (the residual "
-                                "stream), so its heads cannot be removed without shrinking the model's width"))
+            blocks.append(
+                Block(
+                    "mha",
+                    path,
+                    [],
+                    m.num_heads,
+                    f"nn.MultiheadAttention ties its inner width to embed_dim={m.embed_dim} (the residual "
+                    "stream), so its heads cannot be removed without shrinking the model's width",
+                )
+            )
         elif _linear(m, "gate_proj", "up_proj", "down_proj"):
             blocks.append(Block("mlp", path, [f"{p}gate_proj", f"{p}up_proj"]))
         elif _linear(m, "fc1", "fc2"):  # ViT, CLIP, OPT-style MLPs
@@ -70,8 +89,16 @@ def find_blocks(model: nn.Module) -> list[Block]:
         elif isinstance(m, nn.TransformerEncoderLayer):
             blocks.append(Block("mlp", path, [f"{p}linear1"]))
         elif any(is_hf_conv1d(c) for c in m.children()):
-            blocks.append(Block("conv1d", path, [], 0, "torch-pruning has no pruner for transformers' Conv1D "
-                                "(GPT-2's layers), so structural pruning cannot remove its heads or channels"))
+            blocks.append(
+                Block(
+                    "conv1d",
+                    path,
+                    [],
+                    0,
+                    "torch-pruning has no pruner for transformers' Conv1D "
+                    "(GPT-2's layers), so structural pruning cannot remove its heads or channels",
+                )
+            )
     return blocks
 
 
@@ -94,21 +121,30 @@ def transformer_plan(model: nn.Module, heads: bool) -> tuple[list[str], dict[str
     return roots, num_heads, refused
 
 
-def choose(modules: dict[str, nn.Module], roots: list[str], refused: list[Block],
-           selected: dict[str, nn.Module] | None, exclude: list[str]) -> dict[str, nn.Module]:
+def choose(
+    modules: dict[str, nn.Module],
+    roots: list[str],
+    refused: list[Block],
+    selected: dict[str, nn.Module] | None,
+    exclude: list[str],
+) -> dict[str, nn.Module]:
     """The structural targets of a transformer: the user's ``selected`` layers (which must be among
     ``roots``) or every root not excluded; an error for any refused block they touch."""
     inside = lambda n, p: n == p or n.startswith(p + ".")
     chosen = selected or {n: modules[n] for n in roots if not any(inside(n, e) for e in exclude)}
     for block in refused:
         if selected is None or selected == {} or any(inside(n, block.path) for n in chosen):
-            raise ValueError(f"structural pruning cannot prune {block.path!r}: {block.problem}. "
-                             + ("Pass heads=False to remove MLP channels only, or " if block.kind == "mha" else "")
-                             + "use pattern='unstructured' or '2:4' for this model")
+            raise ValueError(
+                f"structural pruning cannot prune {block.path!r}: {block.problem}. "
+                + ("Pass heads=False to remove MLP channels only, or " if block.kind == "mha" else "")
+                + "use pattern='unstructured' or '2:4' for this model"
+            )
     residual = sorted(set(chosen) - set(roots))
     if residual:
-        raise ValueError(f"structural pruning of a transformer removes MLP channels and attention heads only; "
-                         f"{residual} would shrink the hidden size (the residual stream). Allowed targets: {roots}")
+        raise ValueError(
+            f"structural pruning of a transformer removes MLP channels and attention heads only; "
+            f"{residual} would shrink the hidden size (the residual stream). Allowed targets: {roots}"
+        )
     return chosen
 
 
@@ -138,8 +174,11 @@ def sync_configs(model: nn.Module) -> dict[str, Any]:
     for c in configs.values():
         updates = {}
         if len(heads) == 1 and len(kv_heads) == 1 and getattr(c, "num_attention_heads", None) not in (None, *heads):
-            updates.update(num_attention_heads=next(iter(heads)), num_key_value_heads=next(iter(kv_heads)),
-                           head_dim=next(iter(head_dims)))
+            updates.update(
+                num_attention_heads=next(iter(heads)),
+                num_key_value_heads=next(iter(kv_heads)),
+                head_dim=next(iter(head_dims)),
+            )
         if len(widths) == 1 and getattr(c, "intermediate_size", None) not in (None, *widths):
             updates["intermediate_size"] = next(iter(widths))
         for k, v in updates.items():

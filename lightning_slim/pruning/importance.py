@@ -16,6 +16,7 @@ layers that see different numbers of positions. Plain PyTorch, no Trainer:
 >>> scores(net, targets, "wanda", stats)["0"].shape
 torch.Size([2, 4])
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ IMPORTANCES = ("magnitude", "wanda")
 
 def _mha_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     names = ("query", "key", "value")
-    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):] if n in kwargs]
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]) :] if n in kwargs]
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
@@ -68,8 +69,12 @@ def norm_matrix(module: nn.Module, target: Target, rms: list[torch.Tensor]) -> t
     return rms[0][None]
 
 
-def calibrate(model: nn.Module, targets: Mapping[str, Target], batches: Iterable[Any],
-              forward: Callable[[nn.Module, Any], Any] | None = None) -> InputNorms:
+def calibrate(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> InputNorms:
     """Input norms of every target over ``batches``, run in eval mode without gradients.
     ``forward(model, batch)`` defaults to ``model(**batch)`` for dicts, ``model(batch)`` for tensors."""
     forward = forward or (lambda m, b: m(**b) if isinstance(b, Mapping) else m(b))
@@ -81,8 +86,13 @@ def calibrate(model: nn.Module, targets: Mapping[str, Target], batches: Iterable
     return stats
 
 
-def scores(model: nn.Module, targets: Mapping[str, Target], importance: str = "magnitude",
-           stats: InputNorms | None = None, fallback: list[str] | None = None) -> dict[str, torch.Tensor]:
+def scores(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    importance: str = "magnitude",
+    stats: InputNorms | None = None,
+    fallback: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """``{name: score matrix (rows = outputs, cols = inputs)}``; ``"wanda"`` needs ``stats`` keyed by module
     path. A target whose module saw no input is an error, or, given a ``fallback`` list, scored by
     magnitude and its name appended there."""
@@ -93,8 +103,10 @@ def scores(model: nn.Module, targets: Mapping[str, Target], importance: str = "m
             fallback.append(name)
         elif importance == "wanda":
             if stats is None or t.module not in stats.count:
-                raise ValueError(f"importance='wanda' has no input statistics for {t.module!r}: it was not called "
-                                 "in the training steps (or calibration batches) seen since the last pruning")
+                raise ValueError(
+                    f"importance='wanda' has no input statistics for {t.module!r}: it was not called "
+                    "in the training steps (or calibration batches) seen since the last pruning"
+                )
             norm = norm_matrix(model.get_submodule(t.module), t, stats.rms(t.module))
             w = w * norm.to(w.device)
         elif importance != "magnitude":

@@ -12,6 +12,7 @@ Weights already pruned (``masks``) stay pruned: masks only grow, so rounds compo
 >>> masks({"w": w.abs()}, 0.5, scope="layer", pattern=parse_pattern("2:4"))["w"].int().tolist()
 [[1, 0, 1, 0, 1, 0, 0, 1]]
 """
+
 from __future__ import annotations
 
 import re
@@ -49,16 +50,19 @@ def parse_pattern(value: str) -> Pattern:
         return Pattern(value)
     match = re.fullmatch(r"(\d+):(\d+)", str(value))
     if not match or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"pattern={value!r} is not one of 'unstructured', 'channels' or 'N:M' with 0 < N < M "
-                         "(e.g. '2:4')")
+        raise ValueError(
+            f"pattern={value!r} is not one of 'unstructured', 'channels' or 'N:M' with 0 < N < M (e.g. '2:4')"
+        )
     return Pattern("N:M", int(match[1]), int(match[2]))
 
 
 def check_nm_shape(name: str, matrix_shape: tuple[int, ...], pattern: Pattern) -> None:
     """Every row must split into whole groups of M inputs."""
     if pattern.kind == "N:M" and matrix_shape[1] % pattern.m:
-        raise ValueError(f"pattern={str(pattern)!r} needs the inputs of {name!r} (shape {tuple(matrix_shape)} as "
-                         f"outputs x inputs) to be a multiple of {pattern.m}; exclude it or use another pattern")
+        raise ValueError(
+            f"pattern={str(pattern)!r} needs the inputs of {name!r} (shape {tuple(matrix_shape)} as "
+            f"outputs x inputs) to be a multiple of {pattern.m}; exclude it or use another pattern"
+        )
 
 
 def nm_masks(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -78,7 +82,7 @@ def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
 
 def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the highest scores of a 1-D tensor; a stable sort breaks ties by position, the same on every rank."""
-    n_keep = scores.numel() - int(round(sparsity * scores.numel()))
+    n_keep = scores.numel() - round(sparsity * scores.numel())
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_keep > 0:
         keep[torch.sort(scores, descending=True, stable=True).indices[:n_keep]] = True
@@ -86,16 +90,20 @@ def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def _keep_top_rows(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    n_keep = scores.shape[1] - int(round(sparsity * scores.shape[1]))
+    n_keep = scores.shape[1] - round(sparsity * scores.shape[1])
     keep = torch.zeros_like(scores, dtype=torch.bool)
     if n_keep > 0:
         keep.scatter_(1, torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_keep], True)
     return keep
 
 
-def masks(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
-          pattern: Pattern = Pattern("unstructured"), previous: Mapping[str, torch.Tensor] | None = None,
-          ) -> dict[str, torch.Tensor]:
+def masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "global",
+    pattern: Pattern = Pattern("unstructured"),
+    previous: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Boolean keep-masks (matrices) that remove the ``sparsity`` fraction of the lowest scores.
 
     ``scope``: ``"global"`` ranks all tensors together, ``"layer"`` each tensor, ``"row"`` each
@@ -108,8 +116,10 @@ def masks(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "glo
         raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
     scores = {k: s.detach().float() for k, s in scores.items()}
     if previous:
-        scores = {k: torch.where(previous[k].to(s.device), s, torch.full_like(s, -1.0)) if k in previous else s
-                  for k, s in scores.items()}
+        scores = {
+            k: torch.where(previous[k].to(s.device), s, torch.full_like(s, -1.0)) if k in previous else s
+            for k, s in scores.items()
+        }
     if pattern.kind == "N:M":
         limit = pattern.sparsity
         if sparsity > limit + 1e-6:
@@ -125,6 +135,6 @@ def masks(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "glo
     keep = _keep_top(torch.cat([s.flatten() for s in scores.values()]), sparsity)
     out, start = {}, 0
     for k, s in scores.items():
-        out[k] = keep[start:start + s.numel()].view_as(s)
+        out[k] = keep[start : start + s.numel()].view_as(s)
         start += s.numel()
     return out

@@ -16,6 +16,7 @@ Plain PyTorch: optimizers and schedulers are passed in as lists.
 >>> restore("init", snap, net, [opt], []); torch.equal(net.weight, before), opt.state_dict()["state"]
 (True, {})
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,9 @@ def rewinds_weights(rewind: str) -> bool:
     return rewind in ("init", "step")
 
 
-def take_snapshot(rewind: str, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-                  schedulers: Sequence[Any]) -> dict[str, Any]:
+def take_snapshot(
+    rewind: str, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any]
+) -> dict[str, Any]:
     """Copies (never references) of what ``rewind`` will restore."""
     snap: dict[str, Any] = {"schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers]}
     if rewinds_weights(rewind):
@@ -45,15 +47,22 @@ def take_snapshot(rewind: str, module: nn.Module, optimizers: Sequence[torch.opt
 
 
 @torch.no_grad()
-def restore(rewind: str, snap: dict[str, Any], module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-            schedulers: Sequence[Any]) -> None:
+def restore(
+    rewind: str,
+    snap: dict[str, Any],
+    module: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+) -> None:
     """Put back what ``take_snapshot`` saved for ``rewind`` (a no-op for ``"none"``)."""
     if rewind == "none":
         return
     if len(optimizers) != len(snap["optimizers"]) or len(schedulers) != len(snap["schedulers"]):
-        raise RuntimeError(f"cannot rewind: the snapshot has {len(snap['optimizers'])} optimizer(s) and "
-                           f"{len(snap['schedulers'])} scheduler(s), training now has {len(optimizers)} and "
-                           f"{len(schedulers)}")
+        raise RuntimeError(
+            f"cannot rewind: the snapshot has {len(snap['optimizers'])} optimizer(s) and "
+            f"{len(snap['schedulers'])} scheduler(s), training now has {len(optimizers)} and "
+            f"{len(schedulers)}"
+        )
     if rewinds_weights(rewind):
         module.load_state_dict(snap["module"])  # copies into the existing parameters
         for opt, state in zip(optimizers, snap["optimizers"]):
@@ -65,4 +74,3 @@ def restore(rewind: str, snap: dict[str, Any], module: nn.Module, optimizers: Se
                 group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
     for sched, state in zip(schedulers, snap["schedulers"]):
         sched.load_state_dict(copy.deepcopy(state))
-

@@ -13,12 +13,13 @@ A schedule is a dict that YAML can write (``kind`` picks the class) or one of th
 >>> OneShotSchedule(sparsity=0.5, at=0, unit="step").events()
 [(0, 0.5)]
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from lightning_slim.arguments import check_fraction, check_int
 from lightning_slim.clock import check_unit
@@ -87,7 +88,7 @@ class GradualSchedule:
 
     def events(self) -> list[tuple[int, float]]:
         span = self.end - self.start
-        times = list(range(self.start, self.end, self.every)) + [self.end]
+        times = [*list(range(self.start, self.end, self.every)), self.end]
         si, sf = self.initial_sparsity, self.final_sparsity
         return [(t, sf + (si - sf) * (1 - (t - self.start) / span) ** 3) for t in times]
 
@@ -110,7 +111,7 @@ class OneShotSchedule:
         return [(self.at, float(self.sparsity))]
 
 
-Schedule = Union[IMPSchedule, GradualSchedule, OneShotSchedule]
+Schedule = IMPSchedule | GradualSchedule | OneShotSchedule
 KINDS: dict[str, type] = {"imp": IMPSchedule, "gradual": GradualSchedule, "one_shot": OneShotSchedule}
 
 

@@ -20,6 +20,7 @@ model can be loaded (``load_state_dict`` then fits).
 5
 >>> _ = fresh.load_state_dict(net.state_dict())
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,18 @@ from lightning_slim.modules import device_of, evaluating, output_tensor
 from lightning_slim.pruning.heads import sync_configs
 
 ROOTS = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose output channels we remove
-SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
-              "normalized_shape", "num_embeddings", "embedding_dim", "embed_dim", "num_channels")
+SIZE_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+    "num_embeddings",
+    "embedding_dim",
+    "embed_dim",
+    "num_channels",
+)
 
 
 def dependency_graph(model: nn.Module, example_inputs: Any):
@@ -43,12 +54,17 @@ def dependency_graph(model: nn.Module, example_inputs: Any):
 
     with evaluating(model, no_grad=False), warnings.catch_warnings():  # tracing follows grad_fn
         warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # norms' weights: pruned with them
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                     output_transform=output_tensor)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, output_transform=output_tensor
+        )
 
 
-def trace_inputs(module: nn.Module, example_input_array: Any = None, example_input_shape: Any = None,
-                 example_input_dtype: str = "auto") -> tuple[nn.Module, Any]:
+def trace_inputs(
+    module: nn.Module,
+    example_input_array: Any = None,
+    example_input_shape: Any = None,
+    example_input_dtype: str = "auto",
+) -> tuple[nn.Module, Any]:
     """What torch-pruning traces: ``(root module, example inputs)``.
 
     In order: the module's ``example_input_array``; zeros of ``example_input_shape`` (integer
@@ -71,15 +87,24 @@ def trace_inputs(module: nn.Module, example_input_array: Any = None, example_inp
             if sub.main_input_name == "pixel_values":
                 size = getattr(config, "image_size", 32)
                 size = size if isinstance(size, int) else size[0]
-                return sub, {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size,
-                                                         device=device)}
+                return sub, {
+                    "pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size, device=device)
+                }
             return sub, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device=device)}
-    raise ValueError("structured pruning traces the model: set example_input_array on the module or pass "
-                     "example_input_shape=[1, ...] to IterativeMagnitudePruning (token ids are fed as int64)")
+    raise ValueError(
+        "structured pruning traces the model: set example_input_array on the module or pass "
+        "example_input_shape=[1, ...] to IterativeMagnitudePruning (token ids are fed as int64)"
+    )
 
 
-def dry_run(model: nn.Module, example_inputs: Any, targets: Mapping[str, nn.Module], ratio: float,
-            global_pruning: bool, num_heads: Mapping[nn.Module, int] | None = None) -> dict[str, Any]:
+def dry_run(
+    model: nn.Module,
+    example_inputs: Any,
+    targets: Mapping[str, nn.Module],
+    ratio: float,
+    global_pruning: bool,
+    num_heads: Mapping[nn.Module, int] | None = None,
+) -> dict[str, Any]:
     """Prune a copy of ``model`` to ``ratio`` and run it, so that a model the pruned shapes break
     fails here, before training, and not mid-fit. Returns the config changes it would make."""
     paths = {id(m): n for n, m in model.named_modules()}
@@ -94,8 +119,10 @@ def dry_run(model: nn.Module, example_inputs: Any, targets: Mapping[str, nn.Modu
             out = copy_(**example_inputs) if isinstance(example_inputs, dict) else copy_(example_inputs)
             output_tensor(out)
     except Exception as err:
-        raise ValueError(f"structural pruning of {sorted(targets)} to {ratio:g} breaks the model "
-                         f"({type(err).__name__}: {err}); exclude the layers involved or prune less") from err
+        raise ValueError(
+            f"structural pruning of {sorted(targets)} to {ratio:g} breaks the model "
+            f"({type(err).__name__}: {err}); exclude the layers involved or prune less"
+        ) from err
     return changed
 
 
@@ -104,12 +131,15 @@ def check_prunable(model: nn.Module, example_inputs: Any, layers: Mapping[str, n
     try:
         graph = dependency_graph(model, example_inputs)
     except Exception as err:  # tracing failures come in many types
-        raise ValueError(f"torch-pruning cannot trace this model for structural pruning: "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"torch-pruning cannot trace this model for structural pruning: {type(err).__name__}: {err}"
+        ) from err
     for name, module in layers.items():
         if not isinstance(module, ROOTS):
-            raise ValueError(f"structural pruning cannot handle layer {name!r} ({type(module).__name__}): it "
-                             "removes output channels of Linear / Conv layers only; target those or exclude it")
+            raise ValueError(
+                f"structural pruning cannot handle layer {name!r} ({type(module).__name__}): it "
+                "removes output channels of Linear / Conv layers only; target those or exclude it"
+            )
         pruner = graph.get_pruner_of_module(module)
         if module not in graph.module2node:
             raise ValueError(f"structural pruning target {name!r} is never used in forward(); exclude it")
@@ -119,9 +149,15 @@ def check_prunable(model: nn.Module, example_inputs: Any, layers: Mapping[str, n
             raise ValueError(f"structural pruning cannot remove output channels of {name!r}: {err}") from err
 
 
-def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Module], ratio: float,
-                  global_pruning: bool = False, ignored: Iterable[nn.Module] = (),
-                  num_heads: Mapping[nn.Module, int] | None = None) -> list:
+def channel_prune(
+    model: nn.Module,
+    example_inputs: Any,
+    targets: Iterable[nn.Module],
+    ratio: float,
+    global_pruning: bool = False,
+    ignored: Iterable[nn.Module] = (),
+    num_heads: Mapping[nn.Module, int] | None = None,
+) -> list:
     """Remove ``ratio`` of the *current* output channels of ``targets`` (L2 magnitude ranking).
 
     Every other root layer (Conv / Linear) is left as is; its inputs still shrink when a layer
@@ -139,10 +175,16 @@ def channel_prune(model: nn.Module, example_inputs: Any, targets: Iterable[nn.Mo
     with evaluating(model, no_grad=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")  # norms' weights: pruned with them
         pruner = tp.pruner.BasePruner(
-            model, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=keep_out + list(ignored), output_transform=output_tensor,
-            num_heads=dict(num_heads or {}), prune_num_heads=bool(num_heads), prune_head_dims=not num_heads,
+            model,
+            example_inputs,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            global_pruning=global_pruning,
+            ignored_layers=keep_out + list(ignored),
+            output_transform=output_tensor,
+            num_heads=dict(num_heads or {}),
+            prune_num_heads=bool(num_heads),
+            prune_head_dims=not num_heads,
             head_pruning_ratio=ratio if num_heads else 0.0,
         )
         pruner.step()
@@ -192,8 +234,9 @@ def count_weights(layers: Mapping[str, nn.Module]) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in layers.items()}
 
 
-def load_pruned(model: nn.Module, checkpoint_path: str, strict: bool = True,
-                state_key: str = "IterativeMagnitudePruning") -> nn.Module:
+def load_pruned(
+    model: nn.Module, checkpoint_path: str, strict: bool = True, state_key: str = "IterativeMagnitudePruning"
+) -> nn.Module:
     """Load a checkpoint written while ``IterativeMagnitudePruning`` trained into a freshly built
     ``model``: structurally pruned layers are resized first, then the weights are loaded.
 

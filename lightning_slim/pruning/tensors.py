@@ -18,6 +18,7 @@ name otherwise (``"layers.0.self_attn.in_proj_weight"``).
 >>> list(select_tensors(enc))  # doctest: +NORMALIZE_WHITESPACE
 ['layers.0.self_attn.in_proj_weight', 'layers.0.self_attn.out_proj', 'layers.0.linear1', 'layers.0.linear2']
 """
+
 from __future__ import annotations
 
 import sys
@@ -65,12 +66,12 @@ class Target:
     layout: str = "out_in"
 
 
-def select_tensors(model: nn.Module, targets: Iterable[str] | None = None,
-                   exclude: Iterable[str] = ()) -> dict[str, Target]:
+def select_tensors(
+    model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> dict[str, Target]:
     """The tensors ``targets`` selects (the grammar of :mod:`lightning_slim.targets`, plus full
     parameter names); ``targets=None``: every Linear, Conv, MultiheadAttention and Conv1D."""
-    chosen = select_parameters(model, targets, exclude, default=default_kinds(), params_of=params_of,
-                               what="pruning")
+    chosen = select_parameters(model, targets, exclude, default=default_kinds(), params_of=params_of, what="pruning")
     modules = dict(model.named_modules())
     out = {}
     for path, key in chosen.values():

@@ -2,15 +2,52 @@
 
 Importing this package imports neither torchao nor onnx/onnxruntime; they load when used.
 """
+
 from lightning_slim.quantization.callback import QuantizationAwareTraining
 from lightning_slim.quantization.export import convert_to_int8, load_int8, save_int8, to_runtime
-from lightning_slim.quantization.functional import (QuantSpec, freeze_batchnorm, freeze_ranges, prepare_qat,
-                                                    quantization_error, select_layers, set_fake_quant, set_ranges,
-                                                    unprepare)
-from lightning_slim.quantization.serving import (OrtModel, artifact_bytes, compare_latency, cpu_int8_capability,
-                                                 fp32_onnx, fused_ops, interleaved_latency_ms, session)
+from lightning_slim.quantization.functional import (
+    QuantSpec,
+    freeze_batchnorm,
+    freeze_ranges,
+    prepare_qat,
+    quantization_error,
+    select_layers,
+    set_fake_quant,
+    set_ranges,
+    unprepare,
+)
+from lightning_slim.quantization.serving import (
+    OrtModel,
+    artifact_bytes,
+    compare_latency,
+    cpu_int8_capability,
+    fp32_onnx,
+    fused_ops,
+    interleaved_latency_ms,
+    session,
+)
 
-__all__ = ["QuantizationAwareTraining", "QuantSpec", "select_layers", "prepare_qat", "set_fake_quant",
-           "freeze_ranges", "set_ranges", "freeze_batchnorm", "quantization_error", "unprepare",
-           "convert_to_int8", "to_runtime", "save_int8", "load_int8", "OrtModel", "session", "fused_ops",
-           "artifact_bytes", "fp32_onnx", "interleaved_latency_ms", "compare_latency", "cpu_int8_capability"]
+__all__ = [
+    "OrtModel",
+    "QuantSpec",
+    "QuantizationAwareTraining",
+    "artifact_bytes",
+    "compare_latency",
+    "convert_to_int8",
+    "cpu_int8_capability",
+    "fp32_onnx",
+    "freeze_batchnorm",
+    "freeze_ranges",
+    "fused_ops",
+    "interleaved_latency_ms",
+    "load_int8",
+    "prepare_qat",
+    "quantization_error",
+    "save_int8",
+    "select_layers",
+    "session",
+    "set_fake_quant",
+    "set_ranges",
+    "to_runtime",
+    "unprepare",
+]

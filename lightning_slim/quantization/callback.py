@@ -1,4 +1,5 @@
 """QuantizationAwareTraining: the Lightning shell around :mod:`.functional` and :mod:`.export`."""
+
 from __future__ import annotations
 
 import copy
@@ -66,11 +67,23 @@ class QuantizationAwareTraining(SlimCallback):
     technique = "quantization"
     export_stage = ExportStage.CONVERT  # after masks are made permanent (pruning)
 
-    def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None, weight_bits: int = 8,
-                 activation_bits: int | None = 8, group_size: int = 32, start_after: int = 1,
-                 freeze_ranges_after: int | None = None, freeze_bn_after: int | None = None, unit: str = "epoch",
-                 fold_bn: bool = True, export_path: str | None = None, log_error_table: bool = True,
-                 runtime: str = "onnxruntime", reduce_range: bool = True):
+    def __init__(
+        self,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        group_size: int = 32,
+        start_after: int = 1,
+        freeze_ranges_after: int | None = None,
+        freeze_bn_after: int | None = None,
+        unit: str = "epoch",
+        fold_bn: bool = True,
+        export_path: str | None = None,
+        log_error_table: bool = True,
+        runtime: str = "onnxruntime",
+        reduce_range: bool = True,
+    ):
         self.spec = F.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r} is not one of {UNITS}")
@@ -78,15 +91,22 @@ class QuantizationAwareTraining(SlimCallback):
         for name, value in (("freeze_ranges_after", freeze_ranges_after), ("freeze_bn_after", freeze_bn_after)):
             _check_when(name, value, True)
             if value is not None and value < start_after:
-                raise ValueError(f"{name}={value} comes before start_after={start_after}; freezing happens "
-                                 "after fake quantization starts")
+                raise ValueError(
+                    f"{name}={value} comes before start_after={start_after}; freezing happens "
+                    "after fake quantization starts"
+                )
         if freeze_ranges_after is not None and weight_bits == 4 and runtime == "torchao":
-            raise ValueError("freeze_ranges_after with runtime='torchao' is supported for weight_bits=8 only "
-                             "(torchao recomputes int4 group scales at export)")
+            raise ValueError(
+                "freeze_ranges_after with runtime='torchao' is supported for weight_bits=8 only "
+                "(torchao recomputes int4 group scales at export)"
+            )
         self.targets = list(targets) if targets is not None else list(F.DEFAULT_TARGETS)
         self.exclude = list(exclude or [])
-        self.start_after, self.freeze_ranges_after, self.freeze_bn_after = start_after, freeze_ranges_after, \
-            freeze_bn_after
+        self.start_after, self.freeze_ranges_after, self.freeze_bn_after = (
+            start_after,
+            freeze_ranges_after,
+            freeze_bn_after,
+        )
         self.unit, self.fold_bn, self.export_path, self.log_error_table = unit, fold_bn, export_path, log_error_table
         self.layers: list[str] = []
         self.folded: dict[str, str] = {}
@@ -109,9 +129,11 @@ class QuantizationAwareTraining(SlimCallback):
         F.check_layers(pl_module, self.layers, self.spec)
         self.skipped = F.skipped_attention(pl_module, self.layers)
         if self.skipped:
-            rank_zero_warn(f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {self.skipped} "
-                           "(in_proj_weight, out_proj) stay float: their weights are read directly by the attention "
-                           "kernel, not through a layer QAT can swap (listed in report_rows()['skipped'])")
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {self.skipped} "
+                "(in_proj_weight, out_proj) stay float: their weights are read directly by the attention "
+                "kernel, not through a layer QAT can swap (listed in report_rows()['skipped'])"
+            )
         example = getattr(pl_module, "example_input_array", None)
         if isinstance(example, torch.Tensor):
             self._dry_run(pl_module, example)
@@ -134,9 +156,11 @@ class QuantizationAwareTraining(SlimCallback):
                 model(example)
                 unused = [n for n in layers if n not in called]
                 if unused:
-                    raise ValueError(f"targeted layers {unused} are never called by forward (is their weight used "
-                                     "directly, as in nn.MultiheadAttention or a positional embedding?); add them "
-                                     "to `exclude`")
+                    raise ValueError(
+                        f"targeted layers {unused} are never called by forward (is their weight used "
+                        "directly, as in nn.MultiheadAttention or a positional embedding?); add them "
+                        "to `exclude`"
+                    )
                 for h in hooks:
                     h.remove()
                 if self.spec.static:
@@ -148,8 +172,10 @@ class QuantizationAwareTraining(SlimCallback):
         except Exception as err:
             if isinstance(err, ValueError) and "never called" in str(err):
                 raise
-            raise ValueError(f"QuantizationAwareTraining cannot handle {type(pl_module).__name__} (layers "
-                             f"{self.layers}): {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"QuantizationAwareTraining cannot handle {type(pl_module).__name__} (layers "
+                f"{self.layers}): {type(err).__name__}: {err}"
+            ) from err
 
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)  # baseline for the report, validate()
@@ -161,8 +187,10 @@ class QuantizationAwareTraining(SlimCallback):
         self.activation_ranges = {}
         self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (F.no_mha_fastpath, held across hooks)
         torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
-        rank_zero_info(f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
-                       f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded")
+        rank_zero_info(
+            f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
+            f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded"
+        )
 
     # --- the schedule -----------------------------------------------------------------------------
     def _now(self, trainer) -> int:
@@ -188,14 +216,21 @@ class QuantizationAwareTraining(SlimCallback):
                 self._example = batch_inputs(batch)[:8].detach().cpu()
             except BatchFormatError:
                 self._example = torch.empty(0)
-        self.log_scalars(pl_module, {"phase": float(self.phase), "weight_bits": float(self.spec.weight_bits),
-                                     "activation_bits": float(self.spec.activation_bits or 32),
-                                     "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))})
+        self.log_scalars(
+            pl_module,
+            {
+                "phase": float(self.phase),
+                "weight_bits": float(self.spec.weight_bits),
+                "activation_bits": float(self.spec.activation_bits or 32),
+                "bn_frozen": float(self._reached(trainer, self.freeze_bn_after)),
+            },
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.world_size > 1 and self.spec.static:  # every rank keeps the same activation ranges
-            static.average_observers(F.fake_quantized_layers(pl_module),
-                                     lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            static.average_observers(
+                F.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+            )
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._module is not None:
@@ -207,8 +242,12 @@ class QuantizationAwareTraining(SlimCallback):
         self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
         if self.log_error_table and trainer.is_global_zero:
             cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
-            log.log_table(trainer, "slim/quantization/layer_error", cols,
-                          [[r[c] if c != "activation_bits" or r[c] else 32 for c in cols] for r in rows])
+            log.log_table(
+                trainer,
+                "slim/quantization/layer_error",
+                cols,
+                [[r[c] if c != "activation_bits" or r[c] else 32 for c in cols] for r in rows],
+            )
 
     # --- after training ---------------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -256,24 +295,37 @@ class QuantizationAwareTraining(SlimCallback):
         ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
         ONNX trace (default: the first training batch seen, else ``example_input_array``)."""
         if example is None:
-            example = self._example if self._example is not None and self._example.numel() else getattr(
-                model, "example_input_array", None)
+            example = (
+                self._example
+                if self._example is not None and self._example.numel()
+                else getattr(model, "example_input_array", None)
+            )
         return to_runtime(self.fake_quantized(model), example)
 
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:
             return {}
-        return {"layers": len(self.layers), "runtime": self.spec.runtime, "weight_bits": self.spec.weight_bits,
-                "activation_bits": self.spec.activation_bits or "float", "phase": PHASES[self.phase],
-                "bn_folded": len(self.folded), "skipped": ", ".join(self.skipped), "saved": self.saved_path or ""}
+        return {
+            "layers": len(self.layers),
+            "runtime": self.spec.runtime,
+            "weight_bits": self.spec.weight_bits,
+            "activation_bits": self.spec.activation_bits or "float",
+            "phase": PHASES[self.phase],
+            "bn_folded": len(self.folded),
+            "skipped": ", ".join(self.skipped),
+            "saved": self.saved_path or "",
+        }
 
     # --- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self._module is not None:
             self.activation_ranges = static.observer_state(F.fake_quantized_layers(self._module))
-        return {"phase": self.phase, "layers": list(self.layers),
-                "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()},
-                "activation_ranges": self.activation_ranges}
+        return {
+            "phase": self.phase,
+            "layers": list(self.layers),
+            "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()},
+            "activation_ranges": self.activation_ranges,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("layers", [])

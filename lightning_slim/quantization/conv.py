@@ -17,6 +17,7 @@ trained network computes exactly what the folded int8 export computes.
 Parameters keep their identity and the state-dict keys do not change, so optimizers,
 DDP, pruning masks and plain-model checkpoints keep working.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,14 +30,17 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 def check_conv(name: str, conv: nn.Module) -> None:
     """Raise a clear error for convolutions the im2col flow does not handle."""
     if conv.groups != 1:
-        raise ValueError(f"layer {name!r}: groups={conv.groups} convolutions are not supported "
-                         "(groups=1 only); add it to `exclude`")
+        raise ValueError(
+            f"layer {name!r}: groups={conv.groups} convolutions are not supported (groups=1 only); add it to `exclude`"
+        )
     if conv.padding_mode != "zeros":
-        raise ValueError(f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported ('zeros' only); "
-                         "add it to `exclude`")
+        raise ValueError(
+            f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported ('zeros' only); add it to `exclude`"
+        )
     if isinstance(conv.padding, str) and conv.padding != "valid":
-        raise ValueError(f"layer {name!r}: padding={conv.padding!r} is not supported (integers or 'valid'); "
-                         "add it to `exclude`")
+        raise ValueError(
+            f"layer {name!r}: padding={conv.padding!r} is not supported (integers or 'valid'); add it to `exclude`"
+        )
 
 
 def _geometry(conv: nn.Module):
@@ -87,8 +91,9 @@ class _FakeQuantizedConvMixin:
     def _setup_qat(self, activation_config, weight_config, bn: nn.Module | None) -> None:
         from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-        self.activation_fake_quantizer = (FakeQuantizerBase.from_config(activation_config)
-                                          if activation_config is not None else None)
+        self.activation_fake_quantizer = (
+            FakeQuantizerBase.from_config(activation_config) if activation_config is not None else None
+        )
         self.weight_fake_quantizer = FakeQuantizerBase.from_config(weight_config)
         # a tuple so the BN stays the user's submodule (not ours): same state-dict keys
         self._slim_bn = (bn,) if bn is not None else ()
@@ -136,9 +141,18 @@ class FakeQuantizedConv2d(_FakeQuantizedConvMixin, nn.Conv2d):
 
 
 def _rebuild(conv: nn.Module, cls: type) -> nn.Module:
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-              dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-              padding_mode=conv.padding_mode, device="meta")
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
     new.weight, new.bias = conv.weight, conv.bias  # same Parameter objects
     new._forward_hooks, new._forward_pre_hooks = conv._forward_hooks, conv._forward_pre_hooks
     new.train(conv.training)

@@ -28,6 +28,7 @@ installed) but neither lightning-slim nor the user's model class.
 >>> int8(torch.randn(2, 1, 16)).shape
 torch.Size([2, 4])
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,18 +60,31 @@ def to_runtime(model: nn.Module, example: torch.Tensor | None = None) -> nn.Modu
 def _int8_weight(linear: nn.Linear, fq, activations: bool) -> nn.Linear:
     """``linear`` with a torchao int8 weight; ``fq`` (the layer's weight fake quantizer) gives
     the bit-width, group size and any frozen scale."""
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig,
-                                      Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup, quantize_)
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerGroup,
+        quantize_,
+    )
 
     cfg = fq.config
     if cfg.dtype == torch.int4:
         group = PerGroup(cfg.granularity.group_size)
-        config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=group)
-                  if activations else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=group))
+        config = (
+            Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=group)
+            if activations
+            else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=group)
+        )
         quantize_(linear, config)
         return linear
-    config = (Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
-              if activations else Int8WeightOnlyConfig())
+    config = (
+        Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
+        if activations
+        else Int8WeightOnlyConfig()
+    )
     w = linear.weight.detach().clone()
     quantize_(linear, config)
     if not cfg.is_dynamic and fq.scale is not None:  # frozen ranges: quantize on that grid exactly
@@ -78,8 +92,13 @@ def _int8_weight(linear: nn.Linear, fq, activations: bool) -> nn.Linear:
 
         q = linear.weight
         scale = fq.scale.detach().to(q.scale.dtype).reshape(q.scale.shape)
-        frozen = Int8Tensor.from_hp(w, granularity=_granularity(q), scale=scale, zero_point=torch.zeros_like(
-            scale, dtype=torch.int8), act_quant_kwargs=q.act_quant_kwargs)
+        frozen = Int8Tensor.from_hp(
+            w,
+            granularity=_granularity(q),
+            scale=scale,
+            zero_point=torch.zeros_like(scale, dtype=torch.int8),
+            act_quant_kwargs=q.act_quant_kwargs,
+        )
         linear.weight = nn.Parameter(frozen, requires_grad=False)
     return linear
 
@@ -106,7 +125,9 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
         activations = getattr(m, "activation_fake_quantizer", None) is not None
         if isinstance(m, qconv.CONV_TYPES):
             bn = m.folded_bn
-            new = qconv.conv_to_int8(m, lambda lin, _m: _int8_weight(lin, fq, activations))
+            new = qconv.conv_to_int8(
+                m, lambda lin, _m, fq=fq, activations=activations: _int8_weight(lin, fq, activations)
+            )
             if bn is not None:
                 _set(model, names[id(bn)], nn.Identity())
         elif isinstance(m, nn.Linear):
@@ -114,8 +135,11 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
         else:
             emb = m.to_embedding()
             gran = PerAxis(0) if fq.config.dtype == torch.int8 else PerGroup(fq.config.granularity.group_size)
-            quantize_(emb, IntxWeightOnlyConfig(weight_dtype=fq.config.dtype, granularity=gran),
-                      filter_fn=lambda mod, _fqn: isinstance(mod, nn.Embedding))
+            quantize_(
+                emb,
+                IntxWeightOnlyConfig(weight_dtype=fq.config.dtype, granularity=gran),
+                filter_fn=lambda mod, _fqn: isinstance(mod, nn.Embedding),
+            )
             new = emb
         new.eval()
         _set(model, name, new)
@@ -170,8 +194,11 @@ def int8_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
     graph = onnx.load_from_string(model.onnx_bytes).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    found = {n[: -len(".weight")]: torch.from_numpy(a.copy()).reshape(a.shape[0], -1) for n, a in arrays.items()
-             if n.endswith(".weight") and a.dtype.name == "int8"}
+    found = {
+        n[: -len(".weight")]: torch.from_numpy(a.copy()).reshape(a.shape[0], -1)
+        for n, a in arrays.items()
+        if n.endswith(".weight") and a.dtype.name == "int8"
+    }
     for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: a.i for a in node.attribute}
         packed = torch.from_numpy(arrays[node.input[1]].copy())

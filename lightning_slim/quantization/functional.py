@@ -20,6 +20,7 @@ objects and the state-dict keys of the float model.
 >>> model(torch.randn(3, 16)).shape
 torch.Size([3, 4])
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,10 +53,10 @@ class QuantSpec:
     ``runtime="torchao"``: int8 per-channel (or int4 per-group) symmetric weights, int8 dynamic
     per-token asymmetric activations, as torchao's ``Int8Tensor`` kernels compute them.
 
-    >>> QuantSpec(weight_bits=4)
+    >>> QuantSpec(weight_bits=4)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 weights
+    ValueError: weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set activation_bits=None, ...
     """
 
     weight_bits: int = 8
@@ -68,8 +69,9 @@ class QuantSpec:
         if self.weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits={self.weight_bits!r} is not supported; allowed: {list(WEIGHT_BITS)}")
         if self.activation_bits not in ACTIVATION_BITS:
-            raise ValueError(f"activation_bits={self.activation_bits!r} is not supported; allowed: 8 or None "
-                             "(weight-only)")
+            raise ValueError(
+                f"activation_bits={self.activation_bits!r} is not supported; allowed: 8 or None (weight-only)"
+            )
         if not (isinstance(self.group_size, int) and self.group_size >= 2):
             raise ValueError(f"group_size={self.group_size!r} must be an integer >= 2")
         if self.runtime not in RUNTIMES:
@@ -77,13 +79,20 @@ class QuantSpec:
         if not isinstance(self.reduce_range, bool):
             raise ValueError(f"reduce_range={self.reduce_range!r} must be true or false")
         if self.static and self.weight_bits == 4 and self.activation_bits is not None:
-            raise ValueError("weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set "
-                             "activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 "
-                             "weights")
-        if self.static and self.activation_bits is None and (self.group_size < 16 or self.group_size & (
-                self.group_size - 1)):
-            raise ValueError(f"group_size={self.group_size} must be a power of two >= 16 for weight-only layers on "
-                             "onnxruntime (MatMulNBits blocks)")
+            raise ValueError(
+                "weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set "
+                "activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 "
+                "weights"
+            )
+        if (
+            self.static
+            and self.activation_bits is None
+            and (self.group_size < 16 or self.group_size & (self.group_size - 1))
+        ):
+            raise ValueError(
+                f"group_size={self.group_size} must be a power of two >= 16 for weight-only layers on "
+                "onnxruntime (MatMulNBits blocks)"
+            )
 
     @property
     def static(self) -> bool:
@@ -128,8 +137,10 @@ def _check_entries(model: nn.Module, entries, what: str) -> None:
     names = {n for n, _ in model.named_modules()}
     for entry in entries:
         if not isinstance(entry, str) or not entry:
-            raise ValueError(f"{what} entry {entry!r} must be a non-empty string (a layer type such as 'Linear', "
-                             "a module name, or 're:<regex>')")
+            raise ValueError(
+                f"{what} entry {entry!r} must be a non-empty string (a layer type such as 'Linear', "
+                "a module name, or 're:<regex>')"
+            )
         if entry.startswith("re:"):
             try:
                 re.compile(entry[3:])
@@ -137,11 +148,14 @@ def _check_entries(model: nn.Module, entries, what: str) -> None:
                 raise ValueError(f"{what} entry {entry!r} is not a valid regex: {err}") from None
         elif _is_type_name(entry):
             if entry not in SUPPORTED_TYPES:
-                raise ValueError(f"layer type {entry!r} in {what} is not supported; supported types: "
-                                 f"{sorted(SUPPORTED_TYPES)}")
+                raise ValueError(
+                    f"layer type {entry!r} in {what} is not supported; supported types: {sorted(SUPPORTED_TYPES)}"
+                )
         elif entry not in names:
-            raise ValueError(f"{what} entry {entry!r} names no module of the model (module names look like "
-                             f"{sorted(n for n in names if n)[:6]}...)")
+            raise ValueError(
+                f"{what} entry {entry!r} names no module of the model (module names look like "
+                f"{sorted(n for n in names if n)[:6]}...)"
+            )
 
 
 def select_layers(model: nn.Module, targets=DEFAULT_TARGETS, exclude=()) -> list[str]:
@@ -159,13 +173,17 @@ def select_layers(model: nn.Module, targets=DEFAULT_TARGETS, exclude=()) -> list
             continue
         supported = isinstance(module, tuple(SUPPORTED_TYPES.values()))
         if not supported and name in targets:
-            raise ValueError(f"layer {name!r} is a {type(module).__name__}, which is not supported; supported "
-                             f"types: {sorted(SUPPORTED_TYPES)}")
+            raise ValueError(
+                f"layer {name!r} is a {type(module).__name__}, which is not supported; supported "
+                f"types: {sorted(SUPPORTED_TYPES)}"
+            )
         if supported:
             chosen.append(name)
     if not chosen:
-        raise ValueError(f"targets={list(targets)} (exclude={list(exclude)}) match no supported layer "
-                         f"({sorted(SUPPORTED_TYPES)}) of {type(model).__name__}")
+        raise ValueError(
+            f"targets={list(targets)} (exclude={list(exclude)}) match no supported layer "
+            f"({sorted(SUPPORTED_TYPES)}) of {type(model).__name__}"
+        )
     return chosen
 
 
@@ -178,21 +196,29 @@ def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
             if not spec.static:
                 qconv.check_conv(name, m)
             elif m.padding_mode != "zeros":
-                raise ValueError(f"layer {name!r}: padding_mode={m.padding_mode!r} is not supported ('zeros' only); "
-                                 "add it to `exclude`")
+                raise ValueError(
+                    f"layer {name!r}: padding_mode={m.padding_mode!r} is not supported ('zeros' only); "
+                    "add it to `exclude`"
+                )
             if spec.weight_bits != 8:
-                raise ValueError(f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
-                                 "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)")
+                raise ValueError(
+                    f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
+                    "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)"
+                )
             if spec.static and spec.activation_bits is None:
-                raise ValueError(f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
-                                 "activation_bits=8 or exclude the layer")
+                raise ValueError(
+                    f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
+                    "activation_bits=8 or exclude the layer"
+                )
         elif spec.static and isinstance(m, nn.Embedding) and spec.weight_bits != 8:
             raise ValueError(f"layer {name!r}: embeddings take 8-bit weights on onnxruntime; exclude it")
         elif spec.weight_bits == 4 and not spec.static:
             width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
             if width % spec.group_size:
-                raise ValueError(f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
-                                 f"{width}; choose a divisor or exclude the layer")
+                raise ValueError(
+                    f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
+                    f"{width}; choose a divisor or exclude the layer"
+                )
 
 
 def skipped_attention(model: nn.Module, names: list[str]) -> list[str]:
@@ -286,8 +312,13 @@ def unprepare(model: nn.Module) -> None:
     """Put plain float layers back (same parameters): the model is the user's again."""
     for name, m in list(model.named_modules()):
         if is_fake_quantized(m):
-            plain = m.to_float() if hasattr(m, "to_float") else m.to_conv() if hasattr(m, "to_conv") else (
-                m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding())
+            plain = (
+                m.to_float()
+                if hasattr(m, "to_float")
+                else m.to_conv()
+                if hasattr(m, "to_conv")
+                else (m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding())
+            )
             plain._forward_hooks, plain._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
             plain.train(m.training)
             _set(model, name, plain)
@@ -380,11 +411,17 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
         err = fq(w) - w
         fq.enabled = enabled
         signal, noise = float(w.pow(2).sum()), float(err.pow(2).sum())
-        rows.append({"layer": name, "type": type(m).__name__.replace("FakeQuantized", "").replace("Static", ""),
-                     "weight_bits": _bits(fq), "activation_bits": 8 if getattr(m, "activation_fake_quantizer", None)
-                     is not None else None, "relative_error": (noise / signal) ** 0.5 if signal else 0.0,
-                     "sqnr_db": 10 * torch.log10(torch.tensor(signal / noise)).item() if noise else float("inf"),
-                     "ranges_frozen": _frozen(fq)})
+        rows.append(
+            {
+                "layer": name,
+                "type": type(m).__name__.replace("FakeQuantized", "").replace("Static", ""),
+                "weight_bits": _bits(fq),
+                "activation_bits": 8 if getattr(m, "activation_fake_quantizer", None) is not None else None,
+                "relative_error": (noise / signal) ** 0.5 if signal else 0.0,
+                "sqnr_db": 10 * torch.log10(torch.tensor(signal / noise)).item() if noise else float("inf"),
+                "ranges_frozen": _frozen(fq),
+            }
+        )
     return rows
 
 

@@ -21,18 +21,18 @@ The Q/DQ pairs come from two custom torch ops (:func:`qdq`, :func:`dq`) with ONN
 given to ``torch.onnx.export(dynamo=True, custom_translation_table=...)``; in eager mode they
 compute the same fake quantization, so the deploy module can be checked against training.
 """
+
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.quantization.functional import _set, fake_quantized_layers, no_mha_fastpath
-from lightning_slim.quantization.static import ActivationObserver, QMAX_U8
+from lightning_slim.quantization.static import QMAX_U8, ActivationObserver
 
 NBITS_ACCURACY_LEVEL = 0  # float activations in MatMulNBits: the numerics weight-only QAT simulates
 
@@ -49,7 +49,7 @@ def _(x, scale, zero_point):
 
 
 @torch.library.custom_op("lightning_slim::dq", mutates_args=())
-def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int) -> torch.Tensor:
+def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, axis: int) -> torch.Tensor:
     shape = [-1 if i == axis else 1 for i in range(q.dim())]
     q = q.float() if zero_point is None else q.float() - zero_point.float().reshape(shape)
     return q * scale.reshape(shape)
@@ -61,8 +61,9 @@ def _(q, scale, zero_point, axis):
 
 
 @torch.library.custom_op("lightning_slim::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int,
-                 bits: int, block_size: int) -> torch.Tensor:
+def matmul_nbits(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, bits: int, block_size: int
+) -> torch.Tensor:
     return F.linear(x, unpack_nbits(packed, scales, k, bits, block_size), bias)
 
 
@@ -78,14 +79,28 @@ def _matmul_nbits_op():
 
     p, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[p("A", "T1"), p("B", "T2"), p("scales", "T1"), p("zero_points", "T3", param_option=optional),
-                p("g_idx", "T4", param_option=optional), p("bias", "T1", param_option=optional)],
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        inputs=[
+            p("A", "T1"),
+            p("B", "T2"),
+            p("scales", "T1"),
+            p("zero_points", "T3", param_option=optional),
+            p("g_idx", "T4", param_option=optional),
+            p("bias", "T1", param_option=optional),
+        ],
         outputs=[p("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in
-                    ("K", "N", "bits", "block_size", "accuracy_level")])
+        type_constraints=[
+            ("T1", ["tensor(float)"], ""),
+            ("T2", ["tensor(uint8)"], ""),
+            ("T3", ["tensor(uint8)", "tensor(float)"], ""),
+            ("T4", ["tensor(int32)"], ""),
+        ],
+        attributes=[
+            OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in ("K", "N", "bits", "block_size", "accuracy_level")
+        ],
+    )
     return Op(Opset("com.microsoft", 1), "MatMulNBits", schema)
 
 
@@ -103,11 +118,25 @@ def _translations() -> dict:
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
     def nbits_onnx(x, packed, scales, bias, k: int, bits: int, block_size: int):
-        return nbits(x, packed, scales, None, None, bias, K=k, N=packed.shape[0], bits=bits,
-                                block_size=block_size, accuracy_level=NBITS_ACCURACY_LEVEL)
+        return nbits(
+            x,
+            packed,
+            scales,
+            None,
+            None,
+            bias,
+            K=k,
+            N=packed.shape[0],
+            bits=bits,
+            block_size=block_size,
+            accuracy_level=NBITS_ACCURACY_LEVEL,
+        )
 
-    return {torch.ops.lightning_slim.qdq.default: qdq_onnx, torch.ops.lightning_slim.dq.default: dq_onnx,
-            torch.ops.lightning_slim.matmul_nbits.default: nbits_onnx}
+    return {
+        torch.ops.lightning_slim.qdq.default: qdq_onnx,
+        torch.ops.lightning_slim.dq.default: dq_onnx,
+        torch.ops.lightning_slim.matmul_nbits.default: nbits_onnx,
+    }
 
 
 # --- packing for MatMulNBits ------------------------------------------------------------------------------
@@ -214,8 +243,14 @@ def to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, custom_o
     table = _translations() if custom_ops else None
     with no_mha_fastpath(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's chatter (deprecations, torchvision absent)
-        program = torch.onnx.export(module.eval(), (example,), dynamo=True, custom_translation_table=table,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program = torch.onnx.export(
+            module.eval(),
+            (example,),
+            dynamo=True,
+            custom_translation_table=table,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
     program.save(str(path))
     _strip(path)
     return path

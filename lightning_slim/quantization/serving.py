@@ -8,6 +8,7 @@ Nothing here imports ``onnxruntime`` or ``onnx`` before it is needed (they are t
 >>> sorted(cap) == ["amx", "arm_dotprod", "avx2", "avx512_vnni", "avx_vnni", "model"]
 True
 """
+
 from __future__ import annotations
 
 import collections
@@ -15,8 +16,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -47,9 +48,14 @@ def cpu_int8_capability(cpuinfo: str | None = None) -> dict:
             flags |= set(value.split())
         elif key in ("model name", "cpu model") and model == "unknown":
             model = value.strip()
-    return {"model": model, "avx2": "avx2" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags, "amx": bool({"amx_int8", "amx_tile"} & flags),
-            "arm_dotprod": "asimddp" in flags}
+    return {
+        "model": model,
+        "avx2": "avx2" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx": bool({"amx_int8", "amx_tile"} & flags),
+        "arm_dotprod": "asimddp" in flags,
+    }
 
 
 def session(model: str | Path | bytes, threads: int = 1, optimized_path: str | Path | None = None):
@@ -130,8 +136,9 @@ def fp32_onnx(model: nn.Module, example: torch.Tensor, path: str | Path | None =
 
 
 @torch.inference_mode()
-def interleaved_latency_ms(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                           rounds: int = 5) -> dict[str, float]:
+def interleaved_latency_ms(
+    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 5
+) -> dict[str, float]:
     """Median milliseconds per call of each zero-argument function, timed side by side: every round
     runs each function ``repeats`` times in turn, so drift on a shared machine hits all alike."""
     for fn in fns.values():

@@ -33,13 +33,15 @@ per-patch quantization, and zero padding is exact (0 maps to the integer zero po
 >>> [round(v, 4) for v in obs.eval()(torch.tensor([0.013, 9.0])).tolist()]  # to the grid, clamped
 [0.01, 2.55]
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.conv import _rebuild as _rebuild_conv, bn_factor
+from lightning_slim.quantization.conv import _rebuild as _rebuild_conv
+from lightning_slim.quantization.conv import bn_factor
 
 QMAX_U8 = 255
 
@@ -207,8 +209,9 @@ class _StaticMixin:
         if bn is None:
             return y
         shift = bn.bias if bn.affine else torch.zeros_like(f)  # undo the BN the user's module applies next
-        return (y - shift.reshape(shape)) / torch.where(f == 0, torch.ones_like(f), f).reshape(shape) + \
-            bn.running_mean.reshape(shape)
+        return (y - shift.reshape(shape)) / torch.where(f == 0, torch.ones_like(f), f).reshape(
+            shape
+        ) + bn.running_mean.reshape(shape)
 
     def deploy_weights(self) -> dict[str, torch.Tensor]:
         """What the export writes: integer weight and its scales (BN folded in); the folded bias as
@@ -246,8 +249,15 @@ class StaticEmbedding(nn.Embedding):
     """Weight-only int8 embedding (one scale per row)."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight_fake_quantizer(self.weight), self.padding_idx, self.max_norm,
-                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            idx,
+            self.weight_fake_quantizer(self.weight),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
     def to_float(self) -> nn.Module:
         return rebuild(self, nn.Embedding)
@@ -259,8 +269,16 @@ STATIC = {nn.Linear: StaticLinear, nn.Conv1d: StaticConv1d, nn.Conv2d: StaticCon
 def rebuild(module: nn.Module, cls: type) -> nn.Module:
     """A ``cls`` instance holding ``module``'s Parameter objects (and hooks, mode)."""
     if issubclass(cls, nn.Embedding):
-        new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, module.max_norm, module.norm_type,
-                  module.scale_grad_by_freq, module.sparse, device="meta")
+        new = cls(
+            module.num_embeddings,
+            module.embedding_dim,
+            module.padding_idx,
+            module.max_norm,
+            module.norm_type,
+            module.scale_grad_by_freq,
+            module.sparse,
+            device="meta",
+        )
         new.weight = module.weight
     elif issubclass(cls, nn.Linear):
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -272,8 +290,9 @@ def rebuild(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def fake_quantize_static(module: nn.Module, weight_quantizer: WeightQuantizer, observe: bool,
-                         bn: nn.Module | None = None) -> nn.Module:
+def fake_quantize_static(
+    module: nn.Module, weight_quantizer: WeightQuantizer, observe: bool, bn: nn.Module | None = None
+) -> nn.Module:
     new = rebuild(module, next(cls for base, cls in STATIC.items() if isinstance(module, base)))
     if isinstance(new, nn.Embedding):
         new.weight_fake_quantizer, new.activation_fake_quantizer = weight_quantizer, None
@@ -284,14 +303,24 @@ def fake_quantize_static(module: nn.Module, weight_quantizer: WeightQuantizer, o
 
 # --- observer state for checkpoints / DDP ----------------------------------------------------------
 def _observers(layers: dict[str, nn.Module]) -> dict[str, ActivationObserver]:
-    return {n: m.activation_fake_quantizer for n, m in layers.items()
-            if isinstance(getattr(m, "activation_fake_quantizer", None), ActivationObserver)}
+    return {
+        n: m.activation_fake_quantizer
+        for n, m in layers.items()
+        if isinstance(getattr(m, "activation_fake_quantizer", None), ActivationObserver)
+    }
 
 
 def observer_state(layers: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """Every activation observer's range (and whether it is frozen): the callback saves this."""
-    return {n: {"min": o.min_val.detach().cpu().clone(), "max": o.max_val.detach().cpu().clone(),
-                "frozen": torch.tensor(o.frozen)} for n, o in _observers(layers).items() if o.min_val is not None}
+    return {
+        n: {
+            "min": o.min_val.detach().cpu().clone(),
+            "max": o.max_val.detach().cpu().clone(),
+            "frozen": torch.tensor(o.frozen),
+        }
+        for n, o in _observers(layers).items()
+        if o.min_val is not None
+    }
 
 
 def load_observer_state(layers: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -1,5 +1,6 @@
 """Online data selection: train on what is learnable, worth learning and not yet learnt
 (RHO-LOSS learnability, JEST joint selection). See README.md, the method card."""
+
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.callback import OnlineDataSelection
 from lightning_slim.selection.configs import JointSelection, SelectionWindow
@@ -22,7 +23,21 @@ from lightning_slim.selection.reference import (
 from lightning_slim.selection.scoring import Scorer
 
 __all__ = [
-    "OnlineDataSelection", "JointSelection", "SelectionWindow", "CostLedger", "Scorer", "compute_reference_losses",
-    "load_reference", "reference_loss_cache", "train_reference", "default_per_sample_loss", "example_scores",
-    "jest_select", "per_example_loss", "select_sample", "select_topk", "select_uniform", "sigmoid_pair_losses",
+    "CostLedger",
+    "JointSelection",
+    "OnlineDataSelection",
+    "Scorer",
+    "SelectionWindow",
+    "compute_reference_losses",
+    "default_per_sample_loss",
+    "example_scores",
+    "jest_select",
+    "load_reference",
+    "per_example_loss",
+    "reference_loss_cache",
+    "select_sample",
+    "select_topk",
+    "select_uniform",
+    "sigmoid_pair_losses",
+    "train_reference",
 ]

@@ -1,8 +1,10 @@
 """OnlineDataSelection: train on the most learnable part of each super-batch (RHO-LOSS, JEST).
 The Lightning shell around :mod:`.scoring` (what the scores are) and :mod:`.functional` (which rows)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +23,7 @@ from lightning_slim.loading import as_callable, freeze
 from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.configs import JointSelection, SelectionWindow
-from lightning_slim.selection.preflight import check_batch, check_loader
+from lightning_slim.selection.preflight import check_batch, check_loader, macs_per_example
 from lightning_slim.selection.reference import load_reference, reference_loss_cache
 from lightning_slim.selection.scoring import Scorer
 
@@ -64,12 +66,24 @@ class OnlineDataSelection(SlimCallback):
     technique = "selection"
     effects = frozenset({Effect.SELECT_BATCH})
 
-    def __init__(self, keep: float = 0.1, batch_size: int | None = None, score: str | Callable = "learnability",
-                 selection: str = "topk", temperature: float = 1.0, reference: Any = None,
-                 reference_losses: str | torch.Tensor | None = None, cache_reference: bool = False,
-                 reference_train_examples: int = 0, loss_fn: str | Callable | None = None,
-                 joint: bool | JointSelection | dict = False, window: SelectionWindow | dict | None = None,
-                 selector: str | Callable | None = None, histogram_every_n_steps: int = 50, seed: int = 0):
+    def __init__(
+        self,
+        keep: float = 0.1,
+        batch_size: int | None = None,
+        score: str | Callable = "learnability",
+        selection: str = "topk",
+        temperature: float = 1.0,
+        reference: Any = None,
+        reference_losses: str | torch.Tensor | None = None,
+        cache_reference: bool = False,
+        reference_train_examples: int = 0,
+        loss_fn: str | Callable | None = None,
+        joint: bool | JointSelection | dict = False,
+        window: SelectionWindow | dict | None = None,
+        selector: str | Callable | None = None,
+        histogram_every_n_steps: int = 50,
+        seed: int = 0,
+    ):
         check_fraction("keep", keep, low_open=True, high_closed=True)
         check_int("batch_size", batch_size, minimum=1, allow_none=True)
         if isinstance(score, str) and score not in selecting.SCORES and "." not in score:
@@ -98,6 +112,7 @@ class OnlineDataSelection(SlimCallback):
         self.nominal_super_batch: int | None = None
         self._noisy: torch.Tensor | None = None
         self.checked = False  # the batch checks ran (on a sample batch in setup, else on the first batch)
+        self.macs_error: str | None = None
 
     # --- the contract ---------------------------------------------------------------------------------
     @override
@@ -119,19 +134,34 @@ class OnlineDataSelection(SlimCallback):
         self._slice = (lambda b, rows, n=None: selector(b, rows)) if selector else slice_batch
         has_reference = self.reference is not None or self.reference_losses is not None
         if (score in selecting.NEEDS_REFERENCE) and not has_reference:
-            raise ValueError(f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
-                             "checkpoint spec) or reference_losses= (a cache by example index)")
+            raise ValueError(
+                f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
+                "checkpoint spec) or reference_losses= (a cache by example index)"
+            )
         if self.joint and pair_loss_fn is None and not callable(getattr(pl_module, "per_pair_loss", None)):
-            raise ValueError("joint selection needs joint={'pair_loss_fn': fn(model, batch) -> (B, B)} pair losses, "
-                             "or a per_pair_loss(batch) method on the module")
+            raise ValueError(
+                "joint selection needs joint={'pair_loss_fn': fn(model, batch) -> (B, B)} pair losses, "
+                "or a per_pair_loss(batch) method on the module"
+            )
         if self.joint and (self.reference_losses is not None or self.cache_reference):
-            raise ValueError("joint selection scores pairs within each super-batch; per-example reference caches "
-                             "(reference_losses, cache_reference) do not apply: pass a reference model")
+            raise ValueError(
+                "joint selection scores pairs within each super-batch; per-example reference caches "
+                "(reference_losses, cache_reference) do not apply: pass a reference model"
+            )
         reference = self._resolve_reference(trainer, loss_fn)
-        cache = reference_loss_cache(self.reference_losses) if self.reference_losses is not None \
-            else self.reference_cache  # a second fit keeps what the first one computed
-        self.scorer = Scorer(score, loss_fn, reference, cache, self.joint is not None, pair_loss_fn, self.ledger,
-                             slicer=lambda b, rows: self._slice(b, rows, selecting.example_count(b)))
+        cache = (
+            reference_loss_cache(self.reference_losses) if self.reference_losses is not None else self.reference_cache
+        )  # a second fit keeps what the first one computed
+        self.scorer = Scorer(
+            score,
+            loss_fn,
+            reference,
+            cache,
+            self.joint is not None,
+            pair_loss_fn,
+            self.ledger,
+            slicer=lambda b, rows: self._slice(b, rows, selecting.example_count(b)),
+        )
         self._noisy = getattr(trainer.datamodule, "noisy", None) if trainer.datamodule is not None else None
         if self.keep == 1.0 and self.batch_size is None and self.score != "uniform":
             rank_zero_warn("OnlineDataSelection(keep=1.0) trains on every example: scoring only adds cost")
@@ -141,13 +171,32 @@ class OnlineDataSelection(SlimCallback):
         self.checked = False
         if batch is not None:
             self._check(pl_module, batch)
+            self._weigh(pl_module, batch)
+
+    def _weigh(self, pl_module, batch) -> None:
+        """Measure the learner's and reference's MACs per example once, for the MACs-weighted ledger."""
+        if self.ledger.learner_macs or self.score == "uniform":
+            return
+        reference = self.scorer.reference if self.scorer.needs_reference else None
+        try:
+            learner, tokens = macs_per_example(self.scorer, pl_module, batch)
+            reference_macs = macs_per_example(self.scorer, reference, batch)[0] if reference is not None else 0.0
+            self.ledger.weigh(learner, reference_macs, tokens)
+            self.macs_error = None
+        except Exception as err:
+            self.macs_error = f"not measurable: {type(err).__name__}: {err}"[:240]
+            rank_zero_warn(
+                f"OnlineDataSelection cannot measure the models' MACs on a sample batch ({self.macs_error}); "
+                "its cost ledger counts examples only (compute_units), not MACs"
+            )
 
     def _resolve_reference(self, trainer, loss_fn) -> nn.Module | None:
         if isinstance(self.reference, dict):
             if self._built_reference is None:  # built (and trained) once per callback, reused by later fits
                 holdout = getattr(trainer.datamodule, "holdout_dataloader", None)
-                model, seen = load_reference(self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn,
-                                             self.seed)
+                model, seen = load_reference(
+                    self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.seed
+                )
                 self._built_reference = freeze(model)
                 self.ledger.reference_train_examples += seen
             return self._built_reference
@@ -156,16 +205,20 @@ class OnlineDataSelection(SlimCallback):
         if self.reference == "teacher":
             return compose.capability(trainer, Capability.TEACHER, asker=self)  # only read, never its mode
         if isinstance(self.reference, str):
-            raise ValueError(f"reference={self.reference!r}: the only string allowed is 'teacher'; give a model "
-                             "or {'class_path', 'checkpoint', 'init_args'}")
+            raise ValueError(
+                f"reference={self.reference!r}: the only string allowed is 'teacher'; give a model "
+                "or {'class_path', 'checkpoint', 'init_args'}"
+            )
         if self.reference is not None:
-            raise TypeError(f"reference must be an nn.Module, 'teacher' or a checkpoint dict; got "
-                            f"{type(self.reference).__name__}")
+            raise TypeError(
+                f"reference must be an nn.Module, 'teacher' or a checkpoint dict; got {type(self.reference).__name__}"
+            )
         return None
 
     def _check(self, pl_module, batch) -> None:
-        check_batch(self.scorer, pl_module, batch, selecting.example_count(batch), self.scorer.slicer,
-                    selecting.example_count)
+        check_batch(
+            self.scorer, pl_module, batch, selecting.example_count(batch), self.scorer.slicer, selecting.example_count
+        )
         self.checked = True
 
     @override
@@ -189,6 +242,7 @@ class OnlineDataSelection(SlimCallback):
     def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if not self.checked:  # no sample batch before training (an iterable dataset): check the first one
             self._check(pl_module, batch)
+            self._weigh(pl_module, batch)
         n = selecting.example_count(batch)
         k, g = self._keep_count(n), self._generator(trainer, batch_idx)
         in_window = self.window.contains(trainer.global_step)
@@ -196,8 +250,11 @@ class OnlineDataSelection(SlimCallback):
         scores = None
         if active:
             scores = self.scorer.scores(pl_module, batch, n)
-            rows = (selecting.jest_select(scores, k, self.joint.num_chunks, g, self.selection, self.temperature)
-                    if self.joint else selecting.select(scores, k, self.selection, g, self.temperature))
+            rows = (
+                selecting.jest_select(scores, k, self.joint.num_chunks, g, self.selection, self.temperature)
+                if self.joint
+                else selecting.select(scores, k, self.selection, g, self.temperature)
+            )
         elif in_window or self.window.outside == "uniform":
             rows = selecting.select_uniform(n, k, g)
         else:
@@ -214,8 +271,10 @@ class OnlineDataSelection(SlimCallback):
         if idx is not None and int(idx.max()) < len(self._noisy):
             noisy = self._noisy[idx.long().cpu()]
             self.ledger.noisy(int(noisy.sum()), int(noisy[rows].sum()), n, len(rows))
-            values.update(batch_noisy_fraction_selected=float(noisy[rows].float().mean()),
-                          batch_noisy_fraction_seen=float(noisy.float().mean()))
+            values.update(
+                batch_noisy_fraction_selected=float(noisy[rows].float().mean()),
+                batch_noisy_fraction_seen=float(noisy.float().mean()),
+            )
             values.update(self.ledger.noisy_summary())
         if scores is not None:
             s = scores.diagonal() if scores.dim() == 2 else scores
@@ -228,9 +287,14 @@ class OnlineDataSelection(SlimCallback):
 
     @override
     def report_rows(self) -> dict[str, Any]:
-        return {"score": self.score if isinstance(self.score, str) else getattr(self.score, "__name__", "custom"),
-                "keep": self.keep if self.batch_size is None else f"{self.batch_size} per super-batch",
-                "joint": self.joint is not None, **self.ledger.summary(), **self.ledger.noisy_summary()}
+        return {
+            "score": self.score if isinstance(self.score, str) else getattr(self.score, "__name__", "custom"),
+            "keep": self.keep if self.batch_size is None else f"{self.batch_size} per super-batch",
+            "joint": self.joint is not None,
+            **self.ledger.summary(),
+            **self.ledger.noisy_summary(),
+            **({"macs_error": self.macs_error} if self.macs_error else {}),
+        }
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

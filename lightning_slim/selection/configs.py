@@ -6,10 +6,12 @@ Traceback (most recent call last):
 ...
 ValueError: stop_step=5 must be greater than start_step=5
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lightning_slim.arguments import check_choice, check_int, check_order
 

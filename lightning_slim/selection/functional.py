@@ -13,17 +13,20 @@ Scores (higher = more worth training on):
 >>> select_topk(scores, 1).tolist()
 [0]
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.batches import BatchFormatError, batch_inputs, batch_size, batch_targets
-from lightning_slim.modules import evaluating
+from lightning_slim.batches import batch_targets, example_count  # noqa: F401 (example_count: re-exported)
+from lightning_slim.modules import call_arguments, evaluating, forward_target, output_tensor
+from lightning_slim.tokens import sequence_losses, token_positions
 
 SCORES = ("learnability", "hard", "easy_reference", "uniform")
 NEEDS_LEARNER = {"learnability", "hard"}
@@ -34,28 +37,25 @@ SELECTIONS = ("topk", "sample")
 TRAIN_UNITS, FORWARD_UNITS = 3, 1
 
 
-def example_count(batch: Any) -> int:
-    """Examples in a batch: the inputs' leading dimension, else the first tensor's, else ``len(batch)``."""
-    try:
-        return batch_size(batch)
-    except BatchFormatError:
-        leaves = [batch]
-        while leaves:
-            leaf = leaves.pop(0)
-            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-                return int(leaf.shape[0])
-            if isinstance(leaf, Mapping):
-                leaves.extend(leaf.values())
-            elif isinstance(leaf, (tuple, list)):
-                leaves.extend(leaf)
-        if hasattr(batch, "__len__"):
-            return len(batch)
-        raise
-
-
 def default_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy per example for ``(x, y[, index])`` / dict classification batches."""
-    return F.cross_entropy(model(batch_inputs(batch)), batch_targets(batch), reduction="none")
+    """The per-example loss when the user gives none, with the model called as it is trained
+    (:func:`~lightning_slim.modules.call_model`: ``self(x)``, or ``self.model(input_ids=...,
+    attention_mask=...)`` for a module without ``forward``):
+
+    - token logits ``(B, T, V)`` with ``(B, T)`` labels (a Hugging Face ``ModelOutput.logits`` and
+      the batch's ``labels``, shifted by one as a causal LM's own loss shifts them; or the ``y`` of
+      an ``(x, y)`` batch): each sequence's mean token cross-entropy over its counted positions
+      (not ``ignore_index``, not padding; :mod:`lightning_slim.tokens`);
+    - otherwise cross-entropy per example against the batch's targets (``(x, y[, index])`` or dict
+      classification batches).
+    """
+    _, target = forward_target(model)
+    args, kwargs = call_arguments(target, batch)
+    logits = output_tensor(target(*args, **kwargs))
+    positions = token_positions(logits, batch, kwargs, target)
+    if positions is not None:
+        return sequence_losses(logits, *positions)[0]
+    return F.cross_entropy(logits, batch_targets(batch), reduction="none")
 
 
 def per_example_loss(model: nn.Module, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
@@ -88,8 +88,9 @@ def sigmoid_pair_losses(logits: torch.Tensor) -> torch.Tensor:
 scoring_mode = evaluating
 
 
-def example_scores(score: str | Callable, learner_loss: torch.Tensor | None,
-                   reference_loss: torch.Tensor | None) -> torch.Tensor:
+def example_scores(
+    score: str | Callable, learner_loss: torch.Tensor | None, reference_loss: torch.Tensor | None
+) -> torch.Tensor:
     """Per-example scores (higher is selected first) for a score name or a user function
     ``fn(learner_loss, reference_loss) -> scores`` (``reference_loss`` is None without a reference)."""
     if callable(score):
@@ -139,8 +140,14 @@ def chunk_sizes(k: int, num_chunks: int) -> list[int]:
     return [k // n + (1 if i < k % n else 0) for i in range(n)]
 
 
-def jest_select(score_matrix: torch.Tensor, k: int, num_chunks: int, generator: torch.Generator,
-                method: str = "sample", temperature: float = 1.0) -> torch.Tensor:
+def jest_select(
+    score_matrix: torch.Tensor,
+    k: int,
+    num_chunks: int,
+    generator: torch.Generator,
+    method: str = "sample",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """JEST joint selection (Evans et al. 2024): choose ``k`` of ``B`` examples in ``num_chunks``
     chunks; the first chunk by each example's own score ``M[i, i]``, every later one by its
     conditional score given the examples already chosen, ``M[i, i] + sum_{j in S} (M[i, j] + M[j, i])``

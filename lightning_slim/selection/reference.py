@@ -5,11 +5,13 @@ clean holdout, and its per-example losses computed once by dataset index (as RHO
 >>> cache.missing(torch.tensor([0, 1, 2])).tolist()
 [False, True, False]
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +23,12 @@ from lightning_slim.modules import device_of, evaluating
 from lightning_slim.selection.functional import per_example_loss
 
 
-def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | None = None,
-                   loss_fn: Callable | None = None, seed: int = 0) -> tuple[nn.Module, int]:
+def load_reference(
+    spec: Mapping[str, Any],
+    holdout_loader: Callable[[], Any] | None = None,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, int]:
     """Build a reference from ``{"class_path", "init_args", "checkpoint" | "train_on_holdout"}``.
 
     With ``checkpoint``, a LightningModule class is restored with ``load_from_checkpoint``; any
@@ -33,8 +39,10 @@ def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | 
     """
     unknown = set(spec) - {"class_path", "checkpoint", "init_args", "train_on_holdout"}
     if unknown or "class_path" not in spec or ("checkpoint" in spec) == ("train_on_holdout" in spec):
-        raise ValueError(f"reference={dict(spec)!r} needs 'class_path', optional 'init_args', and exactly one "
-                         "of 'checkpoint' (a file) or 'train_on_holdout' ({epochs, lr})")
+        raise ValueError(
+            f"reference={dict(spec)!r} needs 'class_path', optional 'init_args', and exactly one "
+            "of 'checkpoint' (a file) or 'train_on_holdout' ({epochs, lr})"
+        )
     init_args = dict(spec.get("init_args") or {})
     if "checkpoint" in spec:
         return build_module(spec["class_path"], init_args, spec["checkpoint"], what="reference class_path"), 0
@@ -42,8 +50,10 @@ def load_reference(spec: Mapping[str, Any], holdout_loader: Callable[[], Any] | 
     if set(options) - {"epochs", "lr"}:
         raise ValueError(f"train_on_holdout={options!r} takes only 'epochs' and 'lr'")
     if holdout_loader is None:
-        raise ValueError("train_on_holdout needs a datamodule with holdout_dataloader() (e.g. "
-                         "MNIST1DDataModule(holdout_fraction=0.3))")
+        raise ValueError(
+            "train_on_holdout needs a datamodule with holdout_dataloader() (e.g. "
+            "MNIST1DDataModule(holdout_fraction=0.3))"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_module(spec["class_path"], init_args, what="reference class_path")
@@ -93,8 +103,10 @@ def compute_reference_losses(reference: nn.Module, loader, loss_fn: Callable | N
         for batch in loader:
             idx = batch_indices(batch)
             if idx is None:
-                raise ValueError("compute_reference_losses needs batches that carry example indices, e.g. "
-                                 "(x, y, index) from MNIST1DDataModule(with_index=True)")
+                raise ValueError(
+                    "compute_reference_losses needs batches that carry example indices, e.g. "
+                    "(x, y, index) from MNIST1DDataModule(with_index=True)"
+                )
             cache.store(idx, {"loss": per_example_loss(reference, _to(batch, device), loss_fn).float()})
     size = int(cache.filled.nonzero().max()) + 1 if len(cache) else 0  # storage grows ahead: trim it
     return torch.where(cache.filled[:size], cache.values["loss"][:size], float("nan")) if size else torch.empty(0)
@@ -119,11 +131,17 @@ def train_reference(module, datamodule, max_epochs: int = 10, validate: bool = T
     """
     import lightning.pytorch as pl
 
-    args = dict(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, accelerator="cpu", devices=1)
+    args = dict(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     args.update(trainer_kwargs)
     trainer = pl.Trainer(**args)
     loader = datamodule.holdout_dataloader(shuffle=True)
-    trainer.fit(module, train_dataloaders=loader,
-                val_dataloaders=datamodule.val_dataloader() if validate else None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=datamodule.val_dataloader() if validate else None)
     return freeze(module), len(loader.dataset) * trainer.current_epoch

@@ -10,9 +10,11 @@ every forward counted in the cost ledger. The callback only decides *when* to ca
 >>> scorer.scores(learner, batch, 6).shape, scorer.ledger.learner_forwards, scorer.ledger.reference_forwards
 (torch.Size([6]), 6, 6)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,9 +33,17 @@ class Scorer:
     reference losses), or filled lazily when a ``reference`` model is also given.
     """
 
-    def __init__(self, score: str | Callable, loss_fn: Callable | None = None, reference: nn.Module | None = None,
-                 cache: IndexCache | None = None, joint: bool = False, pair_loss_fn: Callable | None = None,
-                 ledger: CostLedger | None = None, slicer: Callable[[Any, torch.Tensor], Any] | None = None):
+    def __init__(
+        self,
+        score: str | Callable,
+        loss_fn: Callable | None = None,
+        reference: nn.Module | None = None,
+        cache: IndexCache | None = None,
+        joint: bool = False,
+        pair_loss_fn: Callable | None = None,
+        ledger: CostLedger | None = None,
+        slicer: Callable[[Any, torch.Tensor], Any] | None = None,
+    ):
         self.score, self.loss_fn, self.reference, self.cache = score, loss_fn, reference, cache
         self.joint, self.pair_loss_fn = joint, pair_loss_fn
         self.ledger = ledger if ledger is not None else CostLedger()
@@ -51,8 +61,11 @@ class Scorer:
     def losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example losses (or the ``(B, B)`` pair losses with ``joint``) in eval mode, no grad."""
         with evaluating(model) as m:
-            out = pair_loss_matrix(m, batch, self.pair_loss_fn) if self.joint else \
-                per_example_loss(m, batch, self.loss_fn)
+            out = (
+                pair_loss_matrix(m, batch, self.pair_loss_fn)
+                if self.joint
+                else per_example_loss(m, batch, self.loss_fn)
+            )
         return out.detach().float().cpu()
 
     def reference_losses(self, batch: Any, n: int) -> torch.Tensor:
@@ -65,8 +78,7 @@ class Scorer:
         missing = self.cache.missing(index)
         if missing.any():
             if self.reference is None:
-                raise KeyError(f"reference_losses has no loss for example indices "
-                               f"{index.cpu()[missing][:10].tolist()}")
+                raise KeyError(f"reference_losses has no loss for example indices {index.cpu()[missing][:10].tolist()}")
             rows = missing.nonzero().flatten()  # computed once per index, on first sight
             self.cache.store(index.cpu()[rows], {"loss": self.losses(self.reference, self.slicer(batch, rows))})
             self.ledger.reference_forwards += len(rows)

@@ -3,12 +3,14 @@
 Each technique adds a module here defining ``CASES = [Case(...), ...]``; ``all_cases()``
 collects them. Everything a Case builds must be picklable (ddp_spawn) and deterministic.
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 

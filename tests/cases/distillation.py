@@ -1,5 +1,6 @@
 """KnowledgeDistillation in the generic suite: teacher built from a checkpoint + class path (as in
 YAML), logit KD, one feature pair with a learned projection, and the teacher-output cache."""
+
 from __future__ import annotations
 
 import functools
@@ -25,16 +26,27 @@ def teacher_checkpoint() -> str:
             teacher = MNIST1DTeacherCNN(channels=32)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
-                    "pytorch-lightning_version": lightning.__version__}, tmp)
+        torch.save(
+            {
+                "state_dict": teacher.state_dict(),
+                "hyper_parameters": dict(teacher.hparams),
+                "pytorch-lightning_version": lightning.__version__,
+            },
+            tmp,
+        )
         tmp.replace(path)
     return str(path)
 
 
 def make_callback() -> KnowledgeDistillation:
-    return KnowledgeDistillation(teacher_checkpoint=teacher_checkpoint(), teacher_class="lightning_slim.MNIST1DTeacherCNN",
-                                 alpha=0.5, temperature=4.0, features={"pairs": {"net.5": "net.8"}},
-                                 cache_teacher=True)
+    return KnowledgeDistillation(
+        teacher_checkpoint=teacher_checkpoint(),
+        teacher_class="lightning_slim.MNIST1DTeacherCNN",
+        alpha=0.5,
+        temperature=4.0,
+        features={"pairs": {"net.5": "net.8"}},
+        cache_teacher=True,
+    )
 
 
 def _check(trainer, module, cb):
@@ -69,7 +81,12 @@ CASES = [
         check_module=_check_module,
         trainer_kwargs={"log_every_n_steps": 4},  # values are logged on Lightning's logging steps only
         cli_args=("--data.with_index=true", f"--trainer.callbacks.init_args.teacher_checkpoint={teacher_checkpoint()}"),
-        wandb_keys=("slim/distillation/kd_loss", "slim/distillation/task_loss", "slim/distillation/agreement",
-                    "slim/distillation/feature_loss", "slim/distillation/cache_hit_rate"),
+        wandb_keys=(
+            "slim/distillation/kd_loss",
+            "slim/distillation/task_loss",
+            "slim/distillation/agreement",
+            "slim/distillation/feature_loss",
+            "slim/distillation/cache_hit_rate",
+        ),
     )
 ]

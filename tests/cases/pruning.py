@@ -40,8 +40,13 @@ CASES = [
         callback=_callback,
         check=_check,
         check_module=_check_module,
-        wandb_keys=("slim/pruning/sparsity", "slim/pruning/sparsity/net.0", "slim/pruning/round",
-                    "slim/pruning/accuracy_vs_sparsity/nrows", "slim/pruning/accuracy_vs_sparsity_plot_table/nrows",
-                    "slim/pruning/final_sparsity"),
+        wandb_keys=(
+            "slim/pruning/sparsity",
+            "slim/pruning/sparsity/net.0",
+            "slim/pruning/round",
+            "slim/pruning/accuracy_vs_sparsity/nrows",
+            "slim/pruning/accuracy_vs_sparsity_plot_table/nrows",
+            "slim/pruning/final_sparsity",
+        ),
     )
 ]

@@ -31,7 +31,12 @@ CASES = [
         model=partial(small_model, batch_norm=True),
         check=_check,
         check_module=_plain,
-        wandb_keys=("slim/quantization/phase", "slim/quantization/weight_bits", "slim/quantization/activation_bits",
-                    "slim/quantization/layer_error/nrows", "slim/quantization/weight_error_mean"),
+        wandb_keys=(
+            "slim/quantization/phase",
+            "slim/quantization/weight_bits",
+            "slim/quantization/activation_bits",
+            "slim/quantization/layer_error/nrows",
+            "slim/quantization/weight_error_mean",
+        ),
     )
 ]

@@ -4,13 +4,17 @@ from cases import Case, small_data
 from lightning_slim.selection import OnlineDataSelection
 
 # RHO-LOSS on noisy labels: a reference trained on the clean holdout, its losses cached by index
-REFERENCE = {"class_path": "lightning_slim.MNIST1DCNN", "init_args": {"channels": 16},
-             "train_on_holdout": {"epochs": 10, "lr": 0.03}}
+REFERENCE = {
+    "class_path": "lightning_slim.MNIST1DCNN",
+    "init_args": {"channels": 16},
+    "train_on_holdout": {"epochs": 10, "lr": 0.03},
+}
 
 
 def _callback():
-    return OnlineDataSelection(keep=0.25, score="learnability", reference=REFERENCE, cache_reference=True,
-                               histogram_every_n_steps=5)
+    return OnlineDataSelection(
+        keep=0.25, score="learnability", reference=REFERENCE, cache_reference=True, histogram_every_n_steps=5
+    )
 
 
 def _check(trainer, module, cb):
@@ -32,10 +36,13 @@ CASES = [
         callback=_callback,
         data=partial(small_data, label_noise=0.3, holdout_fraction=0.3, with_index=True, seed=1),
         check=_check,
-        wandb_keys=("slim/selection/examples_trained", "slim/selection/compute_units",
-                    "slim/selection/noisy_fraction_selected", "slim/selection/scores/values",
-                    "slim/selection/compute_ratio"),
-        cli_args=("--data.holdout_fraction=0.3", "--data.with_index=true", "--data.label_noise=0.3",
-                  "--data.seed=1"),
+        wandb_keys=(
+            "slim/selection/examples_trained",
+            "slim/selection/compute_units",
+            "slim/selection/noisy_fraction_selected",
+            "slim/selection/scores/values",
+            "slim/selection/compute_ratio",
+        ),
+        cli_args=("--data.holdout_fraction=0.3", "--data.with_index=true", "--data.label_noise=0.3", "--data.seed=1"),
     )
 ]

@@ -6,6 +6,7 @@ a step count for exact resumes. Nothing in ``lightning_slim`` knows its name: th
 YAML (``weight_clipping.yaml``, next to it) are all it takes for the generic suite to train it,
 resume it, run it under DDP, build it from LightningCLI and read its keys back from W&B.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

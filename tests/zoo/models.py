@@ -28,6 +28,7 @@ ResNet-18's layout (basic blocks, depths 2-2-2-2), ``vit_tiny`` Hugging Face's V
 ViT-Tiny's 3 heads, and ``mobilenet_v3_small`` a faithful copy of torchvision's
 ``mobilenet_v3_small`` (inverted residuals, squeeze-excitation, hardswish) at a width multiplier.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,8 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 TASKS = ("classification", "lm")
 VOCAB = 96  # printable ASCII (32..126) plus newline
-STDLIB_FILES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py", "fnmatch.py", "colorsys.py",
-                "glob.py")
+STDLIB_FILES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py", "fnmatch.py", "colorsys.py", "glob.py")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -79,8 +79,9 @@ class ZooData(pl.LightningDataModule):
         self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=64)
@@ -92,7 +93,7 @@ def text_windows(seq_len: int = 32, stride: int | None = None, split: str = "tra
     data = data[:cut] if split == "train" else data[cut:]
     stride = stride or seq_len
     n = (len(data) - seq_len - 1) // stride
-    return torch.stack([data[i * stride: i * stride + seq_len + 1] for i in range(n)])
+    return torch.stack([data[i * stride : i * stride + seq_len + 1] for i in range(n)])
 
 
 def lm_data(style: str = "dict", seq_len: int = 32, train_windows: int = 256, batch_size: int = 16) -> ZooData:
@@ -121,14 +122,15 @@ def snippet_classes(seq_len: int = 32, per_class: int = 96, batch_size: int = 16
         order = torch.randperm(n, generator=g)[: per_class + 24]
         for split, idx in (("train", order[:per_class]), ("val", order[per_class:])):
             for i in idx.tolist():
-                sets[split].append((data[i * seq_len:(i + 1) * seq_len], label))
+                sets[split].append((data[i * seq_len : (i + 1) * seq_len], label))
     out = []
     for split in ("train", "val"):
         ids = torch.stack([s for s, _ in sets[split]])
         length = torch.randint(seq_len // 2, seq_len + 1, (len(ids),), generator=g)
         mask = (torch.arange(seq_len)[None] < length[:, None]).long()
-        out.append(_DictDataset(input_ids=ids * mask, attention_mask=mask,
-                                labels=torch.tensor([y for _, y in sets[split]])))
+        out.append(
+            _DictDataset(input_ids=ids * mask, attention_mask=mask, labels=torch.tensor([y for _, y in sets[split]]))
+        )
     return ZooData(*out, batch_size=batch_size)
 
 
@@ -204,8 +206,9 @@ class HFSequenceClassifier(HFImageClassifier):
     """``self.model(input_ids=..., attention_mask=..., labels=...).loss`` (BERT)."""
 
     def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     def logits_and_labels(self, batch):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -220,8 +223,9 @@ class HFCausalLM(pl.LightningModule):
         self.model, self.lr = model, lr
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        loss = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         self.log("train/loss", loss)
         return loss
 
@@ -236,8 +240,9 @@ class HFCausalLM(pl.LightningModule):
 class CharTransformerLM(pl.LightningModule):
     """A ``nn.TransformerEncoder`` character LM with a causal mask, on ``(x, y)`` batches."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 2, seq_len: int = 32,
-                 lr: float = 3e-3):
+    def __init__(
+        self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 2, seq_len: int = 32, lr: float = 3e-3
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
@@ -303,8 +308,9 @@ class UserResNet(_Classifier):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr,
-                                                    total_steps=max(2, int(self.trainer.estimated_stepping_batches)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.lr, total_steps=max(2, int(self.trainer.estimated_stepping_batches))
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -330,8 +336,11 @@ class _InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expanded != cin:
             layers += [nn.Conv2d(cin, expanded, 1, bias=False), nn.BatchNorm2d(expanded), act()]
-        layers += [nn.Conv2d(expanded, expanded, kernel, stride, (kernel - 1) // 2, groups=expanded, bias=False),
-                   nn.BatchNorm2d(expanded), act()]
+        layers += [
+            nn.Conv2d(expanded, expanded, kernel, stride, (kernel - 1) // 2, groups=expanded, bias=False),
+            nn.BatchNorm2d(expanded),
+            act(),
+        ]
         if use_se:
             layers.append(_SqueezeExcitation(expanded, _divisible(expanded // 4)))
         layers += [nn.Conv2d(expanded, cout, 1, bias=False), nn.BatchNorm2d(cout)]
@@ -347,25 +356,36 @@ class MobileNetV3Small(nn.Module):
     """torchvision's ``mobilenet_v3_small`` layout (its inverted-residual table), ``width_mult`` scaled."""
 
     SETTING: ClassVar[list[tuple]] = [
-               (16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2), (24, 3, 88, 24, False, "RE", 1),
-               (24, 5, 96, 40, True, "HS", 2), (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
-               (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1), (48, 5, 288, 96, True, "HS", 2),
-               (96, 5, 576, 96, True, "HS", 1), (96, 5, 576, 96, True, "HS", 1)]
+        (16, 3, 16, 16, True, "RE", 2),
+        (16, 3, 72, 24, False, "RE", 2),
+        (24, 3, 88, 24, False, "RE", 1),
+        (24, 5, 96, 40, True, "HS", 2),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 120, 48, True, "HS", 1),
+        (48, 5, 144, 48, True, "HS", 1),
+        (48, 5, 288, 96, True, "HS", 2),
+        (96, 5, 576, 96, True, "HS", 1),
+        (96, 5, 576, 96, True, "HS", 1),
+    ]
 
     def __init__(self, num_classes: int = 10, width_mult: float = 0.25, last_channel: int = 128):
         super().__init__()
         w = lambda c: _divisible(c * width_mult)
         first = w(16)
-        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, first, 3, 2, 1, bias=False), nn.BatchNorm2d(first),
-                                                 nn.Hardswish())]
+        layers: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, first, 3, 2, 1, bias=False), nn.BatchNorm2d(first), nn.Hardswish())
+        ]
         for cin, k, exp, cout, se, act, stride in self.SETTING:
             layers.append(_InvertedResidual(w(cin), k, w(exp), w(cout), se, act, stride))
         last_conv = 6 * w(96)
-        layers.append(nn.Sequential(nn.Conv2d(w(96), last_conv, 1, bias=False), nn.BatchNorm2d(last_conv),
-                                    nn.Hardswish()))
+        layers.append(
+            nn.Sequential(nn.Conv2d(w(96), last_conv, 1, bias=False), nn.BatchNorm2d(last_conv), nn.Hardswish())
+        )
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(last_conv, last_channel), nn.Hardswish(), nn.Dropout(0.2),
-                                        nn.Linear(last_channel, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(last_conv, last_channel), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(last_channel, num_classes)
+        )
 
     def forward(self, x):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
@@ -397,41 +417,76 @@ class ZooModel:
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, use_cache=False,
-                      pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        use_cache=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return HFCausalLM(LlamaForCausalLM(cfg)), lm_data("dict")
 
 
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
-                     bos_token_id=None, eos_token_id=None, loss_type="ForCausalLM")
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        loss_type="ForCausalLM",
+    )
     return HFCausalLM(GPT2LMHeadModel(cfg)), lm_data("dict")
 
 
 def _bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=4, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=4,
+        pad_token_id=0,
+    )
     return HFSequenceClassifier(BertForSequenceClassification(cfg)), snippet_classes()
 
 
 def _vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                    intermediate_size=96, num_labels=10)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=96,
+        num_labels=10,
+    )
     return HFImageClassifier(ViTForImageClassification(cfg)), digit_images("hf")
 
 
 def _resnet18():
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    cfg = ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[8, 16, 32, 64], embedding_size=8,
-                       num_labels=10)
+    cfg = ResNetConfig(
+        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[8, 16, 32, 64], embedding_size=8, num_labels=10
+    )
     return HFImageClassifier(ResNetForImageClassification(cfg)), digit_images("hf")
 
 
@@ -441,24 +496,62 @@ def _boring():
     return BoringModel(), BoringDataModule()
 
 
-ZOO: dict[str, ZooModel] = {z.name: z for z in [
-    ZooModel("resnet18", "classification", "cnn", _resnet18, ("transformers",),
-             "Hugging Face ResNet with ResNet-18's basic blocks (2-2-2-2), widths 8-64"),
-    ZooModel("mobilenet_v3_small", "classification", "cnn",
-             lambda: (VisionClassifier(MobileNetV3Small()), digit_images("tuple")), (),
-             "torchvision's mobilenet_v3_small layout at width 0.25 (SE, hardswish, depthwise convs)"),
-    ZooModel("user_resnet", "classification", "cnn", lambda: (UserResNet(), digit_images("dict")), (),
-             "BN ResNet, dict batches, SGD + Nesterov, OneCycleLR per step"),
-    ZooModel("vit_tiny", "classification", "vision-transformer", _vit, ("transformers",),
-             "Hugging Face ViT, ViT-Tiny's 3 heads at width 48, 2 layers"),
-    ZooModel("char_transformer", "lm", "torch-transformer", lambda: (CharTransformerLM(), lm_data("tuple")), (),
-             "nn.TransformerEncoder causal character LM (nn.MultiheadAttention: in_proj_weight)"),
-    ZooModel("llama", "lm", "hf-decoder", _llama, ("transformers",), "LlamaForCausalLM, 2 layers, width 32"),
-    ZooModel("gpt2", "lm", "hf-decoder", _gpt2, ("transformers",), "GPT2LMHeadModel (Conv1D layers)"),
-    ZooModel("bert", "classification", "hf-encoder", _bert, ("transformers",),
-             "BertForSequenceClassification on padded snippets (attention_mask)"),
-    ZooModel("boring", "classification", "linear", _boring, (), "Lightning's BoringModel (no val/acc, MSE loss)"),
-]}
+ZOO: dict[str, ZooModel] = {
+    z.name: z
+    for z in [
+        ZooModel(
+            "resnet18",
+            "classification",
+            "cnn",
+            _resnet18,
+            ("transformers",),
+            "Hugging Face ResNet with ResNet-18's basic blocks (2-2-2-2), widths 8-64",
+        ),
+        ZooModel(
+            "mobilenet_v3_small",
+            "classification",
+            "cnn",
+            lambda: (VisionClassifier(MobileNetV3Small()), digit_images("tuple")),
+            (),
+            "torchvision's mobilenet_v3_small layout at width 0.25 (SE, hardswish, depthwise convs)",
+        ),
+        ZooModel(
+            "user_resnet",
+            "classification",
+            "cnn",
+            lambda: (UserResNet(), digit_images("dict")),
+            (),
+            "BN ResNet, dict batches, SGD + Nesterov, OneCycleLR per step",
+        ),
+        ZooModel(
+            "vit_tiny",
+            "classification",
+            "vision-transformer",
+            _vit,
+            ("transformers",),
+            "Hugging Face ViT, ViT-Tiny's 3 heads at width 48, 2 layers",
+        ),
+        ZooModel(
+            "char_transformer",
+            "lm",
+            "torch-transformer",
+            lambda: (CharTransformerLM(), lm_data("tuple")),
+            (),
+            "nn.TransformerEncoder causal character LM (nn.MultiheadAttention: in_proj_weight)",
+        ),
+        ZooModel("llama", "lm", "hf-decoder", _llama, ("transformers",), "LlamaForCausalLM, 2 layers, width 32"),
+        ZooModel("gpt2", "lm", "hf-decoder", _gpt2, ("transformers",), "GPT2LMHeadModel (Conv1D layers)"),
+        ZooModel(
+            "bert",
+            "classification",
+            "hf-encoder",
+            _bert,
+            ("transformers",),
+            "BertForSequenceClassification on padded snippets (attention_mask)",
+        ),
+        ZooModel("boring", "classification", "linear", _boring, (), "Lightning's BoringModel (no val/acc, MSE loss)"),
+    ]
+}
 
 
 def available(name: str) -> bool:
@@ -481,4 +574,3 @@ def build(name: str, seed: int = 0) -> Built:
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

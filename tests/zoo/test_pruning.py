@@ -3,6 +3,7 @@ structural) on every zoo model. Each cell either works, with the evidence assert
 where the masks say, in_proj_weight / Conv1D among them, the N:M layout, masks that survive the
 export, a model that keeps training; fewer parameters, whole heads and a config that reloads for
 structural pruning), or raises a clear error before the first training step."""
+
 from __future__ import annotations
 
 import copy
@@ -27,10 +28,14 @@ MODES = {
 }
 # cells that must refuse before training, and what the error must say
 ERRORS = {
-    ("char_transformer", "channels"):
-        r"cannot prune 'encoder.layers.0.self_attn': nn.MultiheadAttention ties.*heads=False",
-    ("gpt2", "channels"):
-        r"cannot prune 'model.transformer.h.0.attn': torch-pruning has no pruner for transformers' Conv1D",
+    (
+        "char_transformer",
+        "channels",
+    ): r"cannot prune 'encoder.layers.0.self_attn': nn.MultiheadAttention ties.*heads=False",
+    (
+        "gpt2",
+        "channels",
+    ): r"cannot prune 'model.transformer.h.0.attn': torch-pruning has no pruner for transformers' Conv1D",
     ("boring", "channels"): r"keeps the classifier's outputs \(\['layer'\]\)",
 }
 # cells that work and must say what they leave dense or prune through a tie
@@ -43,8 +48,10 @@ WARNINGS = {
     ("bert", "channels"): r"reload it with lightning_slim.pruning.load_pruned\(\)",
 }
 # tensors that must be among the pruned ones (the kinds issue 11 found skipped)
-MUST_PRUNE = {"char_transformer": "encoder.layers.0.self_attn.in_proj_weight",
-              "gpt2": "model.transformer.h.0.attn.c_attn"}
+MUST_PRUNE = {
+    "char_transformer": "encoder.layers.0.self_attn.in_proj_weight",
+    "gpt2": "model.transformer.h.0.attn.c_attn",
+}
 
 
 def expected_warning(name: str, mode: str) -> str | None:
@@ -71,8 +78,16 @@ class Probe(pl.Callback):
 
 def fit(built, cb, steps=5):
     probe = Probe(cb)
-    trainer = pl.Trainer(max_steps=steps, limit_val_batches=1, accelerator="cpu", logger=False, callbacks=[cb, probe],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[cb, probe],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(built.module, datamodule=built.data)
     return trainer, probe
 
@@ -107,8 +122,15 @@ def test_pruning_cell(name, mode):
     if error:
         probe = Probe(cb)
         with pytest.raises(ValueError, match=error):
-            pl.Trainer(max_steps=5, accelerator="cpu", logger=False, callbacks=[cb, probe], enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False).fit(built.module, datamodule=built.data)
+            pl.Trainer(
+                max_steps=5,
+                accelerator="cpu",
+                logger=False,
+                callbacks=[cb, probe],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+            ).fit(built.module, datamodule=built.data)
         assert probe.steps == 0, "the error came after training had started"
         return
     warning = expected_warning(name, mode)
@@ -175,9 +197,11 @@ def test_pruned_llama_saves_and_reloads_in_a_fresh_process(tmp_path):
     model.save_pretrained(tmp_path / "pruned")
     ids = torch.arange(16).reshape(1, 16) % 96
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")
-    code = ("import torch, sys; from transformers import AutoModelForCausalLM; d = sys.argv[1]; "
-            "m = AutoModelForCausalLM.from_pretrained(d + '/pruned').eval(); e = torch.load(d + '/expected.pt'); "
-            "assert m.config.num_attention_heads == 2 and m.config.intermediate_size == 32, m.config; "
-            "torch.testing.assert_close(m(input_ids=e['ids']).logits, e['logits']); print('reloaded')")
+    code = (
+        "import torch, sys; from transformers import AutoModelForCausalLM; d = sys.argv[1]; "
+        "m = AutoModelForCausalLM.from_pretrained(d + '/pruned').eval(); e = torch.load(d + '/expected.pt'); "
+        "assert m.config.num_attention_heads == 2 and m.config.intermediate_size == 32, m.config; "
+        "torch.testing.assert_close(m(input_ids=e['ids']).logits, e['logits']); print('reloaded')"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "reloaded" in proc.stdout, proc.stderr[-2000:]
