@@ -22,7 +22,8 @@ import io
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -51,6 +52,19 @@ def serialized_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
+
+@runtime_checkable
+class Artifact(Protocol):
+    """A deployable model that is a file of its own (e.g. an ONNX model served by ONNX Runtime)."""
+
+    def artifact_bytes(self) -> int: ...
+
+
+def shipped_bytes(model: nn.Module) -> int:
+    """Bytes of what a user ships: the model's own file when it is one (:class:`Artifact`), else
+    ``torch.save`` of its state dict."""
+    return model.artifact_bytes() if isinstance(model, Artifact) else serialized_bytes(model)
 
 
 def as_call(example: Any) -> tuple[tuple, dict]:
@@ -229,7 +243,7 @@ def measure(
     out: dict[str, Any] = {
         "params": count_parameters(model),
         "nonzero_params": count_nonzero_parameters(model),
-        "size_bytes": serialized_bytes(model),
+        "size_bytes": shipped_bytes(model),
     }
     if example_input is not None:
         from lightning_slim.batches import example_count, slice_batch
@@ -249,3 +263,59 @@ def measure(
             except Exception as err:
                 out["latency_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
     return out
+
+
+def cpu_int8_capability(cpuinfo: str | None = None) -> dict:
+    """Which int8 dot-product instructions this CPU has, from /proc/cpuinfo flags.
+
+    AVX2 alone: u8 x s8 products are added in int16 (``vpmaddubsw``) and can saturate, which
+    is why the onnxruntime export keeps weights 7-bit (``reduce_range``). AVX512-VNNI /
+    AVX-VNNI (``vpdpbusd``) and AMX accumulate in int32; ARM ``asimddp`` (dotprod) likewise.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags, model = set(), "unknown"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features"):
+            flags |= set(value.split())
+        elif key in ("model name", "cpu model") and model == "unknown":
+            model = value.strip()
+    return {
+        "model": model,
+        "avx2": "avx2" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx": bool({"amx_int8", "amx_tile"} & flags),
+        "arm_dotprod": "asimddp" in flags,
+    }
+
+
+@torch.inference_mode()
+def interleaved_latency_ms(
+    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 5
+) -> dict[str, float]:
+    """Median milliseconds per call of each zero-argument function, timed side by side: every round
+    runs each function ``repeats`` times in turn, so drift on a shared machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def compare_latency(models: dict[str, nn.Module], x: torch.Tensor, **kwargs) -> dict[str, float]:
+    """``interleaved_latency_ms`` of ``model(x)`` for each model (torch modules and ``OrtModel``s)."""
+    for m in models.values():
+        m.eval()
+    return interleaved_latency_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, **kwargs)

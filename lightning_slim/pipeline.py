@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_slim.measure import count_macs, cpu_latency_ms, serialized_bytes
+from lightning_slim.measure import count_macs, cpu_latency_ms, shipped_bytes
 
 
 def compression_callbacks(
@@ -91,7 +91,7 @@ def compare_deployables(models: dict[str, nn.Module], example, repeats: int = 20
             times[name].append(cpu_latency_ms(model, example, warmup=2, repeats=repeats))
     out: dict[str, Any] = {}
     for name, model in models.items():
-        out[f"{name}_bytes"] = serialized_bytes(model)
+        out[f"{name}_bytes"] = shipped_bytes(model)
         out[f"{name}_latency_ms"] = sorted(times[name])[1]
     return out
 

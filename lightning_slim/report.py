@@ -38,9 +38,9 @@ from lightning_slim.arguments import check_choice, check_int
 from lightning_slim.batches import BatchFormatError, batch_inputs, batch_targets, example_count, slice_batch
 from lightning_slim.callback import SlimCallback
 from lightning_slim.compose import capability, techniques
-from lightning_slim.contract import Capability, Effect
+from lightning_slim.contract import Capability, Effect, ExportStage
 from lightning_slim.evaluation import TASKS, detect_task, evaluate
-from lightning_slim.measure import generation_speed, measure
+from lightning_slim.measure import compare_latency, cpu_int8_capability, generation_speed, measure, shipped_bytes
 from lightning_slim.modules import call_arguments, forward_target, output_tensor
 
 COMPARED = ("params", "nonzero_params", "size_bytes", "macs", "latency_ms")
@@ -50,11 +50,13 @@ QUALITY = {
 }
 
 
-def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
     """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of their :class:`~lightning_slim.contract.ExportStage`."""
+    of their :class:`~lightning_slim.contract.ExportStage` (only the stages ahead of ``before``)."""
     model = copy.deepcopy(pl_module).cpu().eval()
-    exporters = (c for c in techniques(trainer) if c.export_stage is not None)
+    exporters = (
+        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
+    )
     for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
         model = cb.export(model)
     return model
@@ -78,6 +80,25 @@ def format_table(before: dict, after: dict, task: str | None = None) -> str:
         ratio = f"{b / a:.2f}x" if isinstance(b, (int, float)) and isinstance(a, (int, float)) and a else ""
         fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         lines.append(f"{key:<24}{fmt(b):>16}{fmt(a):>16}{ratio:>10}")
+    return "\n".join(lines)
+
+
+def format_serving(serving: dict[str, Any]) -> str:
+    """The side-by-side latency table of :meth:`CompressionReport._serving` (empty without one)."""
+    batches = [k for k in serving if k.startswith("batch_")]
+    if not batches:
+        return ""
+    cpu = serving["cpu"]
+    units = [k for k in ("avx2", "avx512_vnni", "avx_vnni", "amx", "arm_dotprod") if cpu.get(k)]
+    names = [k.removesuffix("_ms") for k in serving[batches[0]] if k.endswith("_ms")]
+    lines = [f"serving on {cpu['model']} ({', '.join(units) or 'no int8 dot-product units'}), ms per call:"]
+    lines.append(f"{'batch':<8}" + "".join(f"{n:>16}" for n in names) + f"{'deployed speed-up':>30}")
+    for key in batches:
+        row = serving[key]
+        ups = " / ".join(f"{row[f'speedup_vs_{n}']:.2f}x vs {n}" for n in names if n != "deployed")
+        lines.append(
+            f"{key.removeprefix('batch_'):<8}" + "".join(f"{row[f'{n}_ms']:>16.3f}" for n in names) + f"  {ups}"
+        )
     return "\n".join(lines)
 
 
@@ -135,6 +156,7 @@ class CompressionReport(SlimCallback):
         self.before: dict[str, Any] = {}
         self.after: dict[str, Any] = {}
         self.teacher: dict[str, Any] = {}
+        self.serving: dict[str, Any] = {}
         self.techniques: dict[str, dict[str, Any]] = {}
         self.task: str | None = None
         self.task_note = ""
@@ -276,6 +298,7 @@ class CompressionReport(SlimCallback):
                 quality["export_loss"] = quality.pop("loss")
             self.after |= quality
         self._train_throughput()
+        self.serving = self._serving(trainer, pl_module)
         teacher = capability(trainer, Capability.TEACHER)
         if teacher is not None:
             self.teacher = self._measure(teacher) | (self._quality(teacher, loader) if loader is not None else {})
@@ -285,6 +308,32 @@ class CompressionReport(SlimCallback):
             cb.technique: rows for cb in techniques(trainer) if cb is not self for rows in [cb.report_rows()] if rows
         }
         self._publish(trainer)
+
+    def _serving(self, trainer, pl_module) -> dict[str, Any]:
+        """The deployed model beside its float forms (fp32 eager, fp32 in the deployed runtime),
+        timed side by side at batch 1 and at ``latency_batch_size`` on this CPU, with the CPU's int8
+        capability and the bytes shipped: what is due to the format and what to the runtime."""
+        converting = [cb for cb in techniques(trainer) if cb.export_stage == ExportStage.CONVERT]
+        if not (self.measure_latency and converting and isinstance(self.example_input, torch.Tensor)):
+            return {}
+        try:
+            models: dict[str, nn.Module] = {}
+            for cb in converting:
+                models |= cb.float_baselines(
+                    deployable_copy(trainer, pl_module, before=ExportStage.CONVERT), self.example_input
+                )
+            models["deployed"] = self.exported_model
+            out: dict[str, Any] = {"cpu": cpu_int8_capability()}
+            out |= {f"{name}_bytes": shipped_bytes(m) for name, m in models.items() if name != "fp32_runtime"}
+            for batch in sorted({1, self.latency_batch_size}):
+                ms = compare_latency(models, self.example_input[:batch])
+                row = {f"{name}_ms": v for name, v in ms.items()}
+                row |= {f"speedup_vs_{name}": v / ms["deployed"] for name, v in ms.items() if name != "deployed"}
+                out[f"batch_{batch}"] = row
+            return out
+        except Exception as err:  # a model we cannot time side by side keeps the rest of its report
+            rank_zero_warn(f"CompressionReport could not time the deployed model beside its float forms: {err}")
+            return {"error": f"{type(err).__name__}: {err}"[:240]}
 
     def _read_logged(self, trainer) -> None:
         metrics = trainer.callback_metrics
@@ -316,6 +365,8 @@ class CompressionReport(SlimCallback):
             out["task_note"] = self.task_note
         if self.teacher:
             out["teacher"] = self.teacher
+        if self.serving:
+            out["serving"] = self.serving
         return out
 
     def _json_path(self, trainer) -> Path:
@@ -334,8 +385,12 @@ class CompressionReport(SlimCallback):
             f"{t}: " + ", ".join(f"{k}={v}" for k, v in rows.items())
             for t, rows in {**self.techniques, **({"teacher": self.teacher} if self.teacher else {})}.items()
         )
+        serving = format_serving(self.serving)
         rank_zero_info(
-            f"\nlightning-slim compression report (task: {self.task})\n" + table + ("\n" + extra if extra else "")
+            f"\nlightning-slim compression report (task: {self.task})\n"
+            + table
+            + ("\n" + serving if serving else "")
+            + ("\n" + extra if extra else "")
         )
         path = self._json_path(trainer)
         os.makedirs(path.parent, exist_ok=True)
@@ -361,6 +416,12 @@ class CompressionReport(SlimCallback):
             for t, r in self.techniques.items()
             for k, v in r.items()
             if isinstance(v, (int, float, str))
+        }
+        summary |= {
+            f"slim/report/serving/{b}/{k}": v
+            for b, row in self.serving.items()
+            if b.startswith("batch_")
+            for k, v in row.items()
         }
         summary["slim/report/task"] = str(self.task)
         log.set_summary(trainer, summary)

@@ -302,6 +302,15 @@ class QuantizationAwareTraining(SlimCallback):
             )
         return to_runtime(self.fake_quantized(model), example)
 
+    def float_baselines(self, model: torch.nn.Module, example: torch.Tensor) -> dict[str, torch.nn.Module]:
+        F.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
+        model.eval()
+        if self.spec.runtime != "onnxruntime":
+            return {"fp32_eager": model}
+        from lightning_slim.quantization.serving import fp32_onnx
+
+        return {"fp32_eager": model, "fp32_runtime": fp32_onnx(model, example)}
+
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:
             return {}

@@ -13,49 +13,29 @@ from __future__ import annotations
 
 import collections
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_slim.measure import compare_latency, cpu_int8_capability, interleaved_latency_ms
+
+__all__ = [
+    "OrtModel",
+    "artifact_bytes",
+    "compare_latency",
+    "cpu_int8_capability",
+    "fp32_onnx",
+    "fused_ops",
+    "interleaved_latency_ms",
+    "session",
+]
+
 
 def artifact_bytes(path: str | Path) -> int:
     """Bytes of the file a user ships (an ONNX model, a ``.pt2`` program): what ``size`` should mean."""
     return os.path.getsize(path)
-
-
-def cpu_int8_capability(cpuinfo: str | None = None) -> dict:
-    """Which int8 dot-product instructions this CPU has, from /proc/cpuinfo flags.
-
-    AVX2 alone: u8 x s8 products are added in int16 (``vpmaddubsw``) and can saturate, which
-    is why the onnxruntime export keeps weights 7-bit (``reduce_range``). AVX512-VNNI /
-    AVX-VNNI (``vpdpbusd``) and AMX accumulate in int32; ARM ``asimddp`` (dotprod) likewise.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags, model = set(), "unknown"
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("flags", "features"):
-            flags |= set(value.split())
-        elif key in ("model name", "cpu model") and model == "unknown":
-            model = value.strip()
-    return {
-        "model": model,
-        "avx2": "avx2" in flags,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-        "amx": bool({"amx_int8", "amx_tile"} & flags),
-        "arm_dotprod": "asimddp" in flags,
-    }
 
 
 def session(model: str | Path | bytes, threads: int = 1, optimized_path: str | Path | None = None):
@@ -104,6 +84,10 @@ class OrtModel(nn.Module):
     def onnx_bytes(self) -> bytes:
         return self.onnx_model.numpy().tobytes()
 
+    def artifact_bytes(self) -> int:
+        """Bytes of the ONNX file this model is (what ``save`` writes and a user ships)."""
+        return self.onnx_model.numel()
+
     @property
     def session(self):
         if self._session is None:
@@ -133,29 +117,3 @@ def fp32_onnx(model: nn.Module, example: torch.Tensor, path: str | Path | None =
     with tempfile.TemporaryDirectory() as tmp:
         written = to_onnx(model, example, path or Path(tmp) / "fp32.onnx", custom_ops=False)
         return OrtModel(written.read_bytes())
-
-
-@torch.inference_mode()
-def interleaved_latency_ms(
-    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 5
-) -> dict[str, float]:
-    """Median milliseconds per call of each zero-argument function, timed side by side: every round
-    runs each function ``repeats`` times in turn, so drift on a shared machine hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
-
-
-def compare_latency(models: dict[str, nn.Module], x: torch.Tensor, **kwargs) -> dict[str, float]:
-    """``interleaved_latency_ms`` of ``model(x)`` for each model (torch modules and ``OrtModel``s)."""
-    for m in models.values():
-        m.eval()
-    return interleaved_latency_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, **kwargs)
