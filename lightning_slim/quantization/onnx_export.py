@@ -232,7 +232,14 @@ def deploy_module(model: nn.Module) -> nn.Module:
 
 
 def to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, custom_ops: bool = True) -> Path:
-    """``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension; returns the file written."""
+    """``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension (and, for token ids, a
+    dynamic sequence dimension); returns the file written.
+
+    Token ids (an integer ``(B, T, ...)`` input, a language model's ``input_ids``) get a dynamic
+    ``T`` too: the file serves any prompt length, and the positions' tables (a Llama's rotary
+    cos/sin, one ``(T, head_dim)`` pair per layer) are computed in the graph instead of being
+    stored as constants. A model whose forward needs one fixed length is exported with that
+    length, as before."""
     import warnings
 
     path = Path(path)
@@ -241,16 +248,25 @@ def to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, custom_o
     if example.shape[0] < 2:  # a batch of 1 would be specialised
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     table = _translations() if custom_ops else None
+    batch = {0: torch.export.Dim("batch")}
+    tokens = not example.is_floating_point() and example.dim() >= 2 and example.shape[1] >= 2
+    program = None
     with no_mha_fastpath(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's chatter (deprecations, torchvision absent)
-        program = torch.onnx.export(
-            module.eval(),
-            (example,),
-            dynamo=True,
-            custom_translation_table=table,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
+        for dims in ([{**batch, 1: torch.export.Dim("seq")}] if tokens else []) + [batch]:
+            try:
+                program = torch.onnx.export(
+                    module.eval(),
+                    (example,),
+                    dynamo=True,
+                    custom_translation_table=table,
+                    dynamic_shapes=(dims,),
+                    verbose=False,
+                )
+                break
+            except Exception:
+                if dims is batch:
+                    raise
     program.save(str(path))
     _strip(path)
     return path
