@@ -46,6 +46,11 @@ class Effect(enum.Enum):
         return ("prepare_model", "restore_model") if self is Effect.SWAP_MODULES else (self.value,)
 
 
+class ExportRefused(ValueError):
+    """A technique's ``export`` refuses the trained model (e.g. its training diverged): the report
+    records the reason instead of measuring a broken model."""
+
+
 class ExportStage(enum.IntEnum):
     """When a technique's ``export`` runs in the chain that builds the deployable model."""
 

@@ -121,8 +121,8 @@ def macs_of(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
     compute functionally are not counted). ``run`` may call the model any way (a ``loss_fn``)."""
     from torch_pruning.utils import op_counter
 
+    op_counter.CUSTOM_MODULES_MAPPING = _custom_counters()  # before: it gives Conv1D its __flops__ counter
     counted = op_counter.add_flops_counting_methods(copy.deepcopy(model).eval())
-    op_counter.CUSTOM_MODULES_MAPPING = _custom_counters()
     counted.start_flops_count(ost=io.StringIO(), verbose=False, ignore_list=[])
     try:
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # it prints notes about batch sizes

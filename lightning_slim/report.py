@@ -38,7 +38,7 @@ from lightning_slim.arguments import check_choice, check_int
 from lightning_slim.batches import BatchFormatError, batch_inputs, batch_targets, example_count, slice_batch
 from lightning_slim.callback import SlimCallback
 from lightning_slim.compose import capability, techniques
-from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.evaluation import TASKS, detect_task, evaluate
 from lightning_slim.measure import compare_latency, cpu_int8_capability, generation_speed, measure, shipped_bytes
 from lightning_slim.modules import call_arguments, forward_target, output_tensor
@@ -287,7 +287,16 @@ class CompressionReport(SlimCallback):
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        self.exported_model = deployable_copy(trainer, pl_module)
+        try:
+            self.exported_model = deployable_copy(trainer, pl_module)
+        except ExportRefused as err:  # nothing deployable to measure: say why, keep the rest of the report
+            rank_zero_warn(f"CompressionReport: no deployable model: {err}")
+            self.after = {"export_refused": str(err)}
+            self.techniques = {
+                c.technique: r for c in techniques(trainer) if c is not self for r in [c.report_rows()] if r
+            }
+            self._publish(trainer)
+            return
         self.after = self._measure(self.exported_model)
         self._read_logged(trainer)
         loader = self._val_loader(trainer)

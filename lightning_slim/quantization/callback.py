@@ -13,13 +13,15 @@ from lightning_slim import log
 from lightning_slim.batches import BatchFormatError, batch_inputs
 from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment
-from lightning_slim.contract import ExportStage
+from lightning_slim.contract import ExportRefused, ExportStage
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization import static
 from lightning_slim.quantization.export import save_int8, to_runtime
 
 UNITS = ("epoch", "step")
 PHASES = ("float", "fake_quant", "ranges_frozen")
+PHASE_SWITCHES = {1: "fake quantization started", 2: "ranges froze"}
+BN_FREEZE_LR_FRACTION = 0.1  # measured: frozen at 26% of OneCycle's peak, a BN ResNet diverged in 3 steps
 
 
 def _check_when(name: str, value, allow_none: bool) -> None:
@@ -58,6 +60,9 @@ class QuantizationAwareTraining(SlimCallback):
         runtime: ``"onnxruntime"`` or ``"torchao"`` (see above).
         reduce_range: onnxruntime only: 7-bit weights ([-64, 64]) so AVX2's u8 x s8 int8 kernels
             never saturate. Only a model served exclusively on VNNI/AMX/ARM-dotprod CPUs may turn it off.
+        export_diverged: export a model whose training loss exploded after a phase switch (fake
+            quantization starting, ranges or BatchNorm freezing). Default False: such a model is
+            warned about when it happens and :meth:`export` refuses it (:class:`~.functional.DivergenceGuard`).
 
     >>> cb = QuantizationAwareTraining(targets=["Linear", "re:net\\\\.0"], start_after=1, freeze_bn_after=3)
     >>> cb.spec.weight_bits, cb.unit
@@ -83,6 +88,7 @@ class QuantizationAwareTraining(SlimCallback):
         log_error_table: bool = True,
         runtime: str = "onnxruntime",
         reduce_range: bool = True,
+        export_diverged: bool = False,
     ):
         self.spec = F.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
         if unit not in UNITS:
@@ -100,6 +106,12 @@ class QuantizationAwareTraining(SlimCallback):
                 "freeze_ranges_after with runtime='torchao' is supported for weight_bits=8 only "
                 "(torchao recomputes int4 group scales at export)"
             )
+        if not isinstance(export_diverged, bool):
+            raise ValueError(f"export_diverged={export_diverged!r} must be true or false")
+        self.export_diverged = export_diverged
+        self.guard = F.DivergenceGuard()
+        self._peak_lr, self._lowest_lr = 0.0, float("inf")
+        self._bn_frozen = False  # BatchNorm freeze seen (the guard's switch)
         self.targets = list(targets) if targets is not None else list(F.DEFAULT_TARGETS)
         self.exclude = list(exclude or [])
         self.start_after, self.freeze_ranges_after, self.freeze_bn_after = (
@@ -127,16 +139,53 @@ class QuantizationAwareTraining(SlimCallback):
     def validate(self, trainer, pl_module) -> None:
         self.layers = F.select_layers(pl_module, self.targets, self.exclude)
         F.check_layers(pl_module, self.layers, self.spec)
-        self.skipped = F.skipped_attention(pl_module, self.layers)
-        if self.skipped:
+        example = getattr(pl_module, "example_input_array", None)
+        if not isinstance(example, torch.Tensor) and self.spec.static:
+            example = self._sample_input(trainer, pl_module)
+        if isinstance(example, torch.Tensor):
+            self._dry_run(pl_module, example)
+        # after the checks that refuse: no warnings about a configuration that cannot run
+        skipped = F.skipped_layers(pl_module, self.layers)
+        self.skipped = list(skipped)
+        attention = [n for n, why in skipped.items() if why.startswith("nn.MultiheadAttention")]
+        if attention:
             rank_zero_warn(
-                f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {self.skipped} "
+                f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {attention} "
                 "(in_proj_weight, out_proj) stay float: their weights are read directly by the attention "
                 "kernel, not through a layer QAT can swap (listed in report_rows()['skipped'])"
             )
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, torch.Tensor):
-            self._dry_run(pl_module, example)
+        conv1d = [n for n in skipped if n not in attention]
+        if conv1d:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: transformers Conv1D layers {conv1d} stay float: QAT has no "
+                "fake-quantized form of Conv1D (an (in, out) Linear) (listed in report_rows()['skipped'])"
+            )
+
+    def _sample_input(self, trainer, pl_module) -> torch.Tensor | None:
+        """The input tensor the onnxruntime export will trace ``forward`` with, from a sample of the
+        training data: a module the export cannot call this way is refused now, not after training."""
+        from lightning_slim.batches import sample_batch
+        from lightning_slim.lightning_glue import train_loader
+        from lightning_slim.modules import overrides_forward
+
+        batch = sample_batch(train_loader(trainer))
+        if batch is None:
+            return None  # no sample without iterating the loader: checked on the first batch's export
+        if not overrides_forward(pl_module):
+            raise ValueError(
+                f"QuantizationAwareTraining(runtime='onnxruntime') exports forward(x) of the module as an "
+                f"ONNX graph, and {type(pl_module).__name__} defines no forward(): define "
+                "forward(x) (e.g. returning self.model(x).logits), or use runtime='torchao' (int8 modules "
+                "swapped in place, called as your training_step calls them)"
+            )
+        try:
+            return batch_inputs(batch).cpu()
+        except BatchFormatError as err:
+            raise ValueError(
+                f"QuantizationAwareTraining(runtime='onnxruntime') traces forward(x) with the batch's input "
+                f"tensor and cannot find it: {err}; set example_input_array on the module, or use "
+                "runtime='torchao'"
+            ) from err
 
     def _dry_run(self, pl_module, example: torch.Tensor) -> None:
         """Fake-quantize and convert a CPU copy on ``example_input_array``: a model the flow cannot
@@ -184,6 +233,7 @@ class QuantizationAwareTraining(SlimCallback):
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
         self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
+        self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = F.DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
         self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (F.no_mha_fastpath, held across hooks)
         torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
@@ -209,8 +259,30 @@ class QuantizationAwareTraining(SlimCallback):
         if self._reached(trainer, self.freeze_bn_after) and pl_module.training:
             F.freeze_batchnorm(pl_module)
 
+    def _lr(self, trainer) -> float | None:
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        return float(groups[0]["lr"]) if groups else None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        phase_before = self.phase
         self._apply_schedule(trainer, pl_module)
+        lr = self._lr(trainer)
+        self._peak_lr = max(self._peak_lr, lr or 0.0)
+        self._lowest_lr = min(self._lowest_lr, lr if lr is not None else float("inf"))
+        step = trainer.global_step
+        if self.phase != phase_before and self.phase:  # fake quantization started / ranges froze
+            self.guard.switch(step, PHASE_SWITCHES[self.phase], lr, self._peak_lr)
+        if self._reached(trainer, self.freeze_bn_after) and not self._bn_frozen and self.folded:
+            self._bn_frozen = True
+            self.guard.switch(step, "BatchNorm froze", lr, self._peak_lr)
+            scheduled = self._lowest_lr < self._peak_lr  # a constant lr has no better moment to wait for
+            if scheduled and lr is not None and lr > BN_FREEZE_LR_FRACTION * self._peak_lr:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: BatchNorm freezes at step {step} with lr={lr:.3g}, "
+                    f"{lr / self._peak_lr:.0%} of the peak {self._peak_lr:.3g}: frozen at a high learning rate, "
+                    "a BN ResNet diverged within a few steps (a plain fit too); freeze_bn_after belongs where "
+                    f"the lr has decayed below {BN_FREEZE_LR_FRACTION:.0%} of its peak, or leave it None"
+                )
         if self._example is None:
             try:
                 self._example = batch_inputs(batch)[:8].detach().cpu()
@@ -227,6 +299,11 @@ class QuantizationAwareTraining(SlimCallback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            message = self.guard.update(trainer.global_step, float(loss.detach()))
+            if message:
+                rank_zero_warn(message)
         if trainer.world_size > 1 and self.spec.static:  # every rank keeps the same activation ranges
             static.average_observers(
                 F.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
@@ -252,6 +329,9 @@ class QuantizationAwareTraining(SlimCallback):
     # --- after training ---------------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.export_path and trainer.is_global_zero:
+            if self.guard.diverged and not self.export_diverged:
+                rank_zero_warn(f"QuantizationAwareTraining: the int8 model was not saved: {self._refusal()}")
+                return
             if self._example is None or not self._example.numel():
                 rank_zero_warn("QuantizationAwareTraining: no example input seen; the int8 model was not saved")
                 return
@@ -293,7 +373,10 @@ class QuantizationAwareTraining(SlimCallback):
     def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
         """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
         ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
-        ONNX trace (default: the first training batch seen, else ``example_input_array``)."""
+        ONNX trace (default: the first training batch seen, else ``example_input_array``).
+        A model whose loss exploded after a phase switch is refused (``export_diverged=True`` allows it)."""
+        if self.guard.diverged and not self.export_diverged:
+            raise ExportRefused(self._refusal())
         if example is None:
             example = (
                 self._example
@@ -311,6 +394,13 @@ class QuantizationAwareTraining(SlimCallback):
 
         return {"fp32_eager": model, "fp32_runtime": fp32_onnx(model, example)}
 
+    def _refusal(self) -> str:
+        d = self.guard.diverged
+        return (
+            f"training diverged at step {d['step']} (loss {d['loss']:.4g}) after {d['after_what']} at step "
+            f"{d['after_step']}; pass export_diverged=True to export it anyway"
+        )
+
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:
             return {}
@@ -322,6 +412,7 @@ class QuantizationAwareTraining(SlimCallback):
             "phase": PHASES[self.phase],
             "bn_folded": len(self.folded),
             "skipped": ", ".join(self.skipped),
+            "diverged": self._refusal() if self.guard.diverged else "",
             "saved": self.saved_path or "",
         }
 
@@ -334,6 +425,10 @@ class QuantizationAwareTraining(SlimCallback):
             "layers": list(self.layers),
             "ranges": {n: {k: v.detach().cpu() for k, v in r.items()} for n, r in self.ranges.items()},
             "activation_ranges": self.activation_ranges,
+            "guard": self.guard.state_dict(),
+            "peak_lr": self._peak_lr,
+            "lowest_lr": self._lowest_lr,
+            "bn_frozen": self._bn_frozen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -343,6 +438,10 @@ class QuantizationAwareTraining(SlimCallback):
         self.phase = int(state_dict.get("phase", 0))
         self.ranges = dict(state_dict.get("ranges", {}))
         self.activation_ranges = dict(state_dict.get("activation_ranges", {}))
+        self.guard.load_state_dict(state_dict.get("guard", {}))
+        self._peak_lr = float(state_dict.get("peak_lr", 0.0))
+        self._lowest_lr = float(state_dict.get("lowest_lr", float("inf")))
+        self._bn_frozen = bool(state_dict.get("bn_frozen", False))
         if self._module is not None:
             F.set_ranges(self._module, self.ranges)
             static.load_observer_state(F.fake_quantized_layers(self._module), self.activation_ranges)

@@ -176,6 +176,11 @@ class Int8Conv(nn.Module):
         super().__init__()
         self.linear, self.geometry, self.one_d = linear, tuple(tuple(g) for g in geometry), one_d
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 patch weight: models read a conv's ``weight`` (HF ViT asks its dtype for the input)."""
+        return self.linear.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cols, spatial = unfold_patches(x, self.geometry, self.one_d)
         return self.linear(cols).transpose(1, 2).reshape(x.shape[0], -1, *spatial)

@@ -285,6 +285,23 @@ def _strip(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+class TensorOutput(nn.Module):
+    """``model`` with its output reduced to the logits tensor: a Hugging Face ``ModelOutput`` (and the
+    ``DynamicCache`` inside it, which the exporter cannot serialize) becomes what the file returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lightning_slim.modules import output_tensor
+
+        return output_tensor(self.model(x))
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Write the int8 (QDQ / MatMulNBits) ONNX file of a statically fake-quantized model."""
-    return to_onnx(deploy_module(model), example, path)
+    module = deploy_module(model)
+    with torch.no_grad(), no_mha_fastpath():
+        plain = isinstance(module(example), torch.Tensor)
+    return to_onnx(module if plain else TensorOutput(module), example, path)  # plain: initializer names as before

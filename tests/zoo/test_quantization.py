@@ -1,0 +1,239 @@
+"""The QAT column of the zoo matrix: QuantizationAwareTraining on every zoo model, on both runtimes.
+
+A cell that works shows its evidence: the fake-quantized model differs from the float one (something
+was quantized), the real int8 export agrees with the fake-quantized model on a validation batch
+(argmax agreement and max logit difference within the tolerances below), and every layer that is a
+Linear/conv by kind is either quantized or named in the warning and in ``report_rows()["skipped"]``.
+A cell that cannot work raises a clear error before the first training step.
+
+The BN ResNet tests are issue 11's: freezing BatchNorm at a high OneCycle learning rate is warned
+about when it happens, the explosion after it is reported with its step and cause, and the export
+refuses the diverged model unless ``export_diverged=True``; QAT is not worse than post-training
+quantization of the same float model beyond noise (``zoo_slow``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_slim import QuantizationAwareTraining
+from lightning_slim.contract import ExportRefused
+from lightning_slim.modules import call_model, output_tensor
+from lightning_slim.quantization import functional as F
+from zoo.models import ZOO, UserResNet, available, build, digit_images
+
+RUNTIMES = ("onnxruntime", "torchao")
+# int8 export vs the fake-quantized model on one validation batch: onnxruntime computes what training
+# simulated (same integers, scales and bias grid); torchao's int8 GEMM rounds dynamic per-token
+# activations as its fake quantizer does, up to float summation order
+AGREEMENT = 0.98  # argmax agreement, at least
+MAX_DIFF = {"onnxruntime": 1e-3, "torchao": 0.02}  # max |logit difference| / max |logit|, at most
+
+NO_FORWARD = r"exports forward\(x\).*defines no forward\(\): define forward\(x\).*or use runtime='torchao'"
+ERRORS = {
+    **{(name, "onnxruntime"): NO_FORWARD for name in ("resnet18", "vit_tiny", "llama", "gpt2", "bert")},
+    (
+        "mobilenet_v3_small",
+        "torchao",
+    ): r"layer 'net.features.1.block.0': groups=8 convolutions are not supported.*exclude",
+}
+WARNINGS = {
+    "char_transformer": r"nn.MultiheadAttention \['encoder.layers.0.self_attn', 'encoder.layers.1.self_attn'\]",
+    "gpt2": r"transformers Conv1D layers \['model.transformer.h.0.attn.c_attn'",
+}
+
+
+class Probe(pl.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps += 1
+
+
+def trainer(callbacks, steps=4, **kwargs):
+    return pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def linear_kinds(module: nn.Module) -> list[str]:
+    """Every module that is a Linear or a convolution by kind (what QAT's default targets name)."""
+    found = []
+    for name, m in module.named_modules():
+        hf_conv1d = type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+        inside_mha = isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        if (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not inside_mha) or hf_conv1d:
+            found.append(name)
+        elif isinstance(m, nn.MultiheadAttention):
+            found.append(name)
+    return found
+
+
+def check_coverage(module: nn.Module, cb: QuantizationAwareTraining) -> None:
+    """No silent skip: each Linear/conv by kind is quantized, excluded by a stated error, or listed."""
+    skipped = cb.report_rows()["skipped"].split(", ")
+    for name in linear_kinds(module):
+        covered = name in cb.layers or name in skipped or any(name.startswith(s + ".") for s in skipped if s)
+        assert covered, f"{name} is neither quantized nor listed as skipped"
+
+
+@torch.no_grad()
+def logits(model, batch):
+    with F.no_mha_fastpath():
+        return output_tensor(call_model(model, batch)).float()
+
+
+SLOW = {("mobilenet_v3_small", "onnxruntime"), ("char_transformer", "onnxruntime")}  # 15-35 s: the ONNX export
+CELLS = [
+    pytest.param(name, runtime, marks=[pytest.mark.zoo_slow] if (name, runtime) in SLOW else [])
+    for name in ZOO
+    for runtime in RUNTIMES
+]
+
+
+@pytest.mark.parametrize(("name", "runtime"), CELLS)
+def test_quantization_cell(name, runtime):
+    if not available(name):
+        pytest.skip(f"{ZOO[name].requires} cannot be imported here")
+    torch.set_num_threads(1)
+    built = build(name)
+    cb, probe = QuantizationAwareTraining(start_after=1, unit="step", runtime=runtime), Probe()
+    error = ERRORS.get((name, runtime))
+    if error:
+        with pytest.raises(ValueError, match=error):
+            trainer([cb, probe]).fit(built.module, datamodule=built.data)
+        assert probe.steps == 0, "the error came after training had started"
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([cb, probe]).fit(built.module, datamodule=built.data)
+    messages = [str(w.message) for w in caught if "QuantizationAwareTraining" in str(w.message)]
+    if name in WARNINGS:
+        assert any(re.search(WARNINGS[name], m) for m in messages), messages
+    else:
+        assert not messages, messages
+    assert probe.steps == 4 and cb.report_rows()["phase"] == "fake_quant"
+    check_coverage(built.module, cb)
+
+    batch = next(iter(built.data.val_dataloader()))
+    float_out = logits(copy.deepcopy(built.module).eval(), batch)
+    fake = logits(cb.fake_quantized(copy.deepcopy(built.module)), batch)
+    int8 = logits(cb.export(copy.deepcopy(built.module)), batch)
+    assert not torch.equal(fake, float_out), "fake quantization changed nothing"
+    agree = (int8.argmax(-1) == fake.argmax(-1)).float().mean().item()
+    rel = ((int8 - fake).abs().max() / fake.abs().max()).item()
+    assert agree >= AGREEMENT and rel <= MAX_DIFF[runtime], (agree, rel)
+
+
+# --- issue 11: the BN ResNet with SGD + Nesterov + OneCycle per step --------------------------------------
+def fit_resnet(cb, seed=0, epochs=None, steps=None, train=512):
+    pl.seed_everything(seed, verbose=False)
+    module, data = UserResNet(), digit_images("dict", train=train)
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    pl.Trainer(
+        max_epochs=epochs or -1,
+        max_steps=steps or -1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[c for c in (cb, Losses()) if c is not None],
+    ).fit(module, datamodule=data)
+    return module.eval(), data, losses
+
+
+def test_bn_freeze_at_a_high_onecycle_lr_is_warned_and_the_diverged_model_is_not_exported():
+    """Issue 11's silent failure: 4 epochs (64 steps), BN frozen at epoch 3 of OneCycle (lr 25% of its
+    peak): the loss jumps from about 1 to 3-4 (worse than chance) at once and stays there. The
+    freeze is warned about with its lr, the explosion with its step and cause, and the export refuses
+    the model until asked explicitly."""
+    torch.set_num_threads(1)
+    cb = QuantizationAwareTraining(start_after=16, freeze_bn_after=48, unit="step")
+    with pytest.warns(UserWarning) as record:
+        module, _, losses = fit_resnet(cb, steps=64)
+    messages = [str(w.message) for w in record]
+    assert any(re.search(r"BatchNorm freezes at step 48 with lr=.*25% of the peak", m) for m in messages), messages
+    exploded = [m for m in messages if "loss exploded" in m]
+    assert len(exploded) == 1 and re.search(r"after BatchNorm froze at step 48.*export_diverged=True", exploded[0])
+    step = cb.guard.diverged["step"]
+    before = sorted(losses[28:48])[10]
+    assert 48 < step < 64 and sorted(losses[step - 4 : step + 1])[2] > 3 * before  # it really did blow up
+    assert cb.report_rows()["diverged"].startswith(f"training diverged at step {step}")
+    with pytest.raises(ExportRefused, match=r"diverged at step .*after BatchNorm froze.*export_diverged=True"):
+        cb.export(copy.deepcopy(module))
+    state = cb.state_dict()  # a resumed run still knows
+    again = QuantizationAwareTraining(start_after=16, freeze_bn_after=48, unit="step")
+    again.load_state_dict(state)
+    assert again.guard.diverged == cb.guard.diverged
+    allowed = QuantizationAwareTraining(start_after=16, freeze_bn_after=48, unit="step", export_diverged=True)
+    allowed.load_state_dict(state)
+    allowed.layers, allowed.folded = cb.layers, cb.folded
+    allowed.export(copy.deepcopy(module), example=torch.zeros(2, 3, 32, 32))
+
+
+def test_bn_resnet_qat_without_freezes_is_not_warned():
+    """The guard stays silent on a healthy run of the same model (fake quantization from step 4)."""
+    torch.set_num_threads(1)
+    cb = QuantizationAwareTraining(start_after=4, unit="step")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_resnet(cb, steps=16)
+    assert not [w for w in caught if "QuantizationAwareTraining" in str(w.message)]
+    assert cb.guard.diverged is None and cb.guard.last_switch["what"] == "fake quantization started"
+
+
+@pytest.mark.zoo_slow
+def test_bn_resnet_qat_is_not_worse_than_ptq():
+    """Issue 11 measured QAT 10 points below PTQ on this model (start_after=1, freeze_ranges_after=3,
+    4 epochs). Over 3 seeds the int8 export of QAT must be within 3 points of PTQ of the float model
+    trained without the callback (the seeds' own spread is about 5 points)."""
+    from lightning_slim.quantization.export import to_runtime
+    from lightning_slim.quantization.static import calibrate
+
+    torch.set_num_threads(1)
+
+    def accuracy(model, data):
+        hits = total = 0
+        with torch.no_grad():
+            for b in data.val_dataloader():
+                hits += int((model(b["image"]).argmax(-1) == b["label"]).sum())
+                total += len(b["label"])
+        return hits / total
+
+    ptq, qat = [], []
+    for seed in range(3):
+        fp32, data, _ = fit_resnet(None, seed=seed, epochs=4)
+        model = copy.deepcopy(fp32)
+        F.prepare_qat(model, F.select_layers(model), F.QuantSpec())
+        xs = torch.cat([b["image"] for b in data.train_dataloader()])
+        calibrate(model, xs.split(256))
+        F.set_fake_quant(model, True)
+        ptq.append(accuracy(to_runtime(model.eval(), xs[:8]), data))
+        cb = QuantizationAwareTraining(start_after=1, freeze_ranges_after=3)
+        trained, data, _ = fit_resnet(cb, seed=seed, epochs=4)
+        qat.append(accuracy(cb.export(copy.deepcopy(trained)), data))
+    assert sum(qat) / 3 >= sum(ptq) / 3 - 0.03, (qat, ptq)
