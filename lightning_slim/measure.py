@@ -240,7 +240,15 @@ def measure(
     """All of the above in one dict. MACs and latency need ``example_input`` (a CPU batch); what
     cannot be measured on this model is a ``macs_error`` / ``latency_error`` row saying why."""
     model = model.cpu() if next(model.parameters(), torch.empty(0)).device.type != "cpu" else model
-    out: dict[str, Any] = {
+    if isinstance(model, Artifact):  # a file: its bytes and its latency, no parameters or graph to count
+        out: dict[str, Any] = {"size_bytes": shipped_bytes(model)}
+        if example_input is not None and latency:
+            try:
+                out["latency_ms"] = cpu_latency_ms(model, example_input, warmup, repeats)
+            except Exception as err:
+                out["latency_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
+        return out
+    out = {
         "params": count_parameters(model),
         "nonzero_params": count_nonzero_parameters(model),
         "size_bytes": shipped_bytes(model),

@@ -40,7 +40,14 @@ from lightning_slim.callback import SlimCallback
 from lightning_slim.compose import capability, techniques
 from lightning_slim.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.evaluation import TASKS, detect_task, evaluate
-from lightning_slim.measure import compare_latency, cpu_int8_capability, generation_speed, measure, shipped_bytes
+from lightning_slim.measure import (
+    Artifact,
+    compare_latency,
+    cpu_int8_capability,
+    generation_speed,
+    measure,
+    shipped_bytes,
+)
 from lightning_slim.modules import call_arguments, forward_target, output_tensor
 
 COMPARED = ("params", "nonzero_params", "size_bytes", "macs", "latency_ms")
@@ -307,7 +314,15 @@ class CompressionReport(SlimCallback):
                 quality["export_loss"] = quality.pop("loss")
             self.after |= quality
         self._train_throughput()
-        self.serving = self._serving(trainer, pl_module)
+        floats = self._float_forms(trainer, pl_module)
+        if isinstance(self.exported_model, Artifact) and "fp32_eager" in floats:
+            # a file has no parameters to count: its weights are the trained float ones, converted
+            counted = measure(floats["fp32_eager"], self._example_or_none(), latency=False)
+            self.after |= {
+                k: counted[k] for k in ("params", "nonzero_params", "macs", "macs_per_token") if k in counted
+            }
+            self.after["counted_on"] = "the trained float weights the artifact was converted from"
+        self.serving = self._serving(floats)
         teacher = capability(trainer, Capability.TEACHER)
         if teacher is not None:
             self.teacher = self._measure(teacher) | (self._quality(teacher, loader) if loader is not None else {})
@@ -318,20 +333,34 @@ class CompressionReport(SlimCallback):
         }
         self._publish(trainer)
 
-    def _serving(self, trainer, pl_module) -> dict[str, Any]:
-        """The deployed model beside its float forms (fp32 eager, fp32 in the deployed runtime),
-        timed side by side at batch 1 and at ``latency_batch_size`` on this CPU, with the CPU's int8
-        capability and the bytes shipped: what is due to the format and what to the runtime."""
+    def _example_or_none(self):
+        unknown = self.example_input is None or (isinstance(self.example_input, tuple) and not self.example_input)
+        return None if unknown else self.example_input
+
+    def _float_forms(self, trainer, pl_module) -> dict[str, nn.Module]:
+        """The converting techniques' float baselines of the trained model (``float_baselines``)."""
         converting = [cb for cb in techniques(trainer) if cb.export_stage == ExportStage.CONVERT]
-        if not (self.measure_latency and converting and isinstance(self.example_input, torch.Tensor)):
+        if not converting or not isinstance(self.example_input, torch.Tensor):
             return {}
+        models: dict[str, nn.Module] = {}
         try:
-            models: dict[str, nn.Module] = {}
             for cb in converting:
                 models |= cb.float_baselines(
                     deployable_copy(trainer, pl_module, before=ExportStage.CONVERT), self.example_input
                 )
-            models["deployed"] = self.exported_model
+        except Exception as err:  # the report still shows the deployed model
+            rank_zero_warn(f"CompressionReport could not build the float forms of the deployed model: {err}")
+            return {}
+        return models
+
+    def _serving(self, floats: dict[str, nn.Module]) -> dict[str, Any]:
+        """The deployed model beside its float forms (fp32 eager, fp32 in the deployed runtime),
+        timed side by side at batch 1 and at ``latency_batch_size`` on this CPU, with the CPU's int8
+        capability and the bytes shipped: what is due to the format and what to the runtime."""
+        if not (self.measure_latency and floats):
+            return {}
+        try:
+            models = {**floats, "deployed": self.exported_model}
             out: dict[str, Any] = {"cpu": cpu_int8_capability()}
             out |= {f"{name}_bytes": shipped_bytes(m) for name, m in models.items() if name != "fp32_runtime"}
             for batch in sorted({1, self.latency_batch_size}):

@@ -40,6 +40,9 @@ def test_report_times_int8_beside_fp32_eager_and_fp32_in_the_runtime(tmp_path):
     assert report.after["size_bytes"] == report.serving["deployed_bytes"] == onnx_file
     assert report.serving["fp32_eager_bytes"] == report.before["size_bytes"]  # same architecture, float weights
     assert report.serving["cpu"] == cpu_int8_capability()
+    # a file has no parameters: they are counted on the trained float weights it was converted from
+    assert report.after["params"] == report.before["params"] and report.after["macs"] == report.before["macs"]
+    assert 0 < report.after["nonzero_params"] <= report.after["params"]
     for batch in (1, 64):
         row = report.serving[f"batch_{batch}"]
         assert set(row) == {
