@@ -1,7 +1,7 @@
 """``make demo``: the whole compression pipeline on MNIST-1D, end to end, on a laptop CPU.
 
 1. trains the teacher (``MNIST1DTeacherCNN``, 106k parameters);
-2. trains a 7.6k-parameter CNN (the paper's CNN at 32 channels, 1/14 of the teacher) as a student
+2. trains an 8.0k-parameter CNN (the paper's CNN at 32 channels, 1/13 of the teacher) as a student
    in ONE ``Trainer.fit`` with distillation (teacher outputs cached), gradual pruning to 30% and
    quantization-aware training, logging to W&B
    (offline by default: ``wandb sync`` the run folder later; ``WANDB_MODE=online`` with your
