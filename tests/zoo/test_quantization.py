@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim import QuantizationAwareTraining
+from lightning_slim import CompressionReport, QuantizationAwareTraining
 from lightning_slim.contract import ExportRefused
 from lightning_slim.modules import call_model, output_tensor
 from lightning_slim.quantization import functional as F
@@ -142,7 +142,7 @@ def test_quantization_cell(name, runtime):
 
 
 # --- issue 11: the BN ResNet with SGD + Nesterov + OneCycle per step --------------------------------------
-def fit_resnet(cb, seed=0, epochs=None, steps=None, train=512):
+def fit_resnet(cb, seed=0, epochs=None, steps=None, train=512, extra=()):
     pl.seed_everything(seed, verbose=False)
     module, data = UserResNet(), digit_images("dict", train=train)
     losses = []
@@ -161,7 +161,7 @@ def fit_resnet(cb, seed=0, epochs=None, steps=None, train=512):
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[c for c in (cb, Losses()) if c is not None],
+        callbacks=[c for c in (cb, Losses(), *extra) if c is not None],
     ).fit(module, datamodule=data)
     return module.eval(), data, losses
 
@@ -173,9 +173,13 @@ def test_bn_freeze_at_a_high_onecycle_lr_is_warned_and_the_diverged_model_is_not
     the model until asked explicitly."""
     torch.set_num_threads(1)
     cb = QuantizationAwareTraining(start_after=16, freeze_bn_after=48, unit="step")
+    report = CompressionReport(measure_latency=False)
     with pytest.warns(UserWarning) as record:
-        module, _, losses = fit_resnet(cb, steps=64)
+        module, _, losses = fit_resnet(cb, steps=64, extra=[report])
     messages = [str(w.message) for w in record]
+    # the report says why there is nothing deployable instead of failing at the end of fit
+    assert list(report.after) == ["export_refused"] and "export_diverged=True" in report.after["export_refused"]
+    assert report.techniques["quantization"]["diverged"].startswith("training diverged at step")
     assert any(re.search(r"BatchNorm freezes at step 48 with lr=.*25% of the peak", m) for m in messages), messages
     exploded = [m for m in messages if "loss exploded" in m]
     assert len(exploded) == 1 and re.search(r"after BatchNorm froze at step 48.*export_diverged=True", exploded[0])
