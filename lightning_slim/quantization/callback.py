@@ -143,7 +143,8 @@ class QuantizationAwareTraining(SlimCallback):
         if not isinstance(example, torch.Tensor) and self.spec.static:
             example = self._sample_input(trainer, pl_module)
         if isinstance(example, torch.Tensor):
-            self._dry_run(pl_module, example)
+            with torch.random.fork_rng(devices=[]):  # its train-mode pass (dropout) must not move the fit's RNG
+                self._dry_run(pl_module, example)
         # after the checks that refuse: no warnings about a configuration that cannot run
         skipped = F.skipped_layers(pl_module, self.layers)
         self.skipped = list(skipped)
@@ -231,7 +232,8 @@ class QuantizationAwareTraining(SlimCallback):
         if stage != "fit":
             return
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
-        self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
+        with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
+            self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
         self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
         self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = F.DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}

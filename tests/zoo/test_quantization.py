@@ -268,3 +268,27 @@ def test_a_forward_that_returns_a_model_output_with_a_cache_exports_its_logits()
     assert int8.shape == fake.shape == (8, 32, 96)
     assert (int8.argmax(-1) == fake.argmax(-1)).float().mean() >= AGREEMENT
     assert ((int8 - fake).abs().max() / fake.abs().max()).item() <= MAX_DIFF["onnxruntime"]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_float_warm_up_is_the_users_training(name):
+    """Before ``start_after`` the callback's layers compute the float model (a folded BN's scaling is
+    undone in float arithmetic, so only rounding differs): 4 steps with QAT not yet started give the
+    validation logits of a run without it, within 1e-3 of their scale (Adam turns rounding-level
+    gradient differences into lr-sized steps of a few weights, so weights are not compared bit by bit),
+    and the callback draws nothing from the fit's RNG (dropout masks, the dry run's train-mode pass)."""
+    if not available(name):
+        pytest.skip(f"{ZOO[name].requires} cannot be imported here")
+    torch.set_num_threads(1)
+    outs = []
+    for cb in (None, "qat"):
+        built = build(name)
+        runtime = "onnxruntime" if (name, "onnxruntime") not in ERRORS else "torchao"
+        callbacks = [QuantizationAwareTraining(start_after=100, unit="step", runtime=runtime)] if cb else []
+        pl.seed_everything(0, verbose=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "QuantizationAwareTraining: .* stay float")  # asserted above
+            trainer(callbacks).fit(built.module, datamodule=built.data)
+        outs.append(logits(built.module.eval(), next(iter(built.data.val_dataloader()))))
+    plain, with_qat = outs
+    assert ((plain - with_qat).abs().max() / plain.abs().max()).item() <= 1e-3
