@@ -8,27 +8,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_slim import log
+from lightning_slim.arguments import check_int
 from lightning_slim.batches import BatchFormatError, batch_inputs
 from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
+from lightning_slim.clock import Moment, check_unit
 from lightning_slim.contract import ExportRefused, ExportStage
-from lightning_slim.quantization import functional as F
+from lightning_slim.quantization import functional as qat
 from lightning_slim.quantization import static
 from lightning_slim.quantization.export import save_int8, to_runtime
 
-UNITS = ("epoch", "step")
 PHASES = ("float", "fake_quant", "ranges_frozen")
 PHASE_SWITCHES = {1: "fake quantization started", 2: "ranges froze"}
 BN_FREEZE_LR_FRACTION = 0.1  # measured: frozen at 26% of OneCycle's peak, a BN ResNet diverged in 3 steps
-
-
-def _check_when(name: str, value, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a non-negative integer" + (" or None" if allow_none else ""))
 
 
 class QuantizationAwareTraining(SlimCallback):
@@ -90,12 +84,11 @@ class QuantizationAwareTraining(SlimCallback):
         reduce_range: bool = True,
         export_diverged: bool = False,
     ):
-        self.spec = F.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
-        if unit not in UNITS:
-            raise ValueError(f"unit={unit!r} is not one of {UNITS}")
-        _check_when("start_after", start_after, False)
+        self.spec = qat.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
+        check_unit(unit)
+        check_int("start_after", start_after)
         for name, value in (("freeze_ranges_after", freeze_ranges_after), ("freeze_bn_after", freeze_bn_after)):
-            _check_when(name, value, True)
+            check_int(name, value, allow_none=True)
             if value is not None and value < start_after:
                 raise ValueError(
                     f"{name}={value} comes before start_after={start_after}; freezing happens "
@@ -109,10 +102,10 @@ class QuantizationAwareTraining(SlimCallback):
         if not isinstance(export_diverged, bool):
             raise ValueError(f"export_diverged={export_diverged!r} must be true or false")
         self.export_diverged = export_diverged
-        self.guard = F.DivergenceGuard()
+        self.guard = qat.DivergenceGuard()
         self._peak_lr, self._lowest_lr = 0.0, float("inf")
         self._bn_frozen = False  # BatchNorm freeze seen (the guard's switch)
-        self.targets = list(targets) if targets is not None else list(F.DEFAULT_TARGETS)
+        self.targets = list(targets) if targets is not None else list(qat.DEFAULT_TARGETS)
         self.exclude = list(exclude or [])
         self.start_after, self.freeze_ranges_after, self.freeze_bn_after = (
             start_after,
@@ -131,14 +124,16 @@ class QuantizationAwareTraining(SlimCallback):
         self._example: torch.Tensor | None = None
         self.saved_path: str | None = None
 
+    @override
     def structure_fixed_from(self) -> Moment | None:
         # measured: removing channels from layers that are already fake-quantized hangs in torch-pruning
         return Moment(self.unit, self.start_after)
 
     # --- before training --------------------------------------------------------------------
+    @override
     def validate(self, trainer, pl_module) -> None:
-        self.layers = F.select_layers(pl_module, self.targets, self.exclude)
-        F.check_layers(pl_module, self.layers, self.spec)
+        self.layers = qat.select_layers(pl_module, self.targets, self.exclude)
+        qat.check_layers(pl_module, self.layers, self.spec)
         example = getattr(pl_module, "example_input_array", None)
         if not isinstance(example, torch.Tensor) and self.spec.static:
             example = self._sample_input(trainer, pl_module)
@@ -146,7 +141,7 @@ class QuantizationAwareTraining(SlimCallback):
             with torch.random.fork_rng(devices=[]):  # its train-mode pass (dropout) must not move the fit's RNG
                 self._dry_run(pl_module, example)
         # after the checks that refuse: no warnings about a configuration that cannot run
-        skipped = F.skipped_layers(pl_module, self.layers)
+        skipped = qat.skipped_layers(pl_module, self.layers)
         self.skipped = list(skipped)
         attention = [n for n, why in skipped.items() if why.startswith("nn.MultiheadAttention")]
         if attention:
@@ -192,17 +187,17 @@ class QuantizationAwareTraining(SlimCallback):
         """Fake-quantize and convert a CPU copy on ``example_input_array``: a model the flow cannot
         handle, or a targeted layer whose forward never runs, fails here and not mid-training."""
         model = copy.deepcopy(pl_module).cpu().eval()
-        F.prepare_qat(model, self.layers, self.spec, self.fold_bn)
+        qat.prepare_qat(model, self.layers, self.spec, self.fold_bn)
         if self.spec.static:
             with torch.no_grad():
                 model.train()(example)  # the observers' first range
                 model.eval()
-        F.set_fake_quant(model, True)
+        qat.set_fake_quant(model, True)
         called = set()
-        layers = F.fake_quantized_layers(model)
+        layers = qat.fake_quantized_layers(model)
         hooks = [m.register_forward_hook(lambda mod, *_a, n=n: called.add(n)) for n, m in layers.items()]
         try:
-            with torch.no_grad(), F.no_mha_fastpath():
+            with torch.no_grad(), qat.no_mha_fastpath():
                 model(example)
                 unused = [n for n in layers if n not in called]
                 if unused:
@@ -227,17 +222,18 @@ class QuantizationAwareTraining(SlimCallback):
                 f"{self.layers}): {type(err).__name__}: {err}"
             ) from err
 
+    @override
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)  # baseline for the report, validate()
         if stage != "fit":
             return
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
-            self.folded = F.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
+            self.folded = qat.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
         self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
-        self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = F.DivergenceGuard(), 0.0, float("inf"), False
+        self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = qat.DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (F.no_mha_fastpath, held across hooks)
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (qat.no_mha_fastpath, held across hooks)
         torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
         rank_zero_info(
             f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
@@ -252,19 +248,20 @@ class QuantizationAwareTraining(SlimCallback):
         return when is not None and self._now(trainer) >= when
 
     def _apply_schedule(self, trainer, pl_module) -> None:
-        F.set_fake_quant(pl_module, self._reached(trainer, self.start_after))
+        qat.set_fake_quant(pl_module, self._reached(trainer, self.start_after))
         self.phase = int(self._reached(trainer, self.start_after))
         if self._reached(trainer, self.freeze_ranges_after):
             if not self.ranges:
-                self.ranges = F.freeze_ranges(pl_module)
+                self.ranges = qat.freeze_ranges(pl_module)
             self.phase = 2
         if self._reached(trainer, self.freeze_bn_after) and pl_module.training:
-            F.freeze_batchnorm(pl_module)
+            qat.freeze_batchnorm(pl_module)
 
     def _lr(self, trainer) -> float | None:
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
         return float(groups[0]["lr"]) if groups else None
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         phase_before = self.phase
         self._apply_schedule(trainer, pl_module)
@@ -300,6 +297,7 @@ class QuantizationAwareTraining(SlimCallback):
             },
         )
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
@@ -308,15 +306,17 @@ class QuantizationAwareTraining(SlimCallback):
                 rank_zero_warn(message)
         if trainer.world_size > 1 and self.spec.static:  # every rank keeps the same activation ranges
             static.average_observers(
-                F.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+                qat.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
             )
 
+    @override
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._module is not None:
             self._apply_schedule(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        rows = F.quantization_error(pl_module)
+        rows = qat.quantization_error(pl_module)
         mean = sum(r["relative_error"] for r in rows) / len(rows)
         self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
         if self.log_error_table and trainer.is_global_zero:
@@ -329,6 +329,7 @@ class QuantizationAwareTraining(SlimCallback):
             )
 
     # --- after training ---------------------------------------------------------------------------
+    @override
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.export_path and trainer.is_global_zero:
             if self.guard.diverged and not self.export_diverged:
@@ -345,18 +346,20 @@ class QuantizationAwareTraining(SlimCallback):
 
     def _release(self, pl_module) -> None:
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
-        self.activation_ranges = static.observer_state(F.fake_quantized_layers(pl_module))
-        F.unprepare(pl_module)
+        self.activation_ranges = static.observer_state(qat.fake_quantized_layers(pl_module))
+        qat.unprepare(pl_module)
         self._module = None
         if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
             self._fastpath = None
 
+    @override
     def teardown(self, trainer, pl_module, stage) -> None:
         if stage == "fit" and self._module is pl_module:
             self._release(pl_module)
         super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._module is pl_module:  # Lightning skips teardown after an exception
             self._release(pl_module)
@@ -364,14 +367,15 @@ class QuantizationAwareTraining(SlimCallback):
     def fake_quantized(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` (a copy of the trained module; modified in place) as validation saw it during
         QAT: fake-quantized layers with the trained ranges, in eval mode."""
-        if not F.fake_quantized_layers(model):
-            layers = self.layers or F.select_layers(model, self.targets, self.exclude)
-            F.prepare_qat(model, layers, self.spec, self.fold_bn)
-            F.set_ranges(model, self.ranges)
-            static.load_observer_state(F.fake_quantized_layers(model), self.activation_ranges)
-        F.set_fake_quant(model, True)
+        if not qat.fake_quantized_layers(model):
+            layers = self.layers or qat.select_layers(model, self.targets, self.exclude)
+            qat.prepare_qat(model, layers, self.spec, self.fold_bn)
+            qat.set_ranges(model, self.ranges)
+            static.load_observer_state(qat.fake_quantized_layers(model), self.activation_ranges)
+        qat.set_fake_quant(model, True)
         return model.eval()
 
+    @override
     def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
         """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
         ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
@@ -387,8 +391,9 @@ class QuantizationAwareTraining(SlimCallback):
             )
         return to_runtime(self.fake_quantized(model), example)
 
+    @override
     def float_baselines(self, model: torch.nn.Module, example: torch.Tensor) -> dict[str, torch.nn.Module]:
-        F.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
+        qat.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
         model.eval()
         if self.spec.runtime != "onnxruntime":
             return {"fp32_eager": model}
@@ -403,6 +408,7 @@ class QuantizationAwareTraining(SlimCallback):
             f"{d['after_step']}; pass export_diverged=True to export it anyway"
         )
 
+    @override
     def report_rows(self) -> dict[str, Any]:
         if not self.layers:
             return {}
@@ -419,9 +425,10 @@ class QuantizationAwareTraining(SlimCallback):
         }
 
     # --- checkpointing ----------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is not None:
-            self.activation_ranges = static.observer_state(F.fake_quantized_layers(self._module))
+            self.activation_ranges = static.observer_state(qat.fake_quantized_layers(self._module))
         return {
             "phase": self.phase,
             "layers": list(self.layers),
@@ -433,6 +440,7 @@ class QuantizationAwareTraining(SlimCallback):
             "bn_frozen": self._bn_frozen,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("layers", [])
         if self.layers and saved and saved != self.layers:
@@ -445,5 +453,5 @@ class QuantizationAwareTraining(SlimCallback):
         self._lowest_lr = float(state_dict.get("lowest_lr", float("inf")))
         self._bn_frozen = bool(state_dict.get("bn_frozen", False))
         if self._module is not None:
-            F.set_ranges(self._module, self.ranges)
-            static.load_observer_state(F.fake_quantized_layers(self._module), self.activation_ranges)
+            qat.set_ranges(self._module, self.ranges)
+            static.load_observer_state(qat.fake_quantized_layers(self._module), self.activation_ranges)
