@@ -91,8 +91,9 @@ class Sizes:
     batch: int = 8
     teacher: tuple = (192, 512, 4, 4)  # hidden, MLP, layers, heads
     student: tuple = (128, 384, 2, 4)
-    teacher_steps: int = 160
-    teacher_lr: float = 2e-3
+    teacher_steps: int = 360
+    teacher_lr: float = 3e-3
+    teacher_eval_every: int = 40
     student_steps: int = 160
     student_lr: float = 3e-3
     alpha: float = 0.5
@@ -121,6 +122,7 @@ SMOKE = Sizes(
     teacher=(64, 128, 2, 2),
     student=(32, 64, 1, 2),
     teacher_steps=8,
+    teacher_eval_every=4,
     student_steps=6,
     top_k=4,
     time_rounds=1,
@@ -273,8 +275,9 @@ def cache_dir() -> Path:
     return Path(root) / "lm_benchmark"
 
 
-def train_plain(model, train_ids, steps, lr, batch, seed, masks=None, targets=None) -> None:
-    """AdamW, warm-up then cosine to 10%; with ``masks``, the zeros stay zeros after every step."""
+def train_plain(model, train_ids, steps, lr, batch, seed, masks=None, targets=None, every=0, evaluate=None) -> None:
+    """AdamW, warm-up then cosine to 10%; with ``masks``, the zeros stay zeros after every step;
+    ``evaluate(step)`` is called every ``every`` steps."""
     from lightning_slim.pruning import apply_masks
     from lightning_slim.pruning.tensors import tensor_of
 
@@ -282,7 +285,7 @@ def train_plain(model, train_ids, steps, lr, batch, seed, masks=None, targets=No
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         ids = train_ids[torch.randint(len(train_ids), (batch,), generator=g)]
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
@@ -291,12 +294,19 @@ def train_plain(model, train_ids, steps, lr, batch, seed, masks=None, targets=No
         sched.step()
         if masks:
             apply_masks({n: tensor_of(model, t) for n, t in targets.items()}, masks)
+        if every and (step + 1) % every == 0:
+            evaluate(step + 1)
+            model.train()
 
 
 def teacher(sz: Sizes, data: dict) -> tuple:
-    """The trained teacher, from the cache when this config was trained before."""
+    """The trained teacher, from the cache when this config was trained before. Its validation loss
+    is measured every ``teacher_eval_every`` steps and the best checkpoint kept (early stopping on
+    validation: a teacher that overfits the small corpus is not kept)."""
     key = hashlib.sha256(
-        json.dumps([sz.teacher, sz.seq, sz.batch, sz.teacher_steps, sz.teacher_lr, len(data["train"])]).encode()
+        json.dumps(
+            [sz.teacher, sz.seq, sz.batch, sz.teacher_steps, sz.teacher_lr, sz.teacher_eval_every, len(data["train"])]
+        ).encode()
         + data["train"].numpy().tobytes()
     ).hexdigest()[:16]
     path = cache_dir() / f"teacher_{key}.pt"
@@ -305,13 +315,32 @@ def teacher(sz: Sizes, data: dict) -> tuple:
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         model.load_state_dict(saved["state_dict"])
-        return model.eval(), True, saved["train_s"], str(path)
+        return model.eval(), True, saved["train_s"], str(path), saved["curve"]
     t0 = time.time()
-    train_plain(model, data["train"], sz.teacher_steps, sz.teacher_lr, sz.batch, seed=1000)
+    best: dict = {"loss": float("inf")}
+    curve: list = []
+
+    def evaluate(step):
+        loss = hf_loss(model, data["val"])
+        curve.append((step, loss))
+        if loss < best["loss"]:
+            best.update(loss=loss, step=step, state=copy.deepcopy(model.state_dict()))
+
+    train_plain(
+        model,
+        data["train"],
+        sz.teacher_steps,
+        sz.teacher_lr,
+        sz.batch,
+        seed=1000,
+        every=sz.teacher_eval_every,
+        evaluate=evaluate,
+    )
+    model.load_state_dict(best["state"])
     train_s = time.time() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "train_s": train_s}, path)
-    return model.eval(), False, train_s, str(path)
+    torch.save({"state_dict": model.state_dict(), "train_s": train_s, "curve": curve}, path)
+    return model.eval(), False, train_s, str(path), curve
 
 
 # --- students in Lightning -------------------------------------------------------------------------
@@ -586,7 +615,7 @@ def main(argv=None) -> dict:
         print(f"[{time.time() - started:7.1f}s] {name}: {phases[name]} s", flush=True)
 
     t0 = time.time()
-    teacher_model, cached, teacher_train_s, teacher_path = teacher(sz, data)
+    teacher_model, cached, teacher_train_s, teacher_path, teacher_curve = teacher(sz, data)
     phase("teacher", t0)
 
     torch.manual_seed(0)
@@ -629,6 +658,7 @@ def main(argv=None) -> dict:
             "student_over_teacher_params": params(plain.model) / params(teacher_model),
             "teacher_cached": cached,
             "teacher_train_s": round(teacher_train_s, 1),
+            "teacher_val_curve": teacher_curve,
             "teacher_cache_file": teacher_path,
             "topk_cache": {k: v for k, v in kd_cb.report_rows().items() if "cache" in k or k == "teacher_examples"},
             "full_cache": {
