@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 
-.PHONY: demo test install docs lint build test-min clean
+.PHONY: demo test test-zoo install docs lint build test-min clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the model-zoo matrix alone (also part of `make test`), slow cells included
+test-zoo: $(STAMP)
+	$(PY) -m pytest tests/zoo
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

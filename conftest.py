@@ -28,5 +28,5 @@ def _wandb_dirs(tmp_path, monkeypatch):
 
 
 def pytest_configure(config):
-    # slow model-zoo cells: deselect with -m "not zoo_slow", run alone with `make test-zoo`
-    config.addinivalue_line("markers", "zoo_slow: a slow model-zoo cell (tests/zoo), run by `make test-zoo`")
+    # slow model-zoo cells (part of `make test`): deselect with -m "not zoo_slow"; `make test-zoo` runs the zoo alone
+    config.addinivalue_line("markers", "zoo_slow: a slow model-zoo cell (tests/zoo); `-m 'not zoo_slow'` skips them")
