@@ -12,7 +12,8 @@ sessions with ``intra_op_num_threads=1``), in this order:
    (96 in all). Each file is split by position: its first 80% goes to train, the next 10% to
    validation, the last 10% to test; each split's files are concatenated and cut into
    non-overlapping windows of ``seq`` bytes. Its contents follow the Python version (recorded in
-   the JSON). Settings were chosen on validation; every number reported is on test.
+   the JSON). The teacher's checkpoint is chosen on validation; every other setting was fixed in
+   advance (not tuned); every number reported is on test.
 2. **Teacher.** A ``transformers`` ``LlamaForCausalLM`` trained first in a plain loop, then cached
    under ``$LIGHTNING_SLIM_CACHE/lm_benchmark`` (keyed by its config, steps and the corpus), so
    later runs skip it (``teacher_cached``, ``teacher_train_s``).
@@ -29,10 +30,11 @@ sessions with ``intra_op_num_threads=1``), in this order:
    The dense student gets the same fine-tune (``dense_finetuned``): the reference for "2:4 within 5%".
 5. **Quantization** of the distilled (top-k) student: ``QuantizationAwareTraining(runtime=
    "onnxruntime")`` fine-tunes in a Trainer, int8 (static uint8 activations, 7-bit per-channel
-   weights) and int4 weight-only (``MatMulNBits``, group 32); exported to ONNX (the LM wrapped to
-   return ``.logits``), served by ONNX Runtime; the fp32 model in PyTorch (eager) and as an fp32
-   ONNX file in ORT, all timed side by side (``interleaved_latency_ms``) at batch 1 x ``seq``
-   tokens. ``latency_speedup`` is against fp32 eager (``..._vs_fp32_ort`` against fp32 in ORT).
+   weights) and int4 weight-only (``MatMulNBits``, group 32, and ORT's default 128); exported to
+   ONNX through the module's ``forward(input_ids) -> logits``, served by ONNX Runtime; the fp32
+   model in PyTorch (eager) and as an fp32 ONNX file in ORT, all timed side by side
+   (``interleaved_latency_ms``) at batch 1 x ``seq`` tokens. ``latency_speedup`` is against fp32
+   eager (``..._vs_fp32_ort`` against fp32 in ORT).
 6. **Selection.** ``OnlineDataSelection`` in a Trainer, super-batches of ``4 x batch``, training on
    ``batch`` of them: ``score="learnability"`` with the teacher as the reference (its per-sequence
    losses read from the full-logit cache of step 3: the teacher's own outputs, one pass fewer)
