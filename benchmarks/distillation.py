@@ -4,18 +4,18 @@ does a KD step cost with and without the teacher-output cache.
     flock /tmp/slim_bench.lock python benchmarks/distillation.py --out benchmarks/results/distillation.json
 
 Workload: MNIST-1D, 25,000 examples: 5,000 test, 4,000 validation carved from the training examples
-(the KD setting was chosen there, see the method card), and 4,000 training examples (the MNIST-1D
-paper's training-set size): the data, not the student's capacity, limits the student. Per seed
-(paired: the same data, student initialisation and batch order for every student of a seed) the
-teacher (MNIST1DTeacherCNN, 106k params) is trained once; the student (the paper's 5.2k-param
-MNIST1DCNN, 1/20 of the teacher) is trained alone, with logit KD (Hinton: ``--alpha`` 0.9 and
-``--temperature`` 8, chosen on validation; weighted convention; teacher outputs cached) and with
-feature KD alone (its last conv block regressed onto the teacher's through a learned 1x1 projection,
-MSE, no soft targets). All: Adam lr 1e-2, cosine
-decay to zero, batch 100. ``full_data`` repeats teacher / student / KD on all 16,000 training
-examples (the data-rich reference row). ``--grid A:T ...`` adds KD students for each setting
-(the validation search). Timing: median step time of plain / KD (no cache) / KD (warm cache),
-interleaved in one process.
+(for choosing the KD setting with ``--grid``; not yet run at these settings), and 4,000 training
+examples (the MNIST-1D paper's training-set size): the data, not the student's capacity, limits the
+student. Per seed (paired: the same data, student initialisation and batch order for every student
+of a seed) the teacher (MNIST1DTeacherCNN, 106k params) is trained once; the student (the paper's
+5.2k-param MNIST1DCNN, 1/20 of the teacher) is trained alone, with logit KD (Hinton: ``--alpha`` 0.9
+and ``--temperature`` 8, fixed in advance, not yet searched on validation; weighted convention;
+teacher outputs cached) and with feature KD alone (its last conv block regressed onto the teacher's
+through a learned 1x1 projection, MSE, no soft targets). All: Adam lr 1e-2, cosine decay to zero,
+batch 100. ``full_data`` repeats teacher / student / KD on all 16,000 training examples (the
+data-rich reference row). ``--grid A:T ...`` adds KD students for each setting (the validation
+search). Timing: median step time of plain / KD (no cache) / KD (warm cache), interleaved in one
+process.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--student-steps", type=int, default=4000)
     p.add_argument("--alpha", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=8.0)  # chosen on validation (method card)
+    p.add_argument("--temperature", type=float, default=8.0)  # fixed in advance; --grid searches on validation
     p.add_argument(
         "--grid",
         nargs="*",

@@ -3,7 +3,7 @@
     flock /tmp/slim_bench.lock python benchmarks/pruning.py --out benchmarks/results/pruning.json
 
 Workload (DESIGN.md "Benchmarks"): MNIST-1D, 25,000 examples: 5,000 test, 4,000 validation carved
-from the training examples (recipes were chosen there, see the method card), 16,000 train; paired
+from the training examples (for choosing recipes; no search has been run at these settings yet), 16,000 train; paired
 across methods (the same split for every seed); 3 seeds; Adam lr 1e-2 with a cosine decay over one
 training of ``--round-steps`` steps (batch 128). The over-parameterised network is a 128-channel
 CNN (105k weights); the paper's 25-channel CNN (5k weights) is the capacity-limited reference row.

@@ -3,7 +3,7 @@
     flock /tmp/slim_bench.lock python benchmarks/selection.py --out benchmarks/results/selection.json
 
 Classification, DESIGN.md's setting: MNIST-1D, 55,000 examples: 11,000 test, 4,000 clean validation
-(carved first; the recipe and the targets were fixed there, see the method card), 12,000 clean holdout
+(carved first, for choosing the recipe; no search has been run at these settings yet), 12,000 clean holdout
 and 28,000 training examples with 30% of their labels corrupted. Per seed (paired: the same split,
 noise, initial weights and super-batch stream for every arm) a reference CNN is trained on the clean
 holdout and its losses are cached per training index (computed once per example, the first time it is
