@@ -84,6 +84,9 @@ def test_onnx_graph_is_int8_fused_by_ort_and_computes_what_training_simulated(ma
     ops = fused_ops(int8.onnx_bytes)  # the graph ORT runs: each quantized layer is an integer kernel
     assert {k: ops.get(k, 0) for k in int8_ops} == int8_ops, ops
     assert not {"Conv", "Gemm"} & set(ops), ops  # no float conv / GEMM left
+    assert "DequantizeLinear" not in ops, ops  # nothing is dequantized at every call (biases included)
+    shipped = {t.name for t in graph.initializer}
+    assert not {n for n in shipped if n.endswith(".s_b")}, shipped  # bias scales derived, not stored
     with torch.no_grad():
         fake, real = model(x), int8(x)
     # equal up to rounding ties (a value within float error of a rounding boundary moves one step)
