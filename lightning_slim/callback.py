@@ -121,11 +121,12 @@ class SlimCallback(pl.Callback):
         """The deployable form of a trained copy of the module (may modify ``model`` in place)."""
         return model
 
-    def float_baselines(self, model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
+    def float_baselines(self, model: nn.Module, example: torch.Tensor, runtime: bool = True) -> dict[str, nn.Module]:
         """``CONVERT`` stage: what the report times this technique's export against, side by side:
         ``"fp32_eager"`` (``model``, a copy of the trained module before the conversion, in float
-        PyTorch) and, when the export runs in another runtime, ``"fp32_runtime"`` (the same float
-        model in that runtime), so a user sees what is due to the format and what to the runtime."""
+        PyTorch) and, when the export runs in another runtime and ``runtime`` is set (the report
+        times them), ``"fp32_runtime"`` (the same float model in that runtime), so a user sees what
+        is due to the format and what to the runtime."""
         return {}
 
     def report_rows(self) -> dict[str, Any]:

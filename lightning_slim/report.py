@@ -346,7 +346,9 @@ class CompressionReport(SlimCallback):
         try:
             for cb in converting:
                 models |= cb.float_baselines(
-                    deployable_copy(trainer, pl_module, before=ExportStage.CONVERT), self.example_input
+                    deployable_copy(trainer, pl_module, before=ExportStage.CONVERT),
+                    self.example_input,
+                    runtime=self.measure_latency,
                 )
         except Exception as err:  # the report still shows the deployed model
             rank_zero_warn(f"CompressionReport could not build the float forms of the deployed model: {err}")

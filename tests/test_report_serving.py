@@ -63,6 +63,8 @@ def test_report_times_int8_beside_fp32_eager_and_fp32_in_the_runtime(tmp_path):
         assert torch.equal(baselines["fp32_eager"](x), float_copy(x))
         assert not quantization.fake_quantized_layers(baselines["fp32_eager"])
         torch.testing.assert_close(baselines["fp32_runtime"](x), float_copy(x), atol=1e-4, rtol=1e-4)
+    # without timing, no fp32 ONNX export is built (it only serves the side-by-side latency)
+    assert set(qat.float_baselines(copy.deepcopy(module), report.example_input, runtime=False)) == {"fp32_eager"}
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["serving"]["batch_64"]["deployed_ms"] == report.serving["batch_64"]["deployed_ms"]
 

@@ -392,10 +392,12 @@ class QuantizationAwareTraining(SlimCallback):
         return to_runtime(self.fake_quantized(model), example)
 
     @override
-    def float_baselines(self, model: torch.nn.Module, example: torch.Tensor) -> dict[str, torch.nn.Module]:
+    def float_baselines(
+        self, model: torch.nn.Module, example: torch.Tensor, runtime: bool = True
+    ) -> dict[str, torch.nn.Module]:
         qat.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
         model.eval()
-        if self.spec.runtime != "onnxruntime":
+        if self.spec.runtime != "onnxruntime" or not runtime:  # no fp32 ONNX export nobody times
             return {"fp32_eager": model}
         from lightning_slim.quantization.serving import fp32_onnx
 
