@@ -13,6 +13,8 @@ examples), then, in one process with one thread (torch and ORT ``intra_op_num_th
 - bytes of the files written (fp32 ONNX vs int8 ONNX), and ``int4_bytes`` of a weight-only int4
   (MatMulNBits, block 128, ORT's own quantizer default) conversion of the same trained weights
   for the Linear-heavy models;
+- ``gemm_kernels``: ORT's int8 GEMM (``MatMulInteger``, s8 and u8 weights) against its fp32
+  ``MatMul`` for a 1024x1024 weight at 1 to 256 rows: the most a Linear-heavy model can gain here;
 - ``fakequant_metric`` test accuracy of the fake-quantized model (what validation reported during
   QAT), ``int8_metric`` of the ORT artifact, their argmax agreement and largest logit difference.
 Nothing is tuned: the recipe is the method card's default schedule.
@@ -122,6 +124,62 @@ def measure(name, module, cb, data, batch, tmp, repeats):
     return row
 
 
+def gemm_kernels(k: int = 1024, n: int = 1024, rows=(1, 16, 64, 256), repeats: int = 20) -> dict:
+    """ORT's int8 GEMM against its fp32 GEMM on this CPU, one (rows x k) @ (k x n) product each:
+    ``MatMul`` in float against ``MatMulInteger`` with s8 weights (7-bit, the export's) and with
+    u8 weights (MLAS's other AVX2 kernel), interleaved medians. What a whole model can gain from
+    int8 is bounded by these ratios: at batch 1 the product is memory-bound (int8 weights are 4x
+    fewer bytes), at batch 256 compute-bound (int8 gains only what the CPU's int8 dot products
+    gain over its FMAs)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def product(kind: str):
+        if kind == "fp32":
+            w = rng.standard_normal((k, n)).astype(np.float32)
+            node, inits, types = helper.make_node("MatMul", ["A", "W"], ["Y"]), [], (TensorProto.FLOAT,) * 2
+        else:
+            s8 = kind == "u8s8"
+            w = rng.integers(-64, 64, (k, n)).astype(np.int8) if s8 else rng.integers(0, 256, (k, n)).astype(np.uint8)
+            zero_w = np.array(0 if s8 else 128, dtype=w.dtype)
+            inits = [numpy_helper.from_array(zero_w, "zw"), numpy_helper.from_array(np.array(128, np.uint8), "za")]
+            node = helper.make_node("MatMulInteger", ["A", "W", "za", "zw"], ["Y"])
+            types = (TensorProto.UINT8, TensorProto.INT32)
+        graph = helper.make_graph(
+            [node],
+            kind,
+            [helper.make_tensor_value_info("A", types[0], [None, k])],
+            [helper.make_tensor_value_info("Y", types[1], [None, n])],
+            [numpy_helper.from_array(w, "W"), *inits],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    sessions = {kind: product(kind) for kind in ("fp32", "u8s8", "u8u8")}
+    out = {}
+    for m in rows:
+        a = {
+            "fp32": rng.standard_normal((m, k)).astype(np.float32),
+            "int8": rng.integers(0, 128, (m, k)).astype(np.uint8),
+        }
+        feeds = {kind: {"A": a["fp32" if kind == "fp32" else "int8"]} for kind in sessions}
+        ms = interleaved_latency_ms(
+            {kind: (lambda s=s, f=feeds[kind]: s.run(None, f)) for kind, s in sessions.items()},
+            repeats=repeats * (20 if m == 1 else 1),
+        )
+        out[f"{m}x{k}x{n}"] = {
+            **{f"{kind}_ms": v for kind, v in ms.items()},
+            "u8s8_speedup": ms["fp32"] / ms["u8s8"],
+            "u8u8_speedup": ms["fp32"] / ms["u8u8"],
+        }
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/serving.json")
@@ -147,6 +205,7 @@ def main(argv=None):
             repeats = args.repeats * (20 if batch == 1 else 1)
             results[name] = {**measure(name, module, cb, data, batch, Path(tmp), repeats), "train_s": train_s}
             print(name, json.dumps(results[name]), flush=True)
+    kernels = gemm_kernels()
     cap = cpu_int8_capability()
     flags = sorted(
         f
@@ -179,6 +238,7 @@ def main(argv=None):
             "repeats": args.repeats,
         },
         "models": results,
+        "gemm_kernels": kernels,
         "wall_s": round(time.time() - started, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +249,8 @@ def main(argv=None):
             f"{r['fp32_runtime_ms']:7.3f} | ORT int8 {r['int8_ms']:7.3f} ({r['int8_speedup']:.2f}x) | size "
             f"x{r['int8_size_ratio']:.2f} | acc fq {r['fakequant_metric']:.4f} int8 {r['int8_metric']:.4f}"
         )
+    for shape, r in kernels.items():
+        print(f"GEMM {shape}: int8 u8s8 {r['u8s8_speedup']:.2f}x, u8u8 {r['u8u8_speedup']:.2f}x of ORT fp32")
     print("wall_s", out["wall_s"])
     return out
 
