@@ -217,21 +217,24 @@ def test_transformer_encoder_validates_through_fake_quant_and_names_what_stays_f
 
 
 def test_int8_in_onnxruntime_is_faster_than_fp32_eager_on_a_wide_mlp():
-    # generous margin (measured 2-6x on AVX2 and VNNI hosts): int8 must simply not be slower
+    # the claim every CPU holds: at batch 1 the 1024-wide MLP is weight-bound and int8 weights are 4x
+    # fewer bytes (measured 3.5x on an AVX2-only host, 2.6x with VNNI; at batch 256 an AVX2-only CPU's
+    # int8 GEMM is no faster than its fp32 GEMM, so no claim is made there). Margin 1.3x.
     torch.set_num_threads(1)
     x = torch.randn(256, 1, 40)
     fp32 = MNIST1DMLP(hidden=1024).eval()
     int8 = to_runtime(prepared(copy.deepcopy(fp32), x), x[:4])
+    x = x[:1]
     times = {"fp32": [], "int8": []}
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(20):
             fp32(x), int8(x)
-        for _ in range(15):
+        for _ in range(200):
             for name, m in (("fp32", fp32), ("int8", int8)):
                 start = time.perf_counter()
                 m(x)
                 times[name].append(time.perf_counter() - start)
-    assert np.median(times["int8"]) < np.median(times["fp32"]), times
+    assert 1.3 * np.median(times["int8"]) < np.median(times["fp32"]), times
 
 
 def test_cpu_int8_capability_reads_the_flags():
