@@ -29,8 +29,9 @@ sessions with ``intra_op_num_threads=1``), in this order:
    attention heads and MLP channels removed (MACs and batch-1 latency against the dense student).
    The dense student gets the same fine-tune (``dense_finetuned``): the reference for "2:4 within 5%".
 5. **Quantization** of the distilled (top-k) student: ``QuantizationAwareTraining(runtime=
-   "onnxruntime")`` fine-tunes in a Trainer, int8 (static uint8 activations, 7-bit per-channel
-   weights) and int4 weight-only (``MatMulNBits``, group 32, and ORT's default 128); exported to
+   "onnxruntime")`` fine-tunes in a Trainer every Linear and the token embedding, int8 (static uint8
+   activations, 7-bit per-channel weights; int8 embedding rows) and int4 weight-only (``MatMulNBits``
+   and a packed ``GatherBlockQuantized`` embedding, group 32, and ORT's default 128); exported to
    ONNX through the module's ``forward(input_ids) -> logits``, served by ONNX Runtime; the fp32
    model in PyTorch (eager) and as an fp32 ONNX file in ORT, all timed side by side
    (``interleaved_latency_ms``) at batch 1 x ``seq`` tokens. ``latency_speedup`` is against fp32
@@ -468,8 +469,12 @@ def quantization(sz: Sizes, student, data, tmp: Path) -> dict:
     served = {}
     for name, kw in arms.items():
         m = _make_module(served=True)(copy.deepcopy(student.model), sz.qat_lr, sz.qat_steps)
-        cb = QuantizationAwareTraining(
-            start_after=0, freeze_ranges_after=max(1, int(0.75 * sz.qat_steps)), unit="step", **kw
+        cb = QuantizationAwareTraining(  # every Linear and the token embedding (lm_head is not tied here)
+            targets=["Linear", "Embedding"],
+            start_after=0,
+            freeze_ranges_after=max(1, int(0.75 * sz.qat_steps)),
+            unit="step",
+            **kw,
         )
         t0 = time.time()
         fit(m, train_ids, sz.qat_steps, sz.batch, [cb], seed=11)

@@ -156,6 +156,39 @@ def test_int4_weight_only_is_packed_into_matmulnbits_and_six_times_smaller(tmp_p
         torch.testing.assert_close(int4(X), model(X), atol=1e-4, rtol=1e-4)
 
 
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 96, width: int = 256):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.embed(ids)))
+
+
+def test_int4_embedding_is_a_packed_table_gathered_by_ort():
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = TinyLM()
+    F.prepare_qat(model, F.select_layers(model, ["Linear", "Embedding"]), F.QuantSpec(4, None, 32))
+    F.set_fake_quant(model, True)
+    int4 = to_runtime(copy.deepcopy(model), ids[:2])
+    graph = onnx.load_from_string(int4.onnx_bytes).graph
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert {a.name: a.i for a in gather.attribute} == {
+        "bits": 4,
+        "block_size": 32,
+        "gather_axis": 0,
+        "quantize_axis": 1,
+    }
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    packed = tables[gather.input[0]]
+    assert packed.dtype == np.uint8 and packed.shape == (96, 128)  # two 4-bit weights per byte
+    assert not [t for t in tables.values() if t.dtype == np.float32 and t.size >= 96 * 256]  # no float table
+    with torch.no_grad():  # the gathered rows are exactly the fake-quantized ones
+        torch.testing.assert_close(int4(ids), model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not divide its embedding width 256"):
+        F.prepare_qat(TinyLM(), F.select_layers(TinyLM(), ["Embedding"]), F.QuantSpec(4, None, 512))
+
+
 def test_pruned_zeros_are_exact_int8_zeros_in_the_onnx_file():
     model = MNIST1DCNN(channels=16, batch_norm=True)
     masks = prune_randomly(model)

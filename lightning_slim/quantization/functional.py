@@ -101,7 +101,9 @@ class QuantSpec:
     def weight_quantizer(self, module: nn.Module):
         from lightning_slim.quantization.static import WeightQuantizer
 
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding):  # int8 rows, or int4 groups (ORT's GatherBlockQuantized)
+            if self.static and self.weight_bits == 4:
+                return WeightQuantizer(4, group_size=self.group_size)
             return WeightQuantizer(8, reduce_range=False)
         if self.activation_bits is None:
             return WeightQuantizer(self.weight_bits, group_size=self.group_size)
@@ -210,8 +212,14 @@ def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
                     f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
                     "activation_bits=8 or exclude the layer"
                 )
-        elif spec.static and isinstance(m, nn.Embedding) and spec.weight_bits != 8:
-            raise ValueError(f"layer {name!r}: embeddings take 8-bit weights on onnxruntime; exclude it")
+        elif (
+            spec.static and isinstance(m, nn.Embedding) and spec.weight_bits == 4 and m.embedding_dim % spec.group_size
+        ):
+            raise ValueError(
+                f"layer {name!r}: group_size={spec.group_size} does not divide its embedding width "
+                f"{m.embedding_dim} (int4 embeddings are served by GatherBlockQuantized, whole groups "
+                "only); choose a divisor or exclude the layer"
+            )
         elif spec.weight_bits == 4 and not spec.static:
             width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
             if width % spec.group_size:

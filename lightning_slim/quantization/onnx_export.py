@@ -72,42 +72,73 @@ def _(x, packed, scales, bias, k, bits, block_size):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def _matmul_nbits_op():
-    """ORT's contrib op, with a schema written here (``onnx`` ships none for com.microsoft)."""
+@torch.library.custom_op("lightning_slim::gather_nbits", mutates_args=())
+def gather_nbits(
+    idx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int
+) -> torch.Tensor:
+    blocks = scales.shape[1]
+    table = unpack_nbits(packed.reshape(packed.shape[0], blocks, -1), scales, blocks * block_size, bits, block_size)
+    return F.embedding(idx, table)
+
+
+@gather_nbits.register_fake
+def _(idx, packed, scales, bits, block_size):
+    return scales.new_empty(*idx.shape, scales.shape[1] * block_size)
+
+
+def _contrib_op(name: str, inputs: list[tuple[str, str, bool]], types: dict[str, list[str]], attributes):
+    """An ORT contrib op (``com.microsoft``) with a schema written here (``onnx`` ships none for them):
+    ``inputs`` as (name, type variable, optional)."""
     from onnx.defs import OpSchema
     from onnxscript.values import Op, Opset
 
     p, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
-        "MatMulNBits",
+        name,
         "com.microsoft",
         1,
-        inputs=[
-            p("A", "T1"),
-            p("B", "T2"),
-            p("scales", "T1"),
-            p("zero_points", "T3", param_option=optional),
-            p("g_idx", "T4", param_option=optional),
-            p("bias", "T1", param_option=optional),
-        ],
+        inputs=[p(n, t, param_option=optional) if opt else p(n, t) for n, t, opt in inputs],
         outputs=[p("Y", "T1")],
-        type_constraints=[
-            ("T1", ["tensor(float)"], ""),
-            ("T2", ["tensor(uint8)"], ""),
-            ("T3", ["tensor(uint8)", "tensor(float)"], ""),
-            ("T4", ["tensor(int32)"], ""),
-        ],
-        attributes=[
-            OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in ("K", "N", "bits", "block_size", "accuracy_level")
-        ],
+        type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in attributes],
     )
-    return Op(Opset("com.microsoft", 1), "MatMulNBits", schema)
+    return Op(Opset("com.microsoft", 1), name, schema)
+
+
+def _gather_nbits_op():
+    return _contrib_op(
+        "GatherBlockQuantized",
+        [("data", "T2", False), ("indices", "Tind", False), ("scales", "T1", False), ("zero_points", "T2", True)],
+        {"T1": ["tensor(float)"], "T2": ["tensor(uint8)"], "Tind": ["tensor(int32)", "tensor(int64)"]},
+        ("gather_axis", "quantize_axis", "block_size", "bits"),
+    )
+
+
+def _matmul_nbits_op():
+    return _contrib_op(
+        "MatMulNBits",
+        [
+            ("A", "T1", False),
+            ("B", "T2", False),
+            ("scales", "T1", False),
+            ("zero_points", "T3", True),
+            ("g_idx", "T4", True),
+            ("bias", "T1", True),
+        ],
+        {
+            "T1": ["tensor(float)"],
+            "T2": ["tensor(uint8)"],
+            "T3": ["tensor(uint8)", "tensor(float)"],
+            "T4": ["tensor(int32)"],
+        },
+        ("K", "N", "bits", "block_size", "accuracy_level"),
+    )
 
 
 def _translations() -> dict:
     from onnxscript import opset18 as op
 
-    nbits = _matmul_nbits_op()
+    nbits, gather = _matmul_nbits_op(), _gather_nbits_op()
 
     def qdq_onnx(x, scale, zero_point):
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
@@ -132,7 +163,12 @@ def _translations() -> dict:
             accuracy_level=NBITS_ACCURACY_LEVEL,
         )
 
+    def gather_onnx(idx, packed, scales, bits: int, block_size: int):
+        # the packed table's zero point is the default 2^(bits-1), as pack_nbits writes it
+        return gather(packed, idx, scales, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+
     return {
+        torch.ops.lightning_slim.gather_nbits.default: gather_onnx,
         torch.ops.lightning_slim.qdq.default: qdq_onnx,
         torch.ops.lightning_slim.dq.default: dq_onnx,
         torch.ops.lightning_slim.matmul_nbits.default: nbits_onnx,
@@ -211,6 +247,22 @@ class _Int8Embedding(nn.Module):
         return F.embedding(idx, dq(self.weight, self.scale, self.zero, 0), self.padding_idx)
 
 
+class _NBitsEmbedding(nn.Module):
+    """Embedding with a 4-bit table packed two per byte, one scale per group of ``block_size``
+    (ORT: ``GatherBlockQuantized``, which dequantizes only the rows it gathers)."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        fq = emb.weight_fake_quantizer
+        q, scales = fq.quantize(emb.weight)
+        self.bits, self.block_size = fq.bits, fq.group_size
+        self.register_buffer("packed", pack_nbits(q, emb.num_embeddings, fq.bits).flatten(1))  # (rows, width / 2)
+        self.register_buffer("scales", scales.reshape(emb.num_embeddings, -1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return gather_nbits(idx, self.packed, self.scales, self.bits, self.block_size)
+
+
 def deploy_module(model: nn.Module) -> nn.Module:
     """A copy of a statically fake-quantized ``model`` with each quantized layer replaced by its
     export form (folded BatchNorms become ``Identity``). Runs in torch with the same numerics."""
@@ -218,7 +270,7 @@ def deploy_module(model: nn.Module) -> nn.Module:
     names = {id(m): n for n, m in model.named_modules()}
     for name, m in fake_quantized_layers(model).items():
         if isinstance(m, nn.Embedding):
-            new = _Int8Embedding(m)
+            new = _Int8Embedding(m) if m.weight_fake_quantizer.bits == 8 else _NBitsEmbedding(m)
         elif isinstance(getattr(m, "activation_fake_quantizer", None), ActivationObserver):
             new = _QDQ(m)
         else:
