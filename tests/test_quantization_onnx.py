@@ -189,6 +189,20 @@ def test_int4_embedding_is_a_packed_table_gathered_by_ort():
         F.prepare_qat(TinyLM(), F.select_layers(TinyLM(), ["Embedding"]), F.QuantSpec(4, None, 512))
 
 
+def test_biases_the_exporter_shares_keep_one_float_table_per_layer():
+    # equal initializers (here: zero biases) are shared by the exporter; each layer's bias has its own scale
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    for layer in (model[0], model[2]):
+        nn.init.zeros_(layer.bias)
+    x = torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(0))  # 3-D: MatMul + Add in ONNX
+    prepared(model, x)
+    int8 = to_runtime(copy.deepcopy(model), x[:2])
+    names = [t.name for t in onnx.load_from_string(int8.onnx_bytes).graph.initializer]
+    assert len(names) == len(set(names)), names
+    with torch.no_grad():
+        torch.testing.assert_close(int8(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_pruned_zeros_are_exact_int8_zeros_in_the_onnx_file():
     model = MNIST1DCNN(channels=16, batch_norm=True)
     masks = prune_randomly(model)

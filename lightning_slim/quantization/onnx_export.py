@@ -356,7 +356,7 @@ def _compact_biases(graph) -> None:
     for n in graph.node:
         for i in n.input:
             uses.setdefault(i, []).append(n)
-    nodes, dropped, added = [], set(), []
+    nodes, dropped, added, converted = [], set(), [], {}
     for node in graph.node:
         bias = tables.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         users = uses.get(node.output[0], [])
@@ -367,11 +367,16 @@ def _compact_biases(graph) -> None:
         value = numpy_helper.to_array(bias).astype("float32") * numpy_helper.to_array(s_b)
         user = users[0]
         if user.op_type not in ("Gemm", "Conv"):  # float Add: store what the DequantizeLinear computed
-            added.append(numpy_helper.from_array(value, bias.name))
-            dropped.update((bias.name, s_b.name))
+            # the exporter shares equal initializers (e.g. zero biases), so a shared int32 table gets
+            # one float table per scale and goes only when none of its DequantizeLinears is left
+            shared = len(uses[bias.name]) > 1
+            table = f"{s_b.name}_float" if shared else bias.name
+            added.append(numpy_helper.from_array(value, table))
+            dropped.add(s_b.name)
+            converted[bias.name] = converted.get(bias.name, 0) + 1
             for j, name in enumerate(user.input):
                 if name == node.output[0]:
-                    user.input[j] = bias.name
+                    user.input[j] = table
             continue
         x_dq, w_dq = (made_by.get(i) for i in user.input[:2])
         s_in, s_w = (tables.get(dq.input[1]) if dq is not None else None for dq in (x_dq, w_dq))
@@ -388,6 +393,7 @@ def _compact_biases(graph) -> None:
         dropped.add(s_b.name)
     del graph.node[:]
     graph.node.extend(nodes)
+    dropped |= {name for name, n in converted.items() if n == len(uses[name])}
     kept = [t for t in graph.initializer if t.name not in dropped] + added
     del graph.initializer[:]
     graph.initializer.extend(kept)
