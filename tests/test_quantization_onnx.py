@@ -185,7 +185,7 @@ def test_int4_embedding_is_a_packed_table_gathered_by_ort():
     assert not [t for t in tables.values() if t.dtype == np.float32 and t.size >= 96 * 256]  # no float table
     with torch.no_grad():  # the gathered rows are exactly the fake-quantized ones
         torch.testing.assert_close(int4(ids), model(ids), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="does not divide its embedding width 256"):
+    with pytest.raises(ValueError, match="group_size=512 does not divide its input width 256"):
         F.prepare_qat(TinyLM(), F.select_layers(TinyLM(), ["Embedding"]), F.QuantSpec(4, None, 512))
 
 

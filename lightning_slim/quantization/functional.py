@@ -212,15 +212,9 @@ def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
                     f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
                     "activation_bits=8 or exclude the layer"
                 )
-        elif (
-            spec.static and isinstance(m, nn.Embedding) and spec.weight_bits == 4 and m.embedding_dim % spec.group_size
-        ):
-            raise ValueError(
-                f"layer {name!r}: group_size={spec.group_size} does not divide its embedding width "
-                f"{m.embedding_dim} (int4 embeddings are served by GatherBlockQuantized, whole groups "
-                "only); choose a divisor or exclude the layer"
-            )
-        elif spec.weight_bits == 4 and not spec.static:
+        elif spec.weight_bits == 4 and (not spec.static or isinstance(m, nn.Embedding)):
+            # whole groups only: torchao's int4 layouts, and ORT's GatherBlockQuantized for embeddings
+            # (a weight-only Linear on onnxruntime pads its last group, as MatMulNBits does)
             width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
             if width % spec.group_size:
                 raise ValueError(
