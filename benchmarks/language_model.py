@@ -17,11 +17,17 @@ sessions with ``intra_op_num_threads=1``), in this order:
 2. **Teacher.** A ``transformers`` ``LlamaForCausalLM`` trained first in a plain loop, then cached
    under ``$LIGHTNING_SLIM_CACHE/lm_benchmark`` (keyed by its config, steps and the corpus), so
    later runs skip it (``teacher_cached``, ``teacher_train_s``).
-3. **Student** (at most 1/4 of the teacher's parameters), the same initial weights and batch order
-   in every arm, each a real Lightning ``Trainer`` fit: alone; with ``KnowledgeDistillation`` and a
-   top-k teacher cache; with the full-logit cache. ``gap_closed = (student - kd) / (student -
-   teacher)`` on test loss. ``kd_step_time_ratio``: short fits of the plain and the KD student
-   (warm top-k cache) alternated, median step times (``common.step_timer``), KD / plain.
+3. **Student** (at most 1/4 of the teacher's parameters), the same initial weights in every arm,
+   each a real Lightning ``Trainer`` fit: alone and with ``KnowledgeDistillation`` (top-k teacher
+   cache), both for each batch order in ``kd_seeds`` (one pair is within the noise: the loss of a
+   160-step student moves by ~0.1 between batch orders), and once with the full-logit cache.
+   ``gap_closed = (student - kd) / (student - teacher)`` on the mean test losses.
+   ``kd_step_time_ratio``: short fits of the plain and the KD student (warm top-k cache)
+   alternated, median step times (``common.step_timer``), KD / plain.
+   **Student from the teacher** (``student_from_teacher``): the teacher cut to the same budget with
+   ``lightning_slim.pruning`` (half its layers, the contiguous run whose removal costs least on
+   validation; half its heads; MLP channels to fit 1/4 of its parameters), then trained alone and
+   with KD exactly as the student above (batch order ``kd_seeds[0]``).
 4. **Pruning** of the plain student, each followed by the same short fine-tune, in a plain loop over
    ``lightning_slim.pruning``'s functions (as ``examples/pruning_lm.py``; the pruning callback
    calls the same functions and re-applies the masks after each optimizer step as this loop
@@ -102,6 +108,7 @@ class Sizes:
     alpha: float = 0.5
     temperature: float = 1.0
     top_k: int = 8
+    kd_seeds: tuple = (0, 1, 2)  # batch orders of the plain / top-k KD pair (one run is within noise)
     time_rounds: int = 3
     time_steps: int = 10
     prune_steps: int = 40
@@ -128,6 +135,7 @@ SMOKE = Sizes(
     teacher_eval_every=4,
     student_steps=6,
     top_k=4,
+    kd_seeds=(0,),
     time_rounds=1,
     time_steps=3,
     prune_steps=2,
@@ -364,6 +372,40 @@ def distillation(sz: Sizes, teacher_model, top_k: int | None):
 
     cache = {"top_k": top_k} if top_k else {"dtype": "float32"}
     return KnowledgeDistillation(teacher=teacher_model, alpha=sz.alpha, temperature=sz.temperature, cache_teacher=cache)
+
+
+def student_from_teacher(sz: Sizes, teacher_model, val_ids) -> tuple:
+    """The teacher cut down to the student's budget (Minitron's recipe, ``lightning_slim.pruning``):
+    half its layers (the contiguous run whose removal costs least on the validation split), half of
+    every layer's attention heads, then the MLP channels that bring it to <= 1/4 of the teacher's
+    parameters (all by L2 magnitude). Returns ``(model, facts)``."""
+    from lightning_slim.pruning import choose_layers, keep_layers
+    from lightning_slim.pruning.heads import sync_configs, transformer_plan
+    from lightning_slim.pruning.structured import channel_prune
+
+    small = copy.deepcopy(teacher_model).requires_grad_(True)  # the teacher is frozen; its cut is trained
+    kept, drop_losses = choose_layers(small, sz.teacher[2] // 2, lambda m: hf_loss(m, val_ids))
+    keep_layers(small, kept)
+    example = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    roots, heads, _ = transformer_plan(small, heads=True)
+    mods = dict(small.named_modules())
+    channel_prune(small, example, [mods[r] for r in heads], 0.5, num_heads={mods[n]: h for n, h in heads.items()})
+    mlp = [small.get_submodule(r) for r in roots if r not in heads]  # gate / up projections
+    hidden, width = sz.teacher[0], mlp[0].out_features
+    per_channel = 3 * hidden * len(mlp) // 2  # gate, up and down weights of one channel, every layer
+    budget = params(teacher_model) // 4
+    keep_width = max(8, (budget - (params(small) - per_channel * width)) // per_channel // 8 * 8)
+    channel_prune(small, example, mlp, 1 - keep_width / width)
+    config = sync_configs(small)
+    facts = {
+        "kept_layers": kept,
+        "val_loss_without_layers": drop_losses,
+        "params": params(small),
+        "teacher_over_student_params": params(teacher_model) / params(small),
+        "within_quarter_of_teacher": params(small) <= budget,  # the MLP keeps >= 8 channels
+        "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str))},
+    }
+    return small, facts
 
 
 def kd_step_times(sz: Sizes, student, kd_cb, train_ids) -> dict:
@@ -628,36 +670,90 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     init_state = copy.deepcopy(llama(sz.student, sz.seq).state_dict())
     results: dict = {}
-    t0 = time.time()
-    plain = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch)
-    phase("student_plain", t0)
-    t0 = time.time()
-    kd_cb = distillation(sz, teacher_model, sz.top_k)
-    kd = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch, [kd_cb])
-    phase("student_kd_topk", t0)
+    kd_cb = distillation(sz, teacher_model, sz.top_k)  # one top-k cache for every KD fit: the same teacher
+    runs: dict[int, dict] = {}
+    for seed in sz.kd_seeds:
+        t0 = time.time()
+        p = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch, seed=seed)
+        phase(f"student_plain_seed{seed}", t0)
+        t0 = time.time()
+        k = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch, [kd_cb], seed=seed)
+        phase(f"student_kd_topk_seed{seed}", t0)
+        runs[seed] = {"plain": p, "kd": k}
+    plain, kd = runs[sz.kd_seeds[0]]["plain"], runs[sz.kd_seeds[0]]["kd"]
     t0 = time.time()
     kd_full_cb = distillation(sz, teacher_model, None)
-    kd_full = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch, [kd_full_cb])
+    seed0 = sz.kd_seeds[0]
+    kd_full = fit(student_module(sz, init_state), data["train"], sz.student_steps, sz.batch, [kd_full_cb], seed=seed0)
     phase("student_kd_full", t0)
     t0 = time.time()
     timing = kd_step_times(sz, plain, kd_cb, data["train"])
     phase("kd_timing", t0)
 
-    losses = {k: hf_loss(m, data["test"]) for k, m in (("teacher", teacher_model), ("student", plain.model))}
-    losses |= {"kd": hf_loss(kd.model, data["test"]), "kd_full": hf_loss(kd_full.model, data["test"])}
-    val = {k: hf_loss(m, data["val"]) for k, m in (("teacher", teacher_model), ("student", plain.model))}
-    val |= {"kd": hf_loss(kd.model, data["val"]), "kd_full": hf_loss(kd_full.model, data["val"])}
+    def losses_on(split):
+        per_seed = {
+            seed: {arm: hf_loss(m.model, data[split]) for arm, m in pair.items()} for seed, pair in runs.items()
+        }
+        mean = lambda arm: sum(v[arm] for v in per_seed.values()) / len(per_seed)
+        return {
+            "teacher": hf_loss(teacher_model, data[split]),
+            "student": mean("plain"),
+            "kd": mean("kd"),
+            "kd_full": hf_loss(kd_full.model, data[split]),
+            "per_seed": per_seed,
+        }
+
+    losses, val = losses_on("test"), losses_on("val")
     gap = losses["student"] - losses["teacher"]
+    seed_gaps = {s: (v["plain"] - v["kd"]) / (v["plain"] - losses["teacher"]) for s, v in losses["per_seed"].items()}
+    t0 = time.time()
+    derived, derived_facts = student_from_teacher(sz, teacher_model, data["val"])
+    derived_arms = {
+        "plain": fit(
+            _make_module()(copy.deepcopy(derived), sz.student_lr, sz.student_steps),
+            data["train"],
+            sz.student_steps,
+            sz.batch,
+            seed=seed0,
+        ),
+        "kd": fit(
+            _make_module()(copy.deepcopy(derived), sz.student_lr, sz.student_steps),
+            data["train"],
+            sz.student_steps,
+            sz.batch,
+            [kd_cb],
+            seed=seed0,
+        ),
+    }
+    phase("student_from_teacher", t0)
+    d_test = {arm: hf_loss(m.model, data["test"]) for arm, m in derived_arms.items()}
+    d_gap = d_test["plain"] - losses["teacher"]
     results |= {
         "teacher_val_loss": losses["teacher"],
         "student_val_loss": losses["student"],
         "kd_val_loss": losses["kd"],
         "kd_full_val_loss": losses["kd_full"],
         "gap_closed": (losses["student"] - losses["kd"]) / gap if gap else float("nan"),
-        "gap_closed_full_logits": (losses["student"] - losses["kd_full"]) / gap if gap else float("nan"),
+        "gap_closed_per_seed": seed_gaps,
+        "gap_closed_full_logits": (losses["per_seed"][seed0]["plain"] - losses["kd_full"])
+        / (losses["per_seed"][seed0]["plain"] - losses["teacher"]),
         "kd_step_time_ratio": timing["kd_step_ms"] / timing["plain_step_ms"],
-        "loss_split": "test (the *_val_loss keys, named by the issue, hold test-split losses; validation below)",
+        "loss_split": "test (the *_val_loss keys, named by the issue, hold test-split losses; validation below). "
+        f"student / kd: means over the batch orders {list(sz.kd_seeds)} (per_seed); kd_full and "
+        f"gap_closed_full_logits: batch order {seed0} only",
+        "test_losses": losses,
         "validation_losses": val,
+        "student_from_teacher": {
+            **derived_facts,
+            "loss_before_training": hf_loss(derived, data["test"]),
+            "student_loss": d_test["plain"],
+            "kd_loss": d_test["kd"],
+            "gap_closed_by_kd": (d_test["plain"] - d_test["kd"]) / d_gap if d_gap else float("nan"),
+            "gap_closed_by_teacher_init": (losses["per_seed"][seed0]["plain"] - d_test["plain"])
+            / (losses["per_seed"][seed0]["plain"] - losses["teacher"]),
+            "validation": {arm: hf_loss(m.model, data["val"]) for arm, m in derived_arms.items()},
+            "batch_order": seed0,
+        },
         "distillation": {
             **timing,
             "teacher_params": params(teacher_model),

@@ -1,5 +1,5 @@
 """``benchmarks/language_model.py --smoke`` runs end to end (tiny Llamas, a few steps: teacher, plain /
-top-k KD / full-logit KD students, pruning, QAT exported to ONNX Runtime, selection) and writes every
+top-k KD / full-logit KD students, a student cut out of the teacher, pruning, QAT exported to ONNX Runtime, selection) and writes every
 key the issue asks for, with finite numbers: the full benchmark cannot rot unnoticed."""
 
 from __future__ import annotations
@@ -68,4 +68,11 @@ def test_language_model_benchmark_smoke(tmp_path):
     for key in ("steps_to_target", "compute_to_target"):
         assert sel[key] is None or _finite(sel[key]), (key, sel[key])
     assert r["distillation"]["student_over_teacher_params"] <= 0.25
+    derived = r["student_from_teacher"]  # the teacher cut to the budget: its cheapest layers dropped
+    assert derived["teacher_over_student_params"] >= 4 and derived["within_quarter_of_teacher"]
+    dropped = min(derived["val_loss_without_layers"], key=derived["val_loss_without_layers"].get)
+    first, last = map(int, dropped.split("-"))
+    assert not set(range(first, last + 1)) & set(derived["kept_layers"])
+    for key in ("student_loss", "kd_loss", "gap_closed_by_kd", "gap_closed_by_teacher_init"):
+        assert _finite(derived[key]), key
     assert r["settings"]["mode"] == "smoke"

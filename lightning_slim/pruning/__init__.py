@@ -3,11 +3,13 @@
 ``IterativeMagnitudePruning`` is the Lightning callback; the plain-PyTorch pieces it is made of:
 ``tensors`` (what a target is), ``patterns`` (unstructured / N:M masks), ``importance``
 (magnitude, Wanda), ``functional`` (``prune``, ``apply_masks``...), ``schedules``, ``rewind``,
-``structured`` and ``heads`` (channels and attention heads). ``load_pruned(model, checkpoint_path)``
+``structured`` and ``heads`` (channels and attention heads), ``depth`` (whole layers: with
+``heads``, how a student is cut out of its teacher). ``load_pruned(model, checkpoint_path)``
 loads a structurally pruned checkpoint into a fresh model.
 """
 
 from lightning_slim.pruning.callback import IterativeMagnitudePruning
+from lightning_slim.pruning.depth import choose_layers, keep_layers
 from lightning_slim.pruning.functional import (
     apply_masks,
     compute_masks,
@@ -30,7 +32,9 @@ __all__ = [
     "PruningCoverageWarning",
     "apply_masks",
     "calibrate",
+    "choose_layers",
     "compute_masks",
+    "keep_layers",
     "load_pruned",
     "magnitude_masks",
     "parse_schedule",

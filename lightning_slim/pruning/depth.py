@@ -1,0 +1,84 @@
+"""Depth pruning of transformers: keep some of the layers, drop the rest (ShortGPT; Minitron's depth
+axis), with the model config kept true, so ``save_pretrained`` / ``from_pretrained`` reload it.
+
+The usual use is to *derive a student from its teacher*: drop layers here, remove heads and MLP
+channels with :mod:`lightning_slim.pruning.heads`, then train the small model (with or without
+distillation). Which layers to drop is chosen by a loss the caller measures (validation loss):
+:func:`choose_layers` tries each contiguous run of layers to drop, as Gromov et al. (2024) found
+the deeper layers of trained LMs the least needed, and keeps the run whose removal costs least.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from lightning_slim.pruning.heads import find_blocks
+
+_LAYER_INDEX = ("layer_idx", "layer_id")  # attention modules index the key/value cache with these
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the transformer layers: the list whose every entry holds one
+    attention block (``model.layers`` of Llama, ``transformer.h`` of GPT-2, ``encoder.layer`` of BERT)."""
+    attention = [b.path for b in find_blocks(model) if b.kind != "mlp"]
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            prefix = f"{path}." if path else ""
+            holders = {a.split(".")[len(prefix.split(".")) - 1] for a in attention if a.startswith(prefix)}
+            if holders == {str(i) for i in range(len(m))}:
+                return path, m
+    raise ValueError(
+        f"{type(model).__name__} has no list of transformer layers (an nn.ModuleList whose every entry "
+        "holds one attention block); depth pruning needs one"
+    )
+
+
+def keep_layers(model: nn.Module, keep: Sequence[int]) -> dict[str, object]:
+    """Keep only the layers ``keep`` (indices into the layer list, kept in their order), in place.
+    Updates ``num_hidden_layers`` (and ``layer_types`` where the config has it) of every config in
+    the model and renumbers the attention modules' cache index. Returns the changes."""
+    path, layers = layer_stack(model)
+    n = len(layers)
+    kept = list(keep)
+    if not kept or len(set(kept)) != len(kept) or any(not 0 <= i < n for i in kept):
+        raise ValueError(f"keep={kept!r} must name distinct layers in 0..{n - 1} ({n} layers), at least one")
+    kept.sort()
+    new = nn.ModuleList([layers[i] for i in kept])
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+    for position, layer in enumerate(new):
+        for m in layer.modules():
+            for attr in _LAYER_INDEX:
+                if isinstance(getattr(m, attr, None), int):
+                    setattr(m, attr, position)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if hasattr(config, "to_dict") and getattr(config, "num_hidden_layers", None) == n:
+            config.num_hidden_layers = len(kept)
+            types = getattr(config, "layer_types", None)
+            if isinstance(types, list) and len(types) == n:
+                config.layer_types = [types[i] for i in kept]
+        if isinstance(m, nn.TransformerEncoder) and m.layers is new:
+            m.num_layers = len(kept)
+    return {"num_hidden_layers": len(kept), "kept_layers": kept, "of": n}
+
+
+def choose_layers(model: nn.Module, keep: int, loss: Callable[[nn.Module], float]) -> tuple[list[int], dict]:
+    """The ``keep`` layers to keep: for each contiguous run of ``n - keep`` layers, ``loss(model
+    without them)`` is measured (on a copy; ``model`` is not changed) and the run with the lowest
+    loss is dropped. Returns ``(kept indices, {dropped run: loss})``."""
+    import copy
+
+    n = len(layer_stack(model)[1])
+    if not 0 < keep < n:
+        raise ValueError(f"keep={keep} must be between 1 and {n - 1} (the model has {n} layers)")
+    drop = n - keep
+    losses = {}
+    for start in range(n - drop + 1):
+        candidate = copy.deepcopy(model)
+        keep_layers(candidate, [i for i in range(n) if not start <= i < start + drop])
+        losses[(start, start + drop)] = float(loss(candidate))
+    start, stop = min(losses, key=losses.get)
+    return [i for i in range(n) if not start <= i < stop], {f"{a}-{b - 1}": v for (a, b), v in losses.items()}
