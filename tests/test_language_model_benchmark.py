@@ -1,6 +1,7 @@
 """``benchmarks/language_model.py --smoke`` runs end to end (tiny Llamas, a few steps: teacher, plain /
-top-k KD / full-logit KD students, a student cut out of the teacher, pruning, QAT exported to ONNX Runtime, selection) and writes every
-key the issue asks for, with finite numbers: the full benchmark cannot rot unnoticed."""
+top-k KD / full-logit KD students, a student cut out of the teacher, pruning, QAT exported to ONNX
+Runtime, selection) and writes every key the issue asks for, with finite numbers: the full
+benchmark cannot rot unnoticed."""
 
 from __future__ import annotations
 
