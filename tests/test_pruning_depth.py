@@ -69,12 +69,18 @@ def test_choose_layers_drops_the_cheapest_contiguous_run_and_leaves_the_model_al
             out = m(input_ids=ids).logits.log_softmax(-1)
         return float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
 
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     kept, losses = choose_layers(model, 2, divergence)
     assert set(losses) == {"0-1", "1-2", "2-3"}  # every contiguous run of two layers tried
     cheapest = min(losses, key=losses.get)
     a, b = map(int, cheapest.split("-"))
     assert kept == [i for i in range(4) if not a <= i <= b]
-    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4  # measured in place, put back
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    assert model.state_dict().keys() == state.keys() and all(
+        torch.equal(v, state[k]) for k, v in model.state_dict().items()
+    )
+    assert divergence(model) == 0
     trimmed = llama()
     keep_layers(trimmed, kept)
     assert divergence(trimmed) == pytest.approx(losses[cheapest])

@@ -10,6 +10,7 @@ the deeper layers of trained LMs the least needed, and keeps the run whose remov
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -67,18 +68,46 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> dict[str, object]:
 
 def choose_layers(model: nn.Module, keep: int, loss: Callable[[nn.Module], float]) -> tuple[list[int], dict]:
     """The ``keep`` layers to keep: for each contiguous run of ``n - keep`` layers, ``loss(model
-    without them)`` is measured (on a copy; ``model`` is not changed) and the run with the lowest
-    loss is dropped. Returns ``(kept indices, {dropped run: loss})``."""
-    import copy
-
-    n = len(layer_stack(model)[1])
+    without them)`` is measured and the run with the lowest loss is dropped. The model is changed
+    in place for each measurement and restored after it (no copy: a large model fits once).
+    Returns ``(kept indices, {"first-last" dropped: loss})``."""
+    path, layers = layer_stack(model)
+    n = len(layers)
     if not 0 < keep < n:
         raise ValueError(f"keep={keep} must be between 1 and {n - 1} (the model has {n} layers)")
     drop = n - keep
     losses = {}
     for start in range(n - drop + 1):
-        candidate = copy.deepcopy(model)
-        keep_layers(candidate, [i for i in range(n) if not start <= i < start + drop])
-        losses[(start, start + drop)] = float(loss(candidate))
-    start, stop = min(losses, key=losses.get)
-    return [i for i in range(n) if not start <= i < stop], {f"{a}-{b - 1}": v for (a, b), v in losses.items()}
+        with _trimmed(model, path, [i for i in range(n) if not start <= i < start + drop]):
+            losses[f"{start}-{start + drop - 1}"] = float(loss(model))
+    first, last = map(int, min(losses, key=losses.get).split("-"))
+    return [i for i in range(n) if not first <= i <= last], losses
+
+
+@contextlib.contextmanager
+def _trimmed(model: nn.Module, path: str, keep: list[int]):
+    """``keep_layers`` for the duration of the block; the layer list, layer indices and configs
+    are put back after it."""
+    layers = model.get_submodule(path)
+    indices = [
+        (m, a, getattr(m, a)) for m in layers.modules() for a in _LAYER_INDEX if isinstance(getattr(m, a, None), int)
+    ]
+    configs = [c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")]
+    saved = [
+        (c, c.num_hidden_layers, getattr(c, "layer_types", None)) for c in configs if hasattr(c, "num_hidden_layers")
+    ]
+    encoders = [(m, m.num_layers) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+    try:
+        keep_layers(model, keep)
+        yield
+    finally:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, layers)
+        for m, attr, value in indices:
+            setattr(m, attr, value)
+        for c, count, types in saved:
+            c.num_hidden_layers = count
+            if types is not None:
+                c.layer_types = types
+        for m, count in encoders:
+            m.num_layers = count
