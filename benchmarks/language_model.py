@@ -408,6 +408,52 @@ def student_from_teacher(sz: Sizes, teacher_model, val_ids) -> tuple:
     return small, facts
 
 
+def teacher_cut_student(sz: Sizes, teacher_model, kd_cb, data, scratch: dict) -> dict:
+    """The student cut out of the teacher, trained alone for every batch order in ``kd_seeds`` and
+    with KD for the first; its test loss, MACs and batch-1 latency against the teacher's.
+    ``scratch``: the test losses of the teacher and of the randomly initialised student (mean)."""
+    from lightning_slim.measure import macs_of
+    from lightning_slim.quantization import interleaved_latency_ms
+
+    derived, facts = student_from_teacher(sz, teacher_model, data["val"])
+
+    def train(seed, callbacks=()):
+        module = _make_module()(copy.deepcopy(derived), sz.student_lr, sz.student_steps)
+        return fit(module, data["train"], sz.student_steps, sz.batch, callbacks, seed=seed).model.eval()
+
+    seed0 = sz.kd_seeds[0]
+    plain = {seed: train(seed) for seed in sz.kd_seeds}
+    kd = train(seed0, [kd_cb])
+    test = {seed: hf_loss(m, data["test"]) for seed, m in plain.items()}
+    mean = sum(test.values()) / len(test)
+    kd_loss, teacher, student = hf_loss(kd, data["test"]), scratch["teacher"], scratch["student"]
+    ids1, small = data["test"][:1], plain[seed0]
+    macs = {k: macs_of(m, lambda mm: mm(input_ids=ids1)) for k, m in (("teacher", teacher_model), ("student", small))}
+    lat = interleaved_latency_ms(
+        {"teacher": lambda: teacher_model(input_ids=ids1), "student": lambda: small(input_ids=ids1)},
+        repeats=sz.latency_repeats,
+    )
+    return {
+        **facts,
+        "loss_before_training": hf_loss(derived, data["test"]),
+        "student_loss": mean,
+        "student_loss_per_seed": test,
+        "kd_loss": kd_loss,
+        "kd_batch_order": seed0,
+        "gap_closed_by_kd": (test[seed0] - kd_loss) / (test[seed0] - teacher),
+        "gap_closed_by_teacher_init": (student - mean) / (student - teacher),
+        "loss_over_teacher": mean / teacher - 1,
+        "macs_ratio": macs["teacher"] / macs["student"],
+        "latency_speedup": lat["teacher"] / lat["student"],
+        "latency_ms": lat,
+        "latency_input": f"batch 1 x {ids1.shape[1]} tokens",
+        "validation": {
+            "student": sum(hf_loss(m, data["val"]) for m in plain.values()) / len(plain),
+            "kd": hf_loss(kd, data["val"]),
+        },
+    }
+
+
 def kd_step_times(sz: Sizes, student, kd_cb, train_ids) -> dict:
     """Short fits of the plain and the distilled student alternated (the KD cache is warm): medians."""
     plain_t, kd_t = [], []
@@ -707,27 +753,8 @@ def main(argv=None) -> dict:
     gap = losses["student"] - losses["teacher"]
     seed_gaps = {s: (v["plain"] - v["kd"]) / (v["plain"] - losses["teacher"]) for s, v in losses["per_seed"].items()}
     t0 = time.time()
-    derived, derived_facts = student_from_teacher(sz, teacher_model, data["val"])
-    derived_arms = {
-        "plain": fit(
-            _make_module()(copy.deepcopy(derived), sz.student_lr, sz.student_steps),
-            data["train"],
-            sz.student_steps,
-            sz.batch,
-            seed=seed0,
-        ),
-        "kd": fit(
-            _make_module()(copy.deepcopy(derived), sz.student_lr, sz.student_steps),
-            data["train"],
-            sz.student_steps,
-            sz.batch,
-            [kd_cb],
-            seed=seed0,
-        ),
-    }
+    from_teacher = teacher_cut_student(sz, teacher_model, kd_cb, data, losses)
     phase("student_from_teacher", t0)
-    d_test = {arm: hf_loss(m.model, data["test"]) for arm, m in derived_arms.items()}
-    d_gap = d_test["plain"] - losses["teacher"]
     results |= {
         "teacher_val_loss": losses["teacher"],
         "student_val_loss": losses["student"],
@@ -743,17 +770,7 @@ def main(argv=None) -> dict:
         f"gap_closed_full_logits: batch order {seed0} only",
         "test_losses": losses,
         "validation_losses": val,
-        "student_from_teacher": {
-            **derived_facts,
-            "loss_before_training": hf_loss(derived, data["test"]),
-            "student_loss": d_test["plain"],
-            "kd_loss": d_test["kd"],
-            "gap_closed_by_kd": (d_test["plain"] - d_test["kd"]) / d_gap if d_gap else float("nan"),
-            "gap_closed_by_teacher_init": (losses["per_seed"][seed0]["plain"] - d_test["plain"])
-            / (losses["per_seed"][seed0]["plain"] - losses["teacher"]),
-            "validation": {arm: hf_loss(m.model, data["val"]) for arm, m in derived_arms.items()},
-            "batch_order": seed0,
-        },
+        "student_from_teacher": from_teacher,
         "distillation": {
             **timing,
             "teacher_params": params(teacher_model),
