@@ -33,7 +33,15 @@ def gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.mark.parametrize("make", [llama, gpt2], ids=["llama", "gpt2"])
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+    )
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [llama, gpt2, bert], ids=["llama", "gpt2", "bert"])
 def test_kept_layers_are_the_originals_and_the_model_reloads_from_its_config(make, tmp_path):
     model = make()
     _, layers = layer_stack(model)
