@@ -27,7 +27,8 @@ sessions with ``intra_op_num_threads=1``), in this order:
    **Student from the teacher** (``student_from_teacher``): the teacher cut to the same budget with
    ``lightning_slim.pruning`` (half its layers, the contiguous run whose removal costs least on
    validation; half its heads; MLP channels to fit 1/4 of its parameters), then trained alone and
-   with KD exactly as the student above (batch order ``kd_seeds[0]``).
+   with KD as the student above (alone for every batch order in ``kd_seeds``, with KD for the first),
+   its MACs and batch-1 latency measured against the teacher's.
 4. **Pruning** of the plain student, each followed by the same short fine-tune, in a plain loop over
    ``lightning_slim.pruning``'s functions (as ``examples/pruning_lm.py``; the pruning callback
    calls the same functions and re-applies the masks after each optimizer step as this loop

@@ -105,3 +105,24 @@ def test_transformer_encoder_layers_are_found_and_bad_indices_fail_with_the_allo
         choose_layers(llama(), 4, lambda m: 0.0)
     with pytest.raises(ValueError, match="has no list of transformer layers"):
         layer_stack(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_per_layer_attention_types_follow_the_kept_layers_and_are_restored_after_choosing():
+    cfg = transformers.Qwen2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        use_sliding_window=True,
+        sliding_window=4,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    original = list(model.config.layer_types)
+    choose_layers(model, 2, lambda m: float(m.config.num_hidden_layers))
+    assert model.config.layer_types == original and model.config.num_hidden_layers == 4
+    keep_layers(model, [1, 2])
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert torch.isfinite(model(input_ids=torch.randint(0, 32, (1, 6))).logits).all()

@@ -46,24 +46,40 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> dict[str, object]:
     if not kept or len(set(kept)) != len(kept) or any(not 0 <= i < n for i in kept):
         raise ValueError(f"keep={kept!r} must name distinct layers in 0..{n - 1} ({n} layers), at least one")
     kept.sort()
-    new = nn.ModuleList([layers[i] for i in kept])
+    types = {id(c): [t[i] for i in kept] for c in _configs(model, n) if len(t := _types(c)) == n}
+    _install(model, path, nn.ModuleList([layers[i] for i in kept]), n, types)
+    return {"num_hidden_layers": len(kept), "kept_layers": kept, "of": n}
+
+
+def _configs(model: nn.Module, count: int) -> list:
+    """The distinct Hugging Face configs in ``model`` that count ``count`` layers."""
+    found = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
+    return [c for c in found.values() if getattr(c, "num_hidden_layers", None) == count]
+
+
+def _types(config) -> list:
+    types = getattr(config, "layer_types", None)
+    return types if isinstance(types, list) else []
+
+
+def _install(model: nn.Module, path: str, layers: nn.ModuleList, count_before: int, types: dict[int, list]) -> None:
+    """Put ``layers`` at ``path`` and make the model agree with them: each attention's cache index
+    is its layer's position, and the configs (and ``nn.TransformerEncoder``) that counted
+    ``count_before`` layers count these, with ``types[id(config)]`` as their ``layer_types``."""
     parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, new)
-    for position, layer in enumerate(new):
+    setattr(model.get_submodule(parent), name, layers)
+    for position, layer in enumerate(layers):
         for m in layer.modules():
             for attr in _LAYER_INDEX:
                 if isinstance(getattr(m, attr, None), int):
                     setattr(m, attr, position)
+    for config in _configs(model, count_before):
+        config.num_hidden_layers = len(layers)
+        if id(config) in types:
+            config.layer_types = types[id(config)]
     for m in model.modules():
-        config = getattr(m, "config", None)
-        if hasattr(config, "to_dict") and getattr(config, "num_hidden_layers", None) == n:
-            config.num_hidden_layers = len(kept)
-            types = getattr(config, "layer_types", None)
-            if isinstance(types, list) and len(types) == n:
-                config.layer_types = [types[i] for i in kept]
-        if isinstance(m, nn.TransformerEncoder) and m.layers is new:
-            m.num_layers = len(kept)
-    return {"num_hidden_layers": len(kept), "kept_layers": kept, "of": n}
+        if isinstance(m, nn.TransformerEncoder) and m.layers is layers:
+            m.num_layers = len(layers)
 
 
 def choose_layers(model: nn.Module, keep: int, loss: Callable[[nn.Module], float]) -> tuple[list[int], dict]:
@@ -86,28 +102,12 @@ def choose_layers(model: nn.Module, keep: int, loss: Callable[[nn.Module], float
 
 @contextlib.contextmanager
 def _trimmed(model: nn.Module, path: str, keep: list[int]):
-    """``keep_layers`` for the duration of the block; the layer list, layer indices and configs
-    are put back after it."""
+    """``keep_layers`` for the duration of the block; the original layers are put back after it
+    (the cache indices of a Hugging Face model are the layers' positions, so they follow)."""
     layers = model.get_submodule(path)
-    indices = [
-        (m, a, getattr(m, a)) for m in layers.modules() for a in _LAYER_INDEX if isinstance(getattr(m, a, None), int)
-    ]
-    configs = [c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")]
-    saved = [
-        (c, c.num_hidden_layers, getattr(c, "layer_types", None)) for c in configs if hasattr(c, "num_hidden_layers")
-    ]
-    encoders = [(m, m.num_layers) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+    types = {id(c): _types(c) for c in _configs(model, len(layers)) if _types(c)}
     try:
         keep_layers(model, keep)
         yield
     finally:
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, layers)
-        for m, attr, value in indices:
-            setattr(m, attr, value)
-        for c, count, types in saved:
-            c.num_hidden_layers = count
-            if types is not None:
-                c.layer_types = types
-        for m, count in encoders:
-            m.num_layers = count
+        _install(model, path, layers, len(keep), types)
