@@ -1,0 +1,1 @@
+"""The arms of ``benchmarks/real_models.py``: one module each, ``run(args) -> dict``."""
