@@ -30,3 +30,5 @@ def _wandb_dirs(tmp_path, monkeypatch):
 def pytest_configure(config):
     # slow model-zoo cells (part of `make test`): deselect with -m "not zoo_slow"; `make test-zoo` runs the zoo alone
     config.addinivalue_line("markers", "zoo_slow: a slow model-zoo cell (tests/zoo); `-m 'not zoo_slow'` skips them")
+    # cells that load SmolLM2-135M-Instruct (lightning_slim.demos.pretrained): a forward or two each
+    config.addinivalue_line("markers", "slow_real: loads the real SmolLM2-135M checkpoint (seconds to a minute)")
