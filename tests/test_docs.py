@@ -206,3 +206,12 @@ def test_own_model_page_shows_its_pictures(site):
         assert (site / "images" / image).stat().st_size > 10_000  # a drawn picture, not an empty file
     install = visible(article(site, "install"))
     assert "pip install lightning-slim" in install and "torchao" in install
+
+
+def test_the_docs_cite_only_files_a_reader_of_the_repository_has():
+    """A measurement cited from a design note outside the repository cannot be checked by a reader:
+    it goes into the card, or into the benchmark it came from."""
+    for path in MARKDOWN:
+        for name in set(re.findall(r"\b([A-Z][A-Z_]+\.md)\b", path.read_text())):
+            places = (ROOT, ROOT / "docs", path.parent)  # not a glob over the tree: a clone holds .venv too
+            assert any((place / name).is_file() for place in places), f"{path.relative_to(ROOT)} cites {name}"

@@ -4,6 +4,7 @@ the wheel into a fresh virtual environment and use it from there."""
 from __future__ import annotations
 
 import email
+import os
 import re
 import shutil
 import subprocess
@@ -113,6 +114,8 @@ def test_sdist_contents(dists):
     assert f"\nVersion: {VERSION}\n" in pkg_info and "\nLicense-Expression: Apache-2.0\n" in pkg_info
 
 
+# a new shell's environment: nothing of this process's import path reaches the fresh venv
+FRESH_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 # what `pip install lightning-slim` must not bring: each is an extra (pyproject.toml says why)
 OPTIONAL = ("torchao", "wandb", "transformers", "mnist1d", "sklearn", "gguf", "accelerate", "mkdocs")
 
@@ -173,7 +176,9 @@ def core_venv(dists, tmp_path_factory) -> Path:
     install_closure(closure, root / "core_site")
     new_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
     (new_site / "_core_dependencies.pth").write_text(str(root / "core_site") + "\n")
-    run(*pip, "check")  # every requirement of every installed distribution is met: the closure is whole
+    # every requirement of every installed distribution is met: the closure is whole (PYTHONPATH would
+    # show the new interpreter packages that are not in the venv)
+    run(*pip, "check", env=FRESH_ENV)
     return venv
 
 
@@ -218,7 +223,7 @@ def test_wheel_installs_and_works_in_a_fresh_venv(core_venv, tmp_path):
     # -I: neither the current folder nor PYTHONPATH can put the source tree on sys.path
     out = run(python, "-I", smoke, cwd=tmp_path).stdout
     assert "built IterativeMagnitudePruning from" in out, out
-    help_text = run(core_venv / "bin" / "lightning-slim", "fit", "--help", cwd=tmp_path).stdout
+    help_text = run(core_venv / "bin" / "lightning-slim", "fit", "--help", cwd=tmp_path, env=FRESH_ENV).stdout
     assert "--trainer.callbacks" in help_text and "--config" in help_text
 
 
