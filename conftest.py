@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent
+# fixtures for the code blocks of README.md, the method cards and docs/ (run by pytest-markdown-docs)
+pytest_plugins = ["snippet_fixtures"]
 # generated data sets are cached once for the whole suite (and across runs) inside the repo
 os.environ.setdefault("LIGHTNING_SLIM_CACHE", str(ROOT / ".slim_cache"))
 os.environ["WANDB_MODE"] = "offline"

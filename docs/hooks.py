@@ -5,8 +5,12 @@
   the included text are rewritten: to the page that includes the target, if one does; to plain
   text if the target exists but the site does not publish it; a target that does not exist is
   a warning (an error under ``--strict``).
+  Absolute links into the repository (``repo_url`` + ``/blob/main/``, as README.md writes them so
+  that they work on the package index too) are treated as the relative links they stand for.
 - ``<!-- api: public -->`` is replaced by one mkdocstrings block per name that
   ``lightning_slim`` exports (its ``_PUBLIC`` table), so the reference follows the package.
+- Code fences lose the test options pytest-markdown-docs reads (``python fixture:model`` becomes
+  ``python``): superfences would not recognise such a fence and show it as text.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ INCLUDE = re.compile(r"^<!--\s*include:\s*(\S+)\s*-->\s*$", re.MULTILINE)
 API_PUBLIC = re.compile(r"^<!--\s*api:\s*public\s*-->\s*$", re.MULTILINE)
 LINK = re.compile(r"(!?)\[([^\]\n]*)\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
+# a fence's info string with pytest-markdown-docs options after the language (tests/snippet_fixtures.py)
+TEST_OPTIONS = re.compile(r"^(\s*```\w+)((?:\s+(?:fixture|runner|retry):\S+|\s+notest|\s+continuation)+)\s*$", re.M)
 
 log = logging.getLogger("mkdocs.hooks.slim")
 _pages: dict[str, str] = {}  # repository path -> docs page that shows it
@@ -46,26 +52,36 @@ def on_page_markdown(markdown, page, config, files):
         if not path.is_file():
             log.warning("%s includes %s, which does not exist", here, source)
             return ""
-        return _rewrite_links(path.read_text(encoding="utf-8"), posixpath.dirname(source), here)
+        return _rewrite_links(path.read_text(encoding="utf-8"), posixpath.dirname(source), here, _blob_url(config))
 
-    markdown = INCLUDE.sub(include, markdown)
+    markdown = TEST_OPTIONS.sub(r"\1", INCLUDE.sub(include, markdown))
     return API_PUBLIC.sub(lambda _: _public_api(), markdown)
 
 
-def _rewrite_links(text: str, source_dir: str, page: str) -> str:
+def _blob_url(config) -> str | None:
+    """``https://github.com/<org>/<repo>/blob/main/``: the prefix of absolute links into the repository."""
+    return config["repo_url"].rstrip("/") + "/blob/main/" if config.get("repo_url") else None
+
+
+def _rewrite_links(text: str, source_dir: str, page: str, blob_url: str | None = None) -> str:
     """Links relative to the included file become links relative to the page (code blocks untouched)."""
 
     def fix(match: re.Match) -> str:
         bang, label, target = match.groups()
-        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):  # URL, anchor or absolute: leave it
+        in_repository = blob_url is not None and target.startswith(blob_url)
+        if in_repository:  # written absolute for the package index: the same file as a relative link
+            target = target.removeprefix(blob_url)
+        elif re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):  # URL, anchor or absolute: leave it
             return match.group(0)
         path, _, anchor = target.partition("#")
-        repo_path = posixpath.normpath(posixpath.join(source_dir, path))
+        repo_path = posixpath.normpath(posixpath.join("" if in_repository else source_dir, path))
         if repo_path in _pages:
             url = posixpath.relpath(_pages[repo_path], posixpath.dirname(page) or ".")
             return f"{bang}[{label}]({url}{'#' + anchor if anchor else ''})"
         if not (ROOT / repo_path).exists():
             log.warning("%s links to %s, which does not exist", page, repo_path)
+        elif in_repository and not bang:
+            return match.group(0)  # an absolute link to the repository works from the site as well
         elif bang:
             log.warning("%s shows the image %s, which the site does not publish", page, repo_path)
         return label  # a file in the repository that the site does not publish: keep the words

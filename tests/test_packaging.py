@@ -4,14 +4,15 @@ the wheel into a fresh virtual environment and use it from there."""
 from __future__ import annotations
 
 import email
+import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import textwrap
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def test_wheel_metadata(dists):
     assert not [r for r in core if r.startswith(("mnist1d", "scikit-learn", "torchvision", "timm"))], core
     assert all(any(c in r for c in "<>=") for r in core), f"every dependency has a version bound: {core}"
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"demo", "onnx", "zoo", "docs", "dev"} <= extras
+    assert {"torchao", "wandb", "demo", "onnx", "zoo", "docs", "dev"} <= extras
 
 
 def test_sdist_contents(dists):
@@ -113,17 +114,86 @@ def test_sdist_contents(dists):
     assert f"\nVersion: {VERSION}\n" in pkg_info and "\nLicense-Expression: Apache-2.0\n" in pkg_info
 
 
-def test_wheel_installs_and_works_in_a_fresh_venv(dists, tmp_path):
-    venv = tmp_path / "venv"
+# a new shell's environment: nothing of this process's import path reaches the fresh venv
+FRESH_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+# what `pip install lightning-slim` must not bring: each is an extra (pyproject.toml says why)
+OPTIONAL = ("torchao", "wandb", "transformers", "mnist1d", "sklearn", "gguf", "accelerate", "mkdocs")
+
+
+def core_requirements(wheel: Path) -> list:
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(line) for line in wheel_metadata(wheel).get_all("Requires-Dist")]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def dependency_closure(requirements) -> dict[str, metadata.Distribution]:
+    """The installed distributions ``requirements`` need, transitively (markers and extras as pip
+    evaluates them); each must be installed here in a version the requirement allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, metadata.Distribution] = {}
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        dist = metadata.distribution(req.name)
+        assert req.specifier.contains(dist.version, prereleases=True), f"{req} but {dist.version} is installed"
+        wanted = {""} | set(req.extras)
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in wanted):
+                todo.append(sub)
+        found[canonicalize_name(req.name)] = dist
+    return found
+
+
+def install_closure(dists: dict[str, metadata.Distribution], folder: Path) -> None:
+    """Make ``folder`` a site directory that holds exactly these distributions (links to their installed
+    files: packages, modules and .dist-info), as `pip install` would lay them out."""
+    folder.mkdir()
+    for name, dist in dists.items():
+        assert dist.files, f"{name} has no RECORD: cannot tell its files"
+        tops = {f.parts[0] for f in dist.files if f.parts[0] not in ("..", "__pycache__")}
+        for top in tops - {n for n in tops if n.endswith(".pth")}:
+            target = Path(dist.locate_file(top))
+            if target.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(target)
+
+
+@pytest.fixture(scope="module")
+def core_venv(dists, tmp_path_factory) -> Path:
+    """A fresh venv with the built wheel and its core dependencies only, as `pip install lightning-slim`
+    leaves it: no extra, nothing else that happens to be installed here (offline: the dependencies are
+    this venv's installed files, linked, not downloaded)."""
+    root = tmp_path_factory.mktemp("core")
+    venv = root / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    run(
-        sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--quiet", dists["wheel"]
-    )
-    # the dependencies come from this venv: one path line, appended after the new venv's own packages
-    # (a .pth line does not run the editable-install hook that sits in that folder)
+    pip = (sys.executable, "-m", "pip", "--python", python)
+    run(*pip, "install", "--no-deps", "--no-index", "--quiet", dists["wheel"])
+    closure = dependency_closure(core_requirements(dists["wheel"]))
+    install_closure(closure, root / "core_site")
     new_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
-    (new_site / "_dev_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (new_site / "_core_dependencies.pth").write_text(str(root / "core_site") + "\n")
+    # every requirement of every installed distribution is met: the closure is whole (PYTHONPATH would
+    # show the new interpreter packages that are not in the venv)
+    run(*pip, "check", env=FRESH_ENV)
+    return venv
+
+
+def test_core_install_has_no_optional_package(dists, core_venv):
+    core = {r.name for r in core_requirements(dists["wheel"])}
+    assert {"torch", "lightning", "onnxruntime", "onnxscript", "onnx", "torch-pruning"} <= core, core
+    assert not core & {"torchao", "wandb"}, "optional runtimes are extras, not core dependencies"
+    extras = set(wheel_metadata(dists["wheel"]).get_all("Provides-Extra"))
+    assert {"torchao", "wandb", "demo", "onnx", "zoo", "pretrained", "docs", "dev"} <= extras
+    check = f"import importlib.util as u; print([m for m in {OPTIONAL!r} if u.find_spec(m)])"
+    assert run(core_venv / "bin" / "python", "-I", "-c", check).stdout.strip() == "[]"
+
+
+def test_wheel_installs_and_works_in_a_fresh_venv(core_venv, tmp_path):
+    python = core_venv / "bin" / "python"
     smoke = tmp_path / "smoke.py"
     smoke.write_text(
         textwrap.dedent(f"""
@@ -143,7 +213,7 @@ def test_wheel_installs_and_works_in_a_fresh_venv(dists, tmp_path):
         assert resources.files("lightning_slim").joinpath("py.typed").is_file()
         path = configs.path("pruning")
         assert path.resolve().is_relative_to(venv) and "recipe_full_pipeline" in configs.list_configs()
-        (spec,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        (spec,) = yaml.safe_load(path.read_text())["trainer"]["callbacks+"]
         cls = getattr(lightning_slim, spec["class_path"].rsplit(".", 1)[1])
         callback = cls(**spec["init_args"])
         assert isinstance(callback, pl.Callback)
@@ -153,6 +223,64 @@ def test_wheel_installs_and_works_in_a_fresh_venv(dists, tmp_path):
     # -I: neither the current folder nor PYTHONPATH can put the source tree on sys.path
     out = run(python, "-I", smoke, cwd=tmp_path).stdout
     assert "built IterativeMagnitudePruning from" in out, out
+    help_text = run(core_venv / "bin" / "lightning-slim", "fit", "--help", cwd=tmp_path, env=FRESH_ENV).stdout
+    assert "--trainer.callbacks" in help_text and "--config" in help_text
+
+
+def test_every_callback_default_runs_with_the_core_install_alone(core_venv, tmp_path):
+    """`pip install lightning-slim`, no extra: each callback with its defaults (only what it cannot do
+    without: a teacher, a reference model) trains a user's module for a few steps and ends its fit,
+    QAT's int8 ONNX export and the report's measurement of it included."""
+    shutil.copy(ROOT / "tests" / "user_module.py", tmp_path)
+    smoke = tmp_path / "smoke.py"
+    smoke.write_text(
+        textwrap.dedent("""
+        import copy, json, sys, warnings
+        from pathlib import Path
+
+        import lightning.pytorch as pl
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from user_module import Digits, RandomDigits
+        from lightning_slim import (
+            CompressionReport, IterativeMagnitudePruning, KnowledgeDistillation,
+            OnlineDataSelection, QuantizationAwareTraining,
+        )
+
+        warnings.simplefilter("ignore")  # Lightning's advice for tiny runs; errors are what this checks
+        teacher = Digits()
+        callbacks = {
+            "pruning": lambda: IterativeMagnitudePruning(),
+            "quantization": lambda: QuantizationAwareTraining(export_path="int8.onnx"),
+            "distillation": lambda: KnowledgeDistillation(teacher=copy.deepcopy(teacher)),
+            "selection": lambda: OnlineDataSelection(reference=copy.deepcopy(teacher)),
+            "report": lambda: CompressionReport(accuracy_metric="val_acc", latency_batch_size=8),
+        }
+        for name, make in callbacks.items():
+            pl.seed_everything(0)
+            model, callback = Digits(), make()
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            trainer = pl.Trainer(
+                max_epochs=2, limit_train_batches=2, callbacks=[callback], logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=name,
+            )
+            trainer.fit(model, datamodule=RandomDigits())
+            assert trainer.global_step > 0, name
+            assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+            print("ran", name)
+        import onnx  # a core dependency: QAT's default runtime exports with it
+
+        graph = onnx.load("int8.onnx").graph
+        assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer), "the export holds int8 weights"
+        report = json.loads(next(Path("report").rglob("compression_report.json")).read_text())
+        print("report", sorted(report)[:3])
+    """)
+    )
+    out = run(core_venv / "bin" / "python", "-I", smoke, cwd=tmp_path).stdout
+    for name in ("pruning", "quantization", "distillation", "selection", "report"):
+        assert f"ran {name}" in out, out
 
 
 def test_demo_data_names_the_extra_when_its_dependency_is_missing(monkeypatch):
@@ -171,7 +299,9 @@ def test_min_versions_file_pins_every_lower_bound(dists):
     lower = {}
     for line in wheel_metadata(dists["wheel"]).get_all("Requires-Dist"):
         req = Requirement(line)
-        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("demo", "onnx", "zoo", "pretrained")):
+        if req.marker is None or any(
+            req.marker.evaluate({"extra": e}) for e in ("torchao", "wandb", "demo", "onnx", "zoo", "pretrained")
+        ):
             lower.update((req.name, Version(s.version)) for s in req.specifier if s.operator == ">=")
     pins = [line for line in (ROOT / ".ci" / "min-versions.txt").read_text().splitlines() if line[:1].isalnum()]
     pinned = {r.name: Version(next(iter(r.specifier)).version) for r in map(Requirement, pins)}

@@ -1,11 +1,11 @@
 """LightningCLI configs shipped with the package: one YAML per callback plus ``recipe_*`` combinations.
 
 They are package data, so a ``pip install lightning-slim`` has them too; in a clone of the
-repository ``callbacks/`` points at this folder. Pass a path to the CLI:
+repository ``callbacks/`` points at this folder. The ``lightning-slim`` command takes a shipped
+config by name, and several ``--config`` compose (each adds its callbacks with ``callbacks+:``):
 
 ```bash
-CONFIG=$(python -c 'import lightning_slim.configs as c; print(c.path("pruning"))')
-python -m lightning_slim.cli fit --config "$CONFIG" \\
+lightning-slim fit --config pruning.yaml --config compression_report.yaml \\
     --model lightning_slim.MNIST1DCNN --data lightning_slim.MNIST1DDataModule
 ```
 
