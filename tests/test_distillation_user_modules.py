@@ -180,3 +180,23 @@ def test_the_check_leaves_data_order_random_streams_and_weights_alone():
     assert len(seen) == 4 and seen[1:] == plain
     assert seen[0][0] == [0, 1] and seen[0][2:] == plain[0][2:]
     assert all(torch.equal(v, initial[k]) for k, v in at_start.items())
+
+
+class SelfCalled(CausalLM):
+    """training_step calls self(...) with Hugging Face-style labels; forward wraps the causal LM."""
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def test_labels_given_to_a_wrapper_of_a_causal_lm_are_shifted_as_its_loss_shifts_them():
+    kd = KnowledgeDistillation(teacher=llama(48, 1), alpha=0.5)
+    data = PaddedWindows()
+    quiet_trainer([kd], max_epochs=1, max_steps=-1).fit(SelfCalled(llama(16, 0)), DataLoader(data, batch_size=6))
+    assert kd.student_path == ""  # the LightningModule itself: training_step calls self(...)
+    # the wrapper's class is no causal LM, but the model inside it is: its labels are shifted by one
+    rows = kd.report_rows()
+    assert rows["token_fraction_distilled"] == pytest.approx(float(counted_positions(data).float().mean()))
