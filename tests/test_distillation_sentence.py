@@ -48,11 +48,15 @@ def by_hand(student, teacher, ids, mask, loss: str, pooling: str) -> torch.Tenso
     return (per_token * mask).sum() / mask.sum()
 
 
+@pytest.fixture(scope="module")
+def minilm():
+    return pretrained.load_minilm()  # loaded once; every case copies it (KD freezes its teacher in place)
+
+
 @pytest.mark.parametrize("loss,pooling", [("cosine", "mean"), ("mse", "token")])
-def test_sentence_embedding_distillation_on_minilm(loss, pooling):
+def test_sentence_embedding_distillation_on_minilm(minilm, loss, pooling):
     torch.set_num_threads(1)
-    teacher, tokenizer = pretrained.load_minilm()
-    student = copy.deepcopy(teacher)
+    teacher, student, tokenizer = copy.deepcopy(minilm[0]), copy.deepcopy(minilm[0]), minilm[1]
     keep_layers(student, [0, 2, 4])  # a student cut out of its teacher: half the layers
     initial = copy.deepcopy(student)
     kd = KnowledgeDistillation(teacher=teacher, **yaml.safe_load(CONFIG.format(loss=loss, pooling=pooling)))
