@@ -247,6 +247,8 @@ def test_pipeline_under_real_ddp_two_processes(tmp_path):
         if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
     }
     env["PYTHONWARNINGS"] = "ignore"
+    # the script's own folder (tests/) comes first on its path: put this checkout's package before any installed one
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
