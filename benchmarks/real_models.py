@@ -33,6 +33,7 @@ ARMS = {
     "smol_2of4": "real.smol_2of4",
     "smol_student": "real.smol_student",
     "selection": "real.selection",
+    "kd_cost": "real.kd_cost",
 }
 
 

@@ -160,8 +160,10 @@ def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away
     assert 0.0 <= float(trainer.callback_metrics["slim/distillation/feature_loss"]) <= 4.0  # two pairs, each <= 2
 
 
-def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
-    data = lambda: small_data(with_index=True)
+@pytest.mark.parametrize("with_index", [True, False], ids=["index", "content"])
+def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path, with_index):
+    # plain (x, y) batches (the README's example) are keyed by the content of the teacher's input
+    data = lambda: small_data(with_index=with_index)
     cb = lambda cache=True: KnowledgeDistillation(teacher=make_teacher(), cache_teacher=cache)
     full = cb()
     fit([full, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)], data=data(), max_epochs=2, enable_checkpointing=True)
@@ -192,8 +194,23 @@ def test_cache_runs_the_teacher_once_per_example_and_survives_resume(tmp_path):
     )
     trainer.fit(small_model(), datamodule=data(), ckpt_path=first)
     assert rebuilt.counts["teacher_examples"] == 1600 and "cache" not in rebuilt.state_dict()
-    with pytest.raises(TypeError, match="with_index=True"):
-        fit([cb()], max_steps=1)
+
+
+def test_cache_by_content_trains_exactly_as_the_cache_by_index():
+    runs = {}
+    for with_index in (True, False):
+        pl.seed_everything(0, verbose=False)
+        kd = KnowledgeDistillation(teacher=make_teacher(), cache_teacher=True)
+        _, module = fit([kd], data=small_data(with_index=with_index), max_epochs=2)
+        runs[with_index] = kd.counts, module.state_dict()
+    (by_index, trained), (by_content, same) = runs[True], runs[False]
+    assert by_content == by_index and by_index["cache_hits"] == by_index["teacher_examples"] == 800
+    assert all(torch.equal(v, same[k]) for k, v in trained.items())
+    # asking for indices where the batches carry none is refused before training, saying how to add them
+    module = small_model()
+    with pytest.raises(TypeError, match=r"key='index'.*with_index=True.*\(x, y, index\)"):
+        fit([KnowledgeDistillation(teacher=make_teacher(), cache_teacher={"key": "index"})], module, max_steps=1)
+    assert "training_step" not in module.__dict__
 
 
 def test_schedule_window_and_annealing():
@@ -241,16 +258,12 @@ def test_dict_and_custom_batches():
     fit([kd], data=dicts)
     assert kd.counts["teacher_examples"] == 200
 
+    # training_step calls self.net, not self(x): found by running it before training, nothing to name
     custom = DataLoader(list(zip(x, y)), batch_size=50, collate_fn=collate_signals)
-    with pytest.raises(RuntimeError, match="student_module"):
-        fit(
-            [KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal)],
-            CustomBatchModule(channels=16),
-            custom,
-        )
-    kd = KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal, logits={"student_module": "net"})
-    trainer, _ = fit([kd], CustomBatchModule(channels=16), custom)
-    assert kd.counts["teacher_examples"] == 200 and trainer.global_step == 4
+    for logits in (None, {"student_module": "net"}):
+        kd = KnowledgeDistillation(teacher=make_teacher(), input_fn=lambda b: b.signal, logits=logits)
+        trainer, _ = fit([kd], CustomBatchModule(channels=16), custom)
+        assert kd.student_path == "net" and kd.counts["teacher_examples"] == 200 and trainer.global_step == 4
 
 
 class Manual(type(small_model())):
@@ -271,7 +284,7 @@ def holds_teacher(teacher):
         (
             lambda: (KnowledgeDistillation(teacher=make_teacher(num_classes=5)), small_model()),
             ValueError,
-            r"student output shape \(1, 10\) differs from the teacher's \(1, 5\)",
+            r"student output shape \(2, 10\) differs from the teacher's \(2, 5\)",
         ),
         (
             lambda: (
@@ -295,7 +308,7 @@ def holds_teacher(teacher):
                 small_model(),
             ),
             ValueError,
-            r"shapes \(1, 16, 19\) and \(1, 32, 5\) may differ only in dimension dim=1",
+            r"shapes \(2, 16, 19\) and \(2, 32, 5\) may differ only in dimension dim=1",
         ),
         (
             lambda: (KnowledgeDistillation(teacher=make_teacher()), Manual(channels=16)),

@@ -15,7 +15,7 @@ from zoo.models import VOCAB, HFCausalLM, text_windows
 from lightning_slim import KnowledgeDistillation
 from lightning_slim.distillation import functional as kd
 from lightning_slim.distillation.configs import TokenMask
-from lightning_slim.distillation.preflight import kd_mask
+from lightning_slim.distillation.term import kd_mask
 from lightning_slim.distillation.topk import full_kl, teacher_topk, topk_soft_target_loss
 
 SEQ, ROWS = 16, 48
@@ -55,6 +55,35 @@ class PaddedWindows(Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": self.attention[i], "labels": self.labels[i], "index": i}
+
+
+class FirstStep(pl.Callback):
+    """The first training batch (a dict) and the gradients of the first optimizer step, by parameter name."""
+
+    def __init__(self):
+        self.batch = self.grads = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = self.batch or {k: v.clone() for k, v in batch.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def quiet_trainer(callbacks, **kwargs) -> pl.Trainer:
+    """One step (by default) of a quiet CPU fit that trains only."""
+    args = dict(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(callbacks=callbacks, **{**args, **kwargs})
 
 
 def counted_positions(data: PaddedWindows) -> torch.Tensor:
@@ -140,3 +169,84 @@ def test_llama_student_distils_from_a_wider_llama_through_a_topk_cache(tmp_path)
     # the fraction of token positions distilled is the fraction the model's own loss counts
     assert rows["token_fraction_distilled"] == pytest.approx(float(counted_positions(data).float().mean()))
     assert torch.isfinite(trainer.callback_metrics["slim/distillation/kd_loss"])
+
+
+# --- the real SmolLM2-135M-Instruct (slow_real: a load, two short steps and a hand computation) -----------
+class RealWindows(Dataset):
+    """Four 32-token windows of Python's documentation (training split) as the demo's CausalLM batches,
+    with right padding (row 1 after 20 tokens: attention 0, labels -100) and a 5-token prompt whose
+    labels are -100 (row 0)."""
+
+    def __init__(self, tokenizer):
+        from lightning_slim.demos import text
+
+        self.ids = text.lm_windows(tokenizer, "train", 32)[:4].clone()
+        self.attention = torch.ones_like(self.ids)
+        self.attention[1, 20:] = 0
+        self.labels = self.ids.masked_fill(self.attention == 0, -100)
+        self.labels[0, :5] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.attention[i], "labels": self.labels[i], "index": i}
+
+
+@pytest.mark.slow_real
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # SmolLM2 as from_pretrained returns it
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")  # trains only
+def test_smollm2_topk_cached_teacher_is_the_teacher_and_its_term_reaches_the_gradients():
+    import copy
+
+    from lightning_slim.demos import pretrained
+    from lightning_slim.demos.modules import CausalLM
+    from lightning_slim.pruning.depth import keep_layers
+
+    torch.set_num_threads(1)
+    teacher, tokenizer = pretrained.load_smollm2()
+    student = copy.deepcopy(teacher)
+    keep_layers(student, range(0, 30, 3))  # a 10-layer student cut out of the 30-layer teacher
+    initial = copy.deepcopy(student)
+    alpha, temperature, k = 0.5, 2.0, 16
+    kd = KnowledgeDistillation(teacher=teacher, alpha=alpha, temperature=temperature, cache_teacher={"top_k": k})
+    first = FirstStep()
+    data = RealWindows(tokenizer)
+    quiet_trainer([kd, first], max_steps=2).fit(CausalLM(student, lr=1e-5), DataLoader(data, batch_size=2))
+
+    # the teacher ran once per window; its cached top-k is a fresh forward's top-k (same 2-row batches)
+    assert kd.counts["teacher_examples"] == 4 and kd.student_path == "model"
+    for rows in (torch.tensor([0, 1]), torch.tensor([2, 3])):
+        with torch.no_grad():
+            fresh = teacher(input_ids=data.ids[rows], attention_mask=data.attention[rows]).logits
+        logp = F.log_softmax(fresh / temperature, -1)
+        cached = kd.cache.lookup(rows)
+        index = cached["topk_index"].long()
+        # float16 storage: relative rounding 2^-11 of log-probabilities of magnitude < 30 -> within 0.02
+        torch.testing.assert_close(cached["topk_logp"].float(), logp.gather(-1, index), rtol=0, atol=0.02)
+        outside = logp.scatter(-1, index, float("-inf")).amax(-1)
+        assert (cached["topk_logp"].float().amin(-1) >= outside - 0.02).all()  # nothing outside is larger
+        tail = logp.scatter(-1, index, float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(cached["tail_logp"], tail, rtol=0, atol=1e-4)  # float32, exact up to order
+    # the first step trained on (1 - alpha) * the model's own loss + alpha * top-k KD on the positions
+    # that loss counts: shifted by one, padding and -100 left out
+    b = first.batch
+    out = initial(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
+    with torch.no_grad():
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    nxt = torch.cat([b["labels"][:, 1:], torch.full((2, 1), -100)], 1)
+    real_next = torch.cat([b["attention_mask"][:, 1:], torch.zeros(2, 1, dtype=torch.long)], 1)
+    mask = (nxt != -100) & (b["attention_mask"] == 1) & (real_next == 1)
+    assert int(mask.sum()) == (31 - 4) + (20 - 1)  # row 0: targets 1-4 are the prompt; row 1: padding
+    term = topk_soft_target_loss(out.logits, teacher_topk(t, k, temperature), temperature, mask)
+    params = list(initial.parameters())
+    want = torch.autograd.grad((1 - alpha) * out.loss + alpha * term, params, retain_graph=True)
+    plain = torch.autograd.grad(out.loss, params)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    got = flat(first.grads[f"model.{n}"] for n, _ in initial.named_parameters())
+    want, plain = flat(want), (1 - alpha) * flat(plain)
+    # float32 gradients of a 10-layer model computed twice in another order: relative error ~1e-6, bound 1e-4
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    # the KD term is a large part of the update (the student is far from its teacher after the cut)
+    assert float((got - plain).norm() / got.norm()) > 0.1
+    assert kd.report_rows()["token_fraction_distilled"] < 1.0

@@ -67,8 +67,9 @@ def pipeline_fit(tmp_path, reverse: bool = False, epochs: int = 3, **trainer_kwa
 
 def test_all_four_in_one_trainer(tmp_path):
     trainer, student = pipeline_fit(tmp_path)
-    # selection ran first: the user's step trained on half of every 200-example super-batch
-    assert student.step_sizes == [100] * 12
+    # selection ran first: the user's step trained on half of every 200-example super-batch (the first
+    # call is distillation's check before training: the user's step on a 2-example sample batch)
+    assert student.step_sizes == [2] + [100] * 12
     # distillation added its term on that sub-batch (its teacher ran once per example, cached)
     kd = find(trainer, "distillation")
     assert kd.counts["student_examples"] == 1200 and kd.counts["teacher_examples"] <= 800
@@ -246,6 +247,8 @@ def test_pipeline_under_real_ddp_two_processes(tmp_path):
         if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
     }
     env["PYTHONWARNINGS"] = "ignore"
+    # the script's own folder (tests/) comes first on its path: put this checkout's package before any installed one
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -255,7 +258,7 @@ def test_pipeline_under_real_ddp_two_processes(tmp_path):
         # both ranks hold the same weights after every epoch (masks, int8 ranges and all)
         assert r0["gathered"] == r1["gathered"] and r0["gathered"][0] == r0["gathered"][1], epoch
     # each rank selected half of its own 200-example super-batches (800 examples / 2 ranks = 2 steps)
-    assert r0["step_sizes"] == r1["step_sizes"] == [100] * 6
+    assert r0["step_sizes"] == r1["step_sizes"] == [2] + [100] * 6  # 2: distillation's check before training
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["after"]["nonzero_params"] < 0.6 * report["before"]["params"]
 

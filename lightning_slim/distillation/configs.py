@@ -20,6 +20,8 @@ from lightning_slim.arguments import check_choice, check_int, check_order, check
 from lightning_slim.tokens import IGNORE_INDEX, SHIFTS
 
 FEATURE_LOSSES = ("mse", "cosine")
+FEATURE_POOLINGS = ("none", "mean", "token")
+CACHE_KEYS = ("auto", "index", "content")
 CONVENTIONS = ("weighted", "additive")
 CACHE_DTYPES = (None, "float32", "float16", "bfloat16")
 
@@ -44,38 +46,72 @@ class DistillationSchedule:
         check_range("temperature_final", self.temperature_final, 0.0, low_open=True, allow_none=True)
         check_int("anneal_steps", self.anneal_steps, minimum=1, allow_none=True)
 
+    def anneal_stop(self, total_steps: float) -> int | None:
+        """The step annealing ends at, given the fit's length (``inf`` when it has none)."""
+        if self.anneal_steps:
+            return self.start_step + self.anneal_steps
+        if self.stop_step is not None:
+            return self.stop_step
+        if total_steps != float("inf"):
+            return int(total_steps)
+        if self.alpha_final is not None or self.temperature_final is not None:
+            raise ValueError(
+                "alpha_final / temperature_final need anneal_steps or stop_step when training has "
+                "no fixed length (max_steps / max_epochs unset)"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class FeatureDistillation:
     """Feature KD: ``weight * loss(proj(student feature), teacher feature)`` for each
-    ``{student module: teacher module}`` pair; a learned projection (in the student's optimizer
-    and checkpoint, removed at export) maps the student's width in dimension ``dim`` to the
-    teacher's when they differ."""
+    ``{student module: teacher module}`` pair (``""`` names the teacher itself); a learned projection
+    (in the student's optimizer and checkpoint, removed at export) maps the student's width in
+    dimension ``dim`` to the teacher's when they differ.
+
+    ``loss``: ``"mse"`` or ``"cosine"`` (one minus the cosine similarity). ``pooling`` says what is
+    compared: ``"none"``, each example's whole feature (flattened for the cosine); for token features
+    ``(B, T, H)`` (a transformer's hidden states, a sentence encoder's output) ``"mean"`` compares the
+    mean over each sequence's real tokens (the ``attention_mask`` of the student's call; a sentence
+    embedding) and ``"token"`` compares each real token's vector, averaged over real tokens. ``dim``
+    defaults to 1 (channels of ``(N, C, ...)`` maps) with ``pooling="none"`` and to -1 (the hidden
+    size) otherwise, where it must be the last dimension."""
 
     pairs: dict[str, str] = field(default_factory=dict)
     loss: str = "mse"
     weight: float = 1.0
-    dim: int = 1
+    pooling: str = "none"
+    dim: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.pairs, Mapping) or not self.pairs:
             raise ValueError(f"pairs={self.pairs!r} must be a non-empty dict {{student module: teacher module}}")
         check_choice("loss", self.loss, FEATURE_LOSSES)
         check_range("weight", self.weight, 0.0)
+        check_choice("pooling", self.pooling, FEATURE_POOLINGS)
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int)):
+            raise ValueError(f"dim={self.dim!r} must be an integer (a dimension of the features) or None")
+
+    @property
+    def width_dim(self) -> int:
+        """The dimension a projection maps (``dim``, or its default for ``pooling``)."""
+        return self.dim if self.dim is not None else (1 if self.pooling == "none" else -1)
 
 
 @dataclass(frozen=True)
 class LogitsSource:
     """Where the logits are, and so which call the teacher repeats.
 
-    ``student_module``: the student's submodule whose output is the logits. Default: the
-    LightningModule itself when it defines ``forward`` (``training_step`` calls ``self(x)``), else
-    its one child with parameters (``self.model(**batch)`` / ``self.model(input_ids=..., labels=...)``
-    on a Hugging Face model). Its call's positional and keyword arguments inside the user's
-    ``training_step`` are recorded and the teacher is called with exactly those (``labels`` left
-    out, ``use_cache=False`` added where accepted), unless ``input_fn`` is given.
-    ``teacher_module``: the same on the teacher (default: the teacher, or its one child when it is
-    a LightningModule without ``forward``). ``output_fn`` / ``teacher_output_fn`` read the logits
+    ``student_module``: the student's submodule whose output is the logits. Default: the module the
+    user's ``training_step`` calls itself, found before training by running that ``training_step``
+    once on a sample batch (``self(x)``: the LightningModule; ``self.model(input_ids=...,
+    labels=...)``: ``model``), whatever ``forward`` the LightningModule defines. Every call of it
+    inside ``training_step`` is distilled: its positional and keyword arguments are recorded and the
+    teacher is called with exactly those (``labels`` left out, ``use_cache=False`` added where
+    accepted), unless ``input_fn`` is given. ``teacher_module``: where the teacher's logits are
+    (default: the module the teacher's call goes to: the teacher's submodule at the student's path
+    when the teacher is a LightningModule that has one, else the teacher, or its one child when it
+    is a LightningModule without ``forward``). ``output_fn`` / ``teacher_output_fn`` read the logits
     from the output (default: a tensor, ``.logits`` of a ``ModelOutput``, or its first tensor; a
     callable or a dotted path)."""
 
@@ -106,9 +142,13 @@ class TokenMask:
 
 @dataclass(frozen=True)
 class TeacherCacheConfig:
-    """Store teacher outputs by example index (``index_fn(batch)``, default the batch's
-    ``index``) so the teacher runs once per example; needs a deterministic input per index (no
-    random augmentation). ``checkpoint=False`` rebuilds the cache after a resume instead of
+    """Store teacher outputs per example so the teacher runs once per example. ``key`` says how an
+    example is recognised: ``"index"``, by its dataset index (``index_fn(batch)``, default the
+    batch's ``index``: ``(x, y, index)`` tuples or an ``'index'`` key; it assumes a fixed input per
+    index, so no random augmentation); ``"content"``, by a digest of what the teacher is given for it
+    (the bytes of each row of its call: correct whatever the data pipeline does, and an input
+    augmented differently is simply a new entry); ``"auto"`` (default): the index when the batches
+    carry one, else the content. ``checkpoint=False`` rebuilds the cache after a resume instead of
     saving it.
 
     ``top_k``: store only the teacher's ``top_k`` classes per position with the mass of the rest
@@ -119,12 +159,16 @@ class TeacherCacheConfig:
 
     checkpoint: bool = True
     index_fn: Callable[[Any], Any] | str | None = None
+    key: str = "auto"
     top_k: int | None = None
     dtype: str | None = None
 
     def __post_init__(self):
         check_int("top_k", self.top_k, minimum=1, allow_none=True)
         check_choice("dtype", self.dtype, CACHE_DTYPES)
+        check_choice("key", self.key, CACHE_KEYS)
+        if self.key == "content" and self.index_fn is not None:
+            raise ValueError("index_fn names examples by index: it needs key='index' or 'auto', not 'content'")
 
     @property
     def storage_dtype(self):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.distillation.configs import FEATURE_LOSSES
+from lightning_slim.distillation.configs import FEATURE_LOSSES, FEATURE_POOLINGS
 from lightning_slim.tokens import masked_mean
 
 
@@ -54,14 +54,48 @@ def agreement(
     return masked_mean((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float(), mask)
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """MSE, or ``1 - cosine similarity`` of each example's flattened features, averaged."""
+def feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: str = "mse",
+    pooling: str = "none",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MSE, or ``1 - cosine similarity``, between student and teacher features, averaged.
+
+    ``pooling="none"``: each example's whole feature (the cosine of the flattened features). For token
+    features ``(B, T, H)``: ``"mean"`` compares each sequence's mean over the positions ``mask``
+    ``(B, T)`` keeps (all without a mask), a sentence embedding; ``"token"`` compares every kept
+    position's ``H``-vector and averages over kept positions.
+
+    >>> s, t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 0.0], [5.0, 5.0]]])
+    >>> round(float(feature_loss(s, t, "cosine", "token", torch.tensor([[1, 0]]))), 6)
+    0.0
+    """
     teacher = teacher.detach()
-    if kind == "mse":
-        return F.mse_loss(student.float(), teacher.float())
-    if kind == "cosine":
-        return 1 - F.cosine_similarity(student.flatten(1).float(), teacher.flatten(1).float(), dim=1).mean()
-    raise ValueError(f"feature loss {kind!r} is not one of {FEATURE_LOSSES}")
+    student, teacher = student.float(), teacher.float()
+    if kind not in FEATURE_LOSSES:
+        raise ValueError(f"feature loss {kind!r} is not one of {FEATURE_LOSSES}")
+    if pooling == "none":
+        if kind == "mse":
+            return F.mse_loss(student, teacher)
+        return 1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
+    if student.dim() != 3 or teacher.shape != student.shape:
+        raise ValueError(
+            f"pooling={pooling!r} compares token features (B, T, H) of one shape; got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    keep = torch.ones(student.shape[:2], device=student.device) if mask is None else mask.to(student.device).float()
+    if pooling == "mean":
+        weights = keep.unsqueeze(-1) / keep.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)
+        student, teacher = (student * weights).sum(1), (teacher * weights).sum(1)
+        if kind == "mse":
+            return F.mse_loss(student, teacher)
+        return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
+    if pooling != "token":
+        raise ValueError(f"pooling={pooling!r} is not one of {FEATURE_POOLINGS}")
+    per_token = (student - teacher).pow(2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(student, teacher, -1)
+    return masked_mean(per_token, keep.bool())
 
 
 class Projection(nn.Module):

@@ -1,5 +1,7 @@
-"""What ``KnowledgeDistillation`` checks on the student and teacher before training, the feature
-projections it sizes from one forward pass, and which token positions a KD term counts."""
+"""What ``KnowledgeDistillation`` checks on the student and teacher before training: which module the
+user's ``training_step`` really calls (found by running that step once on a sample batch, see
+:mod:`lightning_slim.step_probe`), that the teacher accepts that call, the shapes of logits and
+feature pairs (which size the projections)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_slim.batches import batch_inputs, move_to
-from lightning_slim.distillation.configs import TokenMask
+from lightning_slim.batches import move_to
+from lightning_slim.distillation.capture import capture_student
 from lightning_slim.distillation.functional import Projection
-from lightning_slim.modules import call_arguments, evaluating, overrides_forward, submodule
-from lightning_slim.tokens import find_attention_mask, find_labels, resolve_shift, token_targets
+from lightning_slim.modules import device_of, evaluating, overrides_forward, submodule
+from lightning_slim.step_probe import preserved_random_state, probe_training_step
+
+STUDENT_HINT = (
+    "set logits={'student_module': ...} to the module whose output is the logits, as your training_step "
+    "calls it (e.g. 'model' for self.model(input_ids=...)), and input_fn=... if the teacher needs another input"
+)
 
 
 def check_models(
@@ -46,29 +53,100 @@ def check_models(
         submodule(teacher, teacher_logits_module, f"the teacher ({type(teacher).__name__})")
 
 
+def callable_modules(pl_module: nn.Module) -> dict[str, nn.Module]:
+    """Every module of the LightningModule that holds parameters, by path (lightning-slim's own
+    training-only ``slim_*`` attributes left out): what ``training_step`` may call."""
+    return {
+        path: m
+        for path, m in pl_module.named_modules()
+        if not path.split(".")[0].startswith("slim_") and next(m.parameters(), None) is not None
+    }
+
+
+def probe_student(
+    pl_module: nn.Module,
+    batch: Any,
+    named: str | None,
+    features: Mapping[str, nn.Module],
+    output_fn: Callable | None,
+) -> tuple[str, list[dict]]:
+    """Run the user's ``training_step`` on ``batch`` (:func:`~lightning_slim.step_probe.probe_training_step`)
+    and return ``(path, records)``: the module whose output is the student's logits (``named``, or the
+    one module the step calls itself) and what each of its calls recorded
+    (:meth:`~lightning_slim.distillation.capture.StudentCapture.records`). Raises ``ValueError`` naming
+    the fix when the step never calls ``named`` or calls several modules itself."""
+    targets = {named: submodule(pl_module, named)} if named else callable_modules(pl_module)
+    with capture_student(targets, features) as seen:
+        probe_training_step(pl_module, batch)
+    if named:
+        if not seen.calls.calls:
+            with capture_student(callable_modules(pl_module), {}) as called:
+                probe_training_step(pl_module, batch)
+            raise ValueError(
+                f"KnowledgeDistillation: training_step never called {named!r} (it calls "
+                f"{called.paths() or 'no module with parameters'} itself); {STUDENT_HINT}"
+            )
+        return named, seen.records(named, output_fn)
+    paths = seen.paths()
+    if len(paths) != 1:
+        what = f"calls {len(paths)} modules itself {paths}" if paths else "calls no module with parameters"
+        raise ValueError(f"KnowledgeDistillation: {type(pl_module).__name__}.training_step {what}; {STUDENT_HINT}")
+    return paths[0], seen.records(paths[0], output_fn)
+
+
+def example_records(
+    pl_module: nn.Module, path: str, features: Mapping[str, nn.Module], output_fn: Callable | None
+) -> list[dict]:
+    """Without a sample batch: the records of ``path`` in one forward of the module on its
+    ``example_input_array`` (to size feature projections), run as the step probe runs the step."""
+    example = getattr(pl_module, "example_input_array", None)
+    if example is None or not overrides_forward(pl_module):
+        raise ValueError(
+            "feature pairs need one forward pass before training to size the projections: set "
+            "example_input_array on a module that defines forward, or fit with a map-style dataset"
+        )
+    if isinstance(example, Mapping):
+        args, kwargs = (), dict(example)
+    else:
+        args, kwargs = (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {}
+    with preserved_random_state(), evaluating(pl_module):
+        with capture_student({path: submodule(pl_module, path)}, features) as seen:
+            pl_module(*move_to(args, device_of(pl_module)), **move_to(kwargs, device_of(pl_module)))
+    records = seen.records(path, output_fn)
+    if not records:
+        raise ValueError(f"example_input_array through forward never called {path!r}; {STUDENT_HINT}")
+    return records
+
+
 def check_shapes(
     student: Mapping[str, torch.Tensor],
     teacher: Mapping[str, torch.Tensor],
     feature_pairs: Mapping[str, str],
-    feature_dim: int,
+    width_dim: int,
+    pooling: str,
 ) -> dict[str, tuple[torch.Size, torch.Size]]:
-    """Logits of equal shape; each feature pair equal but for ``feature_dim``. Returns the pairs' shapes."""
-    s, t = student["logits"], teacher["logits"]
-    if s.shape != t.shape:
+    """Logits of equal shape (when both have them); each feature pair equal but for ``width_dim``
+    (the last dimension of token features when pooled). Returns the pairs' shapes."""
+    if "logits" in student and "logits" in teacher and student["logits"].shape != teacher["logits"].shape:
         raise ValueError(
-            f"student output shape {tuple(s.shape)} differs from the teacher's {tuple(t.shape)} on "
-            "the same input; name the logits modules (logits={'student_module': ..., "
-            "'teacher_module': ...}) or pass output_fn / teacher_output_fn"
+            f"student output shape {tuple(student['logits'].shape)} differs from the teacher's "
+            f"{tuple(teacher['logits'].shape)} on the same input; name the logits modules "
+            "(logits={'student_module': ..., 'teacher_module': ...}) or pass output_fn / teacher_output_fn"
         )
     shapes = {}
     for s_name, t_name in feature_pairs.items():
         fs, ft = student[f"feat:{s_name}"], teacher[f"feat:{t_name}"]
-        dim = feature_dim % fs.dim()
+        dim = width_dim % fs.dim()
         others = lambda x, dim=dim: [n for i, n in enumerate(x.shape) if i != dim]
         if fs.dim() != ft.dim() or others(fs) != others(ft):
             raise ValueError(
                 f"feature pair {s_name!r} -> {t_name!r}: shapes {tuple(fs.shape)} and "
-                f"{tuple(ft.shape)} may differ only in dimension dim={feature_dim}"
+                f"{tuple(ft.shape)} may differ only in dimension dim={width_dim}"
+            )
+        if pooling != "none" and (fs.dim() != 3 or dim != 2):
+            raise ValueError(
+                f"feature pair {s_name!r} -> {t_name!r}: pooling={pooling!r} needs token features "
+                f"(B, T, H) compared along their last dimension; got {tuple(fs.shape)} with dim={width_dim}"
             )
         shapes[s_name] = (fs.shape, ft.shape)
     return shapes
@@ -89,55 +167,3 @@ def build_projections(
 def same_structure(a: nn.Module | None, b: nn.Module) -> bool:
     signature = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()] + [type(v) for v in m.children()]
     return isinstance(a, nn.ModuleDict) and signature(a) == signature(b)
-
-
-def as_call(example: Any) -> tuple[tuple, dict]:
-    """Lightning's ``example_input_array`` as ``(args, kwargs)``: a tuple is positional, a dict keyword."""
-    if isinstance(example, Mapping):
-        return (), dict(example)
-    return (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {}
-
-
-def sample_student_call(
-    pl_module: nn.Module, target: nn.Module, batch: Any, input_fn: Callable | None, capture: Callable
-) -> dict[str, Any] | str:
-    """One eval-mode forward of the student before training, as ``training_step`` would run it
-    (``self(x)`` with ``example_input_array`` or the sample batch's inputs; or, for a module
-    without ``forward``, its ``target`` with the batch entries its ``forward`` names). Returns what
-    ``capture`` recorded (logits, features, ``call``), or why it could not run. Batch-norm
-    statistics are not touched."""
-    example = getattr(pl_module, "example_input_array", None)
-    if overrides_forward(pl_module) or target is pl_module:
-        if example is None and batch is None:
-            return "no example_input_array and no map-style training dataset to take a sample batch from"
-        call, run = (as_call(example) if example is not None else (((input_fn or batch_inputs)(batch),), {})), pl_module
-    elif batch is None:
-        return "no map-style training dataset to take a sample batch from"
-    else:
-        call, run = call_arguments(target, batch, input_fn=input_fn), target
-    device = next(pl_module.parameters()).device
-    try:
-        with evaluating(pl_module), capture() as (out, calls):
-            run(*move_to(call[0], device), **move_to(call[1], device))
-            recorded = {**out, **calls, "fed": call}
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"[:300]
-    if "logits" not in recorded or "call" not in recorded:
-        return f"the forward did not call {type(target).__name__}"
-    return recorded
-
-
-def kd_mask(
-    logits: torch.Tensor, batch: Any, kwargs: Mapping[str, Any] | None, model: nn.Module, tokens: TokenMask
-) -> torch.Tensor | None:
-    """The ``(B, T)`` positions of token logits a KD term counts (None: every position)."""
-    if logits.dim() != 3:
-        return None
-    shape = tuple(logits.shape[:2])
-    labels, hugging_face = find_labels(batch, kwargs, shape)
-    attention = find_attention_mask(batch, kwargs, shape) if tokens.padding else None
-    attention = None if attention is None else attention.to(logits.device)
-    if labels is None:
-        return None if attention is None else attention.bool()
-    shift = resolve_shift(tokens.shift, hugging_face, model)
-    return token_targets(labels.to(logits.device), attention, shift, tokens.ignore_index)[1]

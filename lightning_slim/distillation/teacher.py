@@ -14,7 +14,14 @@ from lightning_slim.distillation.configs import TeacherCacheConfig
 from lightning_slim.distillation.topk import teacher_topk
 from lightning_slim.index_cache import IndexCache
 from lightning_slim.loading import build_module, freeze, read_state_dict
-from lightning_slim.modules import capture_outputs, device_of, named_arguments, output_tensor, submodule
+from lightning_slim.modules import (
+    capture_outputs,
+    device_of,
+    forward_target,
+    named_arguments,
+    output_tensor,
+    submodule,
+)
 
 Call = tuple[tuple, dict]  # the positional and keyword arguments of one forward call
 
@@ -54,30 +61,82 @@ def teacher_arguments(target: nn.Module, call: Call) -> Call:
     return args, kwargs
 
 
+def teacher_calls(
+    target: nn.Module, records: list[dict], batch: Any, input_fn: Callable | None, path: str | None
+) -> list[Call]:
+    """The teacher's call for each of the student's recorded calls (:func:`teacher_arguments`), or
+    ``input_fn(batch)`` when given (one call per step; with no batch, the ``example_input_array`` the
+    student was run on is repeated)."""
+    if input_fn is None or batch is None:
+        return [teacher_arguments(target, r["call"]) for r in records]
+    if len(records) > 1:
+        raise ValueError(
+            f"input_fn gives the teacher one input per batch, but training_step called {path!r} "
+            f"{len(records)} times: leave input_fn unset so the teacher repeats each call"
+        )
+    return [((input_fn(batch),), {})]
+
+
+def teacher_target(teacher: nn.Module, student_path: str | None) -> nn.Module:
+    """What the teacher's call goes to: its submodule at the student's path when the teacher is a
+    user-style LightningModule that has one (a second instance of the student's class), else the
+    teacher itself, or its one child when it is a LightningModule without ``forward``."""
+    import lightning.pytorch as pl
+
+    if student_path and isinstance(teacher, pl.LightningModule):
+        try:
+            return teacher.get_submodule(student_path)
+        except AttributeError:
+            pass
+    return forward_target(teacher, None, "the teacher")[1]
+
+
+def _split_calls(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """``{"logits@1": ...}`` -> one dict per call (the cache keeps call i's outputs under ``@i``)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    for key, value in outputs.items():
+        name, _, number = key.partition("@")
+        if int(number or 0) < count:
+            out[int(number or 0)][name] = value
+    if not all(out):
+        raise ValueError(
+            f"cache_teacher holds the teacher's outputs for {len({k.partition('@')[2] for k in outputs})} call(s) "
+            f"of the student per example, but this step made {count}: the cache needs the same calls every step"
+        )
+    return out
+
+
 class TeacherRunner:
     """Runs the teacher (``target`` is what is called, ``logits_module`` what outputs the logits) and
-    keeps its outputs by example index when a cache is configured: full logits, or the top-k
-    buckets of ``softmax(logits / temperature)``; paired features as they are."""
+    keeps its outputs per example when a cache is configured: full logits, or the top-k buckets of
+    ``softmax(logits / temperature)``; paired features as they are. With ``logits=False`` only the
+    features are read."""
 
     def __init__(
         self,
         teacher: nn.Module,
-        target: nn.Module,
         logits_module: str | None,
         output_fn: Callable,
         features: list[str],
         cache: TeacherCacheConfig | None,
         temperature: float,
+        logits: bool = True,
     ):
-        self.teacher, self.target, self.output_fn, self.features = teacher, target, output_fn, features
-        self.logits_module = submodule(teacher, logits_module) if logits_module else target
+        self.teacher, self.output_fn, self.features, self.logits = teacher, output_fn, features, logits
+        self.target = teacher_target(teacher, None)
+        self.logits_name = logits_module
+        if logits_module:
+            submodule(teacher, logits_module, f"the teacher ({type(teacher).__name__})")
         self.config, self.temperature = cache, temperature
         self.cache = IndexCache()
         self.counts = {"teacher_examples": 0, "teacher_passes": 0, "cache_hits": 0}
 
     def _hooks(self):
-        modules = {"logits": self.logits_module, **{f"feat:{n}": self.teacher.get_submodule(n) for n in self.features}}
-        fns = {"logits": self.output_fn, **{f"feat:{n}": output_tensor for n in self.features}}
+        modules = {f"feat:{n}": self.teacher.get_submodule(n) for n in self.features}
+        fns: dict[str, Callable] = {f"feat:{n}": output_tensor for n in self.features}
+        if self.logits:
+            modules["logits"] = submodule(self.teacher, self.logits_name) if self.logits_name else self.target
+            fns["logits"] = self.output_fn
         return capture_outputs(modules, output_fn=fns)
 
     @torch.no_grad()
@@ -98,12 +157,15 @@ class TeacherRunner:
         self.counts["teacher_examples"] += n
         return out
 
-    def _stored(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype, logits = self.config.storage_dtype, out.pop("logits")
-        if self.config.top_k:
-            out |= teacher_topk(logits, self.config.top_k, self.temperature, dtype)
-        else:
-            out["logits"] = logits.to(dtype)
+    def _stored(self, out: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
+        dtype = self.config.storage_dtype
+        if "logits" in out:
+            logits = out.pop("logits")
+            if self.config.top_k:
+                out |= teacher_topk(logits, self.config.top_k, self.temperature, dtype)
+            else:
+                out["logits"] = logits.to(dtype)
+        out = {f"{k}{suffix}": v for k, v in out.items()}
         for key, value in out.items():
             held = self.cache.values.get(key)
             if held is not None and held.shape[1:] != value.shape[1:]:
@@ -114,20 +176,27 @@ class TeacherRunner:
                 )
         return out
 
-    def outputs(self, call: Call, n: int, index: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
-        """Teacher outputs for the ``n`` examples of this call (``index``: their dataset indices, for the cache)."""
+    def outputs(
+        self, calls: list[Call], n: int, keys: torch.Tensor | None, device: torch.device
+    ) -> list[dict[str, torch.Tensor]]:
+        """Teacher outputs for each call (of ``n`` examples) of one step; ``keys`` name the examples
+        in the cache (dataset indices or content slots)."""
         if self.config is None:
-            return self._run(call, n, device)
-        if index is None:
+            return [self._run(call, n, device) for call in calls]
+        if keys is None:
             raise BatchFormatError(
-                "cache_teacher needs each example's dataset index in the batch, e.g. "
-                "MNIST1DDataModule(with_index=True) batches (x, y, index), an 'index' key in dict "
-                "batches, or pass its index_fn"
+                "cache_teacher with key='index' needs each example's dataset index in the batch, e.g. "
+                "MNIST1DDataModule(with_index=True) batches (x, y, index), an 'index' key in dict batches, "
+                "or pass its index_fn; or use key='content'"
             )
-        missing = self.cache.missing(index)
-        self.counts["cache_hits"] += int((~missing).sum())
+        missing = self.cache.missing(keys)
+        self.counts["cache_hits"] += int((~missing).sum()) * len(calls)
         if missing.any():  # the teacher runs on the examples it has not seen yet, only
             rows = missing.nonzero().squeeze(1)
-            sub = slice_batch(call, rows, size=n) if len(rows) < n else call
-            self.cache.store(index[rows.to(index.device)], self._stored(self._run(sub, len(rows), device)))
-        return {k: v.to(device, non_blocking=True) for k, v in self.cache.lookup(index).items()}
+            stored: dict[str, torch.Tensor] = {}
+            for i, call in enumerate(calls):
+                sub = slice_batch(call, rows, size=n) if len(rows) < n else call
+                stored |= self._stored(self._run(sub, len(rows), device), f"@{i}" if i else "")
+            self.cache.store(keys[rows.to(keys.device)], stored)
+        looked = self.cache.lookup(keys)
+        return _split_calls({k: v.to(device, non_blocking=True) for k, v in looked.items()}, len(calls))
