@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import interception
+from lightning_slim import interception, log
 from lightning_slim.arguments import as_config, check_choice, check_range
 from lightning_slim.batches import BatchFormatError, batch_indices, example_count, sample_batch, slice_batch
 from lightning_slim.callback import SlimCallback
@@ -326,7 +326,10 @@ class KnowledgeDistillation(SlimCallback):
         else:
             loss = kd.soft_target_loss(s, teacher["logits"], temperature, mask)
         term = alpha * loss
-        values = {"kd_loss": loss, "task_loss": self._task_loss, "alpha": alpha, "temperature": temperature}
+        values = {"kd_loss": loss, "task_loss": self._task_loss}
+        annealed = self.schedule  # an annealed weight is a metric; a constant one is run config (log_config below)
+        values |= {"alpha": alpha} if annealed.alpha_final is not None else {}
+        values |= {"temperature": temperature} if annealed.temperature_final is not None else {}
         if self.pairs:
             feat = sum(
                 kd.feature_loss(proj[str(i)](student[f"feat:{sn}"]), teacher[f"feat:{tn}"], self.features.loss)
@@ -349,6 +352,7 @@ class KnowledgeDistillation(SlimCallback):
                     "cache_mb": self.cache.nbytes / 2**20,
                 }
             self.log_scalars(pl_module, {k: v for k, v in values.items() if v is not None})
+            log.log_config(trainer, self.technique, {"alpha": self.alpha, "temperature": self.temperature})
         return term
 
     # --- end of fit, state, export, report --------------------------------------------------
