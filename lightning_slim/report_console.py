@@ -144,7 +144,7 @@ def _notes(report: Mapping[str, Any], path: Path | None) -> list[str]:
         )
     for side, name in (("before", "at fit start"), ("after", "after fit"), ("teacher", "teacher")):
         for key, value in report.get(side, {}).items():
-            if key.endswith("_error") or key in ("export_refused", "counted_on"):
+            if key.endswith(("_error", "_note")) or key in ("export_refused", "counted_on"):
                 notes.append(f"{name}: {key.replace('_', ' ')}: {value}")
     if report.get("task_note"):
         notes.append(f"task: {report['task_note']}")

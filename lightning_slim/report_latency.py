@@ -20,6 +20,7 @@ from lightning_slim.batches import example_count, move_to, slice_batch
 from lightning_slim.generation import generation_speed
 from lightning_slim.measure import (
     as_call,
+    bound_call,
     cpu_int8_capability,
     first_rows,
     main_input,
@@ -80,9 +81,14 @@ def time_models(
     ``latency_ms_batch_1`` and ``latency_ms``, each with its ``latency_iqr_ms``), and, with a
     ``prompt``, the models named in ``generating`` generating ``generate_tokens`` tokens at batch 1
     side by side. A model that cannot run on the example gets a ``latency_error`` and the others
-    are still timed."""
+    are still timed; one whose ``forward`` takes fewer of the example's inputs (a deployed file
+    without the attention mask) gets a ``latency_note`` naming what it was timed without."""
     times: dict[str, dict[str, Any]] = {name: {} for name in models}
     batch = example_count(as_call(example))
+    for name, model in models.items():
+        left_out = unused_inputs(model, example)
+        if left_out:
+            times[name]["latency_note"] = f"its forward does not take {', '.join(left_out)}: timed without"
     for rows in sorted({1, batch}):
         x = first_rows(example, rows)
         runnable = {}
@@ -102,6 +108,13 @@ def time_models(
             for name, speed in generation_speed(generators, prompt, generate_tokens).items():
                 times[name] |= speed
     return times
+
+
+def unused_inputs(model: nn.Module, example: Any) -> list[str]:
+    """The example's keyword tensors that ``model``'s forward is not given (:func:`bound_call`)."""
+    _, args, kwargs = bound_call(model, example)
+    given = {k: v for k, v in as_call(example)[1].items() if isinstance(v, torch.Tensor)}
+    return [k for k, v in given.items() if k not in kwargs and not any(v is a for a in args)]
 
 
 def serving_rows(times: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]) -> dict[str, Any]:

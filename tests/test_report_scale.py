@@ -17,8 +17,14 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_slim import CompressionReport, QuantizationAwareTraining
 from lightning_slim.batches import example_count
 from lightning_slim.demos.modules import CausalLM
-from lightning_slim.measure import as_call, measure, output_bytes
-from lightning_slim.report_latency import OUTPUT_BUDGET_BYTES, latency_rows, measured_call, time_models
+from lightning_slim.measure import Artifact, as_call, measure, output_bytes
+from lightning_slim.report_latency import (
+    OUTPUT_BUDGET_BYTES,
+    latency_rows,
+    measured_call,
+    time_models,
+    unused_inputs,
+)
 
 
 class RandomTokens(Dataset):
@@ -112,7 +118,7 @@ def test_the_report_times_an_onnx_file_of_a_module_whose_forward_takes_keywords(
     report = CompressionReport(generate_tokens=4, output_path=str(tmp_path / "r.json"))
     fit(module, report, RandomTokens(512, 32), QuantizationAwareTraining(start_after=1), epochs=2, batch_size=4)
     deployed = report.exported_model
-    assert type(deployed).__name__ == "OrtModel"
+    assert isinstance(deployed, Artifact)  # the ONNX file, served by ONNX Runtime
     assert set(as_call(report.example_input)[1]) >= {"input_ids", "attention_mask"}  # a keyword call
     # was a latency_error row ("unexpected keyword argument 'input_ids'")
     assert "latency_error" not in report.after and report.after["latency_ms"] > 0
@@ -184,6 +190,12 @@ def test_a_file_taking_keyword_inputs_is_timed_with_the_same_call_as_the_model(t
     assert "latency_error" not in out and out["latency_ms"] > 0
     times = time_models({"model": model, "deployed": deployed}, call)
     assert times["deployed"]["latency_samples"] == times["model"]["latency_samples"] >= 5
+    # a form that takes only the token ids is timed on them, and the report says what it left out
+    assert unused_inputs(deployed, call) == [] and "latency_note" not in times["deployed"]
+    ids_only = nn.Embedding(64, 8)  # forward(input): the token ids, positionally
+    assert unused_inputs(ids_only, call) == ["attention_mask"]
+    note = time_models({"ids_only": ids_only}, call)["ids_only"]["latency_note"]
+    assert note == "its forward does not take attention_mask: timed without"
 
 
 @pytest.mark.slow_real
