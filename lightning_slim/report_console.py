@@ -35,7 +35,8 @@ class Row:
 
 # (label, key at fit start, key after fit, key of the teacher, kind); kind: "fewer" / "smaller" /
 # "faster" (a cost: the ratio), "time" (milliseconds with an IQR: the ratio, and whether it is inside
-# the spread), "rate" (per second: higher is better), "higher" / "lower" (quality: the difference), "" (none)
+# the spread), "higher" / "lower" (quality: the difference), "" (none). Generation is shown in ms per
+# token, with its spread; tokens per second (without one) are in the JSON and W&B.
 COSTS = (
     ("parameters", "params", "params", "params", "fewer"),
     ("non-zero parameters", "nonzero_params", "nonzero_params", "nonzero_params", "fewer"),
@@ -55,11 +56,10 @@ QUALITY = {
         ("perplexity, validation", "perplexity", "perplexity", "perplexity", "lower"),
         ("loss, as logged", None, "logged_val_loss", None, ""),
         ("generate, ms/token", "generate_ms_per_token", "generate_ms_per_token", None, "time"),
-        ("generate, tokens/s", "generate_tokens_per_s", "generate_tokens_per_s", None, "rate"),
         ("train tokens/s", None, "train_tokens_per_s", None, ""),
     ),
 }
-WORSE = {"fewer": "more", "smaller": "larger", "faster": "slower", "time": "slower", "rate": "slower"}
+WORSE = {"fewer": "more", "smaller": "larger", "time": "slower"}
 
 
 def _iqr_key(key: str) -> str:
@@ -73,8 +73,8 @@ def _change(kind: str, b: Any, a: Any, spread: tuple) -> str:
         return f"{a - b:+.4g}"
     if a == b:
         return "same"
-    ratio = a / b if kind == "rate" else (b / a if a else float("inf"))
-    word = ("faster" if kind in ("time", "rate") else kind) if ratio >= 1 else WORSE[kind]
+    ratio = b / a if a else float("inf")
+    word = ("faster" if kind == "time" else kind) if ratio >= 1 else WORSE[kind]
     if kind == "time" and None not in spread[:2] and abs(a - b) <= (spread[0] + spread[1]) / 2:
         return f"within noise ({ratio:.2f}x)"  # the medians differ by less than the quartiles' spread
     return f"{max(ratio, 1 / ratio):.2f}x {word}"
@@ -89,7 +89,8 @@ def rows(report: Mapping[str, Any]) -> list[Row]:
     """The models table of ``report`` (a ``CompressionReport.as_dict()``), rows that have a value."""
     before, after, teacher = report.get("before", {}), report.get("after", {}), report.get("teacher", {})
     batch = after.get("latency_batch") or before.get("latency_batch")
-    latency = [("latency ms, batch 1", "latency_ms_batch_1")] if "latency_ms_batch_1" in after else []
+    one = "latency_ms_batch_1" in after or "latency_ms_batch_1" in before
+    latency = [("latency ms, batch 1", "latency_ms_batch_1")] if one else []
     latency.append((f"latency ms, batch {batch}" if batch else "latency ms", "latency_ms"))
     specs = [
         *COSTS,
