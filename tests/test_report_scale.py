@@ -63,8 +63,9 @@ class ServedLM(CausalLM):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def fit(module, report, data, *callbacks, epochs=1, batch_size=2):
+def fit(tmp_path, module, report, data, *callbacks, epochs=1, batch_size=2):
     trainer = pl.Trainer(
+        default_root_dir=tmp_path,
         max_epochs=epochs,
         limit_train_batches=2,
         limit_val_batches=1,
@@ -96,12 +97,12 @@ def test_the_automatic_latency_batch_keeps_one_calls_output_within_the_budget():
     assert latency_rows(wide, call, available=100, requested=300) == 300  # a user's choice is used as given
 
 
-def test_a_language_model_is_timed_at_batch_1_and_its_training_batch_not_256_rows():
+def test_a_language_model_is_timed_at_batch_1_and_its_training_batch_not_256_rows(tmp_path):
     pl.seed_everything(0)
     vocab, seq = 4096, 128
     module = CausalLM(llama(vocab), warmup=1)
     report = CompressionReport(generate_tokens=4)  # the default latency batch
-    fit(module, report, RandomTokens(vocab, seq), batch_size=2)
+    fit(tmp_path, module, report, RandomTokens(vocab, seq), batch_size=2)
     example = report.example_input
     assert example_count(as_call(example)) == 2  # the training batch (256 rows: 512 MiB of logits a call)
     assert output_bytes(module, example) == 2 * seq * vocab * 4 <= OUTPUT_BUDGET_BYTES
@@ -116,7 +117,15 @@ def test_the_report_times_an_onnx_file_of_a_module_whose_forward_takes_keywords(
     pl.seed_everything(0)
     module = ServedLM(llama(vocab=512), warmup=1)
     report = CompressionReport(generate_tokens=4, output_path=str(tmp_path / "r.json"))
-    fit(module, report, RandomTokens(512, 32), QuantizationAwareTraining(start_after=1), epochs=2, batch_size=4)
+    fit(
+        tmp_path,
+        module,
+        report,
+        RandomTokens(512, 32),
+        QuantizationAwareTraining(start_after=1),
+        epochs=2,
+        batch_size=4,
+    )
     deployed = report.exported_model
     assert isinstance(deployed, Artifact)  # the ONNX file, served by ONNX Runtime
     assert set(as_call(report.example_input)[1]) >= {"input_ids", "attention_mask"}  # a keyword call
