@@ -124,7 +124,9 @@ def read_metric(trainer: pl.Trainer, name: str | None, user: str, must_exist: bo
         return float(value)
     if must_exist and name not in state.found:
         logged = sorted(metrics)
-        close = difflib.get_close_matches(name, logged, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(
+            name, logged, n=1, cutoff=0.8
+        )  # val_acc for val/acc; not train/loss for val/loss
         warn_once(
             trainer,
             f"metric:{user}:{name}",

@@ -118,10 +118,16 @@ def _number(value: Any, spread: float | None = None) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        if spread is not None:
-            return f"{value:.3g} ±{spread / 2:.1g}"
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+        if spread is not None:  # milliseconds: 3 significant digits, the spread to 1 (no exponents)
+            return f"{_digits(value, 3)} ±{_digits(spread / 2, 1)}"
+        return _digits(value, 4)
     return str(value)
+
+
+def _digits(value: float, significant: int) -> str:
+    if abs(value) >= 10 ** (significant - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{significant}g}"
 
 
 def readable(value: Any) -> str:

@@ -85,6 +85,9 @@ def test_a_metric_that_is_never_logged_warns_once_per_reader_with_the_closest_na
     assert [issubclass(w.category, MetricNotLoggedWarning) for w in again] == [True]
     assert read_metric(fit, "val_acc", reader, must_exist=True) == float(fit.callback_metrics["val_acc"])
     assert not caught(lambda: read_metric(fit, "val/acc", reader))  # mid-run reads do not warn
+    # no suggestion that is only spelled alike: train/loss is not what val/loss means
+    (loss,) = caught(lambda: read_metric(fit, "val/loss", "CompressionReport(loss_metric='val/loss')", True))
+    assert str(loss.message).endswith("logged metrics are ['train/loss', 'val_acc']")
 
 
 def documented_patterns() -> list[re.Pattern]:
