@@ -1,5 +1,6 @@
-"""What a compressed model costs: parameters, non-zeros, bytes as saved, MACs, CPU latency, and for
-language models generation speed.
+"""What a compressed model costs: parameters, non-zeros, bytes as saved, MACs and CPU latency
+(median and interquartile range, models timed side by side). Generation speed is in
+:mod:`lightning_slim.generation`.
 
 Inputs (``example_input``) may be a tensor (``model(x)``; token ids too), a dict of keyword
 arguments (``model(**x)``, e.g. ``{"input_ids", "attention_mask"}``), or a call ``(args, kwargs)``.
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import io
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from lightning_slim.modules import forward_target, named_arguments, output_tensor, without_cache
+from lightning_slim.modules import call_arguments, evaluating, forward_target, without_cache
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -84,10 +88,73 @@ def as_call(example: Any) -> tuple[tuple, dict]:
     return (example,), {}
 
 
-def _prepared(model: nn.Module, example: Any) -> tuple[nn.Module, tuple, dict]:
+def bound_call(model: nn.Module, example: Any) -> tuple[nn.Module, tuple, dict]:
+    """``(target, args, kwargs)``: what measuring ``model`` on ``example`` calls. ``target`` is the
+    module :func:`~lightning_slim.modules.forward_target` finds; a keyword example (``input_ids``,
+    ``attention_mask``...) is bound to the names its ``forward`` takes, so the same example drives
+    the user's Hugging Face model and a deployed file whose ``forward`` names fewer inputs or takes
+    them positionally (:func:`~lightning_slim.modules.call_arguments`: the named ones, else the
+    main input, ``input_ids``)."""
     _, target = forward_target(model)
     args, kwargs = as_call(example)
+    if kwargs and not args and not _takes_any_keyword(target):
+        args, kwargs = call_arguments(target, kwargs, drop=())
     return target, args, without_cache(target, kwargs)
+
+
+def _takes_any_keyword(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def main_input(example: Any) -> torch.Tensor | None:
+    """The main input tensor of an example: its first positional argument, else the keyword input
+    a batch names as its inputs (``input_ids``, ``x``...), else its first tensor."""
+    from lightning_slim.batches import BatchFormatError, batch_inputs
+
+    args, kwargs = as_call(example)
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    try:
+        return batch_inputs(kwargs)
+    except BatchFormatError:
+        return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def first_rows(example: Any, rows: int) -> tuple[tuple, dict]:
+    """The first ``rows`` examples of ``example`` as a call ``(args, kwargs)``."""
+    from lightning_slim.batches import example_count, slice_batch
+
+    call = as_call(example)
+    return slice_batch(call, torch.arange(rows), size=example_count(call))
+
+
+def _tensors(output: Any):
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from _tensors(value)
+
+
+@torch.inference_mode()
+def output_bytes(model: nn.Module, example: Any) -> int:
+    """Bytes of the tensors one call of ``model`` on ``example`` returns (logits, hidden states...):
+    what each timed call allocates at least (a language model's logits grow with batch x
+    sequence x vocabulary)."""
+    from lightning_slim.batches import move_to
+
+    target, args, kwargs = bound_call(model, example)
+    device = next(target.parameters(), torch.empty(0)).device
+    with evaluating(target):
+        out = target(*move_to(args, device), **move_to(kwargs, device))
+    return sum(t.numel() * t.element_size() for t in _tensors(out))
 
 
 def token_count(example: Any) -> int:
@@ -96,6 +163,22 @@ def token_count(example: Any) -> int:
     ids = kwargs.get("input_ids")
     if ids is None:
         ids = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    ok = isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
+    return int(ids.numel()) if ok else 0
+
+
+def real_tokens(batch: Any) -> int:
+    """Real tokens of a language-model batch: the attention mask's ones, else every token id
+    (``input_ids`` or the inputs, when they are ``(B, T)`` integers), else 0."""
+    from lightning_slim.batches import BatchFormatError, batch_inputs
+
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    try:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) and "input_ids" in batch else batch_inputs(batch)
+    except BatchFormatError:
+        return 0
     ok = isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
     return int(ids.numel()) if ok else 0
 
@@ -138,126 +221,94 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     """MACs of one forward pass per example of ``example_input`` (:func:`macs_of`)."""
     from lightning_slim.batches import example_count
 
-    target, args, kwargs = _prepared(model, example_input)
+    target, args, kwargs = bound_call(model, example_input)
     return macs_of(target, lambda m: m(*args, **kwargs)) // max(1, example_count((args, kwargs)))
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: the median and the interquartile range (q3 - q1) of ``samples`` calls."""
+
+    median_ms: float
+    iqr_ms: float
+    samples: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Timing:
+        ms = [1000 * s for s in seconds]
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+        return cls(statistics.median(ms), q3 - q1, len(ms))
+
+
+def interleaved_timings(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 1,
+    warmup: int = 1,
+    rounds: int | None = None,
+    budget_s: float = 2.0,
+    min_rounds: int = 5,
+    max_rounds: int = 50,
+) -> dict[str, Timing]:
+    """Each zero-argument function timed side by side: every round runs each of them ``repeats``
+    times in turn (starting with a different one each round), so drift on a shared machine hits
+    all of them alike and a ratio of medians compares like with like. ``rounds=None`` runs rounds
+    until ``budget_s`` has passed (at least ``min_rounds``, at most ``max_rounds``). Returns the
+    median and spread per function (:class:`Timing`)."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):  # first calls allocate and pick kernels: not timed
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    begin, done = time.perf_counter(), 0
+    while done < (max_rounds if rounds is None else rounds):
+        for name in names[done % len(names) :] + names[: done % len(names)]:
+            fn = fns[name]
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        done += 1
+        if rounds is None and done >= min_rounds and time.perf_counter() - begin >= budget_s:
+            break
+    return {name: Timing.of(t) for name, t in times.items()}
+
+
 @torch.inference_mode()
-def cpu_latency_ms(model: nn.Module, example_input: Any, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of a forward pass on CPU in milliseconds (after ``warmup`` passes)."""
-    target, args, kwargs = _prepared(model, example_input)
-    was_training = target.training
-    target.eval()
+def time_side_by_side(models: Mapping[str, nn.Module], example: Any, **timing: Any) -> dict[str, Timing]:
+    """:func:`interleaved_timings` of a forward of each model on ``example`` (bound to each one's
+    ``forward``, :func:`bound_call`), in eval mode (each submodule's own mode comes back after)."""
     from lightning_slim.batches import move_to
 
-    args, kwargs = move_to(args, "cpu"), move_to(kwargs, "cpu")
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        target(*args, **kwargs)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    target.train(was_training)
-    return 1000 * statistics.median(times)
+    with contextlib.ExitStack() as modes:
+        fns = {}
+        for name, model in models.items():
+            target, args, kwargs = bound_call(model, example)
+            modes.enter_context(evaluating(target))
+            fns[name] = functools.partial(target, *move_to(args, "cpu"), **move_to(kwargs, "cpu"))
+        return interleaved_timings(fns, **timing)
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence a model's position embeddings allow (from its config), if it says."""
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-@torch.inference_mode()
-def generation_speed(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int = 256, window: int | None = None, warmup: int = 4
-) -> dict[str, Any]:
-    """Greedy generation at batch 1, the way a deployed LM is served: tokens per second for
-    ``new_tokens`` tokens after ``prompt`` (``(1, P)`` token ids). A model whose ``forward`` takes a
-    key/value cache (Hugging Face: ``cache`` or ``past_key_values``) decodes one token per forward
-    with it; any other model re-reads the last ``window`` tokens (default ``P``) at every step. The
-    number of new tokens is cut to what the model's position embeddings allow."""
-    _, target = forward_target(model)
-    was_training = target.training
-    target.eval()
-    names = named_arguments(target)
-    cache_arg = next((n for n in ("cache", "past_key_values") if n in names), None)
-    limit = max_positions(target)
-    ids = prompt[:1].long().cpu()
-    if limit is not None:
-        ids = ids[:, : max(1, min(ids.shape[1], limit // 2))]
-        new_tokens = max(1, min(new_tokens, limit - ids.shape[1]))
-    window = window or ids.shape[1]
-    try:
-        if cache_arg and "use_cache" in names:
-            step, used = _cached_steps(target, ids, cache_arg), True
-        else:
-            step, used = _window_steps(target, ids, window), False
-        for _ in range(min(warmup, new_tokens)):  # first calls allocate; not timed
-            next(step)
-        step = _cached_steps(target, ids, cache_arg) if used else _window_steps(target, ids, window)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            next(step)
-        seconds = time.perf_counter() - start
-    finally:
-        target.train(was_training)
-    return {
-        "generate_tokens_per_s": new_tokens / seconds,
-        "generate_tokens": new_tokens,
-        "generate_kv_cache": used,
-        "generate_prompt_tokens": int(ids.shape[1]),
-    }
-
-
-def _cached_steps(target: nn.Module, ids: torch.Tensor, cache_arg: str):
-    out = target(input_ids=ids, use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None:
-        raise TypeError(f"{type(target).__name__} takes use_cache but returned no key/value cache")
-    while True:
-        token = output_tensor(out)[:, -1:].argmax(-1)
-        yield token
-        out = target(input_ids=token, use_cache=True, **{cache_arg: cache})
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-
-
-def _window_steps(target: nn.Module, ids: torch.Tensor, window: int):
-    kwargs = without_cache(target, {})
-    while True:
-        logits = output_tensor(target(ids[:, -window:], **kwargs))
-        token = logits[:, -1:].argmax(-1)
-        ids = torch.cat([ids, token], dim=1)
-        yield token
+def cpu_latency_ms(model: nn.Module, example_input: Any, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of a forward pass on CPU in milliseconds (after ``warmup`` passes)."""
+    return time_side_by_side({"model": model}, example_input, warmup=warmup, rounds=repeats)["model"].median_ms
 
 
 def measure(
     model: nn.Module, example_input: Any = None, latency: bool = True, warmup: int = 3, repeats: int = 10
 ) -> dict[str, Any]:
     """All of the above in one dict. MACs and latency need ``example_input`` (a CPU batch); what
-    cannot be measured on this model is a ``macs_error`` / ``latency_error`` row saying why."""
+    cannot be measured on this model is a ``macs_error`` / ``latency_error`` row saying why. A
+    deployed file (:class:`Artifact`) has its bytes and latency measured, no parameters or graph."""
     model = model.cpu() if next(model.parameters(), torch.empty(0)).device.type != "cpu" else model
-    if isinstance(model, Artifact):  # a file: its bytes and its latency, no parameters or graph to count
-        out: dict[str, Any] = {"size_bytes": shipped_bytes(model)}
-        if example_input is not None and latency:
-            try:
-                out["latency_ms"] = cpu_latency_ms(model, example_input, warmup, repeats)
-            except Exception as err:
-                out["latency_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
+    artifact = isinstance(model, Artifact)
+    out: dict[str, Any] = {}
+    if not artifact:
+        out |= {"params": count_parameters(model), "nonzero_params": count_nonzero_parameters(model)}
+    out["size_bytes"] = shipped_bytes(model)
+    if example_input is None:
         return out
-    out = {
-        "params": count_parameters(model),
-        "nonzero_params": count_nonzero_parameters(model),
-        "size_bytes": shipped_bytes(model),
-    }
-    if example_input is not None:
-        from lightning_slim.batches import example_count, slice_batch
-
-        args, kwargs = as_call(example_input)
-        first = slice_batch((args, kwargs), torch.arange(1), size=example_count((args, kwargs)))
+    if not artifact:
+        first = first_rows(example_input, 1)
         try:
             out["macs"] = count_macs(model, first)
             tokens = token_count(first)
@@ -265,11 +316,12 @@ def measure(
                 out["macs_per_token"] = out["macs"] / tokens
         except Exception as err:  # a model torch-pruning cannot trace still gets the rest measured
             out["macs_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
-        if latency:
-            try:
-                out["latency_ms"] = cpu_latency_ms(model, (args, kwargs), warmup, repeats)
-            except Exception as err:
-                out["latency_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
+    if latency:
+        try:
+            timing = time_side_by_side({"model": model}, example_input, warmup=warmup, rounds=repeats)["model"]
+            out |= {"latency_ms": timing.median_ms, "latency_iqr_ms": timing.iqr_ms}
+        except Exception as err:
+            out["latency_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
     return out
 
 
@@ -303,27 +355,20 @@ def cpu_int8_capability(cpuinfo: str | None = None) -> dict:
     }
 
 
-@torch.inference_mode()
 def interleaved_latency_ms(
     fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 5
 ) -> dict[str, float]:
-    """Median milliseconds per call of each zero-argument function, timed side by side: every round
-    runs each function ``repeats`` times in turn, so drift on a shared machine hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    """Median milliseconds per call of each zero-argument function, timed side by side
+    (:func:`interleaved_timings`)."""
+    with torch.inference_mode():
+        timings = interleaved_timings(fns, repeats=repeats, warmup=warmup, rounds=rounds)
+    return {name: t.median_ms for name, t in timings.items()}
 
 
-def compare_latency(models: dict[str, nn.Module], x: torch.Tensor, **kwargs) -> dict[str, float]:
-    """``interleaved_latency_ms`` of ``model(x)`` for each model (torch modules and ``OrtModel``s)."""
-    for m in models.values():
-        m.eval()
-    return interleaved_latency_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, **kwargs)
+def compare_latency(
+    models: dict[str, nn.Module], x: Any, repeats: int = 20, warmup: int = 3, rounds: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of a forward of each model (torch modules and ``OrtModel``s) on ``x``,
+    timed side by side (:func:`time_side_by_side`)."""
+    timings = time_side_by_side(models, x, repeats=repeats, warmup=warmup, rounds=rounds)
+    return {name: t.median_ms for name, t in timings.items()}

@@ -1,18 +1,15 @@
-"""CompressionReport: what the model cost before ``fit`` and what its deployable form costs after.
+"""CompressionReport: what the model cost at the start of ``fit`` and what its deployable form costs after.
 
-It measures the module as the user built it (a CPU copy taken in ``setup``, measured on the
-first training batch, when a real input is known), and at ``on_fit_end`` the deployable
-model: a copy of the trained module passed through every lightning-slim callback's
-``export`` (masks made permanent, int8 conversion...). It finds the task (``task="auto"``:
-classification or language model, :mod:`lightning_slim.evaluation`) and reports the metric that
-fits it, never one with the wrong meaning: accuracy for classifiers (the logged metric the user
-names, and the exported model evaluated on the validation data), validation loss and perplexity
-for language models (before and after, the exported model's token cross-entropy, and the logged
-loss), with training throughput (tokens or examples per second) and, for language models,
-generation speed at batch 1 (with a key/value cache when the model takes one). With a teacher in
-the Trainer (distillation) the teacher is measured and evaluated beside the student. It adds
-each technique's own rows, prints a table, logs it to W&B (table + summary) and writes
-``compression_report.json`` beside the checkpoints.
+At fit start it measures the module as the user built it (a CPU copy taken in ``setup``, before any
+callback changes it; measured on the first training batch, when a real input is known); at
+``on_fit_end`` the deployable model: a copy of the trained module passed through every technique's
+``export`` (masks made permanent, int8 conversion...). It finds the task (classification or language
+model, :mod:`lightning_slim.evaluation`) and reports the quality metric that fits it (accuracy;
+validation loss and perplexity), never one with the wrong meaning, with training throughput, a
+language model's generation speed, and the teacher beside the student under distillation. Latency
+is timed at the end with every model side by side (:mod:`lightning_slim.report_latency`). It prints
+a table (:mod:`lightning_slim.report_console`), writes ``compression_report.json`` beside the
+checkpoints and logs to W&B (:mod:`lightning_slim.report_logging`; keys in ``docs/logging.md``).
 """
 
 from __future__ import annotations
@@ -29,32 +26,25 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import log
+from lightning_slim import log, report_console, report_logging
 from lightning_slim.arguments import check_choice, check_int
-from lightning_slim.batches import BatchFormatError, batch_inputs, batch_targets, example_count, slice_batch
+from lightning_slim.batches import BatchFormatError, batch_inputs, example_count
 from lightning_slim.callback import SlimCallback
 from lightning_slim.compose import capability, techniques
 from lightning_slim.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.evaluation import TASKS, detect_task, evaluate
-from lightning_slim.measure import (
-    Artifact,
-    compare_latency,
-    cpu_int8_capability,
-    generation_speed,
-    measure,
-    shipped_bytes,
-)
-from lightning_slim.modules import call_arguments, forward_target, output_tensor
+from lightning_slim.measure import Artifact, cpu_int8_capability, main_input, measure, real_tokens, shipped_bytes
+from lightning_slim.modules import output_tensor
+from lightning_slim.report_latency import measured_call, prompt_of, serving_rows, time_models
 
-COMPARED = ("params", "nonzero_params", "size_bytes", "macs", "latency_ms")
-QUALITY = {
-    "classification": ("accuracy", "export_accuracy"),
-    "language_model": ("val_loss", "perplexity", "logged_val_loss", "generate_tokens_per_s", "train_tokens_per_s"),
-}
+BASELINE = (
+    "at fit start: the model as the user built it, before training and before any callback changed it "
+    "(untrained, or pretrained as loaded); after fit: the deployable model every callback's export made"
+)
 
 
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
@@ -72,6 +62,8 @@ def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: 
 @torch.inference_mode()
 def classification_accuracy(model: nn.Module, loader, input_fn=batch_inputs) -> float:
     """Accuracy of a classifier on ``loader`` (the model's output may be a ``ModelOutput``)."""
+    from lightning_slim.batches import batch_targets
+
     correct = total = 0
     for batch in loader:
         logits = output_tensor(model(input_fn(batch).cpu()))
@@ -80,46 +72,27 @@ def classification_accuracy(model: nn.Module, loader, input_fn=batch_inputs) -> 
     return correct / max(total, 1)
 
 
-def format_table(before: dict, after: dict, task: str | None = None) -> str:
-    lines = [f"{'metric':<24}{'before':>16}{'after':>16}{'ratio':>10}"]
-    for key in [k for k in (*COMPARED, *QUALITY.get(task, ("accuracy",))) if k in before or k in after]:
-        b, a = before.get(key), after.get(key)
-        ratio = f"{b / a:.2f}x" if isinstance(b, (int, float)) and isinstance(a, (int, float)) and a else ""
-        fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
-        lines.append(f"{key:<24}{fmt(b):>16}{fmt(a):>16}{ratio:>10}")
-    return "\n".join(lines)
-
-
-def format_serving(serving: dict[str, Any]) -> str:
-    """The side-by-side latency table of :meth:`CompressionReport._serving` (empty without one)."""
-    batches = [k for k in serving if k.startswith("batch_")]
-    if not batches:
-        return ""
-    cpu = serving["cpu"]
-    units = [k for k in ("avx2", "avx512_vnni", "avx_vnni", "amx", "arm_dotprod") if cpu.get(k)]
-    names = [k.removesuffix("_ms") for k in serving[batches[0]] if k.endswith("_ms")]
-    lines = [f"serving on {cpu['model']} ({', '.join(units) or 'no int8 dot-product units'}), ms per call:"]
-    lines.append(f"{'batch':<8}" + "".join(f"{n:>16}" for n in names) + f"{'deployed speed-up':>30}")
-    for key in batches:
-        row = serving[key]
-        ups = " / ".join(f"{row[f'speedup_vs_{n}']:.2f}x vs {n}" for n in names if n != "deployed")
-        lines.append(
-            f"{key.removeprefix('batch_'):<8}" + "".join(f"{row[f'{n}_ms']:>16.3f}" for n in names) + f"  {ups}"
-        )
-    return "\n".join(lines)
-
-
 class CompressionReport(SlimCallback):
-    """Measure the model before and after ``fit`` and report what the techniques saved.
+    """Measure the model at the start of ``fit`` and its deployable form after, and report what the
+    techniques saved. Every key it logs is listed in ``docs/logging.md``.
 
     Args:
         accuracy_metric: a logged metric to read as the trained classifier's accuracy (e.g.
             ``"val/acc"``). Warns at the end of fit if it was never logged. Not read for language models.
-        loss_metric: a logged metric to read as a language model's validation loss (``logged_val_loss``).
+        loss_metric: a logged metric to read as a language model's validation loss (``logged_val_loss``);
+            warns at the end of fit if it was never logged.
         task: ``"auto"`` (from the model's output on a training batch), ``"classification"`` or
             ``"language_model"``.
-        latency_batch_size: batch size for the CPU latency measurement.
-        measure_latency: set False to skip timing (MACs, sizes and counts are still reported).
+        latency_batch_size: rows per call for the CPU latency measurement, besides batch 1 (one
+            request), which is always timed. None (default) picks it from the task's own data: the
+            first training batch's size (the shape the user's loader feeds), cut so that one call's
+            output stays within 256 MiB (measured from one row's output). A language model with a
+            49,152-token vocabulary at 128 tokens returns 25 MB of logits per row, so it is timed
+            at batch 1 and at its training batch of, say, 4 (100 MB), not at 256 rows (6 GB). An
+            integer is used as given (rows of the first batch repeated as needed).
+        measure_latency: set False to skip timing (MACs, sizes and counts are still reported); with
+            it, the model as built is kept as a CPU copy until the end of fit, to be timed beside
+            the deployed one.
         evaluate_export: evaluate the model before training and its exported form after on the
             validation dataloader (accuracy, or validation loss and perplexity).
         generate_tokens: tokens generated at batch 1 to time a language model (0: not timed).
@@ -137,7 +110,7 @@ class CompressionReport(SlimCallback):
     def __init__(
         self,
         accuracy_metric: str | None = "val/acc",
-        latency_batch_size: int = 256,
+        latency_batch_size: int | None = None,
         measure_latency: bool = True,
         evaluate_export: bool = True,
         output_path: str | None = None,
@@ -147,17 +120,13 @@ class CompressionReport(SlimCallback):
         generate_tokens: int = 256,
         max_eval_batches: int | None = None,
     ):
-        if latency_batch_size < 1:
-            raise ValueError(f"latency_batch_size={latency_batch_size!r} must be a positive integer")
+        check_int("latency_batch_size", latency_batch_size, minimum=1, allow_none=True)
         check_choice("task", task, TASKS)
         check_int("generate_tokens", generate_tokens, minimum=0)
         check_int("max_eval_batches", max_eval_batches, minimum=1, allow_none=True)
         self.accuracy_metric, self.loss_metric, self.task_option = accuracy_metric, loss_metric, task
-        self.latency_batch_size, self.generate_tokens, self.max_eval_batches = (
-            latency_batch_size,
-            generate_tokens,
-            max_eval_batches,
-        )
+        self.latency_batch_size, self.generate_tokens = latency_batch_size, generate_tokens
+        self.max_eval_batches = max_eval_batches
         self.measure_latency, self.evaluate_export = measure_latency, evaluate_export
         self.output_path, self.input_fn = output_path, input_fn
         self.before: dict[str, Any] = {}
@@ -167,7 +136,9 @@ class CompressionReport(SlimCallback):
         self.techniques: dict[str, dict[str, Any]] = {}
         self.task: str | None = None
         self.task_note = ""
+        self.json_path: Path | None = None
         self._baseline: nn.Module | None = None
+        self._baseline_taken = False
         self.exported_model: nn.Module | None = None
         self.example_input: Any = None  # the measured input: a tensor or an (args, kwargs) call
         self._prompt: torch.Tensor | None = None
@@ -176,50 +147,45 @@ class CompressionReport(SlimCallback):
 
     @override
     def take_baseline(self, pl_module) -> None:
-        """Copy the model as the user built it (every technique's ``setup`` asks, before changing it)."""
-        if not self.before and self._baseline is None:
-            self._baseline = copy.deepcopy(pl_module).cpu()
+        """Copy the model as the user built it (every technique's ``setup`` asks, before changing it:
+        the first call of a fit counts). A resumed fit then loads the first fit's numbers
+        (``load_state_dict``); the copy, the same architecture, is still what gets timed."""
+        if self._baseline_taken:
+            return
+        self._baseline_taken = True
+        self.before, self.after, self.teacher, self.serving, self.techniques = {}, {}, {}, {}, {}
+        self._baseline = copy.deepcopy(pl_module).cpu()
+
+    @override
+    def _leave(self, pl_module) -> None:  # teardown, or on_exception: the next fit takes its own baseline
+        super()._leave(pl_module)
+        self._baseline_taken, self._baseline = False, None
 
     @override
     def on_fit_start(self, trainer, pl_module):
         self.example_input = None  # measured again on this fit's first batch
         self._throughput = []
 
-    def _example(self, model: nn.Module, batch) -> Any:
-        """The input to measure: the model's own call on this batch, repeated to ``latency_batch_size`` rows."""
-        n = example_count(batch)
-        rows = torch.arange(self.latency_batch_size) % n
-        if self.input_fn is not None:
-            return slice_batch(self.input_fn(batch).detach().cpu(), rows, size=n)
-        _, target = forward_target(model)
-        args, kwargs = call_arguments(target, batch)
-        call = slice_batch((args, kwargs), rows, size=n)
-        call = (
-            tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in call[0]),
-            {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in call[1].items()},
-        )
-        ids = call[1].get("input_ids", call[0][0] if call[0] else None)
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-            self._prompt = ids[:1]
-        return call[0][0] if len(call[0]) == 1 and not call[1] else call
-
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._step_start = time.perf_counter()
         if self.example_input is None:  # first batch of this fit (a resumed one too)
+            model = self._baseline if self._baseline is not None else pl_module
+            self._find_task(model, batch)
             try:
-                self.example_input = self._example(self._baseline or pl_module, batch)
+                rows, timed = self.latency_batch_size, self.measure_latency
+                self.example_input = measured_call(model, batch, self.input_fn, rows, timed)
+                self._prompt = prompt_of(self.example_input)
             except (BatchFormatError, ValueError) as err:
                 rank_zero_warn(f"CompressionReport cannot find the inputs to measure MACs/latency: {err}")
                 self.example_input = ()
-            self._find_task(self._baseline or pl_module, batch)
         if self._baseline is not None and not self.before:
             if trainer.is_global_zero:
                 self.before = self._measure(self._baseline)
                 loader = self._val_loader(trainer, before_training=True)
                 if loader is not None:
                     self.before |= self._quality(self._baseline, loader)
-            self._baseline = None
+            if not (self.measure_latency and trainer.is_global_zero):  # else timed beside the deployed one
+                self._baseline = None
         self._step_start = time.perf_counter()  # the baseline's own measurement is not training time
 
     @override
@@ -227,27 +193,8 @@ class CompressionReport(SlimCallback):
         if self._step_start is None:
             return
         seconds = time.perf_counter() - self._step_start
-        tokens = self._tokens(batch)
+        tokens = real_tokens(batch) if self.task == "language_model" else 0
         self._throughput.append((seconds, tokens or example_count(batch)))
-
-    def _tokens(self, batch) -> int:
-        """Real tokens of a language-model batch (the attention mask's ones, else every id), else 0."""
-        if self.task != "language_model":
-            return 0
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if isinstance(mask, torch.Tensor):
-            return int(mask.sum())
-        ids = self._prompt_source(batch)
-        return int(ids.numel()) if ids is not None else 0
-
-    def _prompt_source(self, batch):
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
-        if ids is None:
-            try:
-                ids = batch_inputs(batch)
-            except BatchFormatError:
-                return None
-        return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() else None
 
     def _find_task(self, model, batch) -> None:
         if self.task is not None:
@@ -258,16 +205,13 @@ class CompressionReport(SlimCallback):
         with torch.random.fork_rng(devices=[]):
             self.task, self.task_note = detect_task(model, batch, self.input_fn)
 
-    def _measure(self, model: nn.Module) -> dict[str, Any]:
+    def _example_or_none(self):
         unknown = self.example_input is None or (isinstance(self.example_input, tuple) and not self.example_input)
-        out = measure(model, None if unknown else self.example_input, self.measure_latency)
-        if self.task == "language_model" and self.measure_latency and self.generate_tokens and self._prompt is not None:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    out |= generation_speed(model, self._prompt, self.generate_tokens)
-            except Exception as err:  # a model that cannot generate still gets the rest measured
-                out["generate_error"] = f"not measurable: {type(err).__name__}: {err}"[:240]
-        return out
+        return None if unknown else self.example_input
+
+    def _measure(self, model: nn.Module) -> dict[str, Any]:
+        """Counts, bytes and MACs (latency is timed at the end, side by side)."""
+        return measure(model, self._example_or_none(), latency=False)
 
     def _val_loader(self, trainer, before_training: bool = False):
         loaders = trainer.val_dataloaders
@@ -293,15 +237,17 @@ class CompressionReport(SlimCallback):
     @override
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
+            self._baseline = None
             return
+        self.techniques = {
+            cb.technique: rows for cb in techniques(trainer) if cb is not self for rows in [cb.report_rows()] if rows
+        }
         try:
             self.exported_model = deployable_copy(trainer, pl_module)
         except ExportRefused as err:  # nothing deployable to measure: say why, keep the rest of the report
             rank_zero_warn(f"CompressionReport: no deployable model: {err}")
             self.after = {"export_refused": str(err)}
-            self.techniques = {
-                c.technique: r for c in techniques(trainer) if c is not self for r in [c.report_rows()] if r
-            }
+            self._baseline = None
             self._publish(trainer)
             return
         self.after = self._measure(self.exported_model)
@@ -322,75 +268,64 @@ class CompressionReport(SlimCallback):
                 k: counted[k] for k in ("params", "nonzero_params", "macs", "macs_per_token") if k in counted
             }
             self.after["counted_on"] = "the trained float weights the artifact was converted from"
-        self.serving = self._serving(floats)
         teacher = capability(trainer, Capability.TEACHER)
         if teacher is not None:
             self.teacher = self._measure(teacher) | (self._quality(teacher, loader) if loader is not None else {})
+        self._time_everything(floats, teacher)
         if self.task not in ("classification", "language_model"):
             rank_zero_warn(f"CompressionReport reports no quality metric: the task is not known ({self.task_note})")
-        self.techniques = {
-            cb.technique: rows for cb in techniques(trainer) if cb is not self for rows in [cb.report_rows()] if rows
-        }
+        self._baseline = None
         self._publish(trainer)
-
-    def _example_or_none(self):
-        unknown = self.example_input is None or (isinstance(self.example_input, tuple) and not self.example_input)
-        return None if unknown else self.example_input
 
     def _float_forms(self, trainer, pl_module) -> dict[str, nn.Module]:
         """The converting techniques' float baselines of the trained model (``float_baselines``)."""
         converting = [cb for cb in techniques(trainer) if cb.export_stage == ExportStage.CONVERT]
-        if not converting or not isinstance(self.example_input, torch.Tensor):
+        example = self._example_or_none()
+        if not converting or example is None:
             return {}
-        models: dict[str, nn.Module] = {}
-        try:
+        try:  # the contract takes the main input tensor (token ids for a keyword call)
+            main = main_input(example)
+            models: dict[str, nn.Module] = {}
             for cb in converting:
                 models |= cb.float_baselines(
-                    deployable_copy(trainer, pl_module, before=ExportStage.CONVERT),
-                    self.example_input,
-                    runtime=self.measure_latency,
+                    deployable_copy(trainer, pl_module, before=ExportStage.CONVERT), main, runtime=self.measure_latency
                 )
         except Exception as err:  # the report still shows the deployed model
             rank_zero_warn(f"CompressionReport could not build the float forms of the deployed model: {err}")
             return {}
         return models
 
-    def _serving(self, floats: dict[str, nn.Module]) -> dict[str, Any]:
-        """The deployed model beside its float forms (fp32 eager, fp32 in the deployed runtime),
-        timed side by side at batch 1 and at ``latency_batch_size`` on this CPU, with the CPU's int8
-        capability and the bytes shipped: what is due to the format and what to the runtime."""
-        if not (self.measure_latency and floats):
-            return {}
-        try:
-            models = {**floats, "deployed": self.exported_model}
-            out: dict[str, Any] = {"cpu": cpu_int8_capability()}
-            out |= {f"{name}_bytes": shipped_bytes(m) for name, m in models.items() if name != "fp32_runtime"}
-            for batch in sorted({1, self.latency_batch_size}):
-                ms = compare_latency(models, self.example_input[:batch])
-                row = {f"{name}_ms": v for name, v in ms.items()}
-                row |= {f"speedup_vs_{name}": v / ms["deployed"] for name, v in ms.items() if name != "deployed"}
-                out[f"batch_{batch}"] = row
-            return out
-        except Exception as err:  # a model we cannot time side by side keeps the rest of its report
-            rank_zero_warn(f"CompressionReport could not time the deployed model beside its float forms: {err}")
-            return {"error": f"{type(err).__name__}: {err}"[:240]}
+    def _time_everything(self, floats: dict[str, nn.Module], teacher: nn.Module | None) -> None:
+        """Every model timed side by side (:func:`~lightning_slim.report_latency.time_models`): fills
+        the latency keys of ``before``, ``after`` and ``teacher``, and the ``serving`` rows of a
+        converting technique (the deployed model beside its float forms: what is due to the format
+        and what to the runtime)."""
+        example = self._example_or_none()
+        if not self.measure_latency or example is None:
+            return
+        models = {"fit_start": self._baseline, "teacher": teacher, **floats, "deployed": self.exported_model}
+        models = {name: m for name, m in models.items() if m is not None}
+        lm = self.task == "language_model"
+        times = time_models(
+            models, example, self._prompt if lm else None, self.generate_tokens, ("fit_start", "teacher", "deployed")
+        )
+        for name, side in (("fit_start", self.before), ("teacher", self.teacher), ("deployed", self.after)):
+            side |= times.get(name, {})
+        if floats:
+            sizes = {n: shipped_bytes(m) if n != "fp32_runtime" else None for n, m in floats.items()}
+            self.serving = serving_rows(times, sizes | {"deployed": self.after["size_bytes"]})
 
     def _read_logged(self, trainer) -> None:
-        metrics = trainer.callback_metrics
         if self.task == "language_model":
-            value = metrics.get(self.loss_metric) if self.loss_metric else None
+            user = f"CompressionReport(loss_metric={self.loss_metric!r})"
+            value = log.read_metric(trainer, self.loss_metric, user, must_exist=True)
             if value is not None:
-                self.after |= {"logged_val_loss": float(value), "logged_perplexity": math.exp(min(float(value), 700))}
+                self.after |= {"logged_val_loss": value, "logged_perplexity": math.exp(min(value, 700))}
             return
-        if self.accuracy_metric:
-            value = metrics.get(self.accuracy_metric)
-            if value is None:
-                rank_zero_warn(
-                    f"CompressionReport: accuracy_metric={self.accuracy_metric!r} was never logged; "
-                    f"logged metrics are {sorted(metrics)}"
-                )
-            else:
-                self.after["accuracy"] = float(value)
+        user = f"CompressionReport(accuracy_metric={self.accuracy_metric!r})"
+        value = log.read_metric(trainer, self.accuracy_metric, user, must_exist=True)
+        if value is not None:
+            self.after["accuracy"] = value
 
     def _train_throughput(self) -> None:
         steps = self._throughput[1:] or self._throughput  # the first step pays for warm-up
@@ -400,13 +335,16 @@ class CompressionReport(SlimCallback):
         self.after["train_tokens_per_s" if self.task == "language_model" else "train_examples_per_s"] = rate
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"task": self.task, "before": self.before, "after": self.after, "techniques": self.techniques}
+        out = {"task": self.task, "baseline": BASELINE, "before": self.before, "after": self.after}
+        out["techniques"] = self.techniques
         if self.task_note:
             out["task_note"] = self.task_note
         if self.teacher:
             out["teacher"] = self.teacher
         if self.serving:
             out["serving"] = self.serving
+        if self.measure_latency and "latency_ms" in self.after:
+            out["cpu"] = cpu_int8_capability() | {"torch_threads": torch.get_num_threads()}
         return out
 
     def _json_path(self, trainer) -> Path:
@@ -420,51 +358,13 @@ class CompressionReport(SlimCallback):
 
     @rank_zero_only
     def _publish(self, trainer) -> None:
-        table = format_table(self.before, self.after, self.task)
-        extra = "\n".join(
-            f"{t}: " + ", ".join(f"{k}={v}" for k, v in rows.items())
-            for t, rows in {**self.techniques, **({"teacher": self.teacher} if self.teacher else {})}.items()
-        )
-        serving = format_serving(self.serving)
-        rank_zero_info(
-            f"\nlightning-slim compression report (task: {self.task})\n"
-            + table
-            + ("\n" + serving if serving else "")
-            + ("\n" + extra if extra else "")
-        )
+        report = self.as_dict()
         path = self._json_path(trainer)
         os.makedirs(path.parent, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2, default=str))
+        path.write_text(json.dumps(report, indent=2, default=str))
         self.json_path = path
-        keys = (*COMPARED, *QUALITY.get(self.task, ("accuracy", "export_accuracy")))
-        rows = [[k, self.before.get(k), self.after.get(k)] for k in keys if k in self.before or k in self.after]
-        log.log_table(
-            trainer, "slim/report/table", ["metric", "before", "after"], [[k, _num(b), _num(a)] for k, b, a in rows]
-        )
-        if self.techniques:  # W&B columns hold one type: technique rows mix numbers and words
-            log.log_table(
-                trainer,
-                "slim/report/techniques",
-                ["technique", "key", "value"],
-                [[t, k, str(v)] for t, r in self.techniques.items() for k, v in r.items()],
-            )
-        summary = {f"slim/report/{k}_before": v for k, v in self.before.items() if isinstance(v, (int, float))}
-        summary |= {f"slim/report/{k}_after": v for k, v in self.after.items() if isinstance(v, (int, float))}
-        summary |= {f"slim/report/teacher/{k}": v for k, v in self.teacher.items() if isinstance(v, (int, float))}
-        summary |= {
-            f"slim/report/{t}/{k}": v
-            for t, r in self.techniques.items()
-            for k, v in r.items()
-            if isinstance(v, (int, float, str))
-        }
-        summary |= {
-            f"slim/report/serving/{b}/{k}": v
-            for b, row in self.serving.items()
-            if b.startswith("batch_")
-            for k, v in row.items()
-        }
-        summary["slim/report/task"] = str(self.task)
-        log.set_summary(trainer, summary)
+        report_console.show(report, path)
+        report_logging.publish(trainer, report)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -474,9 +374,5 @@ class CompressionReport(SlimCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.before = dict(state_dict.get("before", {}))
         self.task = state_dict.get("task", self.task)
-        if self.before:
-            self._baseline = None
-
-
-def _num(v):
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if self.before and not self.measure_latency:
+            self._baseline = None  # with timing it stays: the same architecture as built, timed at the end

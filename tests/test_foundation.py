@@ -144,9 +144,9 @@ def test_report_writes_json_and_wandb_table_and_summary(tmp_path):
     assert saved["before"]["params"] == saved["after"]["params"]
     assert saved["after"]["latency_ms"] > 0 and "accuracy" in saved["after"]
     run = read_run(tmp_path)
-    assert run.summary["slim/report/params_after"] == saved["after"]["params"]
+    assert run.summary["slim/report/deployed/params"] == saved["after"]["params"]
     table = run.tables()["slim/report/table"]
-    assert ["params", saved["before"]["params"], saved["after"]["params"]] in table["data"]
+    assert ["parameters", saved["before"]["params"], saved["after"]["params"], "same"] in table["data"]
 
 
 def test_report_warns_about_a_metric_that_is_never_logged(tmp_path):

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import interception
+from lightning_slim import interception, log
 from lightning_slim.arguments import as_config, check_choice, check_range
 from lightning_slim.batches import batch_indices, example_count, sample_batch
 from lightning_slim.callback import SlimCallback
@@ -324,6 +324,7 @@ class KnowledgeDistillation(SlimCallback):
         self._positions = [a + b for a, b in zip(self._positions, term.positions)]
         if logging:
             self.log_scalars(pl_module, logged_values(self, term, alpha, temperature))
+            log.log_config(trainer, self.technique, {"alpha": self.alpha, "temperature": self.temperature})
         return term.loss
 
     # --- end of fit, state, export, report --------------------------------------------------

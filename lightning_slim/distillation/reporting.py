@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 def logged_values(kd: KnowledgeDistillation, term: StepTerm, alpha: float, temperature: float) -> dict[str, Any]:
     """The ``slim/distillation/*`` scalars of one step (None values left out)."""
-    values = {**term.values, "task_loss": kd._task_loss, "alpha": alpha, "temperature": temperature}
+    values = {**term.values, "task_loss": kd._task_loss}
+    # an annealed weight is a metric; a constant one is run config (the callback logs it with log_config)
+    values |= {"alpha": alpha} if kd.schedule.alpha_final is not None else {}
+    values |= {"temperature": temperature} if kd.schedule.temperature_final is not None else {}
     values["teacher_examples"] = float(kd.counts["teacher_examples"])
     if term.positions[1]:
         values["token_fraction"] = term.positions[0] / term.positions[1]

@@ -326,7 +326,6 @@ class IterativeMagnitudePruning(SlimCallback):
             self.events_done += len(due)
             self._update_sparsity(pl_module)
             self._fired = True
-            self._log_curve(trainer)
             rank_zero_info(
                 f"IterativeMagnitudePruning: round {self.round} at step {step}: "
                 f"sparsity {self._sparsity['sparsity']:.4f}"

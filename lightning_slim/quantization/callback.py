@@ -288,14 +288,10 @@ class QuantizationAwareTraining(SlimCallback):
             except BatchFormatError:
                 self._example = torch.empty(0)
         self.log_scalars(
-            pl_module,
-            {
-                "phase": float(self.phase),
-                "weight_bits": float(self.spec.weight_bits),
-                "activation_bits": float(self.spec.activation_bits or 32),
-                "bn_frozen": float(self._reached(trainer, self.freeze_bn_after)),
-            },
+            pl_module, {"phase": float(self.phase), "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))}
         )
+        bits = {"weight_bits": self.spec.weight_bits, "activation_bits": self.spec.activation_bits or 32}
+        log.log_config(trainer, self.technique, bits)  # fixed for the run: config once, not a metric per step
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -319,7 +315,12 @@ class QuantizationAwareTraining(SlimCallback):
         rows = qat.quantization_error(pl_module)
         mean = sum(r["relative_error"] for r in rows) / len(rows)
         self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
-        if self.log_error_table and trainer.is_global_zero:
+
+    # --- after training ---------------------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.log_error_table and trainer.is_global_zero:  # once per run: W&B versions every table logged
+            rows = qat.quantization_error(pl_module)
             cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
             log.log_table(
                 trainer,
@@ -327,10 +328,6 @@ class QuantizationAwareTraining(SlimCallback):
                 cols,
                 [[r[c] if c != "activation_bits" or r[c] else 32 for c in cols] for r in rows],
             )
-
-    # --- after training ---------------------------------------------------------------------------
-    @override
-    def on_fit_end(self, trainer, pl_module) -> None:
         if self.export_path and trainer.is_global_zero:
             if self.guard.diverged and not self.export_diverged:
                 rank_zero_warn(f"QuantizationAwareTraining: the int8 model was not saved: {self._refusal()}")

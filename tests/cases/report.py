@@ -15,6 +15,6 @@ CASES = [
         name="compression_report",
         callback=lambda: CompressionReport(accuracy_metric="val/acc", measure_latency=False),
         check=_check,
-        wandb_keys=("slim/report/params_after", "slim/report/size_bytes_before"),
+        wandb_keys=("slim/report/deployed/params", "slim/report/fit_start/size_bytes", "slim/report/trained/accuracy"),
     )
 ]

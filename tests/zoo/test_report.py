@@ -74,7 +74,9 @@ def test_report_cell(name, tmp_path):
             trainer.fit(built.module, datamodule=built.data)
         said = " | ".join(str(w.message) for w in caught)
         assert "CompressionReport reports no quality metric: the task is not known" in said, said
-        assert "accuracy_metric='val/acc' was never logged" in said  # and it says why there is no accuracy
+        assert (
+            "CompressionReport(accuracy_metric='val/acc'): 'val/acc' was never logged" in said
+        )  # and it says why there is no accuracy
         assert cb.task not in TASK.values()
         assert not {"accuracy", "export_accuracy", "val_loss", "perplexity"} & (cb.before.keys() | cb.after.keys())
         return
