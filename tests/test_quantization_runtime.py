@@ -176,3 +176,30 @@ def test_the_exporter_prints_nothing_about_torchvision():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "exported" in done.stdout, done.stderr[-2000:]
     assert "torchvision" not in done.stdout + done.stderr
+
+
+def test_export_path_and_the_report_export_the_trained_model_once(tmp_path, monkeypatch):
+    """Scale (issue 19): at the end of fit the callback's export_path and CompressionReport each exported
+    the same trained model (two ONNX exports: minutes on a 135M model). Same model, same file: once."""
+    from lightning_slim import MNIST1DMLP, CompressionReport
+    from lightning_slim.quantization import callback
+
+    exports = []
+
+    def counted(model, example=None):
+        exports.append(1)
+        return to_runtime(model, example)
+
+    monkeypatch.setattr(callback, "to_runtime", counted)
+    cb = QuantizationAwareTraining(start_after=0, export_path=str(tmp_path / "int8.onnx"))
+    module = MNIST1DMLP(hidden=32)
+    trainer(tmp_path, [cb, CompressionReport(measure_latency=False)], max_epochs=1).fit(module, datamodule=small_data())
+    assert len(exports) == 1 and (tmp_path / "int8.onnx").exists()
+    cb.export(copy.deepcopy(module))
+    cb.export(copy.deepcopy(module))
+    assert len(exports) == 2  # (the cache lives through one fit's end; after fit, one more export, kept)
+    changed = copy.deepcopy(module)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.1)  # another model: another export
+    cb.export(changed)
+    assert len(exports) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ from lightning_slim.interception import InTrainingStep
 from lightning_slim.quantization import functional as qat
 from lightning_slim.quantization import preflight, static
 from lightning_slim.quantization.export import save_int8, to_runtime
-from lightning_slim.quantization.export_call import ExportCall, as_export_call, find_export_call
+from lightning_slim.quantization.export_call import ExportCall, as_export_call, export_fingerprint, find_export_call
 from lightning_slim.quantization.guard import bn_freeze_warning
 
 PHASES = ("float", "fake_quant", "ranges_frozen")
@@ -120,17 +121,7 @@ class QuantizationAwareTraining(SlimCallback):
         if not isinstance(export_diverged, bool):
             raise ValueError(f"export_diverged={export_diverged!r} must be true or false")
         self.export_diverged = export_diverged
-        if export_module is not None and not isinstance(export_module, str):
-            raise ValueError(f"export_module={export_module!r} must be a module path such as 'model', or None")
-        if export_inputs is not None and (
-            isinstance(export_inputs, str)
-            or not export_inputs
-            or not all(isinstance(n, str) and n for n in export_inputs)
-        ):
-            raise ValueError(
-                f"export_inputs={export_inputs!r} must be a non-empty list of batch keys such as "
-                "['input_ids', 'attention_mask'], or None"
-            )
+        preflight.check_export_arguments(export_module, export_inputs)
         self.export_module = export_module
         self.export_inputs = list(export_inputs) if export_inputs is not None else None
         self.guard = qat.DivergenceGuard()
@@ -155,6 +146,7 @@ class QuantizationAwareTraining(SlimCallback):
         self._call: ExportCall | None = None  # how the export calls the model (the first training batch's)
         self._call_error: str | None = None
         self.saved_path: str | None = None
+        self._exported: tuple[str, torch.nn.Module] | None = None  # the last ONNX export, during on_fit_end
 
     @override
     def structure_fixed_from(self) -> Moment | None:
@@ -300,7 +292,7 @@ class QuantizationAwareTraining(SlimCallback):
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
         self.activation_ranges = static.observer_state(qat.fake_quantized_layers(pl_module))
         qat.unprepare(pl_module)
-        self._module = None
+        self._module, self._exported = None, None
         if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
             self._fastpath = None
@@ -328,7 +320,16 @@ class QuantizationAwareTraining(SlimCallback):
             raise ExportRefused(self._refusal())
         if example is None:
             example = self._call if self._call is not None else getattr(model, "example_input_array", None)
-        return to_runtime(self.fake_quantized(model), example)
+        model = self.fake_quantized(model)
+        if not self.spec.static or example is None:
+            return to_runtime(model, example)
+        # at the end of fit the same trained model is exported for export_path and for the report: once
+        key = export_fingerprint(model, as_export_call(example))
+        if self._exported is None or self._exported[0] != key:
+            int8 = to_runtime(model, example)
+            self._exported = (key, int8)
+            return int8
+        return deepcopy(self._exported[1])
 
     @override
     def float_baselines(

@@ -177,3 +177,28 @@ def dynamic_shapes(call: ExportCall, sequence: bool) -> tuple[dict, ...]:
             d[1] = seq
         dims.append(d)
     return tuple(dims)
+
+
+def export_fingerprint(model: nn.Module, call: ExportCall) -> str:
+    """A digest of everything an export of the fake-quantized ``model`` depends on: its tensors, its
+    layers' activation ranges and frozen weight scales (plain attributes, not in the state dict) and
+    the call (module, names, example tensors). Equal digests give the same file."""
+    import hashlib
+
+    from lightning_slim.quantization.functional import fake_quantized_layers
+    from lightning_slim.quantization.static import observer_state
+
+    digest = hashlib.blake2b(repr((call.module, call.names, call.positional, call.options)).encode())
+    layers = fake_quantized_layers(model)
+    ranges = {f"{n}.range.{k}": v for n, s in observer_state(layers).items() for k, v in s.items()}
+    scales = {f"{n}.scale": m.weight_fake_quantizer.scale for n, m in layers.items()}
+    named = {**model.state_dict(), **ranges, **scales, **{f"call.{i}": t for i, t in enumerate(call.tensors)}}
+    for name, t in named.items():
+        digest.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            digest.update(repr((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            digest.update(repr(t).encode())
+    return digest.hexdigest()

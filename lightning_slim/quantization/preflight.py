@@ -20,6 +20,18 @@ RUNTIME_PACKAGES = {
 }
 
 
+def check_export_arguments(export_module: str | None, export_inputs: list[str] | None) -> None:
+    if export_module is not None and not isinstance(export_module, str):
+        raise ValueError(f"export_module={export_module!r} must be a module path such as 'model', or None")
+    if export_inputs is not None and (
+        isinstance(export_inputs, str) or not export_inputs or not all(isinstance(n, str) and n for n in export_inputs)
+    ):
+        raise ValueError(
+            f"export_inputs={export_inputs!r} must be a non-empty list of batch keys such as "
+            "['input_ids', 'attention_mask'], or None"
+        )
+
+
 def check_runtime_packages(runtime: str) -> None:
     """Raise before training when a package the runtime needs to export or serve is missing (the
     export runs at the end of fit, after every epoch has been paid for)."""
