@@ -28,7 +28,7 @@ import torch
 from lightning_slim import KnowledgeDistillation, QuantizationAwareTraining
 from lightning_slim.demos import modules, pretrained, text
 from lightning_slim.quantization import serving
-from real.common import trainer
+from real.common import one_thread, trainer
 
 MAX_LENGTH = 128
 ARMS = ("ptq", "qat", "qat_kd")
@@ -114,12 +114,8 @@ def latency(models: dict, tokenizer, texts: list[str], smoke: bool) -> dict[str,
 
 
 def run(args) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread for everything compared
-    try:
+    with one_thread():  # everything compared runs on one thread
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> dict:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning_slim import KnowledgeDistillation, QuantizationAwareTraining
 from lightning_slim.demos import modules
 from lightning_slim.quantization import serving
-from real.common import lm_data, lm_loss, ppl, smol, trainer, windows
+from real.common import lm_data, lm_loss, one_thread, ppl, smol, trainer, windows
 
 INT4_GROUPS = (64, 128, 32)  # 32: the checkpoint's own Q4_1 blocks (near-lossless by construction)
 
@@ -70,12 +70,8 @@ def int8_callback(mode: str, steps: int) -> QuantizationAwareTraining:
 
 
 def run(args) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # everything compared runs on one thread
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> dict:
