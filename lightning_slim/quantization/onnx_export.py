@@ -216,11 +216,13 @@ def to_onnx(
                     input_names=list(call.names),
                     dynamic_shapes=(dynamic_shapes(call, sequence),),
                     verbose=False,
+                    optimize=False,  # (the light pass below)
                 )
                 break
             except Exception:
                 if not sequence:
                     raise
+    _light_optimize(program.model)
     program.save(str(path))
     _strip(
         path,
@@ -228,6 +230,25 @@ def to_onnx(
         full_range=full_range,
     )
     return path
+
+
+def _light_optimize(model) -> None:
+    """What the exporter's optimizer does that the file needs (constant folding, unused nodes, shared
+    initializers, common subexpressions) without its pattern rewriter: on MiniLM that rewriter was half
+    of the export's time (157,767 match attempts; export 115 s -> 58 s under load), and ORT then runs
+    the same kernels (same fusions, 879 vs 873 nodes after ORT's own optimization, same latency)."""
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model)
+    for step in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ):
+        step(model)
 
 
 def _strip(path: Path, prefix: str = "", full_range: bool = False) -> None:
