@@ -39,6 +39,8 @@ _ATTR = "_slim_step_interceptor"
 STEP_EFFECTS = frozenset(
     {Effect.SELECT_BATCH, Effect.SCALE_LOSS, Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE}
 )
+# swapped modules may ask in_training_step (QAT's activation observers record the user's step, in any mode)
+STEP_EFFECTS |= {Effect.SWAP_MODULES}
 LOSS_EFFECTS = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
 
 

@@ -4,6 +4,7 @@ chooses its settings on ``val``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import cache
 
@@ -57,3 +58,14 @@ def trainer(max_steps: int, callbacks=(), **kwargs):
     """A Trainer for a fixed token budget: no validation inside the fit (the arms evaluate the
     split they report), no checkpoints, no logger."""
     return quiet_trainer(max_steps=max_steps, callbacks=list(callbacks), limit_val_batches=0, **kwargs)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the block (the arms that time models side by side), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

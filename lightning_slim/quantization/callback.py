@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from copy import deepcopy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,17 +12,18 @@ from typing_extensions import override
 
 from lightning_slim import log
 from lightning_slim.arguments import check_int
-from lightning_slim.batches import BatchFormatError, batch_inputs
 from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment, check_unit
-from lightning_slim.contract import ExportRefused, ExportStage
+from lightning_slim.contract import Effect, ExportRefused, ExportStage
+from lightning_slim.interception import InTrainingStep
 from lightning_slim.quantization import functional as qat
-from lightning_slim.quantization import static
+from lightning_slim.quantization import preflight, static
 from lightning_slim.quantization.export import save_int8, to_runtime
+from lightning_slim.quantization.export_call import ExportCall, as_export_call, export_fingerprint, find_export_call
+from lightning_slim.quantization.guard import bn_freeze_warning
 
 PHASES = ("float", "fake_quant", "ranges_frozen")
 PHASE_SWITCHES = {1: "fake quantization started", 2: "ranges froze"}
-BN_FREEZE_LR_FRACTION = 0.1  # measured: frozen at 26% of OneCycle's peak, a BN ResNet diverged in 3 steps
 
 
 class QuantizationAwareTraining(SlimCallback):
@@ -56,7 +57,21 @@ class QuantizationAwareTraining(SlimCallback):
             never saturate. Only a model served exclusively on VNNI/AMX/ARM-dotprod CPUs may turn it off.
         export_diverged: export a model whose training loss exploded after a phase switch (fake
             quantization starting, ranges or BatchNorm freezing). Default False: such a model is
-            warned about when it happens and :meth:`export` refuses it (:class:`~.functional.DivergenceGuard`).
+            warned about when it happens and :meth:`export` refuses it (:class:`~.guard.DivergenceGuard`).
+        activation_mode: onnxruntime: ``"static"`` (default; one uint8 range per tensor, observed in
+            training and frozen into the file: ORT's fused QGemm / MatMulIntegerToFloat kernels) or
+            ``"dynamic"`` (uint8 ranges per token computed at run time, Linear layers only: far closer to
+            float on pretrained transformers, whose rows differ in scale by orders). torchao is always
+            dynamic. None: the runtime's default.
+        export_module: path of the submodule the exported graph serves (``"model"``: the Hugging Face
+            model a ``training_step`` calls). Default: the LightningModule when it defines ``forward``,
+            else its one child with parameters.
+        export_inputs: the batch keys that become the graph's inputs, in order (``["input_ids",
+            "attention_mask"]``). Default: the dict batch's entries that the exported module's
+            ``forward`` names (``labels`` left out), else ``forward(x)`` with the batch's input tensor.
+
+    Observers record the activations of the user's own training step whatever mode the model is in
+    (Hugging Face ``from_pretrained`` returns models in eval mode, and Lightning keeps that mode).
 
     >>> cb = QuantizationAwareTraining(targets=["Linear", "re:net\\\\.0"], start_after=1, freeze_bn_after=3)
     >>> cb.spec.weight_bits, cb.unit
@@ -64,6 +79,7 @@ class QuantizationAwareTraining(SlimCallback):
     """
 
     technique = "quantization"
+    effects = frozenset({Effect.SWAP_MODULES})
     export_stage = ExportStage.CONVERT  # after masks are made permanent (pruning)
 
     def __init__(
@@ -83,8 +99,11 @@ class QuantizationAwareTraining(SlimCallback):
         runtime: str = "onnxruntime",
         reduce_range: bool = True,
         export_diverged: bool = False,
+        export_module: str | None = None,
+        export_inputs: list[str] | None = None,
+        activation_mode: str | None = None,
     ):
-        self.spec = qat.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range)
+        self.spec = qat.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range, activation_mode)
         check_unit(unit)
         check_int("start_after", start_after)
         for name, value in (("freeze_ranges_after", freeze_ranges_after), ("freeze_bn_after", freeze_bn_after)):
@@ -102,6 +121,9 @@ class QuantizationAwareTraining(SlimCallback):
         if not isinstance(export_diverged, bool):
             raise ValueError(f"export_diverged={export_diverged!r} must be true or false")
         self.export_diverged = export_diverged
+        preflight.check_export_arguments(export_module, export_inputs)
+        self.export_module = export_module
+        self.export_inputs = list(export_inputs) if export_inputs is not None else None
         self.guard = qat.DivergenceGuard()
         self._peak_lr, self._lowest_lr = 0.0, float("inf")
         self._bn_frozen = False  # BatchNorm freeze seen (the guard's switch)
@@ -121,8 +143,10 @@ class QuantizationAwareTraining(SlimCallback):
         self.phase = 0
         self._fastpath: bool | None = None  # the MHA fast path setting before fit
         self._module: pl.LightningModule | None = None
-        self._example: torch.Tensor | None = None
+        self._call: ExportCall | None = None  # how the export calls the model (the first training batch's)
+        self._call_error: str | None = None
         self.saved_path: str | None = None
+        self._exported: tuple[str, torch.nn.Module] | None = None  # the last ONNX export, during on_fit_end
 
     @override
     def structure_fixed_from(self) -> Moment | None:
@@ -132,105 +156,27 @@ class QuantizationAwareTraining(SlimCallback):
     # --- before training --------------------------------------------------------------------
     @override
     def validate(self, trainer, pl_module) -> None:
+        preflight.check_runtime_packages(self.spec.runtime)
         self.layers = qat.select_layers(pl_module, self.targets, self.exclude)
         qat.check_layers(pl_module, self.layers, self.spec)
         example = getattr(pl_module, "example_input_array", None)
-        if not isinstance(example, torch.Tensor) and self.spec.static:
-            example = self._sample_input(trainer, pl_module)
-        if isinstance(example, torch.Tensor):
-            with torch.random.fork_rng(devices=[]):  # its train-mode pass (dropout) must not move the fit's RNG
-                self._dry_run(pl_module, example)
-        # after the checks that refuse: no warnings about a configuration that cannot run
-        skipped = qat.skipped_layers(pl_module, self.layers)
-        self.skipped = list(skipped)
-        attention = [n for n, why in skipped.items() if why.startswith("nn.MultiheadAttention")]
-        if attention:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: the projections of nn.MultiheadAttention {attention} "
-                "(in_proj_weight, out_proj) stay float: their weights are read directly by the attention "
-                "kernel, not through a layer QAT can swap (listed in report_rows()['skipped'])"
-            )
-        conv1d = [n for n in skipped if n not in attention]
-        if conv1d:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: transformers Conv1D layers {conv1d} stay float: QAT has no "
-                "fake-quantized form of Conv1D (an (in, out) Linear) (listed in report_rows()['skipped'])"
-            )
-
-    def _sample_input(self, trainer, pl_module) -> torch.Tensor | None:
-        """The input tensor the onnxruntime export will trace ``forward`` with, from a sample of the
-        training data: a module the export cannot call this way is refused now, not after training."""
-        from lightning_slim.batches import sample_batch
-        from lightning_slim.lightning_glue import train_loader
-        from lightning_slim.modules import overrides_forward
-
-        batch = sample_batch(train_loader(trainer))
-        if batch is None:
-            return None  # no sample without iterating the loader: checked on the first batch's export
-        if not overrides_forward(pl_module):
-            raise ValueError(
-                f"QuantizationAwareTraining(runtime='onnxruntime') exports forward(x) of the module as an "
-                f"ONNX graph, and {type(pl_module).__name__} defines no forward(): define "
-                "forward(x) (e.g. returning self.model(x).logits), or use runtime='torchao' (int8 modules "
-                "swapped in place, called as your training_step calls them)"
-            )
-        try:
-            return batch_inputs(batch).cpu()
-        except BatchFormatError as err:
-            raise ValueError(
-                f"QuantizationAwareTraining(runtime='onnxruntime') traces forward(x) with the batch's input "
-                f"tensor and cannot find it: {err}; set example_input_array on the module, or use "
-                "runtime='torchao'"
-            ) from err
-
-    def _dry_run(self, pl_module, example: torch.Tensor) -> None:
-        """Fake-quantize and convert a CPU copy on ``example_input_array``: a model the flow cannot
-        handle, or a targeted layer whose forward never runs, fails here and not mid-training."""
-        model = copy.deepcopy(pl_module).cpu().eval()
-        qat.prepare_qat(model, self.layers, self.spec, self.fold_bn)
         if self.spec.static:
-            with torch.no_grad():
-                model.train()(example)  # the observers' first range
-                model.eval()
-        qat.set_fake_quant(model, True)
-        called = set()
-        layers = qat.fake_quantized_layers(model)
-        hooks = [m.register_forward_hook(lambda mod, *_a, n=n: called.add(n)) for n, m in layers.items()]
-        try:
-            with torch.no_grad(), qat.no_mha_fastpath():
-                model(example)
-                unused = [n for n in layers if n not in called]
-                if unused:
-                    raise ValueError(
-                        f"targeted layers {unused} are never called by forward (is their weight used "
-                        "directly, as in nn.MultiheadAttention or a positional embedding?); add them "
-                        "to `exclude`"
-                    )
-                for h in hooks:
-                    h.remove()
-                if self.spec.static:
-                    from lightning_slim.quantization.onnx_export import deploy_module
-
-                    deploy_module(model)(example)  # the export's modules, in torch
-                else:
-                    to_runtime(model)(example)
-        except Exception as err:
-            if isinstance(err, ValueError) and "never called" in str(err):
-                raise
-            raise ValueError(
-                f"QuantizationAwareTraining cannot handle {type(pl_module).__name__} (layers "
-                f"{self.layers}): {type(err).__name__}: {err}"
-            ) from err
+            call = preflight.export_call(trainer, pl_module, self.export_module, self.export_inputs)
+        else:  # torchao swaps int8 modules in place: checked on example_input_array when there is one
+            call = as_export_call(example.cpu()) if isinstance(example, torch.Tensor) else None
+        if call is not None:
+            with torch.random.fork_rng(devices=[]):  # its train-mode pass (dropout) must not move the fit's RNG
+                preflight.dry_run(pl_module, self.layers, self.spec, self.fold_bn, call)
+        self.skipped = preflight.warn_skipped(pl_module, self.layers)  # after the checks that refuse
 
     @override
-    def setup(self, trainer, pl_module, stage) -> None:
-        super().setup(trainer, pl_module, stage)  # baseline for the report, validate()
-        if stage != "fit":
-            return
+    def prepare_model(self, trainer, pl_module) -> None:
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
             self.folded = qat.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
-        self._module, self.ranges, self.phase, self._example = pl_module, {}, 0, None
+        layers = qat.fake_quantized_layers(pl_module)
+        static.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
+        self._module, self.ranges, self.phase, self._call, self._call_error = pl_module, {}, 0, None, None
         self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = qat.DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
         self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (qat.no_mha_fastpath, held across hooks)
@@ -274,19 +220,14 @@ class QuantizationAwareTraining(SlimCallback):
         if self._reached(trainer, self.freeze_bn_after) and not self._bn_frozen and self.folded:
             self._bn_frozen = True
             self.guard.switch(step, "BatchNorm froze", lr, self._peak_lr)
-            scheduled = self._lowest_lr < self._peak_lr  # a constant lr has no better moment to wait for
-            if scheduled and lr is not None and lr > BN_FREEZE_LR_FRACTION * self._peak_lr:
-                rank_zero_warn(
-                    f"QuantizationAwareTraining: BatchNorm freezes at step {step} with lr={lr:.3g}, "
-                    f"{lr / self._peak_lr:.0%} of the peak {self._peak_lr:.3g}: frozen at a high learning rate, "
-                    "a BN ResNet diverged within a few steps (a plain fit too); freeze_bn_after belongs where "
-                    f"the lr has decayed below {BN_FREEZE_LR_FRACTION:.0%} of its peak, or leave it None"
-                )
-        if self._example is None:
+            message = bn_freeze_warning(step, lr, self._peak_lr, self._lowest_lr)
+            if message:
+                rank_zero_warn(message)
+        if self._call is None and self._call_error is None:
             try:
-                self._example = batch_inputs(batch)[:8].detach().cpu()
-            except BatchFormatError:
-                self._example = torch.empty(0)
+                self._call = find_export_call(pl_module, batch, self.export_module, self.export_inputs).head(8)
+            except ValueError as err:  # checked before training where a sample exists: not mid-fit
+                self._call_error = str(err)
         self.log_scalars(
             pl_module, {"phase": float(self.phase), "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))}
         )
@@ -332,34 +273,26 @@ class QuantizationAwareTraining(SlimCallback):
             if self.guard.diverged and not self.export_diverged:
                 rank_zero_warn(f"QuantizationAwareTraining: the int8 model was not saved: {self._refusal()}")
                 return
-            if self._example is None or not self._example.numel():
-                rank_zero_warn("QuantizationAwareTraining: no example input seen; the int8 model was not saved")
+            if self._call is None:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: the int8 model was not saved: {self._call_error or 'no batch seen'}"
+                )
                 return
             from lightning_slim.report import deployable_copy
 
             model = deployable_copy(trainer, pl_module)  # every callback's export in order, this one last
-            self.saved_path = str(save_int8(model, self._example, self.export_path))
+            self.saved_path = str(save_int8(model, self._call, self.export_path))
             log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
 
-    def _release(self, pl_module) -> None:
+    @override
+    def restore_model(self, pl_module) -> None:
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
         self.activation_ranges = static.observer_state(qat.fake_quantized_layers(pl_module))
         qat.unprepare(pl_module)
-        self._module = None
+        self._module, self._exported = None, None
         if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
             self._fastpath = None
-
-    @override
-    def teardown(self, trainer, pl_module, stage) -> None:
-        if stage == "fit" and self._module is pl_module:
-            self._release(pl_module)
-        super().teardown(trainer, pl_module, stage)
-
-    @override
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        if self._module is pl_module:  # Lightning skips teardown after an exception
-            self._release(pl_module)
 
     def fake_quantized(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` (a copy of the trained module; modified in place) as validation saw it during
@@ -373,20 +306,27 @@ class QuantizationAwareTraining(SlimCallback):
         return model.eval()
 
     @override
-    def export(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> torch.nn.Module:
+    def export(self, model: torch.nn.Module, example=None) -> torch.nn.Module:
         """The real int8 model of ``model`` (a copy of the trained module; modified in place): an
-        ``OrtModel`` (onnxruntime) or torchao int8 modules. ``example``: a CPU input batch for the
-        ONNX trace (default: the first training batch seen, else ``example_input_array``).
+        ``OrtModel`` (onnxruntime; it takes the graph's inputs, e.g. ``input_ids`` and
+        ``attention_mask``) or torchao int8 modules. ``example``: what the ONNX trace calls (a CPU
+        batch of ``forward(x)``'s input, a dict of named inputs or an ``ExportCall``; default: the
+        first training batch's call, else ``example_input_array``).
         A model whose loss exploded after a phase switch is refused (``export_diverged=True`` allows it)."""
         if self.guard.diverged and not self.export_diverged:
             raise ExportRefused(self._refusal())
         if example is None:
-            example = (
-                self._example
-                if self._example is not None and self._example.numel()
-                else getattr(model, "example_input_array", None)
-            )
-        return to_runtime(self.fake_quantized(model), example)
+            example = self._call if self._call is not None else getattr(model, "example_input_array", None)
+        model = self.fake_quantized(model)
+        if not self.spec.static or example is None:
+            return to_runtime(model, example)
+        # at the end of fit the same trained model is exported for export_path and for the report: once
+        key = export_fingerprint(model, as_export_call(example))
+        if self._exported is None or self._exported[0] != key:
+            int8 = to_runtime(model, example)
+            self._exported = (key, int8)
+            return int8
+        return deepcopy(self._exported[1])
 
     @override
     def float_baselines(
@@ -398,7 +338,7 @@ class QuantizationAwareTraining(SlimCallback):
             return {"fp32_eager": model}
         from lightning_slim.quantization.serving import fp32_onnx
 
-        return {"fp32_eager": model, "fp32_runtime": fp32_onnx(model, example)}
+        return {"fp32_eager": model, "fp32_runtime": fp32_onnx(model, self._call or example)}
 
     def _refusal(self) -> str:
         d = self.guard.diverged

@@ -38,23 +38,29 @@ import torch
 from torch import nn
 
 from lightning_slim.quantization import conv as qconv
-from lightning_slim.quantization.functional import _set, fake_quantized_layers, is_static
+from lightning_slim.quantization.functional import _set, fake_quantized_layers, full_range_weights, is_static
+from lightning_slim.quantization.transposed import TorchaoTransposedLinear
 
 
-def to_runtime(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+def to_runtime(model: nn.Module, example=None) -> nn.Module:
     """The deployable int8 model of a fake-quantized ``model``: an ``OrtModel`` (ONNX Runtime) for
-    static layers (``example``, a CPU batch, is needed to trace the graph), else torchao's int8 modules."""
+    static layers, else torchao's int8 modules. ``example`` traces the ONNX graph: a CPU batch of
+    ``forward(x)``'s input, or an :class:`~.export_call.ExportCall` (which submodule is served, with
+    which named inputs: ``input_ids``, ``attention_mask``...)."""
     if not is_static(model):
         return convert_to_int8(model)
     if example is None:
         raise ValueError("exporting to onnxruntime needs an example input (a CPU batch of the model's inputs)")
     import tempfile
 
+    from lightning_slim.quantization.export_call import as_export_call
     from lightning_slim.quantization.onnx_export import export_onnx
     from lightning_slim.quantization.serving import OrtModel
 
+    call = as_export_call(example)
     with tempfile.TemporaryDirectory() as tmp:
-        return OrtModel(export_onnx(model, example, Path(tmp) / "int8.onnx").read_bytes())
+        written = export_onnx(model, call, Path(tmp) / "int8.onnx")
+        return OrtModel(written.read_bytes(), input_names=call.names, full_range=full_range_weights(model))
 
 
 def _int8_weight(linear: nn.Linear, fq, activations: bool) -> nn.Linear:
@@ -130,7 +136,7 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
             )
             if bn is not None:
                 _set(model, names[id(bn)], nn.Identity())
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, (nn.Linear, TorchaoTransposedLinear)):  # a Conv1D becomes the nn.Linear it is
             new = _int8_weight(m.to_linear(), fq, activations)
         else:
             emb = m.to_embedding()
@@ -148,18 +154,19 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def save_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+def save_int8(model: nn.Module, example_input, path: str | Path) -> Path:
     """Save an int8 model: an ``OrtModel`` as its ONNX file, a torchao model as a ``torch.export``
-    program with a dynamic batch dimension."""
+    program with a dynamic batch dimension. ``example_input``: a batch of ``forward(x)``'s input, or
+    an :class:`~.export_call.ExportCall` (the program then takes the call's tensors, in its order)."""
+    from lightning_slim.quantization.export_call import GraphCall, as_export_call, dynamic_shapes, two_rows
+
     if hasattr(model, "onnx_bytes"):
         return model.save(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_input.detach().cpu()
-    if example.shape[0] < 2:  # a batch of 1 would be specialised
-        example = example.repeat(2, *([1] * (example.dim() - 1)))
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(copy.deepcopy(model).eval(), (example,), dynamic_shapes=({0: batch},))
+    call = two_rows(as_export_call(example_input).head(8))
+    module = GraphCall(copy.deepcopy(model).eval(), call)
+    program = torch.export.export(module, call.tensors, dynamic_shapes=(dynamic_shapes(call, sequence=False),))
     torch.export.save(program, str(path))
     return path
 
@@ -194,10 +201,10 @@ def int8_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
     graph = onnx.load_from_string(model.onnx_bytes).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    found = {
-        n[: -len(".weight")]: torch.from_numpy(a.copy()).reshape(a.shape[0], -1)
+    found = {  # int8 weight tables (``qweight`` of Linear / conv layers, ``weight`` of embeddings)
+        n.rpartition(".")[0]: torch.from_numpy(a.copy()).reshape(a.shape[0], -1)
         for n, a in arrays.items()
-        if n.endswith(".weight") and a.dtype.name == "int8"
+        if n.endswith((".weight", ".qweight")) and a.dtype.name == "int8"
     }
     for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: a.i for a in node.attribute}

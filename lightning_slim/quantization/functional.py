@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +32,19 @@ import torch
 from torch import nn
 
 from lightning_slim.quantization import conv as qconv
-from lightning_slim.targets import matches
 
-SUPPORTED_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
-DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
+# the guard and the layer choice live in their own modules; re-exported for the callers of this one
+from lightning_slim.quantization.guard import DivergenceGuard as DivergenceGuard
+from lightning_slim.quantization.layers import DEFAULT_TARGETS as DEFAULT_TARGETS
+from lightning_slim.quantization.layers import SUPPORTED_TYPES as SUPPORTED_TYPES
+from lightning_slim.quantization.layers import check_layers, is_hf_conv1d
+from lightning_slim.quantization.layers import select_layers as select_layers
+from lightning_slim.quantization.layers import skipped_layers as skipped_layers
+
 WEIGHT_BITS = (8, 4)
 ACTIVATION_BITS = (8, None)
 RUNTIMES = ("onnxruntime", "torchao")
+ACTIVATION_MODES = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,10 @@ class QuantSpec:
     range per tensor, int8 symmetric per-channel weights (``reduce_range``: 7-bit, [-64, 64], so
     AVX2 int8 kernels never saturate); weight-only (``activation_bits=None``) Linears take 8- or
     4-bit weights per group of ``group_size`` (a power of two >= 16, MatMulNBits' blocks).
-    ``runtime="torchao"``: int8 per-channel (or int4 per-group) symmetric weights, int8 dynamic
-    per-token asymmetric activations, as torchao's ``Int8Tensor`` kernels compute them.
+    ``activation_mode="dynamic"`` on onnxruntime: uint8 ranges per token computed at run time
+    (Linear layers; :mod:`.dynamic`). ``runtime="torchao"``: int8 per-channel (or int4 per-group)
+    symmetric weights, int8 dynamic per-token asymmetric activations, as torchao's ``Int8Tensor``
+    kernels compute them (its only mode). ``activation_mode=None``: the runtime's default.
 
     >>> QuantSpec(weight_bits=4)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -64,6 +71,7 @@ class QuantSpec:
     group_size: int = 32  # int4 weights; on onnxruntime every weight-only Linear
     runtime: str = "onnxruntime"
     reduce_range: bool = True  # onnxruntime: 7-bit weights beside uint8 activations
+    activation_mode: str | None = None  # "static" / "dynamic"; None: static on onnxruntime, dynamic on torchao
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS:
@@ -78,6 +86,13 @@ class QuantSpec:
             raise ValueError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
         if not isinstance(self.reduce_range, bool):
             raise ValueError(f"reduce_range={self.reduce_range!r} must be true or false")
+        if self.activation_mode not in (None, *ACTIVATION_MODES):
+            raise ValueError(f"activation_mode={self.activation_mode!r} is not one of {ACTIVATION_MODES} or None")
+        if self.runtime == "torchao" and self.activation_mode == "static":
+            raise ValueError(
+                "activation_mode='static' needs runtime='onnxruntime'; torchao's int8 kernels quantize "
+                "activations per token at run time (activation_mode='dynamic' or None)"
+            )
         if self.static and self.weight_bits == 4 and self.activation_bits is not None:
             raise ValueError(
                 "weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set "
@@ -96,7 +111,23 @@ class QuantSpec:
 
     @property
     def static(self) -> bool:
+        """The onnxruntime runtime's layers (:mod:`.static`; static or dynamic activations)."""
         return self.runtime == "onnxruntime"
+
+    @property
+    def dynamic(self) -> bool:
+        """Activations quantized per token at run time (always on torchao)."""
+        return self.activation_mode == "dynamic" or self.runtime == "torchao"
+
+    def activation_quantizer(self, module: nn.Module) -> nn.Module | None:
+        """The onnxruntime layers' activation quantizer: a static range observer, a per-token
+        quantizer, or None (weight-only layers and embeddings)."""
+        from lightning_slim.quantization.dynamic import TokenQuantizer
+        from lightning_slim.quantization.static import ActivationObserver
+
+        if self.activation_bits is None or isinstance(module, nn.Embedding):
+            return None
+        return TokenQuantizer() if self.dynamic else ActivationObserver()
 
     def weight_quantizer(self, module: nn.Module):
         from lightning_slim.quantization.static import WeightQuantizer
@@ -122,127 +153,6 @@ class QuantSpec:
         if self.activation_bits is None:
             return None
         return IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-
-
-# --- choosing layers ---------------------------------------------------------------------------
-def _is_type_name(entry: str) -> bool:
-    return entry in SUPPORTED_TYPES or (entry[:1].isupper() and isinstance(getattr(nn, entry, None), type))
-
-
-def _matches(entry: str, name: str, module: nn.Module) -> bool:
-    if _is_type_name(entry) and isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False  # nn.MultiheadAttention's out_proj: its weight is read directly, never called
-    return matches(entry, name, module)
-
-
-def _check_entries(model: nn.Module, entries, what: str) -> None:
-    names = {n for n, _ in model.named_modules()}
-    for entry in entries:
-        if not isinstance(entry, str) or not entry:
-            raise ValueError(
-                f"{what} entry {entry!r} must be a non-empty string (a layer type such as 'Linear', "
-                "a module name, or 're:<regex>')"
-            )
-        if entry.startswith("re:"):
-            try:
-                re.compile(entry[3:])
-            except re.error as err:
-                raise ValueError(f"{what} entry {entry!r} is not a valid regex: {err}") from None
-        elif _is_type_name(entry):
-            if entry not in SUPPORTED_TYPES:
-                raise ValueError(
-                    f"layer type {entry!r} in {what} is not supported; supported types: {sorted(SUPPORTED_TYPES)}"
-                )
-        elif entry not in names:
-            raise ValueError(
-                f"{what} entry {entry!r} names no module of the model (module names look like "
-                f"{sorted(n for n in names if n)[:6]}...)"
-            )
-
-
-def select_layers(model: nn.Module, targets=DEFAULT_TARGETS, exclude=()) -> list[str]:
-    """Names of the modules to quantize: matched by ``targets``, not by ``exclude``.
-
-    Entries are layer types (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Embedding"``), module
-    names (``"net.0"``) or ``"re:<regex>"`` over module names. A module named explicitly must
-    be of a supported type; a regex or type that selects nothing supported is an error.
-    """
-    _check_entries(model, targets, "targets")
-    _check_entries(model, exclude, "exclude")
-    chosen = []
-    for name, module in model.named_modules():
-        if not any(_matches(t, name, module) for t in targets) or any(_matches(e, name, module) for e in exclude):
-            continue
-        supported = isinstance(module, tuple(SUPPORTED_TYPES.values()))
-        if not supported and name in targets:
-            raise ValueError(
-                f"layer {name!r} is a {type(module).__name__}, which is not supported; supported "
-                f"types: {sorted(SUPPORTED_TYPES)}"
-            )
-        if supported:
-            chosen.append(name)
-    if not chosen:
-        raise ValueError(
-            f"targets={list(targets)} (exclude={list(exclude)}) match no supported layer "
-            f"({sorted(SUPPORTED_TYPES)}) of {type(model).__name__}"
-        )
-    return chosen
-
-
-def check_layers(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
-    """Raise a clear error for chosen layers the flow cannot quantize with ``spec``."""
-    modules = dict(model.named_modules())
-    for name in names:
-        m = modules[name]
-        if isinstance(m, qconv.CONV_TYPES):
-            if not spec.static:
-                qconv.check_conv(name, m)
-            elif m.padding_mode != "zeros":
-                raise ValueError(
-                    f"layer {name!r}: padding_mode={m.padding_mode!r} is not supported ('zeros' only); "
-                    "add it to `exclude`"
-                )
-            if spec.weight_bits != 8:
-                raise ValueError(
-                    f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
-                    "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)"
-                )
-            if spec.static and spec.activation_bits is None:
-                raise ValueError(
-                    f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
-                    "activation_bits=8 or exclude the layer"
-                )
-        elif spec.weight_bits == 4 and (not spec.static or isinstance(m, nn.Embedding)):
-            # whole groups only: torchao's int4 layouts, and ORT's GatherBlockQuantized for embeddings
-            # (a weight-only Linear on onnxruntime pads its last group, as MatMulNBits does)
-            width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
-            if width % spec.group_size:
-                raise ValueError(
-                    f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
-                    f"{width}; choose a divisor or exclude the layer"
-                )
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a Linear with an (in, out) weight, not an ``nn.Linear``."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-
-
-def skipped_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """Layers that are Linears by kind but stay float, with why (whenever Linear layers are targeted):
-    ``nn.MultiheadAttention`` (``in_proj_weight`` is a bare parameter and ``out_proj``'s weight is read
-    directly by the attention kernel) and transformers' ``Conv1D`` (GPT-2's projections, an (in, out)
-    weight QAT has no layer for). The callback warns about them and lists them in its report."""
-    if not any(isinstance(model.get_submodule(n), nn.Linear) for n in names):
-        return {}
-    found = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            found[n] = "nn.MultiheadAttention: in_proj_weight / out_proj are read by the attention kernel"
-        elif _is_hf_conv1d(m):
-            found[n] = "transformers Conv1D: no fake-quantized form (an (in, out) Linear)"
-    return found
 
 
 @contextlib.contextmanager
@@ -307,8 +217,12 @@ def prepare_qat(model: nn.Module, names: list[str], spec: QuantSpec, fold_bn: bo
 def _static_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
     from lightning_slim.quantization.static import fake_quantize_static
 
-    observe = spec.activation_bits is not None and not isinstance(m, nn.Embedding)
-    return fake_quantize_static(m, spec.weight_quantizer(m), observe, bn[1] if bn else None)
+    activations = spec.activation_quantizer(m)
+    if is_hf_conv1d(m):
+        from lightning_slim.quantization.transposed import StaticTransposedLinear
+
+        return StaticTransposedLinear(m, spec.weight_quantizer(m), activations)
+    return fake_quantize_static(m, spec.weight_quantizer(m), activations, bn[1] if bn else None)
 
 
 def _torchao_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
@@ -318,6 +232,10 @@ def _torchao_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
     act, weight = spec.activation_config(), spec.weight_config()
     if isinstance(m, qconv.CONV_TYPES):
         return qconv.fake_quantize_conv(m, act, weight, bn[1] if bn else None)
+    if is_hf_conv1d(m):
+        from lightning_slim.quantization.transposed import TorchaoTransposedLinear
+
+        return TorchaoTransposedLinear(m, act, weight)
     if isinstance(m, nn.Linear):
         return FakeQuantizedLinear.from_linear(m, act, weight)
     return FakeQuantizedEmbedding.from_embedding(m, weight)
@@ -348,6 +266,19 @@ def is_static(model: nn.Module) -> bool:
     from lightning_slim.quantization.static import WeightQuantizer
 
     return any(isinstance(m.weight_fake_quantizer, WeightQuantizer) for m in fake_quantized_layers(model).values())
+
+
+def full_range_weights(model: nn.Module) -> bool:
+    """Whether an int8 product of ``model`` (a quantized input times a weight) uses 8-bit weights
+    (``reduce_range=False``): such a file needs exact u8 x s8 kernels (see ``serving.session``)."""
+    from lightning_slim.quantization.static import WeightQuantizer
+
+    return any(
+        isinstance(m.weight_fake_quantizer, WeightQuantizer)
+        and m.weight_fake_quantizer.qmax == 127
+        and getattr(m, "activation_fake_quantizer", None) is not None
+        for m in fake_quantized_layers(model).values()
+    )
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -446,70 +377,3 @@ def _bits(fq) -> int:
 
 def _frozen(fq) -> bool:
     return fq.frozen if hasattr(fq, "frozen") else not fq.config.is_dynamic
-
-
-# --- the phase-switch guard ---------------------------------------------------------------------------
-class DivergenceGuard:
-    """Watches the training loss across QAT's phase switches (fake quantization starts, ranges freeze,
-    BatchNorm freezes). A loss that is not finite, or a median of the last ``patience`` losses above
-    ``factor`` times the median of the ``window`` losses before the last switch, is divergence (one noisy
-    batch is not): :meth:`update` returns the message once, naming the step, the switch and its likely
-    cause; :attr:`diverged` keeps it (for the export).
-
-    >>> guard = DivergenceGuard(window=4, patience=2)
-    >>> for step, loss in enumerate([1.0, 0.9, 0.8, 0.7]):
-    ...     guard.update(step, loss)
-    >>> guard.switch(4, "BatchNorm froze", lr=0.05, peak_lr=0.1)
-    >>> guard.update(4, 9.0) is None, guard.update(5, 9.5).split(" against")[0]
-    (True, 'QuantizationAwareTraining: the training loss exploded at step 5 (9.5,')
-    """
-
-    CAUSES: dict[str, str] = {  # noqa: RUF012 (read-only)
-        "fake quantization started": "activation ranges too narrow for the trained model, or too high a "
-        "learning rate for the quantized weights: start later or at a lower learning rate",
-        "ranges froze": "the frozen ranges clip activations the model still changes: freeze them later",
-        "BatchNorm froze": "a BatchNorm frozen at a high learning rate: without batch statistics the network "
-        "is not normalized and large steps blow up (a plain fit diverges the same way); set freeze_bn_after "
-        "where the learning rate has decayed (the last 10-20% of a OneCycle/cosine schedule) or leave it None",
-    }
-
-    def __init__(self, factor: float = 3.0, window: int = 20, patience: int = 5):
-        self.factor, self.window, self.patience = factor, window, patience
-        self.history: list[float] = []
-        self.last_switch: dict[str, Any] | None = None
-        self.diverged: dict[str, Any] | None = None
-
-    def switch(self, step: int, what: str, lr: float | None = None, peak_lr: float | None = None) -> None:
-        finite = sorted(v for v in self.history[-self.window :] if v == v and abs(v) != float("inf"))
-        reference = finite[len(finite) // 2] if finite else None
-        self.last_switch = {"step": step, "what": what, "reference": reference, "lr": lr, "peak_lr": peak_lr}
-
-    def update(self, step: int, loss: float) -> str | None:
-        self.history = [*self.history[-(max(self.window, self.patience) - 1) :], loss]
-        s = self.last_switch
-        if self.diverged is not None or s is None:
-            return None
-        recent = sorted(self.history[-self.patience :])
-        finite = loss == loss and abs(loss) != float("inf")
-        rising = (
-            s["reference"] is not None
-            and step - s["step"] + 1 >= self.patience  # only losses after the switch
-            and recent[len(recent) // 2] > self.factor * max(s["reference"], 1e-3)
-        )
-        if finite and not rising:
-            return None
-        self.diverged = {"step": step, "loss": loss, **{f"after_{k}": v for k, v in s.items()}}
-        lr = f" at lr={s['lr']:.3g} ({s['lr'] / s['peak_lr']:.0%} of the peak)" if s["lr"] and s["peak_lr"] else ""
-        return (
-            f"QuantizationAwareTraining: the training loss exploded at step {step} ({loss:.4g}, against a median "
-            f"of {s['reference']} before) {step - s['step']} steps after {s['what']} at step {s['step']}{lr}. "
-            f"Likely cause: {self.CAUSES.get(s['what'], 'the phase switch')}. The export refuses this model unless "
-            "export_diverged=True"
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "last_switch": self.last_switch, "diverged": self.diverged}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state.get("history", []))
-        self.last_switch, self.diverged = state.get("last_switch"), state.get("diverged")

@@ -25,172 +25,40 @@ compute the same fake quantization, so the deploy module can be checked against 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.functional import _set, fake_quantized_layers, no_mha_fastpath
-from lightning_slim.quantization.static import QMAX_U8, ActivationObserver
-
-NBITS_ACCURACY_LEVEL = 0  # float activations in MatMulNBits: the numerics weight-only QAT simulates
-
-
-# --- the custom ops (eager = the fake quantization; ONNX = QuantizeLinear / DequantizeLinear) -----------
-@torch.library.custom_op("lightning_slim::qdq", mutates_args=())
-def qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, QMAX_U8)
-
-
-@qdq.register_fake
-def _(x, scale, zero_point):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lightning_slim::dq", mutates_args=())
-def dq(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, axis: int) -> torch.Tensor:
-    shape = [-1 if i == axis else 1 for i in range(q.dim())]
-    q = q.float() if zero_point is None else q.float() - zero_point.float().reshape(shape)
-    return q * scale.reshape(shape)
-
-
-@dq.register_fake
-def _(q, scale, zero_point, axis):
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
-
-
-@torch.library.custom_op("lightning_slim::matmul_nbits", mutates_args=())
-def matmul_nbits(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, bits: int, block_size: int
-) -> torch.Tensor:
-    return F.linear(x, unpack_nbits(packed, scales, k, bits, block_size), bias)
-
-
-@matmul_nbits.register_fake
-def _(x, packed, scales, bias, k, bits, block_size):
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
-
-
-@torch.library.custom_op("lightning_slim::gather_nbits", mutates_args=())
-def gather_nbits(
-    idx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int
-) -> torch.Tensor:
-    blocks = scales.shape[1]
-    table = unpack_nbits(packed.reshape(packed.shape[0], blocks, -1), scales, blocks * block_size, bits, block_size)
-    return F.embedding(idx, table)
-
-
-@gather_nbits.register_fake
-def _(idx, packed, scales, bits, block_size):
-    return scales.new_empty(*idx.shape, scales.shape[1] * block_size)
-
-
-def _contrib_op(name: str, inputs: list[tuple[str, str, bool]], types: dict[str, list[str]], attributes):
-    """An ORT contrib op (``com.microsoft``) with a schema written here (``onnx`` ships none for them):
-    ``inputs`` as (name, type variable, optional)."""
-    from onnx.defs import OpSchema
-    from onnxscript.values import Op, Opset
-
-    p, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        name,
-        "com.microsoft",
-        1,
-        inputs=[p(n, t, param_option=optional) if opt else p(n, t) for n, t, opt in inputs],
-        outputs=[p("Y", "T1")],
-        type_constraints=[(t, allowed, "") for t, allowed in types.items()],
-        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in attributes],
-    )
-    return Op(Opset("com.microsoft", 1), name, schema)
-
-
-def _gather_nbits_op():
-    return _contrib_op(
-        "GatherBlockQuantized",
-        [("data", "T2", False), ("indices", "Tind", False), ("scales", "T1", False), ("zero_points", "T2", True)],
-        {"T1": ["tensor(float)"], "T2": ["tensor(uint8)"], "Tind": ["tensor(int32)", "tensor(int64)"]},
-        ("gather_axis", "quantize_axis", "block_size", "bits"),
-    )
-
-
-def _matmul_nbits_op():
-    return _contrib_op(
-        "MatMulNBits",
-        [
-            ("A", "T1", False),
-            ("B", "T2", False),
-            ("scales", "T1", False),
-            ("zero_points", "T3", True),
-            ("g_idx", "T4", True),
-            ("bias", "T1", True),
-        ],
-        {
-            "T1": ["tensor(float)"],
-            "T2": ["tensor(uint8)"],
-            "T3": ["tensor(uint8)", "tensor(float)"],
-            "T4": ["tensor(int32)"],
-        },
-        ("K", "N", "bits", "block_size", "accuracy_level"),
-    )
-
-
-def _translations() -> dict:
-    from onnxscript import opset18 as op
-
-    nbits, gather = _matmul_nbits_op(), _gather_nbits_op()
-
-    def qdq_onnx(x, scale, zero_point):
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
-
-    def dq_onnx(q, scale, zero_point, axis: int):
-        if zero_point is None:  # int32 biases: ORT fuses them without one (QGemm needs the weights')
-            return op.DequantizeLinear(q, scale, axis=axis)
-        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-    def nbits_onnx(x, packed, scales, bias, k: int, bits: int, block_size: int):
-        return nbits(
-            x,
-            packed,
-            scales,
-            None,
-            None,
-            bias,
-            K=k,
-            N=packed.shape[0],
-            bits=bits,
-            block_size=block_size,
-            accuracy_level=NBITS_ACCURACY_LEVEL,
-        )
-
-    def gather_onnx(idx, packed, scales, bits: int, block_size: int):
-        # the packed table's zero point is the default 2^(bits-1), as pack_nbits writes it
-        return gather(packed, idx, scales, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
-
-    return {
-        torch.ops.lightning_slim.gather_nbits.default: gather_onnx,
-        torch.ops.lightning_slim.qdq.default: qdq_onnx,
-        torch.ops.lightning_slim.dq.default: dq_onnx,
-        torch.ops.lightning_slim.matmul_nbits.default: nbits_onnx,
-    }
-
-
-# --- packing for MatMulNBits ------------------------------------------------------------------------------
-def pack_nbits(q: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Signed group integers (n * blocks, block) -> MatMulNBits' B: unsigned (default zero point
-    2^(bits-1)), (n, blocks, block * bits / 8) uint8, 4-bit values two per byte, low nibble first."""
-    u = (q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).reshape(n, -1, q.shape[-1])
-    return u if bits == 8 else u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_nbits(packed: torch.Tensor, scales: torch.Tensor, k: int, bits: int, block_size: int) -> torch.Tensor:
-    u = packed if bits == 8 else torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)
-    w = (u.float() - 2 ** (bits - 1)) * scales.reshape(*u.shape[:2], 1)
-    return w.reshape(u.shape[0], -1)[:, :k]
+from lightning_slim.quantization.dynamic import TokenQuantizer
+from lightning_slim.quantization.export_call import ExportCall, GraphCall, as_export_call, dynamic_shapes, two_rows
+from lightning_slim.quantization.functional import _set, fake_quantized_layers, full_range_weights, no_mha_fastpath
+from lightning_slim.quantization.onnx_ops import (
+    dq,
+    dynamic_linear,
+    gather_nbits,
+    matmul_nbits,
+    pack_nbits,
+    qdq,
+    silent_exporter,
+    translations,
+)
+from lightning_slim.quantization.static import ActivationObserver
 
 
 # --- deploy modules ------------------------------------------------------------------------------------
-class _QDQ(nn.Module):
+class _Int8Weight(nn.Module):
+    """A layer whose int8 weight is ``qweight``; ``weight`` is its float value, for models that read a
+    layer's ``weight`` (HF ViT casts its pixels to ``patch_embeddings.projection.weight.dtype``)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dq(self.qweight, self.s_w, None, 0)
+
+
+class _QDQ(_Int8Weight):
     """Input QDQ + int8 weight DQ + int32 bias DQ around ``op``: the pattern ORT fuses."""
 
     def __init__(self, layer: nn.Module):
@@ -200,7 +68,7 @@ class _QDQ(nn.Module):
         n = d["q"].shape[0]
         self.register_buffer("s_in", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("z_in", torch.tensor(zero_point, dtype=torch.uint8))
-        self.register_buffer("weight", d["q"].reshape(*d["shape"].tolist()))
+        self.register_buffer("qweight", d["q"].reshape(*d["shape"].tolist()))
         self.register_buffer("s_w", d["scale"])
         self.register_buffer("z_w", torch.zeros(n, dtype=torch.int8))
         self.register_buffer("bias", d["bias_q"])
@@ -209,11 +77,27 @@ class _QDQ(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = qdq(x, self.s_in, self.z_in)
-        w, b = dq(self.weight, self.s_w, self.z_w, 0), dq(self.bias, self.s_b, None, 0)
+        w, b = dq(self.qweight, self.s_w, self.z_w, 0), dq(self.bias, self.s_b, None, 0)
         if self.conv is None:
             return F.linear(x, w, b)
         conv = F.conv1d if w.dim() == 3 else F.conv2d
         return conv(x, w, b, *self.conv)
+
+
+class _DynamicQDQ(_Int8Weight):
+    """Per-token uint8 activations x int8 weights (:mod:`.dynamic`): a hand-built ``MatMulInteger`` graph."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        d = layer.deploy_weights()
+        self.register_buffer("qweight", d["q"])
+        self.register_buffer("s_w", d["scale"])
+        # (1, out): the zero point's correction, colsum(W) * s_w (exact integers, times the scales)
+        self.register_buffer("colsum_scaled", (d["q"].sum(1, dtype=torch.int32).float() * d["scale"])[None])
+        self.register_buffer("bias", d["bias"].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_linear(x, self.qweight, self.s_w, self.colsum_scaled, self.bias)
 
 
 class _NBits(nn.Module):
@@ -265,77 +149,138 @@ class _NBitsEmbedding(nn.Module):
 
 def deploy_module(model: nn.Module) -> nn.Module:
     """A copy of a statically fake-quantized ``model`` with each quantized layer replaced by its
-    export form (folded BatchNorms become ``Identity``). Runs in torch with the same numerics."""
-    model = copy.deepcopy(model).eval()
+    export form (folded BatchNorms become ``Identity``). Runs in torch with the same numerics.
+
+    The float parameters of the quantized layers are never copied (the copy starts from their
+    export forms), so exporting a 135M-parameter model holds one float model, not two."""
+    layers = fake_quantized_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    for name, m in fake_quantized_layers(model).items():
+    memo: dict[int, object] = {}
+    for m in layers.values():
         if isinstance(m, nn.Embedding):
             new = _Int8Embedding(m) if m.weight_fake_quantizer.bits == 8 else _NBitsEmbedding(m)
         elif isinstance(getattr(m, "activation_fake_quantizer", None), ActivationObserver):
             new = _QDQ(m)
+        elif isinstance(getattr(m, "activation_fake_quantizer", None), TokenQuantizer):
+            new = _DynamicQDQ(m)
         else:
             new = _NBits(m)
+        memo[id(m)] = new
         if getattr(m, "folded_bn", None) is not None:
-            _set(model, names[id(m.folded_bn)], nn.Identity())
-        _set(model, name, new)
-    for p in model.parameters():
+            memo[id(m.folded_bn)] = nn.Identity()
+    was_training = model.training
+    copied = copy.deepcopy(model, memo).eval()  # (the memo: quantized layers -> their export forms)
+    model.train(was_training)
+    for name, m in layers.items():  # a layer the copy reaches only through a non-module path is set anyway
+        _set(copied, name, memo[id(m)])
+        if getattr(m, "folded_bn", None) is not None:
+            _set(copied, names[id(m.folded_bn)], memo[id(m.folded_bn)])
+    for p in copied.parameters():
         p.requires_grad_(False)
-    return model
+    return copied
 
 
-def to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, custom_ops: bool = True) -> Path:
-    """``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension (and, for token ids, a
-    dynamic sequence dimension); returns the file written.
+def to_onnx(
+    module: nn.Module,
+    example: ExportCall | torch.Tensor,
+    path: str | Path,
+    custom_ops: bool = True,
+    name_prefix: str | None = None,
+    full_range: bool = False,
+) -> Path:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` called as ``example`` says (an
+    :class:`~.export_call.ExportCall`, or one tensor for ``forward(x)``): one graph input per tensor,
+    named as the batch keys, with a dynamic batch dimension (and, for token ids, a dynamic sequence
+    dimension); returns the file written. Initializers are named as ``module`` names them
+    (``name_prefix`` + the path; default prefix: the call's module path).
 
     Token ids (an integer ``(B, T, ...)`` input, a language model's ``input_ids``) get a dynamic
     ``T`` too: the file serves any prompt length, and the positions' tables (a Llama's rotary
     cos/sin, one ``(T, head_dim)`` pair per layer) are computed in the graph instead of being
     stored as constants. A model whose forward needs one fixed length is exported with that
-    length, as before."""
-    import warnings
-
+    length."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = example.detach().cpu()
-    if example.shape[0] < 2:  # a batch of 1 would be specialised
-        example = example.repeat(2, *([1] * (example.dim() - 1)))
-    table = _translations() if custom_ops else None
-    batch = {0: torch.export.Dim("batch")}
-    tokens = not example.is_floating_point() and example.dim() >= 2 and example.shape[1] >= 2
+    call = two_rows(as_export_call(example).head(8))
+    wrapper = GraphCall(module.eval(), call)
+    tokens = any(not t.is_floating_point() and t.dim() >= 2 and t.shape[1] >= 2 for t in call.tensors)
     program = None
-    with no_mha_fastpath(), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's chatter (deprecations, torchvision absent)
-        for dims in ([{**batch, 1: torch.export.Dim("seq")}] if tokens else []) + [batch]:
+    with no_mha_fastpath(), silent_exporter(), torch.no_grad():
+        for sequence in (True, False) if tokens else (False,):
             try:
                 program = torch.onnx.export(
-                    module.eval(),
-                    (example,),
+                    wrapper,
+                    call.tensors,
                     dynamo=True,
-                    custom_translation_table=table,
-                    dynamic_shapes=(dims,),
+                    custom_translation_table=translations() if custom_ops else None,
+                    input_names=list(call.names),
+                    dynamic_shapes=(dynamic_shapes(call, sequence),),
                     verbose=False,
+                    optimize=False,  # (the light pass below)
                 )
                 break
             except Exception:
-                if dims is batch:
+                if not sequence:
                     raise
+    _light_optimize(program.model)
     program.save(str(path))
-    _strip(path)
+    _strip(
+        path,
+        prefix=name_prefix if name_prefix is not None else (f"{call.module}." if call.module else ""),
+        full_range=full_range,
+    )
     return path
 
 
-def _strip(path: Path) -> None:
+def _light_optimize(model) -> None:
+    """What the exporter's optimizer does that the file needs (constant folding, unused nodes, shared
+    initializers, common subexpressions) without its pattern rewriter: on MiniLM that rewriter was half
+    of the export's time (157,767 match attempts; export 115 s -> 58 s under load), and ORT then runs
+    the same kernels (same fusions, 879 vs 873 nodes after ORT's own optimization, same latency)."""
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model)
+    for step in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ):
+        step(model)
+
+
+def _strip(path: Path, prefix: str = "", full_range: bool = False) -> None:
     """Drop the exporter's per-node metadata (stack traces with local paths, class names) and
-    intermediate shape annotations: on a 5k-parameter model they were 2/3 of the file."""
+    intermediate shape annotations (on a 5k-parameter model they were 2/3 of the file), and name
+    the initializers as the LightningModule names its layers (``prefix`` + the path in the exported
+    module, instead of the tracing wrapper's ``target.``), and mark full-range int8 weights in the
+    file's metadata (a session on an AVX2-only CPU must then use exact kernels: ``serving.session``)."""
     import onnx
 
+    from lightning_slim.quantization.serving import FULL_RANGE_KEY
+
     model = onnx.load(str(path))
+    if full_range:
+        onnx.helper.set_model_props(model, {FULL_RANGE_KEY: "full_range"})
     graph = model.graph
     for item in (*graph.node, *graph.initializer, *graph.input, *graph.output):
         del item.metadata_props[:]
     del graph.value_info[:]
+    _rename_initializers(graph, GraphCall.TARGET + ".", prefix)
     _compact_biases(graph)
     onnx.save(model, str(path))
+
+
+def _rename_initializers(graph, old: str, new: str) -> None:
+    renamed = {t.name: new + t.name[len(old) :] for t in graph.initializer if t.name.startswith(old)}
+    for t in graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
 
 
 def _compact_biases(graph) -> None:
@@ -399,23 +344,12 @@ def _compact_biases(graph) -> None:
     graph.initializer.extend(kept)
 
 
-class TensorOutput(nn.Module):
-    """``model`` with its output reduced to the logits tensor: a Hugging Face ``ModelOutput`` (and the
-    ``DynamicCache`` inside it, which the exporter cannot serialize) becomes what the file returns."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lightning_slim.modules import output_tensor
-
-        return output_tensor(self.model(x))
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Write the int8 (QDQ / MatMulNBits) ONNX file of a statically fake-quantized model."""
-    module = deploy_module(model)
-    with torch.no_grad(), no_mha_fastpath():
-        plain = isinstance(module(example), torch.Tensor)
-    return to_onnx(module if plain else TensorOutput(module), example, path)  # plain: initializer names as before
+def export_onnx(model: nn.Module, example: ExportCall | torch.Tensor, path: str | Path) -> Path:
+    """Write the int8 (QDQ / MatMulNBits) ONNX file of a statically fake-quantized model, called as
+    ``example`` says (the exported graph returns the call's output tensor: the logits of a Hugging
+    Face ``ModelOutput``, whose ``DynamicCache`` the exporter could not serialize)."""
+    call = as_export_call(example)
+    target = model.get_submodule(call.module) if call.module else model  # only what is served is copied
+    own = dataclasses.replace(call, module="")
+    prefix = f"{call.module}." if call.module else ""
+    return to_onnx(deploy_module(target), own, path, name_prefix=prefix, full_range=full_range_weights(target))

@@ -36,6 +36,8 @@ per-patch quantization, and zero padding is exact (0 maps to the integer zero po
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,12 @@ class ActivationObserver(nn.Module):
         self.momentum, self.enabled, self.frozen = momentum, False, False
         self.min_val: torch.Tensor | None = None  # plain attributes: not in the model's state dict
         self.max_val: torch.Tensor | None = None
+        self.recording: Callable[[], bool] | None = None  # when to observe; None: in train mode
+
+    def observing(self) -> bool:
+        """Whether this call moves the range: ``recording()`` when set (the callback sets "inside the
+        user's training step", whatever mode the model is in), else train mode."""
+        return not self.frozen and (self.recording() if self.recording is not None else self.training)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -77,13 +85,16 @@ class ActivationObserver(nn.Module):
         """(scale, zero point) as the export writes them: the range always contains 0 (exact
         zero padding; a ReLU output gets zero point 0, which lets ORT drop the ReLU)."""
         if self.min_val is None:
-            raise RuntimeError("the activation observer has seen no batch yet (run a forward pass in train mode)")
+            raise RuntimeError(
+                "the activation observer has seen no batch yet (it records inside the training step, or in "
+                "train mode outside a Trainer: run a forward pass there first)"
+            )
         lo, hi = min(float(self.min_val), 0.0), max(float(self.max_val), 0.0)
         scale = float(torch.tensor((hi - lo) / QMAX_U8, dtype=torch.float32)) or 1.0
         return scale, int(min(max(round(-lo / scale), 0), QMAX_U8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.frozen:
+        if self.observing():
             self.observe(x)
         if not self.active:
             return x
@@ -164,9 +175,11 @@ class _StaticMixin:
     ``conv(x, W_folded) + round(b_folded / (s_x s_w)) s_x s_w``: rounding the bias to ORT's int32
     grid moves about one activation in 500 by one step, so it is simulated too."""
 
-    def _setup_static(self, weight_quantizer: WeightQuantizer, observe: bool, bn: nn.Module | None) -> None:
+    channels_last = False  # output channels on the last dimension (Linear), else the second (conv)
+
+    def _setup_static(self, weight_quantizer: WeightQuantizer, activations: nn.Module | None, bn) -> None:
         self.weight_fake_quantizer = weight_quantizer
-        self.activation_fake_quantizer = ActivationObserver() if observe else None
+        self.activation_fake_quantizer = activations  # ActivationObserver, dynamic.TokenQuantizer, or None
         self._slim_bn = (bn,) if bn is not None else ()  # a tuple: the BN stays the user's submodule
 
     @property
@@ -196,10 +209,11 @@ class _StaticMixin:
             x = aq(x)
         w, w_scale = self.weight_fake_quantizer.fake_with_scale(self.quant_weight())
         y = op(x, w)
-        shape = (-1,) if isinstance(self, nn.Linear) else (1, -1, *[1] * (y.dim() - 2))
+        shape = (-1,) if self.channels_last else (1, -1, *[1] * (y.dim() - 2))
         bn, f = self.folded_bn, self._factor()
-        exact = aq is not None and aq.active and w_scale is not None and (bn is None or not bn.training)
-        if not exact:  # float warm-up, weight-only, or BN on batch statistics
+        static_range = isinstance(aq, ActivationObserver) and aq.active and w_scale is not None
+        exact = static_range and (bn is None or not bn.training)
+        if not exact:  # float warm-up, weight-only, dynamic activations (float bias), or BN on batch statistics
             if f is not None:
                 y = y / torch.where(f == 0, torch.ones_like(f), f).reshape(shape)
             return y if self.bias is None else y + self.bias.reshape(shape)
@@ -220,7 +234,7 @@ class _StaticMixin:
             w, b = self.quant_weight().detach(), self.folded_bias().detach()
         q, scale = self.weight_fake_quantizer.quantize(w)
         out = {"q": q, "scale": scale, "bias": b, "shape": torch.tensor(w.shape)}
-        if self.activation_fake_quantizer is not None:
+        if isinstance(self.activation_fake_quantizer, ActivationObserver):
             out["bias_scale"] = bias_scale(scale, self.activation_fake_quantizer.qparams()[0])
             out["bias_q"] = quantize_bias(b, out["bias_scale"]).to(torch.int32)
         return out
@@ -231,6 +245,8 @@ class _StaticMixin:
 
 
 class StaticLinear(_StaticMixin, nn.Linear):
+    channels_last = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._static_forward(x, lambda a, w: F.linear(a, w))
 
@@ -291,13 +307,13 @@ def rebuild(module: nn.Module, cls: type) -> nn.Module:
 
 
 def fake_quantize_static(
-    module: nn.Module, weight_quantizer: WeightQuantizer, observe: bool, bn: nn.Module | None = None
+    module: nn.Module, weight_quantizer: WeightQuantizer, activations: nn.Module | None, bn: nn.Module | None = None
 ) -> nn.Module:
     new = rebuild(module, next(cls for base, cls in STATIC.items() if isinstance(module, base)))
     if isinstance(new, nn.Embedding):
         new.weight_fake_quantizer, new.activation_fake_quantizer = weight_quantizer, None
     else:
-        new._setup_static(weight_quantizer, observe, bn)
+        new._setup_static(weight_quantizer, activations, bn)
     return new
 
 
@@ -343,15 +359,30 @@ def average_observers(layers: dict[str, nn.Module], reduce_mean) -> None:
         o.min_val, o.max_val = flat[2 * i].clone(), flat[2 * i + 1].clone()
 
 
+def record_when(layers: dict[str, nn.Module], recording: Callable[[], bool] | None) -> None:
+    """Make every activation observer of ``layers`` record when ``recording()`` holds (None: in train mode)."""
+    for o in _observers(layers).values():
+        o.recording = recording
+
+
+def _always() -> bool:
+    return True
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches) -> None:
-    """Post-training ranges: run ``batches`` (input tensors) through ``model`` with only the
-    activation observers updating (BatchNorm statistics and everything else in eval mode)."""
+    """Post-training ranges: run ``batches`` (input tensors, or dicts of keyword inputs) through
+    ``model`` in eval mode (BatchNorm statistics untouched) with every activation observer recording."""
+    from lightning_slim.modules import evaluating
+
     observers = [m for m in model.modules() if isinstance(m, ActivationObserver)]
-    was_training = model.training
-    model.eval()
+    before = [o.recording for o in observers]
     for o in observers:
-        o.train()
-    for x in batches:
-        model(x)
-    model.train(was_training)
+        o.recording = _always
+    try:
+        with evaluating(model):
+            for x in batches:
+                model(**x) if isinstance(x, dict) else model(x)
+    finally:
+        for o, recording in zip(observers, before):
+            o.recording = recording
