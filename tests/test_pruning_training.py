@@ -266,7 +266,7 @@ def test_other_lightning_cli_configs(config, tmp_path, monkeypatch):
             "--data",
             "lightning_slim.MNIST1DDataModule",
             "--data.num_samples=1000",
-            "--trainer.max_epochs=1",
+            f"--trainer.max_epochs={3 if config == 'pruning_gradual' else 1}",  # gradual prunes once an epoch
             "--seed_everything=0",
             "--trainer.accelerator=cpu",
             "--trainer.logger=false",
