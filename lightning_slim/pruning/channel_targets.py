@@ -43,6 +43,10 @@ def resolve(
     heads: bool,
     scope: str | None,
 ) -> ChannelTargets:
+    """The layers that lose output channels: in a transformer its MLP up-projections (and attention
+    projections with ``heads``), or the user's ``targets`` among them (refused blocks and residual-stream
+    targets are errors, :func:`heads.choose`); in any other model every target Linear / Conv but the
+    classifier."""
     roots, _, refused = attention.transformer_plan(model, heads)
     if not (roots or refused):  # a CNN / MLP: every target but the classifier (its class outputs must stay)
         counted = masking.select_layers(model, targets)
