@@ -4,14 +4,20 @@ with resume, checkpoint loading and the W&B curve."""
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_slim.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning, load_pruned
+from lightning_slim.pruning.curve import MissingMetricWarning
 from lightning_slim.pruning.functional import global_sparsity, select_layers
+from lightning_slim.pruning.options import PruningScheduleWarning
+from lightning_slim.pruning.schedules import parse_schedule
 
 
 def fit(tmp_path, callbacks, model=None, ckpt_path=None, **kwargs):
@@ -260,7 +266,7 @@ def test_other_lightning_cli_configs(config, tmp_path, monkeypatch):
             "--data",
             "lightning_slim.MNIST1DDataModule",
             "--data.num_samples=1000",
-            "--trainer.max_epochs=1",
+            f"--trainer.max_epochs={3 if config == 'pruning_gradual' else 1}",  # gradual prunes once an epoch
             "--seed_everything=0",
             "--trainer.accelerator=cpu",
             "--trainer.logger=false",
@@ -272,3 +278,46 @@ def test_other_lightning_cli_configs(config, tmp_path, monkeypatch):
     assert cb.round >= 1 and cb.report_rows()["sparsity"] > 0
     if config == "pruning_structured":
         assert cli.model.net[0].out_channels < 16 and cli.model.net[7].out_features == 10
+
+
+class UnderscoreNames(MNIST1DCNN):
+    """A user's module that logs ``val_acc`` (not the default ``val/acc``)."""
+
+    def validation_step(self, batch, batch_idx):
+        logits, y = self(batch[0]), batch[1]
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+
+def test_an_accuracy_metric_that_is_never_logged_is_warned_once_and_the_right_name_fills_the_curve(tmp_path):
+    schedule = {"kind": "imp", "rounds": 2, "rate": 0.5, "every": 1}
+    with pytest.warns(MissingMetricWarning) as caught:
+        fit(tmp_path, [cb := IterativeMagnitudePruning(schedule)], model=UnderscoreNames(channels=8), max_epochs=3)
+    said = [w for w in caught if issubclass(w.category, MissingMetricWarning)]
+    assert len(said) == 1 and "accuracy_metric='val/acc' was not logged" in str(said[0].message)
+    assert "'val_acc'" in str(said[0].message)  # the names that were logged
+    assert [row[2] for row in cb.curve] == [None, None, None]
+    fit(tmp_path, [cb := IterativeMagnitudePruning(schedule, accuracy_metric="val_acc")], model=UnderscoreNames(8))
+    assert all(0 <= row[2] <= 1 for row in cb.curve[1:])  # epoch 0's event comes before any validation
+
+
+def test_every_schedule_kind_counts_epochs_unless_told_steps():
+    for kind in ({"kind": "imp"}, {"kind": "gradual"}, {"kind": "one_shot"}):
+        assert parse_schedule(kind).unit == "epoch"
+    # the README's gradual example: one pruning step per epoch, epochs 0 to 6
+    readme = IterativeMagnitudePruning({"kind": "gradual", "final_sparsity": 0.8, "start": 0, "end": 6, "every": 1})
+    assert readme.schedule.unit == "epoch" and [t for t, _ in readme.events] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_step_schedule_that_is_over_in_the_first_epoch_of_a_longer_training_warns_before_training(tmp_path):
+    steps = []
+    probe = pl.callbacks.LambdaCallback(on_train_batch_start=lambda *a: steps.append(1))
+    gradual = {"kind": "gradual", "final_sparsity": 0.8, "start": 0, "end": 6, "every": 1, "unit": "step"}
+    with pytest.warns(PruningScheduleWarning, match=r"7 events \(steps 0 to 6\) all come in the first epoch \(8 steps"):
+        warns_first = pl.callbacks.LambdaCallback(on_train_start=lambda *a: steps.append("start"))
+        fit(tmp_path, [IterativeMagnitudePruning(gradual, accuracy_metric=None), warns_first, probe], max_epochs=2)
+    assert steps[0] == "start" and len(steps) == 17  # warned in on_train_start, before the first of 16 steps
+    with warnings.catch_warnings():  # the same schedule in a one-epoch training, or a one-shot at a step: as meant
+        warnings.simplefilter("error", PruningScheduleWarning)
+        fit(tmp_path, [IterativeMagnitudePruning(gradual, accuracy_metric=None)], max_epochs=1)
+        one_shot = {"kind": "one_shot", "sparsity": 0.5, "at": 3, "unit": "step"}
+        fit(tmp_path, [IterativeMagnitudePruning(one_shot, accuracy_metric=None)], max_epochs=2)

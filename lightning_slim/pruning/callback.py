@@ -1,5 +1,6 @@
 """IterativeMagnitudePruning: the Lightning shell around ``functional`` (masks, patterns, importance),
-``schedules``, ``rewind``, ``structured`` and ``heads``. Hooks decide *when*; the pure functions decide *what*."""
+``schedules``, ``rewind``, ``structured``, ``slicing`` and ``heads``, and ``curve``. Hooks decide *when*;
+the pure functions decide *what*."""
 
 from __future__ import annotations
 
@@ -19,14 +20,22 @@ from lightning_slim.contract import Effect, ExportStage
 from lightning_slim.interception import InTrainingStep
 from lightning_slim.lightning_glue import rebuild_optimizers
 from lightning_slim.modules import InputNorms
+from lightning_slim.pruning import channel_targets
 from lightning_slim.pruning import functional as masking
-from lightning_slim.pruning import heads as attention
 from lightning_slim.pruning import rewind as rewinding
 from lightning_slim.pruning import structured as channels
 from lightning_slim.pruning import tensors as tensor_targets
-from lightning_slim.pruning.importance import inputs_of
-from lightning_slim.pruning.options import PruningCoverageWarning, check_options, coverage_warning, resolve_pattern
-from lightning_slim.pruning.schedules import as_dict, parse_schedule
+from lightning_slim.pruning.curve import AccuracyCurve
+from lightning_slim.pruning.importance import record_inputs
+from lightning_slim.pruning.options import (
+    PruningCoverageWarning,
+    PruningScheduleWarning,
+    check_options,
+    coverage_warning,
+    resolve_pattern,
+    tied_heads_line,
+)
+from lightning_slim.pruning.schedules import as_dict, parse_schedule, timing
 
 DEFAULT_SCHEDULE = {"kind": "imp", "rounds": 5, "rate": 0.2, "every": 1, "unit": "epoch"}
 
@@ -39,13 +48,15 @@ class IterativeMagnitudePruning(SlimCallback):
         schedule: when and how much to prune, as data: ``{"kind": "imp", "rounds", "rate" or
             "final_sparsity", "every", "start", "unit": "epoch"|"step"}``, ``{"kind": "gradual",
             "final_sparsity", "initial_sparsity", "start", "end", "every", "unit"}`` (Zhu & Gupta) or
-            ``{"kind": "one_shot", "sparsity", "at", "unit"}``. Sparsities are fractions of the target
-            tensors' weights (of their output channels / heads with ``pattern="channels"``).
+            ``{"kind": "one_shot", "sparsity", "at", "unit"}``. Every kind counts in epochs unless
+            ``"unit": "step"``. Sparsities are fractions of the target tensors' weights (of their output
+            channels / heads with ``pattern="channels"``).
         targets: what to prune: class names (``"Conv1d"``, ``"torch.nn.Linear"``), module paths
             (``"net.0"``), ``"re:<regex>"`` on paths, or full parameter names
             (``"layers.0.self_attn.in_proj_weight"``). Default: every Linear, Conv, MultiheadAttention
-            (``in_proj_weight``) and transformers ``Conv1D`` weight; for structural pruning of a
-            transformer, its MLP channels and attention heads.
+            (``in_proj_weight``) and transformers ``Conv1D`` weight, except a tied output head (an
+            ``lm_head`` whose weight is the input embedding: named by its path it is pruned, embedding
+            and all); for structural pruning of a transformer, its MLP channels and attention heads.
         exclude: the same kind of specs, removed from ``targets``.
         exclude_classifier: leave the final classifier (the last Linear/Conv layer, or ``classifier``) dense.
             It still counts in the reported sparsity, which is over every target tensor.
@@ -54,7 +65,8 @@ class IterativeMagnitudePruning(SlimCallback):
             pruning of transformers, ``"global"`` otherwise.
         pattern: ``"unstructured"``, ``"N:M"`` semi-structured (``"2:4"``: 2 of every 4 consecutive
             inputs of a row stay; the schedule must end at ``1 - N/M``) or ``"channels"`` (structural,
-            with torch-pruning: a smaller, faster model; use ``strategy="ddp"``, not ``ddp_spawn``).
+            a smaller, faster model; transformer blocks are sliced directly, other models traced with
+            torch-pruning; use ``strategy="ddp"``, not ``ddp_spawn``).
         structured: the same as ``pattern="channels"``.
         importance: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W|`` times the input channel's norm,
             collected by forward hooks over the training steps since the previous pruning event).
@@ -64,7 +76,8 @@ class IterativeMagnitudePruning(SlimCallback):
             ``"step"`` (to ``rewind_step``, Frankle et al. 2020) or ``"lr"`` (learning-rate rewinding,
             Renda et al. 2020, to ``rewind_step``). Weights and optimizer/scheduler state go back together.
         rewind_step: the optimizer step to snapshot for ``"step"`` and ``"lr"``.
-        accuracy_metric: logged metric recorded at each round for the accuracy-vs-sparsity curve.
+        accuracy_metric: logged metric recorded at each round for the accuracy-vs-sparsity curve (warned
+            once if it is never logged; None: no accuracy).
         example_input_shape: input shape for torch-pruning's tracing when the module has no
             ``example_input_array`` (structural only); ``example_input_dtype``: ``"auto"`` (int64 token
             ids when the model has an ``nn.Embedding``), ``"float32"`` or ``"int64"``.
@@ -112,25 +125,23 @@ class IterativeMagnitudePruning(SlimCallback):
         self.scope = scope or ("row" if importance == "wanda" else "global")
         self.importance, self.heads = importance, heads
         self.rewind, self.rewind_step = rewind, rewind_step
-        self.accuracy_metric = accuracy_metric
+        self.accuracy_metric, self.accuracy = accuracy_metric, AccuracyCurve(accuracy_metric)
         self.example_input_shape, self.example_input_dtype = example_input_shape, example_input_dtype
         # state saved in checkpoints
         self.masks: dict[str, torch.Tensor] = {}
         self.events_done = 0
         self.snapshot: dict[str, Any] | None = None
-        self.curve: list[list] = []  # [round, sparsity, accuracy, step] at each round boundary and at the end
         self.structure: dict | None = None
         self.initial_numel: dict[str, int] = {}
         self.channel_ratio = 0.0
         self.norms = InputNorms()  # Wanda's input statistics since the last event
         self.config_changes: dict[str, Any] = {}
         # runtime only
-        self._layers: dict[str, torch.nn.Module] = {}  # structural roots
+        self._channels: channel_targets.ChannelTargets | None = None  # structural: what loses channels
         self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
         self._targets: dict[str, tensor_targets.Target] = {}  # what is masked
-        self._untouched: dict[str, str] = {}
+        self._untouched: dict[str, str] = {}  # weight matrices left dense, and why
         self._tied: dict[str, list[str]] = {}
-        self._num_heads: dict[torch.nn.Module, int] = {}
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._sparsity: dict[str, float] = {}
         self._hooks: list = []
@@ -158,88 +169,39 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)
-        if self.structured:
-            root, example = self._example(pl_module)
-            channels.check_prunable(root, example, self._layers)
-            if self.structure is None:  # a fresh fit: prune a copy to the final ratio, run it, before training
-                changes = channels.dry_run(
-                    root, example, self._layers, self.events[-1][1], self.scope == "global", self._num_heads
+        if self.structured:  # on a fresh fit a copy is pruned to the final ratio and run, before training
+            call, fresh = self._structural_call(pl_module), self.structure is None
+            if not channel_targets.check(pl_module, self._channels, call, self.events[-1][1], fresh):
+                rank_zero_warn(
+                    "IterativeMagnitudePruning: this model's config cannot describe the pruned heads (its head "
+                    "size is hidden_size / num_attention_heads): reload it with "
+                    "lightning_slim.pruning.load_pruned(), not from_pretrained()",
+                    category=PruningCoverageWarning,
                 )
-                if not changes.get("reloadable", True):
-                    rank_zero_warn(
-                        "IterativeMagnitudePruning: this model's config cannot describe the pruned heads "
-                        "(its head size is hidden_size / num_attention_heads): reload it with "
-                        "lightning_slim.pruning.load_pruned(), not from_pretrained()",
-                        category=PruningCoverageWarning,
-                    )
-        else:
-            for name, t in self._targets.items():
-                shape = tensor_targets.as_matrix(tensor_targets.tensor_of(pl_module, t), t.layout).shape
-                masking.patterns.check_nm_shape(name, tuple(shape), self.pattern)
-            message = coverage_warning(self._untouched, self._tied)
-            if message:
-                rank_zero_warn(message, category=PruningCoverageWarning)
+        elif message := coverage_warning(self._untouched, self._tied):
+            rank_zero_warn(message, category=PruningCoverageWarning)
+        if not self.structured and (line := tied_heads_line(self._untouched)):
+            rank_zero_info(line)
         if not self.initial_numel:
             self.initial_numel = {n: self._numel(pl_module, n) for n in self._counted}
 
     def _resolve(self, pl_module) -> None:
         if self.structured:
-            return self._resolve_channels(pl_module)
-        self._counted = tensor_targets.select_tensors(pl_module, self.targets)
-        exclude = list(self.exclude) + self._classifier(pl_module, self._counted, self.exclude_classifier)
-        self._targets = tensor_targets.select_tensors(pl_module, self.targets, exclude)
-        self._untouched = tensor_targets.untouched_matrices(pl_module, self._counted, exclude)
-        if self.pattern.kind == "N:M" and self.targets is None:  # by kind: layers N:M cannot split are listed
-            for name in masking.nm_misfits(pl_module, self._targets, self.pattern):
-                self._untouched[name] = f"inputs not a multiple of {self.pattern.m}"
-                del self._targets[name]
-        self._tied = tensor_targets.tied(pl_module, self._counted)
-
-    def _classifier(self, pl_module, counted, wanted: bool) -> list[str]:
-        if not wanted:
-            return []
-        name = self.classifier or masking.classifier_name(masking.select_layers(pl_module))
-        if name not in dict(pl_module.named_modules()):
-            raise ValueError(f"classifier={name!r} is not a module of {type(pl_module).__name__}")
-        return [name] if name in counted else []
-
-    def _resolve_channels(self, pl_module) -> None:
-        roots, num_heads, refused = attention.transformer_plan(pl_module, self.heads)
-        modules = dict(pl_module.named_modules())
-        if not (roots or refused):  # a CNN / MLP: every target but the classifier (its class outputs must stay)
-            self._counted = masking.select_layers(pl_module, self.targets)
-            classifier = self._classifier(pl_module, self._counted, True)
-            if set(self._counted) <= set(classifier):
-                raise ValueError(
-                    f"structural pruning keeps the classifier's outputs ({classifier}), and "
-                    f"{type(pl_module).__name__} has no other Linear/Conv target; "
-                    "use pattern='unstructured'"
-                )
-            self._layers = masking.select_layers(pl_module, self.targets, list(self.exclude) + classifier)
-            return
-        if self._scope == "global":
-            raise ValueError(
-                "scope='global' would give transformer layers different head counts and MLP widths, "
-                "which a model config cannot hold; use scope='layer' (the default for transformers)"
+            self._channels = channel_targets.resolve(
+                pl_module, self.targets, self.exclude, self.classifier, self.heads, self._scope
             )
-        chosen = attention.choose(
-            modules,
-            roots,
-            refused,
-            self.targets and masking.select_layers(pl_module, self.targets, self.exclude),
-            self.exclude,
-        )
-        self.scope = "layer"
-        self._num_heads = {modules[n]: h for n, h in num_heads.items() if n in chosen}
-        self._counted = self._layers = chosen
+            self._counted, self.scope = self._channels.layers, self._channels.scope
+            return
+        counted = tensor_targets.select_tensors(pl_module, self.targets)
+        wanted = self.exclude_classifier
+        classifier = channel_targets.classifier_paths(pl_module, counted, self.classifier) if wanted else []
+        chosen = masking.resolve_targets(pl_module, self.targets, self.exclude, classifier, self.pattern)
+        self._counted, self._targets = chosen.counted, chosen.masked
+        self._untouched, self._tied = chosen.untouched, chosen.tied
 
-    def _example(self, pl_module):
-        return channels.trace_inputs(
-            pl_module,
-            getattr(pl_module, "example_input_array", None),
-            self.example_input_shape,
-            self.example_input_dtype,
-        )
+    def _structural_call(self, pl_module):
+        example, shape = getattr(pl_module, "example_input_array", None), self.example_input_shape
+        return channel_targets.call(pl_module, self._channels, example, shape, self.example_input_dtype)
 
     # --- training hooks -------------------------------------------------------------------------
     @override
@@ -249,28 +211,18 @@ class IterativeMagnitudePruning(SlimCallback):
         masking.apply_masks(self._tensors(pl_module), self.masks)
         self._update_sparsity(pl_module)
         if self.importance == "wanda" and not self._hooks:
-            modules = {t.module: pl_module.get_submodule(t.module) for t in self._targets.values()}
-            self._hooks = self.norms.attach(
-                modules, InTrainingStep(pl_module), {n: inputs_of(m) for n, m in modules.items()}
-            )
+            self._hooks = record_inputs(self.norms, pl_module, self._targets, InTrainingStep(pl_module))
 
     @override
     def on_train_start(self, trainer, pl_module):
-        if self.schedule.unit == "epoch" and trainer.max_epochs not in (None, -1):
-            late = [t for t, _ in self.events[self.events_done :] if t >= trainer.max_epochs]
-            if late:  # an event at the last epoch boundary or after it is never trained (or never happens)
-                rank_zero_info(
-                    f"IterativeMagnitudePruning: pruning events at epochs {late} come at or after "
-                    f"max_epochs={trainer.max_epochs}; those rounds will not be trained"
-                )
-        if self.schedule.unit == "epoch" and self.rewind != "none" and self.snapshot is None:
-            per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
-            first = self.events[0][0] * per_epoch
-            if self.rewind_step > first:
-                raise ValueError(
-                    f"rewind_step={self.rewind_step} is later than the first pruning at epoch "
-                    f"{self.events[0][0]} (step {first})"
-                )
+        per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
+        total = trainer.estimated_stepping_batches
+        rewind_step = self.rewind_step if self.rewind != "none" and self.snapshot is None else None
+        warning, info = timing(self.schedule, self.events_done, per_epoch, total, trainer.max_epochs, rewind_step)
+        if warning:
+            rank_zero_warn(warning, category=PruningScheduleWarning)
+        if info:
+            rank_zero_info(info)
 
     @override
     def on_train_epoch_start(self, trainer, pl_module):
@@ -295,8 +247,8 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def on_train_end(self, trainer, pl_module):
         self._update_sparsity(pl_module)
-        self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
-        self._log_curve(trainer)
+        self.accuracy.record(trainer, self.round, self._sparsity["sparsity"], final=True)
+        self.accuracy.log(trainer)
         log.set_summary(
             trainer, {"slim/pruning/final_sparsity": self._sparsity["sparsity"], "slim/pruning/rounds": self.round}
         )
@@ -313,6 +265,11 @@ class IterativeMagnitudePruning(SlimCallback):
     def round(self) -> int:
         return self.events_done
 
+    @property
+    def curve(self) -> list[list]:
+        """``[round, sparsity, accuracy or None, step]`` at each round boundary and at the end of training."""
+        return self.accuracy.rows
+
     def _advance(self, trainer, pl_module) -> None:
         step = trainer.global_step
         if self.rewind != "none" and self.snapshot is None and step >= self.rewind_step:
@@ -326,27 +283,19 @@ class IterativeMagnitudePruning(SlimCallback):
             self.events_done += len(due)
             self._update_sparsity(pl_module)
             self._fired = True
-            rank_zero_info(
-                f"IterativeMagnitudePruning: round {self.round} at step {step}: "
-                f"sparsity {self._sparsity['sparsity']:.4f}"
-            )
+            self.accuracy.log(trainer)
+            sparsity = self._sparsity["sparsity"]
+            rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: sparsity {sparsity:.4f}")
 
     def _prune(self, trainer, pl_module, target: float) -> None:
         self._update_sparsity(pl_module)
-        self.curve.append([self.round, self._sparsity["sparsity"], self._accuracy(trainer), trainer.global_step])
+        self.accuracy.record(trainer, self.round, self._sparsity["sparsity"])
         if self.structured:
             return self._prune_channels(trainer, pl_module, target)
         fallback: list[str] = []
+        how = dict(pattern=self.pattern, importance=self.importance, scope=self.scope, stats=self.norms)
         masks = masking.compute_masks(
-            pl_module,
-            self._targets,
-            target,
-            self.pattern,
-            self.importance,
-            self.scope,
-            self.norms,
-            self.masks or None,
-            fallback,
+            pl_module, self._targets, target, previous=self.masks or None, fallback=fallback, **how
         )
         if set(fallback) - self._fallback:
             self._fallback.update(fallback)
@@ -355,9 +304,7 @@ class IterativeMagnitudePruning(SlimCallback):
         if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = masks
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-        if self.snapshot is not None:
-            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
+        self._rewind(trainer, pl_module)
         self._refresh_masks(pl_module)
         masking.apply_masks(self._tensors(pl_module), self.masks)
         for opt in trainer.optimizers:
@@ -365,27 +312,15 @@ class IterativeMagnitudePruning(SlimCallback):
 
     def _prune_channels(self, trainer, pl_module, target: float) -> None:
         relative = 1.0 - (1.0 - target) / (1.0 - self.channel_ratio)
-        root, example = self._example(pl_module)
-        channels.channel_prune(
-            root,
-            example,
-            self._layers.values(),
-            relative,
-            global_pruning=self.scope == "global",
-            num_heads=self._num_heads,
-        )
-        self.config_changes.update(attention.sync_configs(pl_module))
-        self.channel_ratio = target
-        self.structure = channels.structure_of(pl_module)
+        self.config_changes.update(channel_targets.prune(pl_module, self._structural_call(pl_module), relative))
+        self.channel_ratio, self.structure = target, channels.structure_of(pl_module)
         rebuild_optimizers(trainer, pl_module)
-        if self.snapshot is not None:  # "lr": the schedule goes back, the weights stay
-            rewinding.restore(
-                self.rewind,
-                self.snapshot,
-                pl_module,
-                trainer.optimizers,
-                [c.scheduler for c in trainer.lr_scheduler_configs],
-            )
+        self._rewind(trainer, pl_module)  # "lr" only here: the schedule goes back, the weights stay
+
+    def _rewind(self, trainer, pl_module) -> None:
+        if self.snapshot is not None:
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _tensors(self, pl_module) -> dict[str, torch.Tensor]:
@@ -403,22 +338,6 @@ class IterativeMagnitudePruning(SlimCallback):
     def _update_sparsity(self, pl_module) -> None:
         initial = self.initial_numel if self.structured else None
         self._sparsity = masking.sparsity_rows(pl_module, self._counted, initial)
-
-    def _accuracy(self, trainer) -> float | None:
-        value = trainer.callback_metrics.get(self.accuracy_metric) if self.accuracy_metric else None
-        return None if value is None else float(value)
-
-    def _log_curve(self, trainer) -> None:
-        rows = [[r, s, float("nan") if a is None else a, st] for r, s, a, st in self.curve]
-        log.log_line_plot(
-            trainer,
-            "slim/pruning/accuracy_vs_sparsity",
-            ["round", "sparsity", "accuracy", "step"],
-            rows,
-            x="sparsity",
-            y="accuracy",
-            title="accuracy vs sparsity over pruning rounds",
-        )
 
     # --- export, report, state ----------------------------------------------------------------------
     @torch.no_grad()
@@ -457,7 +376,7 @@ class IterativeMagnitudePruning(SlimCallback):
             "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
             "events_done": self.events_done,
             "snapshot": self.snapshot,
-            "curve": self.curve,
+            "curve": self.accuracy.rows,
             "structure": self.structure,
             "initial_numel": self.initial_numel,
             "channel_ratio": self.channel_ratio,
@@ -470,7 +389,7 @@ class IterativeMagnitudePruning(SlimCallback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
         self.events_done, self.snapshot = state_dict["events_done"], state_dict["snapshot"]
-        self.curve = [list(r) for r in state_dict["curve"]]
+        self.accuracy.rows = [list(r) for r in state_dict["curve"]]
         self.structure, self.channel_ratio = state_dict["structure"], state_dict["channel_ratio"]
         self.initial_numel = dict(state_dict["initial_numel"])
         if "norms" in state_dict:  # checkpoints from before Wanda have none

@@ -19,6 +19,7 @@ testable (and usable in a plain training loop) without a Trainer. :func:`prune` 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,7 +28,15 @@ from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import importance as imp
 from lightning_slim.pruning import patterns
 from lightning_slim.pruning.patterns import Pattern, is_nm, nm_masks, parse_pattern  # noqa: F401 - the API
-from lightning_slim.pruning.tensors import Target, as_matrix, from_matrix, select_tensors, tensor_of
+from lightning_slim.pruning.tensors import (
+    Target,
+    as_matrix,
+    from_matrix,
+    select_tensors,
+    tensor_of,
+    tied,
+    untouched_matrices,
+)
 from lightning_slim.targets import select_modules
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -94,6 +103,42 @@ def nm_misfits(model: nn.Module, targets: Mapping[str, Target], pattern: Pattern
         for n, t in targets.items()
         if pattern.kind == "N:M" and as_matrix(tensor_of(model, t), t.layout).shape[1] % pattern.m
     ]
+
+
+@dataclass
+class MaskedTargets:
+    """What unstructured / N:M pruning acts on: ``counted`` (what the sparsity is over: the targets,
+    excluded classifier included), ``masked`` (what is masked), ``untouched`` (weight matrices left
+    dense, with why) and ``tied`` (masked parameters other modules share)."""
+
+    counted: dict[str, Target]
+    masked: dict[str, Target]
+    untouched: dict[str, str]
+    tied: dict[str, list[str]]
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Iterable[str] | None,
+    exclude: Iterable[str],
+    classifier: Iterable[str] = (),
+    pattern: Pattern | None = None,
+) -> MaskedTargets:
+    """The targets of unstructured / N:M pruning. ``classifier``: paths left dense but counted. With
+    N:M and default targets, layers whose inputs do not split into groups of M are left out and listed;
+    a target named explicitly that does not split is a ``ValueError``."""
+    pattern = pattern or Pattern("unstructured")
+    counted = select_tensors(model, targets)
+    exclude = [*exclude, *classifier]
+    masked = select_tensors(model, targets, exclude)
+    untouched = untouched_matrices(model, counted, exclude)
+    if pattern.kind == "N:M" and targets is None:  # by kind: layers N:M cannot split are listed
+        for name in nm_misfits(model, masked, pattern):
+            untouched[name] = f"inputs not a multiple of {pattern.m}"
+            del masked[name]
+    for name, t in masked.items():
+        patterns.check_nm_shape(name, tuple(as_matrix(tensor_of(model, t), t.layout).shape), pattern)
+    return MaskedTargets(counted, masked, untouched, tied(model, counted))
 
 
 def prune(

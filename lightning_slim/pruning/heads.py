@@ -14,9 +14,12 @@ Qwen2 are covered too):
   ``lightning_slim.pruning.load_pruned`` (the shapes are in the checkpoint), not ``from_pretrained``;
 - MLPs: ``gate_proj``/``up_proj`` (Llama), ``fc1`` (ViT), ``intermediate.dense`` (BERT), ``linear1``
   (``nn.TransformerEncoderLayer``); ``config.intermediate_size`` follows;
+- GPT-2 (transformers' ``Conv1D``, a Linear with a transposed weight): heads of ``c_attn`` / ``c_proj``
+  and MLP channels of ``c_fc`` / ``c_proj``; ``config.n_inner`` follows, but its config cannot express
+  fewer heads of the same size, so pruned heads reload with ``load_pruned``;
 - refused before training, with the reason: heads of ``nn.MultiheadAttention`` (its inner width is
-  tied to ``embed_dim``, the residual stream), grouped-query attention, and transformers' ``Conv1D``
-  (GPT-2), which torch-pruning has no pruner for.
+  tied to ``embed_dim``, the residual stream), grouped-query attention, and ``Conv1D`` layers in other
+  structures.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class Block:
 
 def _linear(module: nn.Module, *names: str) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+
+
+def _conv1d(module: nn.Module, *names: str) -> bool:
+    return all(is_hf_conv1d(getattr(module, n, None)) for n in names)
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
@@ -88,6 +95,11 @@ def find_blocks(model: nn.Module) -> list[Block]:
             blocks.append(Block("mlp", path, [f"{p}intermediate.dense"]))
         elif isinstance(m, nn.TransformerEncoderLayer):
             blocks.append(Block("mlp", path, [f"{p}linear1"]))
+        elif _conv1d(m, "c_attn", "c_proj") and isinstance(getattr(m, "head_dim", None), int):  # GPT-2
+            cross = "" if getattr(m, "q_attn", None) is None else "GPT-2 cross-attention (q_attn) is not supported"
+            blocks.append(Block("gpt2-attention", path, [f"{p}c_attn"], m.c_attn.nf // 3 // m.head_dim, cross))
+        elif _conv1d(m, "c_fc", "c_proj"):  # GPT-2's MLP
+            blocks.append(Block("mlp", path, [f"{p}c_fc"]))
         elif any(is_hf_conv1d(c) for c in m.children()):
             blocks.append(
                 Block(
@@ -95,8 +107,8 @@ def find_blocks(model: nn.Module) -> list[Block]:
                     path,
                     [],
                     0,
-                    "torch-pruning has no pruner for transformers' Conv1D "
-                    "(GPT-2's layers), so structural pruning cannot remove its heads or channels",
+                    "its transformers Conv1D layers are not a GPT-2 attention (c_attn, c_proj) or MLP "
+                    "(c_fc, c_proj), the Conv1D structures structural pruning knows",
                 )
             )
     return blocks
@@ -167,6 +179,10 @@ def sync_configs(model: nn.Module) -> dict[str, Any]:
             if h != m.num_attention_heads:
                 m.num_attention_heads, m.all_head_size = h, m.query.out_features
             reloadable &= all(getattr(c, "num_attention_heads", h) == h for c in configs.values())
+        elif _conv1d(m, "c_attn", "c_proj") and isinstance(getattr(m, "head_dim", None), int):  # GPT-2
+            h = m.c_attn.nf // 3 // m.head_dim
+            m.num_heads, m.split_size = h, h * m.head_dim  # its config cannot hold fewer heads of the same size
+            reloadable &= all(getattr(c, "num_attention_heads", h) == h for c in configs.values())
         width = _mlp_width(m)
         if width is not None:
             widths.add(width)
@@ -179,8 +195,12 @@ def sync_configs(model: nn.Module) -> dict[str, Any]:
                 num_key_value_heads=next(iter(kv_heads)),
                 head_dim=next(iter(head_dims)),
             )
-        if len(widths) == 1 and getattr(c, "intermediate_size", None) not in (None, *widths):
-            updates["intermediate_size"] = next(iter(widths))
+        width = next(iter(widths)) if len(widths) == 1 else None
+        if width is not None and hasattr(c, "n_inner"):  # GPT-2's name; None there means 4 * n_embd
+            if (c.n_inner or 4 * c.n_embd) != width:
+                updates["n_inner"] = width
+        elif width is not None and getattr(c, "intermediate_size", None) not in (None, width):
+            updates["intermediate_size"] = width
         for k, v in updates.items():
             setattr(c, k, v)
         changed.update(updates)
@@ -193,6 +213,8 @@ def _mlp_width(m: nn.Module) -> int | None:
         return m.up_proj.out_features
     if _linear(m, "fc1", "fc2"):
         return m.fc1.out_features
+    if _conv1d(m, "c_fc", "c_proj"):
+        return m.c_fc.nf
     inner = getattr(m, "intermediate", None)
     if isinstance(inner, nn.Module) and _linear(inner, "dense"):
         return inner.dense.out_features

@@ -69,6 +69,13 @@ def norm_matrix(module: nn.Module, target: Target, rms: list[torch.Tensor]) -> t
     return rms[0][None]
 
 
+def record_inputs(stats: InputNorms, model: nn.Module, targets: Mapping[str, Target], when: Callable[[], bool]) -> list:
+    """Hooks that add every target module's inputs to ``stats`` whenever ``when()`` holds (inside the
+    training steps); returns their handles."""
+    modules = {t.module: model.get_submodule(t.module) for t in targets.values()}
+    return stats.attach(modules, when, {n: inputs_of(m) for n, m in modules.items()})
+
+
 def calibrate(
     model: nn.Module,
     targets: Mapping[str, Target],

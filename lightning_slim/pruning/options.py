@@ -10,10 +10,15 @@ from lightning_slim.arguments import check_choice
 from lightning_slim.pruning.importance import IMPORTANCES
 from lightning_slim.pruning.patterns import SCOPES, Pattern, parse_pattern
 from lightning_slim.pruning.rewind import REWINDS, rewinds_weights
+from lightning_slim.pruning.tensors import TIED_HEAD
 
 
 class PruningCoverageWarning(UserWarning):
     """Weight matrices the targets select by kind but pruning leaves dense, or prunes through a tie."""
+
+
+class PruningScheduleWarning(UserWarning):
+    """A schedule whose times probably do not mean what was intended (steps read as epochs)."""
 
 
 def resolve_pattern(pattern: str | None, structured: bool) -> Pattern:
@@ -76,9 +81,26 @@ def check_options(
         )
 
 
+def is_expected(why: str) -> bool:
+    """Is a weight left dense for a reason the user chose or expects (said in an info line, not warned)?"""
+    return why in ("excluded", "embedding", "not a target") or why.startswith(TIED_HEAD)
+
+
+def tied_heads_line(untouched: Mapping[str, str]) -> str | None:
+    """The info line for the tied output heads left out (None: none)."""
+    heads = {n: why.removeprefix(TIED_HEAD).strip() for n, why in untouched.items() if why.startswith(TIED_HEAD)}
+    if not heads:
+        return None
+    said = "; ".join(f"{head} shares its weight with {table}" for table, head in heads.items())
+    return (
+        f"IterativeMagnitudePruning: {said}, so it is the input embedding and stays dense (not a target by "
+        f"default). To prune it anyway, name it in targets, e.g. targets=[..., {next(iter(heads.values()))!r}]"
+    )
+
+
 def coverage_warning(untouched: Mapping[str, str], tied: Mapping[str, list[str]], fallback=()) -> str | None:
     """The warning text for weight matrices the user would expect pruned and that are not (None: none)."""
-    lines = [f"{n} ({why})" for n, why in untouched.items() if why not in ("excluded", "embedding", "not a target")]
+    lines = [f"{n} ({why})" for n, why in untouched.items() if not is_expected(why)]
     lines += [f"{n} is shared with {', '.join(others)}: those are pruned with it" for n, others in tied.items()]
     lines += [
         f"{n} is scored by magnitude: its module was never called in a training step, so Wanda saw no "

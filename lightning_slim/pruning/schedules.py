@@ -1,6 +1,7 @@
 """Pruning schedules as data: each compiles to a list of events ``(time, target sparsity)``.
 
-Time is counted in ``unit``: completed epochs (``"epoch"``) or optimizer steps (``"step"``).
+Time is counted in ``unit``: completed epochs (``"epoch"``, the default of every kind) or optimizer
+steps (``"step"``).
 An event at time ``t`` fires before training continues from ``t``; the target sparsity is
 the fraction of pruned-layer weights (or channels, structurally) that must be gone after it.
 
@@ -17,6 +18,7 @@ A schedule is a dict that YAML can write (``kind`` picks the class) or one of th
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +72,9 @@ class GradualSchedule:
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0
     start: int = 0
-    end: int = 1000
-    every: int = 100
-    unit: str = "step"
+    end: int = 10
+    every: int = 1
+    unit: str = "epoch"
     kind: str = "gradual"
 
     def __post_init__(self):
@@ -135,3 +137,56 @@ def parse_schedule(spec: Mapping[str, Any] | Schedule) -> Schedule:
 
 def as_dict(schedule: Schedule) -> dict[str, Any]:
     return dataclasses.asdict(schedule)
+
+
+def over_in_first_epoch(
+    schedule: Schedule, events: list[tuple[int, float]], steps_per_epoch: int, total_steps: int | None
+) -> str | None:
+    """The problem with a schedule of several events counted in steps that is over within the first
+    epoch of a longer training (``"end": 6`` meant as epochs), or None. A single event (one-shot)
+    at a step is taken as meant.
+
+    >>> gradual = GradualSchedule(final_sparsity=0.8, start=0, end=6, every=1, unit="step")
+    >>> print(over_in_first_epoch(gradual, gradual.events(), steps_per_epoch=50, total_steps=500))
+    ... # doctest: +ELLIPSIS
+    its 7 events (steps 0 to 6) all come in the first epoch (50 steps) of a 500-step training; ...
+    >>> over_in_first_epoch(gradual, gradual.events(), steps_per_epoch=50, total_steps=50) is None
+    True
+    """
+    last = events[-1][0]
+    if schedule.unit != "step" or len(events) < 2 or not total_steps or not last < steps_per_epoch < total_steps:
+        return None
+    return (
+        f"its {len(events)} events (steps {events[0][0]} to {last}) all come in the first epoch "
+        f"({steps_per_epoch} steps) of a {total_steps}-step training; times are counted in "
+        "unit='step': if you meant epochs, set 'unit': 'epoch' (the default)"
+    )
+
+
+def timing(
+    schedule: Schedule,
+    done: int,
+    steps_per_epoch: int,
+    total_steps: float,
+    max_epochs: int | None,
+    rewind_step: int | None = None,
+) -> tuple[str | None, str | None]:
+    """``(warning, info)`` about when the events after the first ``done`` come in a training of
+    ``total_steps`` optimizer steps (``inf``: unknown), ``steps_per_epoch`` each: the warning of
+    :func:`over_in_first_epoch`; the info that epoch events at or after ``max_epochs`` are never
+    trained. Rewinding to a ``rewind_step`` after the first epoch event is a ``ValueError`` (step
+    schedules are checked at construction)."""
+    events = schedule.events()
+    name = f"IterativeMagnitudePruning: the schedule {as_dict(schedule)}"
+    total = int(total_steps) if math.isfinite(total_steps) else None
+    problem = over_in_first_epoch(schedule, events, steps_per_epoch, total)
+    late = [
+        t for t, _ in events[done:] if schedule.unit == "epoch" and max_epochs not in (None, -1) and t >= max_epochs
+    ]
+    info = f"{name}: events at epochs {late} come at or after max_epochs={max_epochs}; those rounds will not be trained"
+    first = events[0][0] * steps_per_epoch
+    if rewind_step is not None and schedule.unit == "epoch" and rewind_step > first:
+        raise ValueError(
+            f"rewind_step={rewind_step} is later than the first pruning at epoch {events[0][0]} (step {first})"
+        )
+    return (f"{name}: {problem}" if problem else None), (info if late else None)

@@ -1,4 +1,5 @@
-"""Structural (channel / neuron) pruning with torch-pruning's DepGraph, in plain PyTorch.
+"""Structural (channel / neuron) pruning in plain PyTorch: transformer blocks sliced directly
+(:mod:`.slicing`), any other model with torch-pruning's DepGraph.
 
 Removing a channel shrinks every layer that depends on it (the next layer's inputs, batch
 norm statistics...), so the model gets really smaller and faster. torch-pruning replaces
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_slim.modules import device_of, evaluating, output_tensor
+from lightning_slim.pruning import slicing
 from lightning_slim.pruning.heads import sync_configs
 
 ROOTS = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose output channels we remove
@@ -46,6 +48,8 @@ SIZE_ATTRS = (
     "embedding_dim",
     "embed_dim",
     "num_channels",
+    "nf",  # transformers' Conv1D: outputs
+    "nx",  # and inputs
 )
 
 
@@ -97,30 +101,42 @@ def trace_inputs(
     )
 
 
-def dry_run(
+def remove_channels(
     model: nn.Module,
     example_inputs: Any,
-    targets: Mapping[str, nn.Module],
+    roots: Iterable[str],
     ratio: float,
-    global_pruning: bool,
-    num_heads: Mapping[nn.Module, int] | None = None,
-) -> dict[str, Any]:
-    """Prune a copy of ``model`` to ``ratio`` and run it, so that a model the pruned shapes break
-    fails here, before training, and not mid-fit. Returns the config changes it would make."""
-    paths = {id(m): n for n, m in model.named_modules()}
+    *,
+    slice_blocks: bool,
+    global_pruning: bool = False,
+) -> None:
+    """Remove ``ratio`` of the current output channels of the layers at ``roots`` (module paths in
+    ``model``), and the inputs that read them. ``slice_blocks``: ``model`` is a transformer whose
+    blocks :mod:`.slicing` knows: heads and MLP channels are sliced directly, nothing is traced;
+    otherwise torch-pruning traces ``example_inputs``. Configs are left to :func:`sync_configs`."""
+    roots = list(roots)
+    if slice_blocks:
+        slicing.prune(model, slicing.cuts(model, roots), ratio)
+    else:
+        modules = dict(model.named_modules())
+        channel_prune(model, example_inputs, [modules[r] for r in roots], ratio, global_pruning)
+
+
+def dry_run(model: nn.Module, example_inputs: Any, roots: Iterable[str], ratio: float, **how: Any) -> dict[str, Any]:
+    """Prune a copy of ``model`` to ``ratio`` (:func:`remove_channels` with ``how``) and run it, so that
+    a model the pruned shapes break fails here, before training, and not mid-fit. Returns the config
+    changes it would make."""
+    roots = list(roots)
     copy_ = copy.deepcopy(model)
-    mods = dict(copy_.named_modules())
-    chosen = [mods[paths[id(m)]] for m in targets.values()]
-    heads = {mods[paths[id(m)]]: h for m, h in (num_heads or {}).items()}
     try:
-        channel_prune(copy_, example_inputs, chosen, ratio, global_pruning=global_pruning, num_heads=heads)
+        remove_channels(copy_, example_inputs, roots, ratio, **how)
         changed = sync_configs(copy_)
         with evaluating(copy_):
             out = copy_(**example_inputs) if isinstance(example_inputs, dict) else copy_(example_inputs)
             output_tensor(out)
     except Exception as err:
         raise ValueError(
-            f"structural pruning of {sorted(targets)} to {ratio:g} breaks the model "
+            f"structural pruning of {sorted(roots)} to {ratio:g} breaks the model "
             f"({type(err).__name__}: {err}); exclude the layers involved or prune less"
         ) from err
     return changed

@@ -2,7 +2,8 @@
 structural) on every zoo model. Each cell either works, with the evidence asserted (exact zeros
 where the masks say, in_proj_weight / Conv1D among them, the N:M layout, masks that survive the
 export, a model that keeps training; fewer parameters, whole heads and a config that reloads for
-structural pruning), or raises a clear error before the first training step."""
+structural pruning; GPT-2's Conv1D sliced as a transposed Linear; a tied lm_head left dense and said
+so), or raises a clear error before the first training step."""
 
 from __future__ import annotations
 
@@ -32,20 +33,16 @@ ERRORS = {
         "char_transformer",
         "channels",
     ): r"cannot prune 'encoder.layers.0.self_attn': nn.MultiheadAttention ties.*heads=False",
-    (
-        "gpt2",
-        "channels",
-    ): r"cannot prune 'model.transformer.h.0.attn': torch-pruning has no pruner for transformers' Conv1D",
     ("boring", "channels"): r"keeps the classifier's outputs \(\['layer'\]\)",
 }
 # cells that work and must say what they leave dense or prune through a tie
 WARNINGS = {
-    ("gpt2", "*"): r"model.lm_head is shared with model.transformer.wte",
     ("resnet18", "2:4"): r"embedder.convolution \(inputs not a multiple of 4\)",
     ("user_resnet", "2:4"): r"stem.0 \(inputs not a multiple of 4\)",
     ("mobilenet_v3_small", "2:4"): r"net.features.0.0 \(inputs not a multiple of 4\)",
     ("char_transformer", "wanda"): r"self_attn.out_proj is scored by magnitude",
     ("bert", "channels"): r"reload it with lightning_slim.pruning.load_pruned\(\)",
+    ("gpt2", "channels"): r"reload it with lightning_slim.pruning.load_pruned\(\)",
 }
 # tensors that must be among the pruned ones (the kinds issue 11 found skipped)
 MUST_PRUNE = {
@@ -152,6 +149,9 @@ def test_pruning_cell(name, mode):
         assert MUST_PRUNE[name] in cb.masks
     untouched = rows["untouched"]
     assert not [n for n, why in untouched.items() if why == "unsupported"], untouched
+    if name == "gpt2":  # its lm_head is the input embedding: left dense by default, and said so
+        assert untouched["model.transformer.wte.weight"] == "tied output head model.lm_head"
+        assert "model.lm_head" not in cb.masks
     expected = 0.5 if not [w for w in untouched.values() if w.startswith("inputs")] else None
     if expected is not None:  # the sparsity is over exactly the target tensors (classifier included)
         assert rows["sparsity"] == pytest.approx(expected, abs=2e-3)
@@ -169,6 +169,11 @@ def check_structure(name, module, rows):
         assert mlp == rows["config"]["intermediate_size"] < ZOO_MLP[name]
     if name == "bert":
         assert not rows["config"]["reloadable"] and model.config.intermediate_size == 32
+    if name == "gpt2":  # Conv1D sliced as the transposed Linear it is: whole heads, MLP channels, n_inner
+        attn, mlp = model.transformer.h[0].attn, model.transformer.h[0].mlp
+        assert attn.num_heads == 2 and attn.c_attn.weight.shape == (32, 3 * 2 * 8) and attn.c_proj.nx == 16
+        assert mlp.c_fc.weight.shape == (32, 64) and mlp.c_proj.weight.shape == (64, 32)
+        assert model.config.n_inner == rows["config"]["n_inner"] == 64 and not rows["config"]["reloadable"]
 
 
 ZOO_HEADS = {"llama": 4, "vit_tiny": 3}
