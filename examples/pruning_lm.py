@@ -1,5 +1,7 @@
-"""Prune a small Llama in plain PyTorch (no Trainer): unstructured 50%, 2:4, Wanda 2:4, and whole
-attention heads + MLP channels, each fine-tuned briefly; prints validation losses, MACs and latency.
+"""Prune a small Llama in plain PyTorch (no Trainer): unstructured 50%, 2:4, Wanda 2:4, whole
+attention heads + MLP channels (torch-pruning, weight magnitude), and a student at half the
+non-embedding parameters cut by activation importance (``cut_student``, the recipe for pretrained
+transformers), each fine-tuned briefly; prints validation losses, MACs and latency.
 
     flock /tmp/slim_bench.lock python examples/pruning_lm.py --out lm_pruning.json   # ~3 minutes, 1 thread
 
@@ -16,14 +18,17 @@ import copy
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_slim.pruning import apply_masks, calibrate, prune, select_tensors
+from lightning_slim.pruning.activations import activation_importance, weight_importance
 from lightning_slim.pruning.heads import sync_configs, transformer_plan
 from lightning_slim.pruning.structured import channel_prune
+from lightning_slim.pruning.student import StudentShape, cut, cut_student, nonembedding_parameters
 from lightning_slim.pruning.tensors import tensor_of
 
 FILES = [
@@ -172,6 +177,24 @@ def main(out: str | None, dense_steps: int, tune_steps: int) -> dict:
         "latency_ms": lat,
         "config": config,
     }
+    # the recipe for pretrained transformers: score channels, heads and layers from activations on
+    # calibration batches, search depth x heads for the student at half the non-embedding parameters
+    # (lowest validation loss right after the cut), then fine-tune; beside it the same shape by weight magnitude
+    calibration = [{"input_ids": b} for b in batches(train_ids, 4, 16, seed=99)]
+    scores = activation_importance(dense, calibration)
+    student, search = cut_student(
+        dense, scores, 0.5, lambda m: val_loss(m, val_ids), depths=[4, 3], heads=[(4, 1), (3, 1), (2, 1)], multiple=16
+    )
+    shape = StudentShape(*(search[k] for k in ("layers", "kv_heads", "queries_per_kv", "intermediate_size")))
+    by_weight = copy.deepcopy(dense)
+    cut(by_weight, shape, weight_importance(dense), search["kept_layers"])
+    row = {"shape": {**asdict(shape), "kept_layers": search["kept_layers"]}, "params_ratio": search["params_ratio"]}
+    for name, model in (("activation", student), ("weight_magnitude", by_weight)):
+        row[f"{name}_before_finetune"] = val_loss(model, val_ids)
+        train(model, train_ids, tune_steps, 1e-3, seed=1)
+        row[name] = val_loss(model, val_ids)
+    row["nonembedding_params"] = nonembedding_parameters(student)
+    results["student_50"] = row
     results.update(
         dense_steps=dense_steps,
         tune_steps=tune_steps,

@@ -6,6 +6,9 @@ channels with :mod:`lightning_slim.pruning.heads`, then train the small model (w
 distillation). Which layers to drop is chosen by a loss the caller measures (validation loss):
 :func:`choose_layers` tries each contiguous run of layers to drop, as Gromov et al. (2024) found
 the deeper layers of trained LMs the least needed, and keeps the run whose removal costs least.
+:func:`choose_layers_by_angle` ranks the same runs without running the model once per run: by the
+angle between the residual stream before and after each run, measured on calibration data
+(:func:`lightning_slim.pruning.activations.activation_importance`'s ``similarity``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from lightning_slim.pruning.heads import find_blocks
@@ -111,3 +115,27 @@ def _trimmed(model: nn.Module, path: str, keep: list[int]):
         yield
     finally:
         _install(model, path, layers, len(keep), types)
+
+
+def angular_distances(similarity: torch.Tensor, drop: int) -> dict[str, float]:
+    """``{"first-last": angle / pi}`` for each contiguous run of ``drop`` layers: the angular
+    distance between the residual stream before the run and after it (Gromov et al. 2024), from
+    the ``(L + 1, L + 1)`` mean cosine matrix of the stream states."""
+    n = similarity.shape[0] - 1
+    if not 0 < drop < n:
+        raise ValueError(f"drop={drop} must be between 1 and {n - 1} (the similarity covers {n} layers)")
+    return {
+        f"{a}-{a + drop - 1}": float(torch.arccos(similarity[a, a + drop].clamp(-1, 1)) / torch.pi)
+        for a in range(n - drop + 1)
+    }
+
+
+def choose_layers_by_angle(similarity: torch.Tensor, keep: int) -> tuple[list[int], dict[str, float]]:
+    """The ``keep`` layers to keep: the contiguous run of ``n - keep`` layers that turns the residual
+    stream least is dropped. Returns ``(kept indices, {"first-last": angular distance})``."""
+    n = similarity.shape[0] - 1
+    if not 0 < keep < n:
+        raise ValueError(f"keep={keep} must be between 1 and {n - 1} (the model has {n} layers)")
+    distances = angular_distances(similarity, n - keep)
+    first, last = map(int, min(distances, key=distances.get).split("-"))
+    return [i for i in range(n) if not first <= i <= last], distances

@@ -18,7 +18,8 @@ Qwen2 are covered too):
   and MLP channels of ``c_fc`` / ``c_proj``; ``config.n_inner`` follows, but its config cannot express
   fewer heads of the same size, so pruned heads reload with ``load_pruned``;
 - refused before training, with the reason: heads of ``nn.MultiheadAttention`` (its inner width is
-  tied to ``embed_dim``, the residual stream), grouped-query attention, and ``Conv1D`` layers in other
+  tied to ``embed_dim``, the residual stream), grouped-query attention (whose heads
+  :func:`lightning_slim.pruning.width.keep_heads` removes, group by group, before training), and ``Conv1D`` layers in other
   structures.
 """
 
@@ -62,8 +63,10 @@ def find_blocks(model: nn.Module) -> list[Block]:
                 ""
                 if heads == kv
                 else (
-                    f"grouped-query attention ({heads} query heads, {kv} key/value "
-                    "heads) is not supported for head pruning"
+                    f"grouped-query attention ({heads} query heads, {kv} key/value heads): torch-pruning "
+                    "cannot keep the groups whole, so this path does not remove its heads; "
+                    "lightning_slim.pruning.width.keep_heads removes whole groups or query heads within "
+                    "groups (before training, by activation importance)"
                 )
             )
             blocks.append(Block("llama-attention", path, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], heads, problem))
@@ -189,7 +192,8 @@ def sync_configs(model: nn.Module) -> dict[str, Any]:
     changed: dict[str, Any] = {}
     for c in configs.values():
         updates = {}
-        if len(heads) == 1 and len(kv_heads) == 1 and getattr(c, "num_attention_heads", None) not in (None, *heads):
+        counts = (getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None))
+        if len(heads) == 1 and len(kv_heads) == 1 and counts[0] is not None and counts != (*heads, *kv_heads):
             updates.update(
                 num_attention_heads=next(iter(heads)),
                 num_key_value_heads=next(iter(kv_heads)),
