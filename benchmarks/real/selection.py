@@ -122,7 +122,7 @@ class Curve(pl.Callback):
 
 
 def fit_arm(score: str, student: nn.Module, teacher: nn.Module, s: Settings, eval_ids: torch.Tensor) -> dict:
-    module = CausalLM(student, lr=s.lr, warmup=s.warmup)
+    module = CausalLM(student.train(), lr=s.lr, warmup=s.warmup)  # from_pretrained gave it in eval mode
     kd = KnowledgeDistillation(teacher=teacher, alpha=s.alpha, temperature=s.temperature)
     reference = {"reference": "teacher", "cache_reference": True} if score == "learnability" else {}
     selection = OnlineDataSelection(
