@@ -114,41 +114,50 @@ def test_together_cell(name, tmp_path):
 
 
 # --- all four against plain training ---------------------------------------------------------------
-# Measured (docs: lightning_slim/selection/README.md, "All four together"): with selection's keep=0.5 on
-# the DataLoader plain training uses, every step trains on half the examples; at equal steps that alone
-# cost 0.05-0.15 validation accuracy on both models (also with score="uniform" and without pruning).
-# With super-batches (the DataLoader yields 2B, selection trains on B) the combination trains like plain.
+# Measured (lightning_slim/selection/README.md, "All four together"; `python tests/zoo/test_together.py`):
+# selection with keep=0.5 of the DataLoader plain training uses trains every step on half the examples;
+# at equal steps that costs accuracy with or without pruning (also with score="uniform"). With
+# super-batches (the DataLoader yields 2B, selection trains on B) the four train like plain.
 COMPARE_STEPS = {"vit_tiny": 160, "bert": 240}  # 10 epochs of plain training on each model's DataLoader
+ALL_FOUR = ("pruning", "quantization", "distillation", "selection")
 
 
-def plain_and_all_four(name: str, seed: int, super_batches: bool = True, steps: int | None = None):
-    """Fit ``name`` plainly, then with all four callbacks (the plainly trained model as KD teacher and as
-    selection's reference) for the same number of optimizer steps; ``super_batches``: the DataLoader
-    yields twice plain's batch and selection trains on plain's batch size (else ``keep=0.5`` of plain's
-    DataLoader). Returns ``(plain, all_four, selection)``: the fitted zoo entries (float models: QAT gives
-    its layers back after the fit) and the selection callback."""
+def fit_with(name: str, seed: int, parts, teacher=None, score="learnability", super_batches=True, steps=None):
+    """Fit zoo model ``name`` for ``steps`` optimizer steps with the callbacks ``parts`` (of ``ALL_FOUR``):
+    gradual pruning to 50% over the first half, QAT from a quarter, KD from ``teacher``, selection by
+    ``score`` (``teacher`` as the reference: ``"teacher"`` when KD is there, else the model itself).
+    ``super_batches``: the DataLoader yields twice plain's batch and selection trains on plain's batch
+    size (else ``keep=0.5`` of plain's DataLoader). Returns ``(fitted zoo entry, selection or None)``; the
+    model is the float one (QAT gives its layers back after the fit)."""
     steps = steps or COMPARE_STEPS[name]
-    plain = build(name, seed=seed)
-    fit(plain, steps)
-    teacher = copy.deepcopy(plain.module.model).eval()
     built = build(name, seed=seed)
-    rows = built.data.batch_size
-    if super_batches:
-        built.data.batch_size = 2 * rows
-        selection = OnlineDataSelection(batch_size=rows, score="learnability", reference="teacher")
-    else:
-        selection = OnlineDataSelection(keep=0.5, score="learnability", reference="teacher")
-    runtime = "onnxruntime" if overrides_forward(built.module) else "torchao"
-    callbacks = [
-        IterativeMagnitudePruning(
-            {"kind": "gradual", "final_sparsity": 0.5, "end": steps // 2, "every": steps // 10, "unit": "step"}
-        ),
-        QuantizationAwareTraining(start_after=steps // 4, unit="step", runtime=runtime),
-        KnowledgeDistillation(teacher=teacher, alpha=0.5),
-        selection,
-    ]
+    callbacks, selection = [], None
+    if "pruning" in parts:
+        schedule = {"kind": "gradual", "final_sparsity": 0.5, "end": steps // 2, "every": steps // 10, "unit": "step"}
+        callbacks.append(IterativeMagnitudePruning(schedule))
+    if "quantization" in parts:
+        runtime = "onnxruntime" if overrides_forward(built.module) else "torchao"
+        callbacks.append(QuantizationAwareTraining(start_after=steps // 4, unit="step", runtime=runtime))
+    if "distillation" in parts:
+        callbacks.append(KnowledgeDistillation(teacher=teacher, alpha=0.5))
+    if "selection" in parts:
+        reference = {"reference": "teacher" if "distillation" in parts else teacher} if score == "learnability" else {}
+        rows = built.data.batch_size
+        size = {"batch_size": rows} if super_batches else {"keep": 0.5}
+        built.data.batch_size = 2 * rows if super_batches else rows
+        selection = OnlineDataSelection(score=score, **size, **reference)
+        callbacks.append(selection)
     fit(built, steps, callbacks)
-    return plain, built, selection
+    return built, selection
+
+
+def plain_and_all_four(name: str, seed: int, super_batches: bool = True):
+    """Plain training, then all four callbacks for as many steps with the plain model as KD teacher and
+    selection's reference. Returns ``(plain, all_four, selection)``."""
+    plain, _ = fit_with(name, seed, ())
+    teacher = copy.deepcopy(plain.module.model).eval()
+    four, selection = fit_with(name, seed, ALL_FOUR, teacher, super_batches=super_batches)
+    return plain, four, selection
 
 
 def fit(built, steps: int, callbacks=()):
@@ -209,3 +218,40 @@ def test_all_four_train_like_plain_on_super_batches(name):
     assert quality(four, "train")["loss"] <= quality(plain, "train")["loss"] + TRAIN_LOSS_SLACK
     if name == "vit_tiny":
         assert quality(four)["accuracy"] >= quality(plain)["accuracy"] - VIT_ACCURACY_SLACK
+
+
+def study(name: str, seeds: list[int]) -> None:
+    """The measurements behind the method card's "All four together": for each seed, plain training, then
+    each configuration for as many steps, the plain model as teacher / reference; one JSON line each."""
+    import json
+
+    configs = [  # (parts, score, super_batches)
+        (("selection",), "uniform", False),
+        (("pruning", "selection"), "uniform", False),
+        (("selection",), "hard", False),
+        (("pruning", "selection"), "hard", False),
+        (("selection",), "learnability", False),
+        (("pruning", "selection"), "learnability", False),
+        (("pruning",), None, False),
+        (ALL_FOUR, "learnability", False),
+        (ALL_FOUR, "learnability", True),
+        (("selection",), "uniform", True),
+    ]
+    for seed in seeds:
+        plain, _ = fit_with(name, seed, ())
+        teacher = copy.deepcopy(plain.module.model).eval()
+        rows = {"plain": {"val": quality(plain), "train": quality(plain, "train")}}
+        for parts, score, super_batches in configs:
+            built, _ = fit_with(name, seed, parts, teacher, score or "uniform", super_batches)
+            key = "+".join(parts) + (f":{score}" if score else "") + (" super-batches" if super_batches else "")
+            rows[key] = {"val": quality(built), "train": quality(built, "train")}
+        print(json.dumps({"model": name, "seed": seed, "rows": rows}), flush=True)
+
+
+if __name__ == "__main__":  # python tests/zoo/test_together.py vit_tiny 0 1 2
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    study(sys.argv[1], [int(s) for s in sys.argv[2:]])
