@@ -27,17 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.batches import BatchFormatError, batch_targets, example_count, move_to, slice_batch
-from lightning_slim.modules import call_arguments, evaluating, forward_target, output_tensor
-from lightning_slim.tokens import sequence_losses, token_positions
+from lightning_slim.modules import call_arguments, evaluating, forward_target
+from lightning_slim.tokens import logits_and_producer, sequence_losses, token_positions
 
 TASKS = ("auto", "classification", "language_model")
 
 
 def _outputs(model: nn.Module, batch: Any, input_fn: Callable | None = None) -> tuple[torch.Tensor, dict, nn.Module]:
+    """``(logits, the call's kwargs, the module that produced the logits)``."""
     _, target = forward_target(model)
     args, kwargs = call_arguments(target, batch, input_fn=input_fn)
     device = next(target.parameters(), torch.empty(0)).device
-    return output_tensor(target(*move_to(args, device), **move_to(kwargs, device))), kwargs, target
+    logits, producer = logits_and_producer(target, move_to(args, device), move_to(kwargs, device))
+    return logits, kwargs, producer
 
 
 def _class_targets(batch: Any, n: int) -> torch.Tensor | None:

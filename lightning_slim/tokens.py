@@ -19,6 +19,7 @@ given, both the position's own token and (with the shift) the token it predicts 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 import torch
@@ -30,18 +31,61 @@ SHIFTS = ("auto", "causal", "none")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
+@cache
+def _causal_lm_class_names() -> frozenset[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return frozenset()
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def is_causal_lm(module: nn.Module) -> bool:
     """A Hugging Face causal LM (its class is in transformers' causal-LM mapping, or named so)."""
     name = type(module).__name__
     if name.endswith(_CAUSAL_SUFFIXES):
         return True
-    if "transformers" not in type(module).__module__:
-        return False
+    return "transformers" in type(module).__module__ and name in _causal_lm_class_names()
+
+
+class _LogitsShapes:
+    """A forward hook (picklable) recording which module ran and the ``(B, T)`` of its logits."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def __call__(self, module, args, output):
+        from lightning_slim.modules import output_tensor
+
+        try:
+            self.records.append((module, tuple(output_tensor(output).shape[:2])))
+        except TypeError:  # no tensor output: it produced nothing the caller can read as logits
+            pass
+
+
+def logits_and_producer(
+    target: nn.Module, args: tuple = (), kwargs: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, nn.Module]:
+    """``target(*args, **kwargs)``'s logits and the module that produced them, for ``"auto"`` shifts:
+    ``target`` itself when it is a Hugging Face causal LM; else the causal LM inside it that this very
+    call ran and whose logits have the output's ``(B, T)`` (a LightningModule whose ``forward``
+    returns ``self.model(...).logits``: its class is no causal LM, but its logits are one's, to be
+    shifted as that model's own loss shifts them); else ``target``."""
+    from lightning_slim.modules import output_tensor
+
+    kwargs = dict(kwargs or {})
+    if is_causal_lm(target):
+        return output_tensor(target(*args, **kwargs)), target
+    ran: list[tuple[nn.Module, tuple]] = []
+    hook = _LogitsShapes(ran)
+    handles = [m.register_forward_hook(hook) for m in target.modules() if m is not target and is_causal_lm(m)]
     try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:
-        return False
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        logits = output_tensor(target(*args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    shape = tuple(logits.shape[:2])
+    return logits, next((m for m, ran_shape in reversed(ran) if ran_shape == shape), target)
 
 
 def _tensor(value: Any, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -83,7 +127,8 @@ def find_attention_mask(batch: Any, kwargs: Mapping[str, Any] | None, shape: tup
 
 
 def resolve_shift(shift: str, hugging_face_labels: bool, model: nn.Module | None) -> bool:
-    """``"causal"``/``"none"`` as given; ``"auto"``: shift Hugging Face-style labels of a causal LM."""
+    """``"causal"``/``"none"`` as given; ``"auto"``: shift Hugging Face-style labels of a causal LM.
+    ``model`` is the module that produced the logits (:func:`logits_and_producer` finds it)."""
     if shift not in SHIFTS:
         raise ValueError(f"shift={shift!r} is not one of {SHIFTS}")
     if shift != "auto":
@@ -121,7 +166,8 @@ def token_positions(
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(targets, mask)`` when ``logits`` are token logits of this batch (``(B, T, V)`` with
-    ``(B, T)`` labels), else None. ``model`` is the module that produced them (for ``"auto"``)."""
+    ``(B, T)`` labels), else None. ``model`` is the module that produced them (for ``"auto"``; see
+    :func:`logits_and_producer`: the class of a user's wrapper says nothing about the shift)."""
     if logits.dim() != 3:
         return None
     shape = tuple(logits.shape[:2])

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from zoo.models import HFCausalLM
 
 from lightning_slim import CompressionReport, OnlineDataSelection
+from lightning_slim.modules import evaluating
 
 
 class SeesSelectedRows(HFCausalLM):
@@ -44,6 +45,32 @@ class SeesSelectedRows(HFCausalLM):
         return super().training_step(batch, batch_idx)
 
 
+class SeesSelectedRowsWithForward(SeesSelectedRows):
+    """The same module with the ``forward`` the ONNX export asks for: its class is no causal LM, but
+    its logits are one's, and must be scored with the shift."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class CausalLMWithForward(HFCausalLM):
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@torch.no_grad()
+def own_validation_loss(module, data) -> float:
+    """The model's own ``.loss`` (labels given), token-weighted over the split, in eval mode."""
+    total = count = 0.0
+    with evaluating(module):
+        for batch in DataLoader(data, batch_size=24):
+            row = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+            n = float((row["labels"][:, 1:] != -100).sum())
+            total += float(module.model(**row).loss) * n
+            count += n
+    return total / count
+
+
 def trainer_for(callback, tmp_path, epochs=1):
     return pl.Trainer(
         max_epochs=epochs,
@@ -56,9 +83,10 @@ def trainer_for(callback, tmp_path, epochs=1):
     )
 
 
-def test_hard_selection_on_a_causal_lm_trains_on_the_highest_loss_sequences(tmp_path):
+@pytest.mark.parametrize("module_class", [SeesSelectedRows, SeesSelectedRowsWithForward], ids=["no_forward", "forward"])
+def test_hard_selection_on_a_causal_lm_trains_on_the_highest_loss_sequences(tmp_path, module_class):
     pl.seed_everything(0)
-    module = SeesSelectedRows(llama(16, 0))
+    module = module_class(llama(16, 0))
     selection = OnlineDataSelection(keep=0.5, score="hard")  # no loss_fn: read from the ModelOutput
     data = PaddedWindows()
     trainer_for(selection, tmp_path, epochs=2).fit(
@@ -69,11 +97,13 @@ def test_hard_selection_on_a_causal_lm_trains_on_the_highest_loss_sequences(tmp_
     assert selection.ledger.learner_forwards == 2 * ROWS
 
 
-def test_report_on_a_causal_lm_is_validation_loss_and_perplexity(tmp_path):
+@pytest.mark.parametrize("module_class", [HFCausalLM, CausalLMWithForward], ids=["no_forward", "forward"])
+def test_report_on_a_causal_lm_is_validation_loss_and_perplexity(tmp_path, module_class):
     pl.seed_everything(0)
-    module = HFCausalLM(llama(16, 0), lr=1e-2)
-    report = CompressionReport(latency_batch_size=4, generate_tokens=8, output_path=str(tmp_path / "r.json"))
+    module = module_class(llama(16, 0), lr=1e-2)
     data = PaddedWindows()
+    untrained = own_validation_loss(module, data)
+    report = CompressionReport(latency_batch_size=4, generate_tokens=8, output_path=str(tmp_path / "r.json"))
     trainer_for(report, tmp_path, epochs=3).fit(
         module, DataLoader(data, batch_size=12, shuffle=True), DataLoader(data, batch_size=24)
     )
@@ -83,6 +113,10 @@ def test_report_on_a_causal_lm_is_validation_loss_and_perplexity(tmp_path):
         assert side["perplexity"] == pytest.approx(math.exp(side["val_loss"]))
         assert side["val_tokens"] == int(counted_positions(data).sum())
     assert report.before["val_loss"] == pytest.approx(math.log(96), abs=0.3)  # random init: about uniform
+    # the model's own loss, before and after: batched vs this function's batches of 24 differ only in
+    # float32 summation order (a few 1e-6 on any CPU); 1e-4 bounds it, far below a missing shift (nats)
+    assert report.before["val_loss"] == pytest.approx(untrained, abs=1e-4)
+    assert report.after["val_loss"] == pytest.approx(own_validation_loss(module, data), abs=1e-4)
     assert report.after["val_loss"] < report.before["val_loss"] - 0.3  # training moved it
     assert report.after["logged_val_loss"] == pytest.approx(float(module.trainer.callback_metrics["val/loss"]))
     assert report.after["generate_tokens_per_s"] > 0 and report.after["train_tokens_per_s"] > 0

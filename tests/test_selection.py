@@ -427,3 +427,56 @@ def test_an_iterable_dataset_is_checked_on_its_first_batch():
     module = DictModule()
     with pytest.raises(ValueError, match="cannot compute learner losses"):
         fit(OnlineDataSelection(keep=0.5, score="hard"), module, train_dataloaders=DataLoader(Stream(), batch_size=32))
+
+
+# --- beside gradual pruning (the "all four together" report of issue 19) -------------------------------
+class ScoringSees(Recorder):
+    """Records, at each scoring call, whether every weight pruning has masked is exactly zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.pruning = None
+        self.masked_zero_while_scoring: list[bool] = []
+
+    def per_sample_loss(self, batch):
+        if self.pruning is not None and self.pruning.masks:
+            params = dict(self.named_parameters())
+            self.masked_zero_while_scoring.append(
+                all(bool((params[n][m == 0] == 0).all()) for n, m in self.pruning.masks.items() if n in params)
+            )
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y, reduction="none")
+
+
+def test_selection_beside_gradual_pruning_keeps_its_schedule_and_says_what_keep_does(caplog):
+    """Pruning's events fall on the same optimizer steps with and without selection (steps are optimizer
+    steps, one per super-batch), scoring sees the model that trains (its pruned weights at zero), and a
+    fraction-based keep is said out loud: the rows per step, the loader's batch and the remedy."""
+    from lightning_slim import IterativeMagnitudePruning
+
+    schedule = {"kind": "gradual", "final_sparsity": 0.5, "end": 6, "every": 2, "unit": "step"}
+    steps = {}
+    for name, selection in (("alone", None), ("with", OnlineDataSelection(keep=0.3, score="hard"))):
+        module, pruning = ScoringSees(), IterativeMagnitudePruning(schedule, accuracy_metric=None)
+        module.pruning = pruning
+        with caplog.at_level("INFO"):
+            pl.Trainer(
+                max_epochs=1,
+                accelerator="cpu",
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                callbacks=[pruning] + ([selection] if selection else []),
+            ).fit(module, datamodule=mnist())
+        steps[name] = [row[3] for row in pruning.curve]
+    assert steps["with"] == steps["alone"] == [0, 2, 4, 6, 8]  # 4 events, then the end of the fit
+    assert module.masked_zero_while_scoring and all(module.masked_zero_while_scoring)
+    rows = selection.report_rows()
+    assert (rows["super_batch"], rows["trained_per_step"]) == (100, 30)
+    assert "30 of every 100" in rows["batch_note"] and "IterativeMagnitudePruning" in rows["batch_note"]
+    assert "super-batches of 334 and pass batch_size=100" in rows["batch_note"]
+    assert rows["batch_note"] in caplog.text
+    exact = OnlineDataSelection(batch_size=30, score="hard")
+    fit(exact, Recorder(), mnist())
+    assert "batch_note" not in exact.report_rows() and exact.report_rows()["trained_per_step"] == 30

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -23,7 +23,7 @@ from lightning_slim.loading import as_callable, freeze
 from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.configs import JointSelection, SelectionWindow
-from lightning_slim.selection.preflight import check_batch, check_loader, macs_per_example
+from lightning_slim.selection.preflight import batch_note, check_batch, check_loader, macs_per_example
 from lightning_slim.selection.reference import load_reference, reference_loss_cache
 from lightning_slim.selection.scoring import Scorer
 
@@ -110,6 +110,7 @@ class OnlineDataSelection(SlimCallback):
         self._built_reference: nn.Module | None = None  # a reference built from a dict: built once, reused
         self._slice: Callable = slice_batch
         self.nominal_super_batch: int | None = None
+        self.note = ""  # what keep does to the training batch (said at setup, a line of the report)
         self._noisy: torch.Tensor | None = None
         self.checked = False  # the batch checks ran (on a sample batch in setup, else on the first batch)
         self.macs_error: str | None = None
@@ -167,6 +168,13 @@ class OnlineDataSelection(SlimCallback):
             rank_zero_warn("OnlineDataSelection(keep=1.0) trains on every example: scoring only adds cost")
         loader = train_loader(trainer)
         self.nominal_super_batch = check_loader(loader, self.keep, self.batch_size, self.scorer)
+        n = self.nominal_super_batch
+        others = sorted(  # the techniques that act on training steps (the report only measures)
+            type(cb).__name__ for cb in compose.techniques(trainer) if cb is not self and cb.effects - {Effect.BASELINE}
+        )
+        self.note = batch_note(self.keep, self.batch_size, n, self._keep_count(n) if n else 0, others)
+        if self.note:
+            rank_zero_info(f"OnlineDataSelection: {self.note}")
         batch = sample_batch(loader)
         self.checked = False
         if batch is not None:
@@ -290,6 +298,9 @@ class OnlineDataSelection(SlimCallback):
         return {
             "score": self.score if isinstance(self.score, str) else getattr(self.score, "__name__", "custom"),
             "keep": self.keep if self.batch_size is None else f"{self.batch_size} per super-batch",
+            "super_batch": self.nominal_super_batch,
+            "trained_per_step": self._keep_count(self.nominal_super_batch) if self.nominal_super_batch else None,
+            **({"batch_note": self.note} if self.note else {}),
             "joint": self.joint is not None,
             **self.ledger.summary(),
             **self.ledger.noisy_summary(),

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.batches import batch_targets, example_count  # noqa: F401 (example_count: re-exported)
-from lightning_slim.modules import call_arguments, evaluating, forward_target, output_tensor
-from lightning_slim.tokens import sequence_losses, token_positions
+from lightning_slim.modules import call_arguments, evaluating, forward_target
+from lightning_slim.tokens import logits_and_producer, sequence_losses, token_positions
 
 SCORES = ("learnability", "hard", "easy_reference", "uniform")
 NEEDS_LEARNER = {"learnability", "hard"}
@@ -51,8 +51,8 @@ def default_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """
     _, target = forward_target(model)
     args, kwargs = call_arguments(target, batch)
-    logits = output_tensor(target(*args, **kwargs))
-    positions = token_positions(logits, batch, kwargs, target)
+    logits, producer = logits_and_producer(target, args, kwargs)
+    positions = token_positions(logits, batch, kwargs, producer)
     if positions is not None:
         return sequence_losses(logits, *positions)[0]
     return F.cross_entropy(logits, batch_targets(batch), reduction="none")

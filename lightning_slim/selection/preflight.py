@@ -4,6 +4,7 @@ training order is unchanged), or on the first real batch when no sample can be b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -96,3 +97,24 @@ def macs_per_example(scorer: Scorer, model, batch) -> tuple[float, float]:
 
     one = slice_batch(batch, torch.arange(1), size=example_count(batch))
     return float(macs_of(model, lambda m: scorer.losses(m, one))), float(token_count(one))
+
+
+def batch_note(keep: float, batch_size: int | None, super_batch: int | None, trained: int, others: list[str]) -> str:
+    """What a fraction-based ``keep`` does to the training batch, said before training (empty when the
+    user gave the trained count, or nothing is dropped): ``training_step`` gets ``trained`` of every
+    ``super_batch`` examples, so at the same number of optimizer steps the model trains on that
+    fraction of the examples, and every schedule counted in steps or epochs (``others``' and the
+    learning rate's) advances over that fraction. Deliberate with a DataLoader already enlarged to a
+    super-batch; a silent loss of data (and accuracy) when the DataLoader is the one tuned for plain
+    training. The two cannot be told apart here, hence a note, not an error."""
+    if batch_size is not None or super_batch is None or trained >= super_batch:
+        return ""
+    schedules = ", ".join([*others, "the learning rate"])
+    return (
+        f"training_step gets {trained} of every {super_batch} examples the DataLoader yields (keep={keep}): at "
+        f"the same number of steps the model trains on {trained / super_batch:.0%} of the examples training on "
+        f"this DataLoader without selection would, and schedules counted in steps or epochs ({schedules}) "
+        f"advance over that fraction. If {super_batch} per step is the batch your training was tuned for, let "
+        f"the DataLoader yield super-batches of {math.ceil(super_batch / keep)} and pass "
+        f"batch_size={super_batch} instead of keep"
+    )
