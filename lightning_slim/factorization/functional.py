@@ -60,7 +60,9 @@ def unsupported_reason(module: nn.Module) -> str:
     """Why a Linear / conv the targets match stays dense."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and type(module) in FACTORIZABLE:
         return f"grouped convolution (groups={module.groups})"
-    return f"{type(module).__name__} is a subclass of {type(module).__mro__[1].__name__} (its weight may be read directly)"
+    return (
+        f"{type(module).__name__} is a subclass of {type(module).__mro__[1].__name__} (its weight may be read directly)"
+    )
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
