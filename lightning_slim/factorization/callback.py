@@ -20,15 +20,15 @@ from lightning_slim.compose import IncompatibleCallbacksError, techniques
 from lightning_slim.contract import Effect
 from lightning_slim.factorization import functional as F
 from lightning_slim.factorization.configs import FactorizationConfig
+from lightning_slim.factorization.structure import restructure
 from lightning_slim.lightning_glue import rebuild_optimizers
-from lightning_slim.modules import replace_submodule
-from lightning_slim.targets import select_modules
 
 # what another technique declares when it takes hold of the model's layers or parameters in its setup
 # (masks keyed by parameter path, swapped layers, clamped weight lists): replacing layers after that
 # would leave it acting on parameters the model no longer has
 HOLDS_LAYERS = frozenset({Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE, Effect.SWAP_MODULES})
-TABLE = ["layer", "out", "fan_in", "rank", "full_rank", "params_before", "params_after", "energy_kept"]
+TABLE = ["layer", "out", "fan_in", "rank", "full_rank", "params_before", "params_after", "macs_before", "macs_after"]
+TABLE += ["energy_kept"]  # MACs per output position
 
 
 class FactorizationCoverageWarning(UserWarning):
@@ -110,7 +110,7 @@ class LowRankFactorization(SlimCallback):
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
         # a resumed checkpoint may hold factors (or other ranks than setup chose): its structure first
         saved = dict(state.get("ranks", {}))
-        F.restructure(pl_module, saved, dense=[p for p in self.ranks if p not in saved])
+        restructure(pl_module, saved, dense=[p for p in self.ranks if p not in saved])
         self.ranks = saved
 
     # --- before training --------------------------------------------------------------------------------
@@ -125,22 +125,7 @@ class LowRankFactorization(SlimCallback):
             )
         if self.done:
             return
-        factors = _factors(pl_module)
-        matched = select_modules(
-            pl_module,
-            self.config.targets,
-            self.config.exclude or (),
-            default=F.FACTORIZABLE,
-            supported=lambda m: isinstance(m, F.FACTORIZABLE) and id(m) not in factors,
-            what="factorization",
-        )
-        shared = _shared_parameters(pl_module)
-        self.unsupported = {n: F.unsupported_reason(m) for n, m in matched.items() if not F.is_factorizable(m)}
-        for name, module in matched.items():
-            others = sorted({o for p in module.parameters(recurse=False) for o in shared.get(id(p), ()) if o != name})
-            if name not in self.unsupported and others:
-                self.unsupported[name] = f"its parameters are shared with {others}"
-        self._targets = {n: m for n, m in matched.items() if n not in self.unsupported}
+        self._targets, self.unsupported = F.select_layers(pl_module, self.config.targets, self.config.exclude or ())
         if not self._targets:
             raise ValueError(f"factorization: none of the targeted layers can be factorized: {self.unsupported}")
         if self.unsupported:
@@ -172,7 +157,7 @@ class LowRankFactorization(SlimCallback):
         super().setup(trainer, pl_module, stage)  # checks, baseline, validate, step wrapper
         if stage == "fit":
             if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
-                self._apply(pl_module, self.ranks, {})
+                self._apply(pl_module, self.ranks)
             elif self.config.at == 0:
                 self._factorize(trainer, pl_module)
 
@@ -202,28 +187,12 @@ class LowRankFactorization(SlimCallback):
         if not self.done and self.config.moment.reached(trainer):
             self._factorize(trainer, pl_module)
 
-    def _plan(self) -> dict[str, int]:
-        """``{path: rank}`` for the targets the rule factorizes; the others go to ``kept_dense``."""
-        plan, self.kept_dense = {}, {}
-        for name, module in self._targets.items():
-            out, fan_in = F.matrix_shape(module)
-            values = F.singular_values(module)
-            rank = F.choose_rank(values, self.config.rank_or_default, self.config.energy)
-            if min(out, fan_in) < self.config.min_size:
-                self.kept_dense[name] = f"min(out, fan_in) = {min(out, fan_in)} < min_size={self.config.min_size}"
-            elif not F.saves(out, fan_in, rank):
-                self.kept_dense[name] = (
-                    f"rank {rank} of {len(values)} saves nothing (below {F.breakeven_rank(out, fan_in):.1f} does)"
-                )
-            else:
-                plan[name] = rank
-        return plan
-
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan = self._plan()
+        config = self.config
+        plan, self.kept_dense = F.plan_ranks(self._targets, config.rank_or_default, config.energy, config.min_size)
         if trainer.world_size > 1:  # every rank holds the same weights; rank 0's plan makes that certain
             plan = trainer.strategy.broadcast(plan, src=0)
-        self._apply(pl_module, plan, self._targets)
+        self._apply(pl_module, plan)
         self.done, self.factorized_at = True, trainer.global_step
         if trainer.optimizers:  # mid-fit: the dense weights leave the optimizers, the factors join
             rebuild_optimizers(trainer, pl_module)
@@ -244,26 +213,13 @@ class LowRankFactorization(SlimCallback):
         rows = [[n, *(self.layers[n][c] for c in TABLE[1:])] for n in plan]
         log.log_table(trainer, "slim/factorization/layers", TABLE, rows)
 
-    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int], targets: Mapping[str, nn.Module]) -> None:
-        for path, rank in plan.items():
-            module = pl_module.get_submodule(path)
-            if isinstance(module, F.FactorizedLayer):
-                continue  # already factorized (a later fit of the same model)
-            if path in targets:
-                out, fan_in = F.matrix_shape(module)
-                values = F.singular_values(module)
-            new = F.factorize(module, rank)
-            if path in targets:
-                self.layers[path] = {
-                    "out": out,
-                    "fan_in": fan_in,
-                    "rank": rank,
-                    "full_rank": min(out, fan_in),
-                    "params_before": F.params_of(module),
-                    "params_after": F.params_of(new),
-                    "energy_kept": round(F.energy_kept(values, rank), 6),
-                }
-            replace_submodule(pl_module, path, new)
+    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> None:
+        """Factorize the layers of ``plan`` that are not yet (a later fit of the same model keeps its factors;
+        a new model handed to a finished callback gets the recorded ranks)."""
+        todo = {p: r for p, r in plan.items() if not isinstance(pl_module.get_submodule(p), F.FactorizedLayer)}
+        rows = F.factorize_layers(pl_module, todo)
+        if not self.done:
+            self.layers = rows
         self.ranks = dict(plan)
 
     # --- logging, report, state --------------------------------------------------------------------------
@@ -320,17 +276,3 @@ class LowRankFactorization(SlimCallback):
         self.layers = {n: dict(r) for n, r in state_dict["layers"].items()}
         self.kept_dense, self.unsupported = dict(state_dict["kept_dense"]), dict(state_dict["unsupported"])
         self.done, self.factorized_at = bool(state_dict["done"]), state_dict["factorized_at"]
-
-
-def _factors(model: nn.Module) -> set[int]:
-    """The ``down`` / ``up`` layers of already factorized layers (never factorized again), by id."""
-    return {id(m) for f in model.modules() if isinstance(f, F.FactorizedLayer) for m in (f.down, f.up)}
-
-
-def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): [module paths]}`` for parameters held by more than one module (tied weights)."""
-    users: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            users.setdefault(id(p), []).append(name)
-    return {k: v for k, v in users.items() if len(v) > 1}

@@ -20,12 +20,15 @@ parameters and, per output position, fewer multiply-accumulates (the two counts 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_slim.factorization.configs import FactorizationConfig
 from lightning_slim.modules import replace_submodule
+from lightning_slim.targets import select_modules
 
 FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -111,7 +114,7 @@ def energy_kept(values: torch.Tensor, rank: int) -> float:
     return float(power[:rank].sum()) / total if total > 0 else 1.0
 
 
-def _layers_for(module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+def zero_factors(module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
     """Zero ``down`` / ``up`` layers of ``module``'s geometry at ``rank``, on its device and dtype. Built
     on the meta device: their default initialisation would draw from the global RNG and move the fit's
     random stream (dropout, sampling) at the moment of factorization."""
@@ -121,7 +124,7 @@ def _layers_for(module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
     if isinstance(module, nn.Linear):
         down = nn.Linear(module.in_features, rank, bias=False, **like)
         up = nn.Linear(rank, module.out_features, bias=has_bias, **like)
-        return _materialize(down, w.device), _materialize(up, w.device)
+        return zeros_on(down, w.device), zeros_on(up, w.device)
     conv = type(module)
     down = conv(
         module.in_channels,
@@ -135,10 +138,10 @@ def _layers_for(module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         **like,
     )
     up = conv(rank, module.out_channels, 1, bias=has_bias, **like)
-    return _materialize(down, w.device), _materialize(up, w.device)
+    return zeros_on(down, w.device), zeros_on(up, w.device)
 
 
-def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
+def zeros_on(layer: nn.Module, device: torch.device) -> nn.Module:
     layer = layer.to_empty(device=device)
     with torch.no_grad():
         for p in layer.parameters():
@@ -146,7 +149,7 @@ def _materialize(layer: nn.Module, device: torch.device) -> nn.Module:
     return layer
 
 
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+def take_over(new: nn.Module, old: nn.Module) -> nn.Module:
     """The replaced layer's hooks (another technique's forward hooks keep firing), mode and trainability."""
     new._forward_hooks, new._forward_pre_hooks = old._forward_hooks, old._forward_pre_hooks
     new.train(old.training)
@@ -174,32 +177,13 @@ def factorize(module: nn.Module, rank: int) -> FactorizedLayer:
     out, fan_in = matrix_shape(module)
     if not 1 <= rank <= min(out, fan_in):
         raise ValueError(f"rank={rank} must be in [1, {min(out, fan_in)}] for a {out} x {fan_in} weight")
-    down, up = _layers_for(module, rank)
+    down, up = zero_factors(module, rank)
     up_matrix, down_matrix = svd_factors(module.weight, rank)
     down.weight.copy_(down_matrix.reshape(down.weight.shape))
     up.weight.copy_(up_matrix.reshape(up.weight.shape))
     if module.bias is not None:
         up.bias.copy_(module.bias)
-    return _adopt(FactorizedLayer(down, up), module)
-
-
-def empty_like(module: nn.Module, rank: int) -> FactorizedLayer:
-    """A :class:`FactorizedLayer` of ``module``'s geometry at ``rank`` whose weights are about to be
-    loaded from a checkpoint (no SVD: they are zeros until then)."""
-    return _adopt(FactorizedLayer(*_layers_for(module, rank)), module)
-
-
-def resize(layer: FactorizedLayer, rank: int) -> None:
-    """Change ``layer``'s rank in place, keeping its parameter objects (and so any module another
-    technique wrapped them in); the values are about to be loaded from a checkpoint."""
-    down, up = layer.down, layer.up
-    with torch.no_grad():
-        down.weight.data = down.weight.new_zeros((rank, *down.weight.shape[1:]))
-        up.weight.data = up.weight.new_zeros((up.weight.shape[0], rank, *up.weight.shape[2:]))
-    if isinstance(down, nn.Linear):
-        down.out_features, up.in_features = rank, rank
-    else:
-        down.out_channels, up.in_channels = rank, rank
+    return take_over(FactorizedLayer(down, up), module)
 
 
 def params_of(module: nn.Module) -> int:
@@ -214,77 +198,98 @@ def macs_per_position(module: nn.Module) -> int:
     return out * fan_in
 
 
-def dense_like(layer: FactorizedLayer) -> nn.Module:
-    """A zero dense layer of the geometry ``layer`` was factorized from (its weights are about to be loaded)."""
-    down, up = layer.down, layer.up
-    like = {"device": "meta", "dtype": down.weight.dtype}
-    if isinstance(down, nn.Linear):
-        dense = nn.Linear(down.in_features, up.out_features, bias=up.bias is not None, **like)
-    else:
-        dense = type(down)(
-            down.in_channels,
-            up.out_channels,
-            down.kernel_size,
-            stride=down.stride,
-            padding=down.padding,
-            dilation=down.dilation,
-            padding_mode=down.padding_mode,
-            bias=up.bias is not None,
-            **like,
-        )
-    return _adopt(_materialize(dense, down.weight.device), layer.down)
-
-
-def _swapped_by_another(path: str, module: nn.Module) -> ValueError:
-    return ValueError(
-        f"{path!r} must change its structure to load the checkpoint, but it is a {type(module).__name__} now "
-        "(swapped in by another callback's setup): its factorization was decided on this model's weights and "
-        "differs from the checkpoint's. Build the model with the weights the checkpointed run started from, "
-        "or choose ranks by shape alone (rank=...)"
+# --- a whole model: which layers, to which rank -------------------------------------------------------
+def select_layers(
+    model: nn.Module, targets: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers ``targets`` / ``exclude`` select (:func:`lightning_slim.targets.select_modules`; default
+    every Linear, Conv1d and Conv2d) that can be factorized, and those they select that cannot, with why:
+    subclasses, grouped convolutions, layers whose parameters another module shares (tied weights).
+    Factors of already factorized layers are never selected."""
+    factors = {id(m) for f in model.modules() if isinstance(f, FactorizedLayer) for m in (f.down, f.up)}
+    matched = select_modules(
+        model,
+        targets,
+        exclude,
+        default=FACTORIZABLE,
+        supported=lambda m: isinstance(m, FACTORIZABLE) and id(m) not in factors,
+        what="factorization",
     )
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    unsupported = {}
+    for name, module in matched.items():
+        others = sorted({o for p in module.parameters(recurse=False) for o in holders[id(p)] if o != name})
+        if not is_factorizable(module):
+            unsupported[name] = unsupported_reason(module)
+        elif others:
+            unsupported[name] = f"its parameters are shared with {others}"
+    return {n: m for n, m in matched.items() if n not in unsupported}, unsupported
 
 
-def restructure(model: nn.Module, ranks: dict[str, int], dense: Iterable[str] = ()) -> int:
-    """Give ``model`` the factorized structure ``{layer path: rank}`` before a checkpoint's weights are
-    loaded into it: dense layers become empty factorized ones, factorized layers of another rank are
-    resized in place, and factorized layers at the paths ``dense`` become dense again. Returns how many
-    layers changed."""
-    changed = 0
-    for path in dense:
-        layer = model.get_submodule(path)
-        if isinstance(layer, FactorizedLayer):
-            for part in (layer.down, layer.up):
-                if type(part) not in FACTORIZABLE:
-                    raise _swapped_by_another(f"{path}.{'down' if part is layer.down else 'up'}", part)
-            replace_submodule(model, path, dense_like(layer))
-            changed += 1
-    for path, rank in ranks.items():
-        module = model.get_submodule(path)
-        if isinstance(module, FactorizedLayer):
-            if module.rank != rank:
-                resize(module, rank)
-                changed += 1
-        elif is_factorizable(module):
-            replace_submodule(model, path, empty_like(module, rank))
-            changed += 1
-        elif isinstance(module, FACTORIZABLE):
-            raise _swapped_by_another(path, module)
-        else:
-            raise ValueError(
-                f"the checkpoint factorized {path!r}, but this model's {path!r} is a {type(module).__name__}; "
-                "build the model the checkpoint was trained from"
+def plan_ranks(
+    layers: Mapping[str, nn.Module], rank: float | int | None = None, energy: float | None = None, min_size: int = 1
+) -> tuple[dict[str, int], dict[str, str]]:
+    """``({path: rank}, {path: why it stays dense})``: each layer's rank by :func:`choose_rank`, kept
+    only where the smaller side is at least ``min_size`` and the rank saves parameters (:func:`saves`)."""
+    plan, kept_dense = {}, {}
+    for name, module in layers.items():
+        out, fan_in = matrix_shape(module)
+        values = singular_values(module)
+        chosen = choose_rank(values, rank, energy)
+        if min(out, fan_in) < min_size:
+            kept_dense[name] = f"min(out, fan_in) = {min(out, fan_in)} < min_size={min_size}"
+        elif not saves(out, fan_in, chosen):
+            kept_dense[name] = (
+                f"rank {chosen} of {len(values)} saves nothing (below {breakeven_rank(out, fan_in):.1f} does)"
             )
-    return changed
+        else:
+            plan[name] = chosen
+    return plan, kept_dense
 
 
-def load_factorized(
-    model: nn.Module, checkpoint_path: str, strict: bool = True, state_key: str = "LowRankFactorization"
-) -> nn.Module:
-    """Load a Lightning checkpoint written while ``LowRankFactorization`` trained into a freshly built
-    ``model``: the factorized layers are restructured first (from the callback's saved ranks), then the
-    weights are loaded. ``state_key`` is the callback's key in the checkpoint (its class name)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("callbacks", {}).get(state_key) or {}
-    restructure(model, dict(state.get("ranks", {})))
-    model.load_state_dict(checkpoint["state_dict"], strict=strict)
-    return model
+def factorize_layers(model: nn.Module, plan: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Replace each layer of ``plan`` (``{path: rank}``) by its :func:`factorize` in ``model``; returns a row
+    per layer: ``out``, ``fan_in``, ``rank``, ``full_rank``, ``params_before`` / ``params_after``,
+    ``macs_before`` / ``macs_after`` (per output position) and ``energy_kept``."""
+    rows = {}
+    for path, rank in plan.items():
+        module = model.get_submodule(path)
+        out, fan_in = matrix_shape(module)
+        new = factorize(module, rank)
+        rows[path] = {
+            "out": out,
+            "fan_in": fan_in,
+            "rank": rank,
+            "full_rank": min(out, fan_in),
+            "params_before": params_of(module),
+            "params_after": params_of(new),
+            "macs_before": macs_per_position(module),
+            "macs_after": macs_per_position(new),
+            "energy_kept": round(energy_kept(singular_values(module), rank), 6),
+        }
+        replace_submodule(model, path, new)
+    return rows
+
+
+def apply_factorization(model: nn.Module, config: FactorizationConfig | None = None) -> dict[str, Any]:
+    """Factorize ``model`` in place as ``config`` says (its ``at`` / ``unit`` are the callback's business):
+    the plain-PyTorch form of :class:`~lightning_slim.factorization.LowRankFactorization`. Returns
+    ``ranks``, per-layer ``layers`` rows, ``kept_dense`` and ``unsupported``.
+
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    >>> out = apply_factorization(model, FactorizationConfig(rank=0.25, min_size=8))
+    >>> out["ranks"], sorted(out["kept_dense"])
+    ({'0': 16}, ['2'])
+    """
+    config = config or FactorizationConfig()
+    layers, unsupported = select_layers(model, config.targets, config.exclude or ())
+    plan, kept_dense = plan_ranks(layers, config.rank_or_default, config.energy, config.min_size)
+    return {
+        "ranks": plan,
+        "layers": factorize_layers(model, plan),
+        "kept_dense": kept_dense,
+        "unsupported": unsupported,
+    }
