@@ -159,26 +159,34 @@ def take_over(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` matrices (``out x rank``, ``rank x fan_in``) of the best rank-``rank`` approximation
-    of ``weight`` as a matrix, singular values split evenly; computed in float64, returned in its dtype."""
-    matrix = weight.detach().reshape(weight.shape[0], -1).double()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+def svd(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V^T)`` of the weight as a matrix, in float64 (so the factors' only error is their final
+    rounding to the weight's dtype)."""
+    w = module.weight.detach()
+    return torch.linalg.svd(w.reshape(w.shape[0], -1).double(), full_matrices=False)
+
+
+def svd_factors(decomposition: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` matrices (``out x rank``, ``rank x fan_in``) of the best rank-``rank`` approximation,
+    from :func:`svd`'s ``decomposition``, the singular values split evenly between them."""
+    u, s, vh = decomposition
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 @torch.no_grad()
-def factorize(module: nn.Module, rank: int) -> FactorizedLayer:
+def factorize(
+    module: nn.Module, rank: int, decomposition: tuple[torch.Tensor, ...] | None = None
+) -> FactorizedLayer:
     """The rank-``rank`` :class:`FactorizedLayer` of a Linear / Conv1d / Conv2d, from the truncated SVD
-    of its weight (the bias goes to ``up``)."""
+    of its weight (the bias goes to ``up``); ``decomposition``: its :func:`svd`, if already computed."""
     if not is_factorizable(module):
         raise TypeError(f"cannot factorize a {type(module).__name__}: {unsupported_reason(module)}")
     out, fan_in = matrix_shape(module)
     if not 1 <= rank <= min(out, fan_in):
         raise ValueError(f"rank={rank} must be in [1, {min(out, fan_in)}] for a {out} x {fan_in} weight")
     down, up = zero_factors(module, rank)
-    up_matrix, down_matrix = svd_factors(module.weight, rank)
+    up_matrix, down_matrix = svd_factors(decomposition or svd(module), rank)
     down.weight.copy_(down_matrix.reshape(down.weight.shape))
     up.weight.copy_(up_matrix.reshape(up.weight.shape))
     if module.bias is not None:
@@ -258,7 +266,8 @@ def factorize_layers(model: nn.Module, plan: Mapping[str, int]) -> dict[str, dic
     for path, rank in plan.items():
         module = model.get_submodule(path)
         out, fan_in = matrix_shape(module)
-        new = factorize(module, rank)
+        decomposition = svd(module)
+        new = factorize(module, rank, decomposition)
         rows[path] = {
             "out": out,
             "fan_in": fan_in,
@@ -268,7 +277,7 @@ def factorize_layers(model: nn.Module, plan: Mapping[str, int]) -> dict[str, dic
             "params_after": params_of(new),
             "macs_before": macs_per_position(module),
             "macs_after": macs_per_position(new),
-            "energy_kept": round(energy_kept(singular_values(module), rank), 6),
+            "energy_kept": round(energy_kept(decomposition[1], rank), 6),
         }
         replace_submodule(model, path, new)
     return rows
