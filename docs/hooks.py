@@ -8,7 +8,10 @@
   Absolute links into the repository (``repo_url`` + ``/blob/main/``, as README.md writes them so
   that they work on the package index too) are treated as the relative links they stand for.
 - ``<!-- api: public -->`` is replaced by one mkdocstrings block per name that
-  ``lightning_slim`` exports (its ``_PUBLIC`` table), so the reference follows the package.
+  ``lightning_slim`` exports (its ``__all__``), so the reference follows the package.
+- ``<!-- api: functional -->``: one section per technique with its ``functional`` module (the registry).
+- The method cards are pages ``methods/<folder>.md`` generated from ``lightning_slim.registry``, and the
+  nav's "Method cards" section lists them: a new technique folder appears without an edit here.
 - Code fences lose the test options pytest-markdown-docs reads (``python fixture:model`` becomes
   ``python``): superfences would not recognise such a fence and show it as text.
 """
@@ -23,24 +26,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = re.compile(r"^<!--\s*include:\s*(\S+)\s*-->\s*$", re.MULTILINE)
 API_PUBLIC = re.compile(r"^<!--\s*api:\s*public\s*-->\s*$", re.MULTILINE)
+API_FUNCTIONAL = re.compile(r"^<!--\s*api:\s*functional\s*-->\s*$", re.MULTILINE)
 LINK = re.compile(r"(!?)\[([^\]\n]*)\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 # a fence's info string with pytest-markdown-docs options after the language (tests/snippet_fixtures.py)
 TEST_OPTIONS = re.compile(r"^(\s*```\w+)((?:\s+(?:fixture|runner|retry):\S+|\s+notest|\s+continuation)+)\s*$", re.M)
 
+METHOD_CARDS = "Method cards"  # the nav section filled from the registry
 log = logging.getLogger("mkdocs.hooks.slim")
 _pages: dict[str, str] = {}  # repository path -> docs page that shows it
 
 
+def on_config(config):
+    """The "Method cards" section of the nav: one page per technique of the registry."""
+    for entry in config["nav"]:
+        if isinstance(entry, dict) and METHOD_CARDS in entry:
+            entry[METHOD_CARDS] = [{t.folder.capitalize(): f"methods/{t.folder}.md"} for t in _techniques()]
+    return config
+
+
 def on_files(files, config):
-    """Map every repository file the site shows to its page, before any page is rendered."""
+    """Add each technique's method-card page, then map every repository file the site shows to its
+    page, before any page is rendered."""
+    from mkdocs.structure.files import File
+
+    for t in _techniques():
+        files.append(
+            File.generated(
+                config, f"methods/{t.folder}.md", content=f"<!-- include: lightning_slim/{t.folder}/README.md -->\n"
+            )
+        )
     _pages.clear()
     docs_dir = Path(config["docs_dir"]).resolve()
     for f in files.documentation_pages():
         _pages[(docs_dir / f.src_uri).relative_to(ROOT).as_posix()] = f.src_uri
-        for target in INCLUDE.findall(Path(f.abs_src_path).read_text(encoding="utf-8")):
+        for target in INCLUDE.findall(f.content_string):
             _pages[posixpath.normpath(target)] = f.src_uri
     return files
+
+
+def _techniques():
+    from lightning_slim import registry
+
+    return registry.techniques()
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -55,6 +83,7 @@ def on_page_markdown(markdown, page, config, files):
         return _rewrite_links(path.read_text(encoding="utf-8"), posixpath.dirname(source), here, _blob_url(config))
 
     markdown = TEST_OPTIONS.sub(r"\1", INCLUDE.sub(include, markdown))
+    markdown = API_FUNCTIONAL.sub(lambda _: _functional_api(), markdown)
     return API_PUBLIC.sub(lambda _: _public_api(), markdown)
 
 
@@ -94,7 +123,13 @@ def _rewrite_links(text: str, source_dir: str, page: str, blob_url: str | None =
     return "".join(out)
 
 
+def _functional_api() -> str:
+    options = "    options:\n      show_root_heading: false\n      heading_level: 3\n"
+    block = "## {title}\n\n::: lightning_slim.{folder}.functional\n" + options
+    return "\n".join(block.format(title=t.folder.capitalize(), folder=t.folder) for t in _techniques())
+
+
 def _public_api() -> str:
     import lightning_slim
 
-    return "\n".join(f"::: {module}.{name}\n" for name, module in lightning_slim._PUBLIC.items())
+    return "\n".join(f"::: {lightning_slim._PUBLIC[name]}.{name}\n" for name in lightning_slim.__all__)

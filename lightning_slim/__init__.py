@@ -1,4 +1,4 @@
-"""lightning-slim: PyTorch Lightning callbacks that prune, quantize, distil and select data.
+"""lightning-slim: PyTorch Lightning callbacks that prune, quantize, distil, factorize and select data.
 
 Importing the package is lean: wandb, torchao and torch_pruning load only when a feature
 that needs them runs. Public names resolve lazily.
@@ -7,6 +7,8 @@ that needs them runs. Public names resolve lazily.
 from __future__ import annotations
 
 import importlib
+
+from lightning_slim import registry
 
 __version__ = "0.1.0"
 
@@ -20,11 +22,9 @@ _PUBLIC = {
     "MNIST1DMLP": "lightning_slim.models",
     "MNIST1DTransformer": "lightning_slim.models",
     "DigitsCNN": "lightning_slim.models",
-    "IterativeMagnitudePruning": "lightning_slim.pruning",
-    "QuantizationAwareTraining": "lightning_slim.quantization",
-    "KnowledgeDistillation": "lightning_slim.distillation",
-    "OnlineDataSelection": "lightning_slim.selection",
 }
+# every technique's callback (IterativeMagnitudePruning, ...), found from its folder (registry.py)
+_PUBLIC |= registry.callbacks()
 
 __all__ = sorted(_PUBLIC)
 

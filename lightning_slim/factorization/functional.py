@@ -175,9 +175,7 @@ def svd_factors(decomposition: tuple[torch.Tensor, ...], rank: int) -> tuple[tor
 
 
 @torch.no_grad()
-def factorize(
-    module: nn.Module, rank: int, decomposition: tuple[torch.Tensor, ...] | None = None
-) -> FactorizedLayer:
+def factorize(module: nn.Module, rank: int, decomposition: tuple[torch.Tensor, ...] | None = None) -> FactorizedLayer:
     """The rank-``rank`` :class:`FactorizedLayer` of a Linear / Conv1d / Conv2d, from the truncated SVD
     of its weight (the bias goes to ``up``); ``decomposition``: its :func:`svd`, if already computed."""
     if not is_factorizable(module):

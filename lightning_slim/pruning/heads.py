@@ -19,8 +19,8 @@ Qwen2 are covered too):
   fewer heads of the same size, so pruned heads reload with ``load_pruned``;
 - refused before training, with the reason: heads of ``nn.MultiheadAttention`` (its inner width is
   tied to ``embed_dim``, the residual stream), grouped-query attention (whose heads
-  :func:`lightning_slim.pruning.width.keep_heads` removes, group by group, before training), and ``Conv1D`` layers in other
-  structures.
+  :func:`lightning_slim.pruning.width.keep_heads` removes, group by group, before training), and
+  ``Conv1D`` layers in other structures.
 """
 
 from __future__ import annotations
