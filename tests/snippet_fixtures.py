@@ -17,6 +17,7 @@ own ``PL_TRAINER_*`` environment variables shorten the Trainers it builds to a f
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,18 @@ SHORT_TRAINER = {
 }
 
 
+# Lightning's note that a model came in eval mode: the cards load Hugging Face models as from_pretrained
+# returns them (eval mode) on purpose, to show the callbacks work on them unchanged
+SNIPPET_WARNINGS = [r"Found .* module\(s\) in eval mode"]
+
+
 @pytest.fixture(autouse=True)
 def _code_block_sandbox(request, tmp_path, monkeypatch):
     if request.node.get_closest_marker(MARKER) is None:
         yield
         return
+    for message in SNIPPET_WARNINGS:  # inside pytest's per-test warnings context: undone after the block
+        warnings.filterwarnings("ignore", message=message)
     monkeypatch.chdir(tmp_path)
     for key, value in SHORT_TRAINER.items():
         monkeypatch.setenv(key, value)

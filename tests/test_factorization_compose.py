@@ -78,7 +78,9 @@ def test_all_five_techniques_in_one_trainer(tmp_path):
     fit.fit(student, datamodule=small_data(with_index=True, batch_size=200))
     factorization, pruning, report = find(fit, "factorization"), find(fit, "pruning"), find(fit, "report")
     assert all(isinstance(student.get_submodule(p), FactorizedLayer) for p in factorization.ranks)
-    assert student.step_sizes == [100] * 12  # selection: half of every super-batch
+    # selection: half of every super-batch (the first call is distillation's check before training: the
+    # user's step on a 2-example sample batch)
+    assert student.step_sizes == [2] + [100] * 12
     assert torch.isfinite(fit.callback_metrics["slim/distillation/kd_loss"])
     # pruning masked the factors (it was set up after the replacement) and they stay zero where masked
     assert set(FACTORS) <= set(pruning.masks) and abs(pruning.report_rows()["sparsity"] - 0.5) < 0.01

@@ -266,11 +266,12 @@ def test_wanda_2to4_on_real_smollm2_keeps_its_tied_embedding_and_most_of_its_qua
     with torch.no_grad():
         dense = loss(model)
         through_head = copy.deepcopy(model)
+        embedding = model.model.embed_tokens.weight.clone()  # ~1% exact zeros of its own (dequantized Q4_1)
         masks = wanda_24(model)
-        assert "lm_head" not in masks and bool((model.model.embed_tokens.weight != 0).all())
+        assert "lm_head" not in masks and torch.equal(model.model.embed_tokens.weight, embedding)
         default = loss(model)
         wanda_24(through_head, ["Linear", "lm_head"])
-        assert (through_head.model.embed_tokens.weight == 0).float().mean().item() == 0.5
+        assert (through_head.model.embed_tokens.weight == 0).float().mean().item() >= 0.5
         embedding_pruned = loss(through_head)
     # perplexities on 4 windows (about 500 tokens): dense about 23; each bound is a factor of >= 2
     # from what was measured here (dense 3.1 nats, default cut ~4.6, through the embedding ~6.2 nats)

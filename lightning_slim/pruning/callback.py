@@ -283,7 +283,6 @@ class IterativeMagnitudePruning(SlimCallback):
             self.events_done += len(due)
             self._update_sparsity(pl_module)
             self._fired = True
-            self.accuracy.log(trainer)
             sparsity = self._sparsity["sparsity"]
             rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: sparsity {sparsity:.4f}")
 

@@ -31,10 +31,7 @@ from lightning_slim.modules import overrides_forward
 from zoo.models import ZOO, available, build
 
 ERRORS = {"boring": r"keep=0.5 of a super-batch of 1 keeps no example"}
-WARNINGS = {
-    "char_transformer": "nn.MultiheadAttention",
-    "gpt2": "transformers Conv1D layers",
-}
+WARNINGS = {"char_transformer": "nn.MultiheadAttention"}  # GPT-2's Conv1D layers are quantized and pruned now
 SLOW = {"mobilenet_v3_small", "char_transformer"}  # their onnxruntime export takes 15-35 s here
 STEPS = 3
 CELLS = [pytest.param(name, marks=[pytest.mark.zoo_slow] if name in SLOW else []) for name in ZOO]
