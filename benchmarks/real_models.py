@@ -32,6 +32,7 @@ ARMS = {
     "smol_int8": "real.smol_int8",
     "smol_2of4": "real.smol_2of4",
     "smol_student": "real.smol_student",
+    "smol_student_corrected": "real.smol_student_corrected",
     "selection": "real.selection",
     "kd_cost": "real.kd_cost",
 }

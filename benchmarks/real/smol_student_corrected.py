@@ -1,0 +1,71 @@
+"""The ``smol_student`` arm's KD recovery with a *corrected* teacher: SmolLM2 first fine-tuned on the
+same training windows (Minitron's "teacher correction", Sreenivas et al. 2024: distil from a teacher
+adapted to the distillation data, not from the untouched one).
+
+Why: in ``smol_student`` and ``smol_2of4`` plain fine-tuning beat KD, and both students ended below the
+untouched teacher's test loss: on this in-domain text the untouched teacher is a worse model than the
+student becomes, so its soft targets pull the student back. Same student (``make_student``), same
+recovery (``recover``: steps, batch, learning rate, alpha, temperature, top-k, data order) as
+``smol_student``'s KD arm; only the teacher differs. No setting was tuned for this arm: the teacher's
+fine-tuning uses the dense fine-tuning rate the ``smol_2of4`` arm uses (1e-4) for the student's budget.
+
+    python benchmarks/real_models.py --arms smol_student_corrected
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from lightning_slim.demos.modules import CausalLM
+from real.common import SEQ_LEN, lm_data, lm_loss, ppl, smol, trainer, windows
+from real.smol_student import BATCH, BUDGETS, CALIBRATION, DEPTHS, HEADS, LR, SEARCH, STEPS, make_student, recover
+
+TEACHER_LR = 1e-4  # the smol_2of4 arm's dense fine-tuning rate
+
+
+def corrected_teacher(teacher, steps: int, limit=None):
+    """A copy of ``teacher`` fine-tuned ``steps`` steps on the training windows (same order, seed 0)."""
+    model = copy.deepcopy(teacher).train()
+    torch.manual_seed(0)
+    trainer(steps).fit(CausalLM(model, lr=TEACHER_LR, warmup=10), datamodule=lm_data(BATCH, seed=0, limit=limit))
+    return model.eval()
+
+
+def run(args) -> dict:
+    started = time.time()
+    smoke = bool(getattr(args, "smoke", False))
+    steps, budgets = (2, (1, 2)) if smoke else (STEPS, BUDGETS)
+    n_calib, n_search = (2, 2) if smoke else (CALIBRATION, SEARCH)
+    depths, heads = ((30, 24), ((3, 3),)) if smoke else (DEPTHS, HEADS)
+    test = windows("test")[:2] if smoke else windows("test")
+    limit = {"train": 8 * BATCH, "val": 2, "test": 2} if smoke else None
+
+    teacher = smol()
+    student, search, magnitude = make_student(teacher, n_calib, n_search, depths, heads)
+    del magnitude
+    teacher_loss, pruned_loss = lm_loss(teacher, test), lm_loss(student, test)
+    corrected = corrected_teacher(teacher, steps, limit)
+    corrected_loss = lm_loss(corrected, test)
+    del teacher
+    curve = recover(student, test, steps, budgets, LR["kd"], teacher=corrected, limit=limit)
+    gap = pruned_loss - teacher_loss
+    return {
+        "teacher_loss": teacher_loss,
+        "corrected_teacher_loss": corrected_loss,
+        "pruned_loss": pruned_loss,
+        "kd_corrected_loss": curve[steps],
+        "kd_corrected_gap_recovered": (pruned_loss - curve[steps]) / gap,
+        "per_budget": [{"step": s, "tokens": s * BATCH * SEQ_LEN, "kd_corrected_loss": curve[s]} for s in budgets],
+        "ppl": {
+            "teacher": ppl(teacher_loss),
+            "corrected_teacher": ppl(corrected_loss),
+            "kd_corrected": ppl(curve[steps]),
+        },
+        "student": {k: search[k] for k in ("layers", "kv_heads", "queries_per_kv", "intermediate_size")},
+        "tokens": steps * BATCH * SEQ_LEN,
+        "teacher_correction": {"steps": steps, "lr": TEACHER_LR, "tokens": steps * BATCH * SEQ_LEN},
+        "arm_s": round(time.time() - started, 1),
+    }
