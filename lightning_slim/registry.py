@@ -5,7 +5,7 @@ A technique is a subpackage of ``lightning_slim`` with a method card (``README.m
 is adding such a folder (plus its test case in ``tests/cases/``): the package's public names, the
 docs site's method cards and API page, the README's table and the packaging test all read this
 registry. Discovery parses the files (``ast``) instead of importing them, so ``import
-lightning_slim`` stays lean and a broken technique cannot break the others' discovery.
+lightning_slim`` stays lean; a folder that breaks the convention is an error naming it.
 """
 
 from __future__ import annotations

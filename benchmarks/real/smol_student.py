@@ -88,13 +88,18 @@ def make_student(teacher, n_calib: int, n_search: int, depths, heads):
     return student, search, magnitude
 
 
+def sizes(smoke: bool) -> tuple:
+    """``(steps, budgets, n_calib, n_search, depths, heads, test windows, data limit)`` of a run, or of
+    its plumbing-only smoke version (shared with ``smol_student_corrected``)."""
+    if smoke:
+        return 2, (1, 2), 2, 2, (30, 24), ((3, 3),), windows("test")[:2], {"train": 8 * BATCH, "val": 2, "test": 2}
+    return STEPS, BUDGETS, CALIBRATION, SEARCH, DEPTHS, HEADS, windows("test"), None
+
+
 def run(args) -> dict:
     started = time.time()
     smoke = bool(getattr(args, "smoke", False))
-    steps, budgets = (2, (1, 2)) if smoke else (STEPS, BUDGETS)
-    n_calib, n_search = (2, 2) if smoke else (CALIBRATION, SEARCH)
-    depths, heads = ((30, 24), ((3, 3),)) if smoke else (DEPTHS, HEADS)
-    test = windows("test")[:2] if smoke else windows("test")
+    steps, budgets, n_calib, n_search, depths, heads, test, limit = sizes(smoke)
 
     teacher = smol()
     student, search, magnitude = make_student(teacher, n_calib, n_search, depths, heads)
@@ -103,7 +108,6 @@ def run(args) -> dict:
     teacher_loss, pruned_loss = lm_loss(teacher, test), lm_loss(student, test)
     magnitude_loss = lm_loss(magnitude, test)
     del magnitude
-    limit = {"train": 8 * BATCH, "val": 2, "test": 2} if smoke else None
     curves = {
         "kd": recover(student, test, steps, budgets, LR["kd"], teacher=teacher, limit=limit),
         "plain": recover(student, test, steps, budgets, LR["plain"], limit=limit),

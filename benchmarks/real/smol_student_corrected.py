@@ -20,8 +20,8 @@ import time
 import torch
 
 from lightning_slim.demos.modules import CausalLM
-from real.common import SEQ_LEN, lm_data, lm_loss, ppl, smol, trainer, windows
-from real.smol_student import BATCH, BUDGETS, CALIBRATION, DEPTHS, HEADS, LR, SEARCH, STEPS, make_student, recover
+from real.common import SEQ_LEN, lm_data, lm_loss, ppl, smol, trainer
+from real.smol_student import BATCH, LR, make_student, recover, sizes
 
 TEACHER_LR = 1e-4  # the smol_2of4 arm's dense fine-tuning rate
 
@@ -36,12 +36,7 @@ def corrected_teacher(teacher, steps: int, limit=None):
 
 def run(args) -> dict:
     started = time.time()
-    smoke = bool(getattr(args, "smoke", False))
-    steps, budgets = (2, (1, 2)) if smoke else (STEPS, BUDGETS)
-    n_calib, n_search = (2, 2) if smoke else (CALIBRATION, SEARCH)
-    depths, heads = ((30, 24), ((3, 3),)) if smoke else (DEPTHS, HEADS)
-    test = windows("test")[:2] if smoke else windows("test")
-    limit = {"train": 8 * BATCH, "val": 2, "test": 2} if smoke else None
+    steps, budgets, n_calib, n_search, depths, heads, test, limit = sizes(bool(getattr(args, "smoke", False)))
 
     teacher = smol()
     student, search, magnitude = make_student(teacher, n_calib, n_search, depths, heads)
