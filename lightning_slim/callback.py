@@ -14,8 +14,11 @@ The life of a fit, as this base class runs it (subclasses call ``super()`` where
    a ``SWAP_MODULES`` technique's ``prepare_model`` runs. Lightning loads a resumed checkpoint's
    weights after ``setup`` (``RESTRUCTURE`` techniques resize the model first, in
    ``before_weights_load``) and builds optimizers after that.
-2. training: ``select_batch``, ``scale_loss``, ``loss_term`` inside each ``training_step``;
-   ``after_optimizer_step`` after each optimizer step; the usual Lightning hooks for the rest.
+2. training: ``restructure_now`` at the start of every epoch and batch (here, in this class's
+   ``on_train_epoch_start`` / ``on_train_batch_start``: the optimizers are rebuilt when it changed the
+   model, before the step takes them); ``select_batch``, ``scale_loss``, ``loss_term`` inside each
+   ``training_step``; ``after_optimizer_step`` after each optimizer step; the usual Lightning hooks
+   for the rest.
 3. ``teardown`` (or ``on_exception``): ``restore_model`` gives the user's modules back and the
    step wrapper is removed.
 
@@ -40,6 +43,10 @@ from typing_extensions import override
 from lightning_slim import compose, interception, log
 from lightning_slim.clock import Moment
 from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.lightning_glue import rebuild_optimizers
+
+# where the machinery runs RESTRUCTURE_MID_FIT: a technique declaring it leaves these hooks to this class
+RESTRUCTURE_HOOKS = ("on_train_epoch_start", "on_train_batch_start")
 
 
 class SlimCallback(pl.Callback):
@@ -56,6 +63,13 @@ class SlimCallback(pl.Callback):
                     raise TypeError(f"{cls.__name__} implements {method}() but does not declare Effect.{effect.name}")
                 if effect in cls.effects and not implemented:
                     raise TypeError(f"{cls.__name__} declares Effect.{effect.name} but does not implement {method}()")
+        if Effect.RESTRUCTURE_MID_FIT in cls.effects:
+            for hook in RESTRUCTURE_HOOKS:
+                if getattr(cls, hook) is not getattr(SlimCallback, hook):
+                    raise TypeError(
+                        f"{cls.__name__} declares Effect.RESTRUCTURE_MID_FIT and overrides {hook}(), where "
+                        "SlimCallback runs restructure_now() and rebuilds the optimizers"
+                    )
         if (cls.export is not SlimCallback.export) != (cls.export_stage is not None):
             raise TypeError(
                 f"{cls.__name__}: export() and export_stage go together (an ExportStage says when "
@@ -114,6 +128,13 @@ class SlimCallback(pl.Callback):
         """``RESTRUCTURE``: resize a freshly built model to a resumed checkpoint's shapes, from this
         technique's own state in that checkpoint, before Lightning loads its weights."""
 
+    def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """``RESTRUCTURE_MID_FIT``: at the start of every training epoch and batch, change the model if it
+        is due and return True when parameters were replaced: the machinery then rebuilds the optimizers
+        (keeping their hyper-parameters, learning-rate schedules and the state of kept parameters) and
+        re-wraps DDP, before the step takes them."""
+        return False
+
     def take_baseline(self, pl_module: pl.LightningModule) -> None:
         """``BASELINE``: see the model as the user built it, before any technique changes it."""
 
@@ -147,6 +168,20 @@ class SlimCallback(pl.Callback):
         if Effect.SWAP_MODULES in self.effects:
             self.prepare_model(trainer, pl_module)
             self._prepared = pl_module
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restructure(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._restructure(trainer, pl_module)
+
+    def _restructure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if Effect.RESTRUCTURE_MID_FIT in self.effects and self.restructure_now(trainer, pl_module):
+            rebuild_optimizers(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -104,8 +104,9 @@ def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
     """``(effect, technique)`` rows in the order they act in a step and at export.
 
     >>> from lightning_slim import IterativeMagnitudePruning
-    >>> describe_effects([IterativeMagnitudePruning()])
-    [('before_weights_load', 'pruning'), ('after_optimizer_step', 'pruning'), ('export: FINALIZE_WEIGHTS', 'pruning')]
+    >>> describe_effects([IterativeMagnitudePruning()])  # doctest: +NORMALIZE_WHITESPACE
+    [('before_weights_load', 'pruning'), ('restructure_now', 'pruning'), ('after_optimizer_step', 'pruning'),
+     ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
     from lightning_slim.callback import SlimCallback
 
@@ -114,6 +115,7 @@ def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
         Effect.BASELINE,
         Effect.SWAP_MODULES,
         Effect.RESTRUCTURE,
+        Effect.RESTRUCTURE_MID_FIT,
         Effect.SELECT_BATCH,
         Effect.SCALE_LOSS,
         Effect.ADD_LOSS,

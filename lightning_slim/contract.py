@@ -11,7 +11,9 @@ iterates over these declarations and never asks for a technique by name:
   ``after_optimizer_step`` right after every optimizer step;
 - :mod:`lightning_slim.callback` runs the model's life: ``take_baseline`` before any technique
   changes the model, ``prepare_model`` / ``restore_model`` around ``fit`` (module swaps),
-  ``before_weights_load`` before a resumed checkpoint's weights are loaded (resizing);
+  ``before_weights_load`` before a resumed checkpoint's weights are loaded (resizing),
+  ``restructure_now`` at the start of every training epoch and batch (rebuilding the optimizers
+  when it changed the model: the one path that changes the model mid-fit);
 - :mod:`lightning_slim.compose` checks what techniques declare about each other:
   ``provides()`` / ``requires()`` (e.g. a teacher) and the timeline constraint that no
   technique restructures the model (``restructures_until``) after another one needs its
@@ -39,6 +41,7 @@ class Effect(enum.Enum):
     AFTER_OPTIMIZER_STEP = "after_optimizer_step"  # acts right after every optimizer step
     SWAP_MODULES = "prepare_model"  # swaps modules for the fit (restore_model puts them back)
     RESTRUCTURE = "before_weights_load"  # changes parameter shapes; resizes a fresh model on resume
+    RESTRUCTURE_MID_FIT = "restructure_now"  # changes the model mid-fit; the machinery rebuilds the optimizers
     BASELINE = "take_baseline"  # sees the model as the user built it, before any other effect
 
     @property

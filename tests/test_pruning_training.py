@@ -161,18 +161,18 @@ class Gate(torch.nn.Module):
         (dict(targets=["net.9"]), "pruning target 'net.9' matches no module"),
         (dict(schedule={"kind": "imp", "every": 1}, rewind="step", rewind_step=50), "rewind_step=50 is later than"),
         (
-            dict(structured=True, targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
+            dict(pattern="channels", targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
             "structured pruning traces the model",
         ),
         (
-            dict(structured=True, targets=["net.1"], schedule={"kind": "one_shot"}),
+            dict(pattern="channels", targets=["net.1"], schedule={"kind": "one_shot"}),
             r"cannot handle layer 'net.1' \(Gate\)",
         ),
     ],
 )
 def test_bad_input_fails_before_the_first_step(kwargs, match, tmp_path):
     model = small_model()
-    if kwargs.get("structured") and "example_input_shape" in kwargs:
+    if kwargs.get("pattern") == "channels" and "example_input_shape" in kwargs:
         model.example_input_array = None
     if kwargs.get("targets") == ["net.1"]:
         model.net[1] = Gate()
@@ -188,7 +188,7 @@ def test_structured_prunes_trains_resumes_and_loads(tmp_path):
     exactly where the uninterrupted one ends, and load_pruned rebuilds the small model."""
     make_cb = lambda: IterativeMagnitudePruning(
         {"kind": "one_shot", "sparsity": 0.5, "at": 1},
-        structured=True,
+        pattern="channels",
         targets=["Conv1d"],
         scope="layer",
         rewind="lr",

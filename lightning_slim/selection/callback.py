@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_slim import compose, log
-from lightning_slim.arguments import as_config, check_choice, check_fraction, check_int, check_range
+from lightning_slim.arguments import config_from
 from lightning_slim.batches import batch_indices, sample_batch, slice_batch
 from lightning_slim.callback import SlimCallback
 from lightning_slim.contract import Capability, Effect
@@ -22,7 +22,7 @@ from lightning_slim.lightning_glue import train_loader
 from lightning_slim.loading import as_callable, freeze
 from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
-from lightning_slim.selection.configs import JointSelection, SelectionWindow
+from lightning_slim.selection.configs import JointSelection, SelectionConfig, SelectionWindow
 from lightning_slim.selection.preflight import batch_note, check_batch, check_loader, macs_per_example
 from lightning_slim.selection.reference import load_reference, reference_loss_cache
 from lightning_slim.selection.scoring import Scorer
@@ -35,32 +35,16 @@ class OnlineDataSelection(SlimCallback):
     sub-batch. Scoring runs in eval mode under ``no_grad`` (deterministic, and BatchNorm's running
     statistics only ever see trained examples).
 
-    Args:
-        keep: fraction of each super-batch to train on, in (0, 1].
-        batch_size: train on exactly this many examples per step instead (overrides ``keep``).
-        score: ``"learnability"`` (learner - reference loss), ``"hard"`` (learner loss),
-            ``"easy_reference"`` (- reference loss), ``"uniform"`` (the control), or a function
-            ``fn(learner_loss, reference_loss) -> scores`` (object or dotted path).
-        selection: ``"topk"`` or ``"sample"`` (without replacement from ``softmax(score / temperature)``).
-        reference: an ``nn.Module``; ``"teacher"`` (the teacher another callback provides, e.g.
-            KnowledgeDistillation's); or ``{"class_path", "checkpoint" | "train_on_holdout", "init_args"}``.
-        reference_losses: precomputed reference losses by dataset index (a tensor or a ``torch.save``
-            file, see ``compute_reference_losses``); every training index must be covered.
-        cache_reference: compute each example's reference loss once, the first time it is seen,
-            and keep it (saved in checkpoints). Both caches need batches that carry indices.
-        reference_train_examples: examples the reference was trained on (its cost, reported beside).
-        loss_fn: ``fn(model, batch) -> (B,) losses`` (object or dotted path). Without it the module's
-            ``per_sample_loss(batch)`` is used, else cross-entropy on ``(x, y[, index])`` batches.
-            An explicit ``loss_fn`` wins over the module's method (it was asked for).
-        joint: True or a :class:`~.configs.JointSelection` (or its dict): JEST joint selection.
-        window: a :class:`~.configs.SelectionWindow` (or its dict): the steps to select in.
-        selector: ``fn(batch, rows) -> batch`` for batch types ``slice_batch`` cannot slice.
-        histogram_every_n_steps: how often score histograms go to W&B (0: never).
-        seed: seed of sampling / uniform choices (mixed with epoch, batch index and rank; resumes exactly).
+    Args: the fields of :class:`~.configs.SelectionConfig` (each is described there): ``keep``,
+    ``batch_size``, ``score``, ``selection``, ``temperature``, ``reference``, ``reference_losses``,
+    ``cache_reference``, ``reference_train_examples``, ``loss_fn``, ``joint``, ``window``, ``selector``,
+    ``histogram_every_n_steps``, ``seed``; or ``config``: a ``SelectionConfig`` (or its dict) instead.
 
     >>> cb = OnlineDataSelection(keep=0.25, score="hard")
     >>> cb.keep, cb.score
     (0.25, 'hard')
+    >>> OnlineDataSelection(config={"keep": 0.25, "score": "hard"}).config == cb.config
+    True
     """
 
     technique = "selection"
@@ -83,30 +67,37 @@ class OnlineDataSelection(SlimCallback):
         selector: str | Callable | None = None,
         histogram_every_n_steps: int = 50,
         seed: int = 0,
+        config: SelectionConfig | dict | None = None,
     ):
-        check_fraction("keep", keep, low_open=True, high_closed=True)
-        check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        if isinstance(score, str) and score not in selecting.SCORES and "." not in score:
-            raise ValueError(f"score={score!r} is not one of {selecting.SCORES} or a dotted path to a function")
-        check_choice("selection", selection, selecting.SELECTIONS)
-        check_range("temperature", temperature, 0.0, low_open=True)
-        check_int("reference_train_examples", reference_train_examples, minimum=0)
-        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
-        if reference_losses is not None and reference is not None:
-            raise ValueError("give either reference (a model) or reference_losses (a cache), not both")
-        if isinstance(joint, bool):
-            joint = JointSelection() if joint else None
-        self.joint = as_config(JointSelection, joint, "joint")
-        if self.joint is not None and score == "uniform":
-            raise ValueError("joint=True needs a score other than 'uniform' (uniform has nothing to join)")
-        self.window = as_config(SelectionWindow, window, "window") or SelectionWindow()
-        self.keep, self.batch_size, self.score, self.selection = float(keep), batch_size, score, selection
-        self.temperature, self.reference, self.reference_losses = temperature, reference, reference_losses
-        self.cache_reference, self.loss_fn, self.selector, self.seed = cache_reference, loss_fn, selector, seed
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.ledger = CostLedger(reference_train_examples=reference_train_examples)
+        options = dict(
+            keep=keep,
+            batch_size=batch_size,
+            score=score,
+            selection=selection,
+            temperature=temperature,
+            reference=reference,
+            reference_losses=reference_losses,
+            cache_reference=cache_reference,
+            reference_train_examples=reference_train_examples,
+            loss_fn=loss_fn,
+            joint=joint,
+            window=window,
+            selector=selector,
+            histogram_every_n_steps=histogram_every_n_steps,
+            seed=seed,
+        )
+        self.config: SelectionConfig = config_from(SelectionConfig, config, options)
+        config = self.config
+        self.keep, self.batch_size, self.score, self.joint = (
+            float(config.keep),
+            config.batch_size,
+            config.score,
+            config.joint,
+        )
+        self.reference, self.window = config.reference, config.window
+        self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)
         self.scorer: Scorer | None = None
-        self.reference_cache = IndexCache() if cache_reference else None  # filled lazily, checkpointed
+        self.reference_cache = IndexCache() if config.cache_reference else None  # filled lazily, checkpointed
         self._built_reference: nn.Module | None = None  # a reference built from a dict: built once, reused
         self._slice: Callable = slice_batch
         self.nominal_super_batch: int | None = None
@@ -129,11 +120,11 @@ class OnlineDataSelection(SlimCallback):
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         score = self.score if self.score in selecting.SCORES else as_callable(self.score, "score")
-        loss_fn = as_callable(self.loss_fn, "loss_fn")
+        loss_fn = as_callable(self.config.loss_fn, "loss_fn")
         pair_loss_fn = as_callable(self.joint.pair_loss_fn, "pair_loss_fn") if self.joint else None
-        selector = as_callable(self.selector, "selector")
+        selector = as_callable(self.config.selector, "selector")
         self._slice = (lambda b, rows, n=None: selector(b, rows)) if selector else slice_batch
-        has_reference = self.reference is not None or self.reference_losses is not None
+        has_reference = self.reference is not None or self.config.reference_losses is not None
         if (score in selecting.NEEDS_REFERENCE) and not has_reference:
             raise ValueError(
                 f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
@@ -144,14 +135,16 @@ class OnlineDataSelection(SlimCallback):
                 "joint selection needs joint={'pair_loss_fn': fn(model, batch) -> (B, B)} pair losses, "
                 "or a per_pair_loss(batch) method on the module"
             )
-        if self.joint and (self.reference_losses is not None or self.cache_reference):
+        if self.joint and (self.config.reference_losses is not None or self.config.cache_reference):
             raise ValueError(
                 "joint selection scores pairs within each super-batch; per-example reference caches "
                 "(reference_losses, cache_reference) do not apply: pass a reference model"
             )
         reference = self._resolve_reference(trainer, loss_fn)
         cache = (
-            reference_loss_cache(self.reference_losses) if self.reference_losses is not None else self.reference_cache
+            reference_loss_cache(self.config.reference_losses)
+            if self.config.reference_losses is not None
+            else self.reference_cache
         )  # a second fit keeps what the first one computed
         self.scorer = Scorer(
             score,
@@ -203,7 +196,7 @@ class OnlineDataSelection(SlimCallback):
             if self._built_reference is None:  # built (and trained) once per callback, reused by later fits
                 holdout = getattr(trainer.datamodule, "holdout_dataloader", None)
                 model, seen = load_reference(
-                    self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.seed
+                    self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.config.seed
                 )
                 self._built_reference = freeze(model)
                 self.ledger.reference_train_examples += seen
@@ -237,7 +230,9 @@ class OnlineDataSelection(SlimCallback):
 
     # --- the step: score, choose, slice ----------------------------------------------------------------
     def _generator(self, trainer: pl.Trainer, batch_idx: int) -> torch.Generator:
-        key = ((self.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch_idx) * 257 + trainer.global_rank
+        key = (
+            (self.config.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch_idx
+        ) * 257 + trainer.global_rank
         return torch.Generator().manual_seed(key % (2**63))
 
     def _keep_count(self, n: int) -> int:
@@ -259,9 +254,11 @@ class OnlineDataSelection(SlimCallback):
         if active:
             scores = self.scorer.scores(pl_module, batch, n)
             rows = (
-                selecting.jest_select(scores, k, self.joint.num_chunks, g, self.selection, self.temperature)
+                selecting.jest_select(
+                    scores, k, self.joint.num_chunks, g, self.config.selection, self.config.temperature
+                )
                 if self.joint
-                else selecting.select(scores, k, self.selection, g, self.temperature)
+                else selecting.select(scores, k, self.config.selection, g, self.config.temperature)
             )
         elif in_window or self.window.outside == "uniform":
             rows = selecting.select_uniform(n, k, g)
@@ -287,7 +284,7 @@ class OnlineDataSelection(SlimCallback):
         if scores is not None:
             s = scores.diagonal() if scores.dim() == 2 else scores
             values.update(score_mean=float(s.mean()), selected_score_mean=float(s[rows].mean()))
-            every = self.histogram_every_n_steps
+            every = self.config.histogram_every_n_steps
             if every and trainer.global_step % every == 0 and trainer.is_global_zero:
                 log.log_histogram(trainer, "slim/selection/scores", s)
                 log.log_histogram(trainer, "slim/selection/selected_scores", s[rows])
