@@ -7,10 +7,10 @@ import pytest
 import torch
 from cases import CleanDistributedExit, small_data, small_model
 
-from lightning_slim import interception
 from lightning_slim.batches import batch_size, slice_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Effect
+from lightning_slim.core import interception
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Effect
 
 
 class KeepFirstHalf(SlimCallback):

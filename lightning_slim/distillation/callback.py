@@ -12,11 +12,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import interception, log
-from lightning_slim.arguments import as_config, check_choice, check_range
 from lightning_slim.batches import batch_indices, example_count, sample_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.core import interception, log
+from lightning_slim.core.arguments import as_config, check_choice, check_range
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Capability, Effect, ExportStage
+from lightning_slim.core.lightning_glue import should_log, train_loader
+from lightning_slim.core.loading import as_callable
+from lightning_slim.core.step_probe import StepProbeError
 from lightning_slim.distillation import functional as kd
 from lightning_slim.distillation.cache_keys import CacheKeys
 from lightning_slim.distillation.capture import capture_student
@@ -40,10 +43,7 @@ from lightning_slim.distillation.preflight import (
 from lightning_slim.distillation.reporting import distillation_rows, logged_values
 from lightning_slim.distillation.teacher import TeacherRunner, resolve_teacher, teacher_calls, teacher_target
 from lightning_slim.distillation.term import call_masks, step_term
-from lightning_slim.lightning_glue import should_log, train_loader
-from lightning_slim.loading import as_callable
 from lightning_slim.modules import forward_target, output_tensor, submodule
-from lightning_slim.step_probe import StepProbeError
 
 PROJECTIONS = "slim_distillation_projections"  # the LightningModule attribute holding learned projections
 SAMPLE_ROWS = 2  # examples in the batch the user's training_step is run on before training
@@ -83,7 +83,7 @@ class KnowledgeDistillation(SlimCallback):
             once per example.
         seed: seeds the projections' initialisation (no global RNG is used).
 
-    >>> from lightning_slim.models import MNIST1DTeacherCNN
+    >>> from lightning_slim.demos.models import MNIST1DTeacherCNN
     >>> distil = KnowledgeDistillation(teacher=MNIST1DTeacherCNN(), alpha=0.9, temperature=4.0)
     >>> distil.teacher.training, any(p.requires_grad for p in distil.teacher.parameters())
     (False, False)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_slim.core.step_probe import OutermostCalls, outermost_calls
 from lightning_slim.modules import output_tensor
-from lightning_slim.step_probe import OutermostCalls, outermost_calls
 
 
 class FeatureOutputs:

@@ -11,12 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import config_from
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.compose import IncompatibleCallbacksError, techniques
-from lightning_slim.contract import Effect
+from lightning_slim.core import log
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.compose import IncompatibleCallbacksError, techniques
+from lightning_slim.core.contract import Effect
 from lightning_slim.factorization import functional as F
 from lightning_slim.factorization.configs import FactorizationConfig
 from lightning_slim.factorization.structure import restructure

@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import config_from
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment, now
-from lightning_slim.contract import Effect, ExportStage
-from lightning_slim.interception import InTrainingStep
+from lightning_slim.core import log
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment, now
+from lightning_slim.core.contract import Effect, ExportStage
+from lightning_slim.core.interception import InTrainingStep
 from lightning_slim.pruning import channel_targets
 from lightning_slim.pruning.configs import PruningConfig
 from lightning_slim.pruning.curve import AccuracyCurve

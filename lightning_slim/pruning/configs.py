@@ -17,7 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_slim.arguments import check_choice, check_int
+from lightning_slim.core.arguments import check_choice, check_int
 from lightning_slim.pruning.options import check_options
 from lightning_slim.pruning.patterns import Pattern, parse_pattern
 from lightning_slim.pruning.schedules import GradualSchedule, IMPSchedule, OneShotSchedule, Schedule, parse_schedule

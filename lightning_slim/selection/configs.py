@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_slim.arguments import as_config, check_choice, check_fraction, check_int, check_order, check_range
+from lightning_slim.core.arguments import as_config, check_choice, check_fraction, check_int, check_order, check_range
 from lightning_slim.selection.functional import SCORES, SELECTIONS
 
 OUTSIDE_WINDOW = ("uniform", "full")

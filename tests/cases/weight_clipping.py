@@ -16,8 +16,8 @@ import torch
 from typing_extensions import override
 
 from cases import Case
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Effect
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Effect
 from lightning_slim.targets import select_modules
 
 

@@ -3,7 +3,7 @@
 Lightning ignores what callback hooks return, so a callback cannot change the batch or the
 loss from a hook, and it has no hook after ``optimizer.step()`` or before a resumed
 checkpoint's weights are loaded. Three mechanisms fill the gaps, each driven by what the
-techniques declare (:class:`~lightning_slim.contract.Effect`), never by their names:
+techniques declare (:class:`~lightning_slim.core.contract.Effect`), never by their names:
 
 1. **the step wrapper**: the strategy looks ``training_step`` up on the module instance at
    every call (DDP included), so one wrapper is set as an instance attribute while any
@@ -19,7 +19,7 @@ techniques declare (:class:`~lightning_slim.contract.Effect`), never by their na
    from their own saved state first.
 
 Module swaps (``SWAP_MODULES``: ``prepare_model`` / ``restore_model``) and the baseline are run by
-:class:`~lightning_slim.callback.SlimCallback`'s ``setup`` / ``teardown``. Once the last technique
+:class:`~lightning_slim.core.callback.SlimCallback`'s ``setup`` / ``teardown``. Once the last technique
 leaves, the module is its class's own again.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_slim.contract import Effect
-from lightning_slim.lightning_glue import trainer_of
+from lightning_slim.core.contract import Effect
+from lightning_slim.core.lightning_glue import trainer_of
 
 _ATTR = "_slim_step_interceptor"
 STEP_EFFECTS = frozenset(

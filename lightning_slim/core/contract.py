@@ -1,24 +1,24 @@
 """The contract between techniques: what each one declares it does to a step and to the model.
 
-A technique is a :class:`~lightning_slim.callback.SlimCallback` subclass. It declares its
+A technique is a :class:`~lightning_slim.core.callback.SlimCallback` subclass. It declares its
 ``effects`` as data (a set of :class:`Effect`) and implements the typed method each effect
 names; the class is checked when it is defined, so a declared effect without its method, or
 an effect method without its declaration, is an error at import time. The shared machinery
 iterates over these declarations and never asks for a technique by name:
 
-- :mod:`lightning_slim.interception` runs one training step: ``select_batch`` (one technique
+- :mod:`lightning_slim.core.interception` runs one training step: ``select_batch`` (one technique
   at most), the user's ``training_step``, ``scale_loss``, ``loss_term``; then
   ``after_optimizer_step`` right after every optimizer step;
-- :mod:`lightning_slim.callback` runs the model's life: ``take_baseline`` before any technique
+- :mod:`lightning_slim.core.callback` runs the model's life: ``take_baseline`` before any technique
   changes the model, ``prepare_model`` / ``restore_model`` around ``fit`` (module swaps),
   ``before_weights_load`` before a resumed checkpoint's weights are loaded (resizing),
   ``restructure_now`` at the start of every training epoch and batch (rebuilding the optimizers
   when it changed the model: the one path that changes the model mid-fit);
-- :mod:`lightning_slim.compose` checks what techniques declare about each other:
+- :mod:`lightning_slim.core.compose` checks what techniques declare about each other:
   ``provides()`` / ``requires()`` (e.g. a teacher) and the timeline constraint that no
   technique restructures the model (``restructures_until``) after another one needs its
   structure fixed (``structure_fixed_from``);
-- :mod:`lightning_slim.report` builds the deployable model by calling ``export`` in the order
+- :mod:`lightning_slim.reporting.report` builds the deployable model by calling ``export`` in the order
   of each technique's :class:`ExportStage`, and collects ``report_rows``.
 
 >>> sorted(e.name for e in Effect)[:3]

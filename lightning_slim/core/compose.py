@@ -1,8 +1,8 @@
 """How techniques compose in one Trainer: the checks that run before training, all driven by
-what each technique declares (:mod:`lightning_slim.contract`), none by technique names.
+what each technique declares (:mod:`lightning_slim.core.contract`), none by technique names.
 
-The order of effects in a step is fixed by :mod:`lightning_slim.interception`, not by the
-order of the callback list; the export chain runs in :class:`~lightning_slim.contract.ExportStage`
+The order of effects in a step is fixed by :mod:`lightning_slim.core.interception`, not by the
+order of the callback list; the export chain runs in :class:`~lightning_slim.core.contract.ExportStage`
 order. With the four techniques of this package (:func:`describe_effects` prints this table
 for any list of callbacks):
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_slim.contract import Capability, Effect
-from lightning_slim.lightning_glue import sharded_strategy
+from lightning_slim.core.contract import Capability, Effect
+from lightning_slim.core.lightning_glue import sharded_strategy
 
 
 class IncompatibleCallbacksError(ValueError):
@@ -43,7 +43,7 @@ SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 
 
 def techniques(trainer: pl.Trainer) -> list[Any]:
-    from lightning_slim.callback import SlimCallback
+    from lightning_slim.core.callback import SlimCallback
 
     return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
 
@@ -108,7 +108,7 @@ def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
     [('before_weights_load', 'pruning'), ('restructure_now', 'pruning'), ('after_optimizer_step', 'pruning'),
      ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
-    from lightning_slim.callback import SlimCallback
+    from lightning_slim.core.callback import SlimCallback
 
     slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
     order = [

@@ -1,14 +1,14 @@
 """``SlimCallback``: the base of every technique, and the typed contract it implements.
 
-A technique declares what it does (``effects``, a set of :class:`~lightning_slim.contract.Effect`,
+A technique declares what it does (``effects``, a set of :class:`~lightning_slim.core.contract.Effect`,
 and ``export_stage``) and overrides the matching methods below; the declaration and the
 overrides are checked against each other when the class is defined. The shared machinery
-(:mod:`~lightning_slim.interception`, :mod:`~lightning_slim.compose`, :mod:`~lightning_slim.report`)
+(:mod:`~lightning_slim.core.interception`, :mod:`~lightning_slim.core.compose`, :mod:`~lightning_slim.reporting.report`)
 only ever reads these declarations. ``docs/architecture.md`` walks through a training step.
 
 The life of a fit, as this base class runs it (subclasses call ``super()`` where they override):
 
-1. ``setup``: the combination is checked (:func:`~lightning_slim.compose.check_combination`),
+1. ``setup``: the combination is checked (:func:`~lightning_slim.core.compose.check_combination`),
    every ``BASELINE`` technique sees the model as the user built it, this technique's
    ``validate`` raises on bad arguments or an unsupported model, it joins the step wrapper, and
    a ``SWAP_MODULES`` technique's ``prepare_model`` runs. Lightning loads a resumed checkpoint's
@@ -22,7 +22,7 @@ The life of a fit, as this base class runs it (subclasses call ``super()`` where
 3. ``teardown`` (or ``on_exception``): ``restore_model`` gives the user's modules back and the
    step wrapper is removed.
 
->>> from lightning_slim.contract import Effect
+>>> from lightning_slim.core.contract import Effect
 >>> class Broken(SlimCallback):
 ...     effects = frozenset({Effect.ADD_LOSS})   # declared, but loss_term is not implemented
 Traceback (most recent call last):
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import compose, interception, log
-from lightning_slim.clock import Moment
-from lightning_slim.contract import Capability, Effect, ExportStage
-from lightning_slim.lightning_glue import rebuild_optimizers
+from lightning_slim.core import compose, interception, log
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.contract import Capability, Effect, ExportStage
+from lightning_slim.core.lightning_glue import rebuild_optimizers
 
 # where the machinery runs RESTRUCTURE_MID_FIT: a technique declaring it leaves these hooks to this class
 RESTRUCTURE_HOOKS = ("on_train_epoch_start", "on_train_batch_start")
