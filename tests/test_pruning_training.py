@@ -321,3 +321,27 @@ def test_a_step_schedule_that_is_over_in_the_first_epoch_of_a_longer_training_wa
         fit(tmp_path, [IterativeMagnitudePruning(gradual, accuracy_metric=None)], max_epochs=1)
         one_shot = {"kind": "one_shot", "sparsity": 0.5, "at": 3, "unit": "step"}
         fit(tmp_path, [IterativeMagnitudePruning(one_shot, accuracy_metric=None)], max_epochs=2)
+
+
+class FailAtStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("stopped at step 2")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["teardown", "exception"])
+def test_the_module_is_the_users_own_again_after_fit_or_a_failure(fails, tmp_path):
+    """One teardown path (SlimCallback's, also when fit raises): Wanda's input hooks and the step wrapper go."""
+    model = small_model()
+    wanda = IterativeMagnitudePruning(
+        {"kind": "one_shot", "sparsity": 0.5, "at": 1, "unit": "step"}, importance="wanda"
+    )
+    callbacks = [wanda, FailAtStep()] if fails else [wanda]
+    if fails:
+        with pytest.raises(RuntimeError, match="stopped at step 2"):
+            fit(tmp_path, callbacks, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    else:
+        fit(tmp_path, callbacks, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    assert wanda.round == 1 and wanda.norms.count  # its hooks recorded the steps
+    assert not [name for name, m in model.named_modules() if m._forward_hooks]
+    assert "training_step" not in model.__dict__ and "on_load_checkpoint" not in model.__dict__

@@ -20,9 +20,16 @@ from lightning_slim.core.contract import Capability, Effect
 from lightning_slim.core.lightning_glue import train_loader
 from lightning_slim.core.loading import as_callable, freeze
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.configs import JointSelection, SelectionConfig, SelectionWindow
+from lightning_slim.selection.functional import (
+    NEEDS_REFERENCE,
+    SCORES,
+    example_count,
+    jest_select,
+    select,
+    select_uniform,
+)
 from lightning_slim.selection.preflight import batch_note, check_batch, check_loader, macs_per_example
 from lightning_slim.selection.reference import load_reference, reference_loss_cache
 from lightning_slim.selection.scoring import Scorer
@@ -119,13 +126,13 @@ class OnlineDataSelection(SlimCallback):
     # --- setup: resolve every argument and check it on a sample batch, before training ---------------
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        score = self.score if self.score in selecting.SCORES else as_callable(self.score, "score")
+        score = self.score if self.score in SCORES else as_callable(self.score, "score")
         loss_fn = as_callable(self.config.loss_fn, "loss_fn")
         pair_loss_fn = as_callable(self.joint.pair_loss_fn, "pair_loss_fn") if self.joint else None
         selector = as_callable(self.config.selector, "selector")
         self._slice = (lambda b, rows, n=None: selector(b, rows)) if selector else slice_batch
         has_reference = self.reference is not None or self.config.reference_losses is not None
-        if (score in selecting.NEEDS_REFERENCE) and not has_reference:
+        if (score in NEEDS_REFERENCE) and not has_reference:
             raise ValueError(
                 f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
                 "checkpoint spec) or reference_losses= (a cache by example index)"
@@ -154,7 +161,7 @@ class OnlineDataSelection(SlimCallback):
             self.joint is not None,
             pair_loss_fn,
             self.ledger,
-            slicer=lambda b, rows: self._slice(b, rows, selecting.example_count(b)),
+            slicer=lambda b, rows: self._slice(b, rows, example_count(b)),
         )
         self._noisy = getattr(trainer.datamodule, "noisy", None) if trainer.datamodule is not None else None
         if self.keep == 1.0 and self.batch_size is None and self.score != "uniform":
@@ -217,9 +224,7 @@ class OnlineDataSelection(SlimCallback):
         return None
 
     def _check(self, pl_module, batch) -> None:
-        check_batch(
-            self.scorer, pl_module, batch, selecting.example_count(batch), self.scorer.slicer, selecting.example_count
-        )
+        check_batch(self.scorer, pl_module, batch, example_count(batch), self.scorer.slicer, example_count)
         self.checked = True
 
     @override
@@ -246,7 +251,7 @@ class OnlineDataSelection(SlimCallback):
         if not self.checked:  # no sample batch before training (an iterable dataset): check the first one
             self._check(pl_module, batch)
             self._weigh(pl_module, batch)
-        n = selecting.example_count(batch)
+        n = example_count(batch)
         k, g = self._keep_count(n), self._generator(trainer, batch_idx)
         in_window = self.window.contains(trainer.global_step)
         active = in_window and self.score != "uniform"
@@ -254,14 +259,12 @@ class OnlineDataSelection(SlimCallback):
         if active:
             scores = self.scorer.scores(pl_module, batch, n)
             rows = (
-                selecting.jest_select(
-                    scores, k, self.joint.num_chunks, g, self.config.selection, self.config.temperature
-                )
+                jest_select(scores, k, self.joint.num_chunks, g, self.config.selection, self.config.temperature)
                 if self.joint
-                else selecting.select(scores, k, self.config.selection, g, self.config.temperature)
+                else select(scores, k, self.config.selection, g, self.config.temperature)
             )
         elif in_window or self.window.outside == "uniform":
-            rows = selecting.select_uniform(n, k, g)
+            rows = select_uniform(n, k, g)
         else:
             rows = torch.arange(n)
         rows = rows.sort().values
