@@ -52,7 +52,7 @@ def test_selection_config_is_the_same_whichever_way_it_is_given():
     assert by_keywords.joint == JointSelection(num_chunks=2)
     assert by_keywords.window == SelectionWindow(start_step=3, outside="full")
     cb = OnlineDataSelection(config=options)
-    assert (cb.keep, cb.joint, cb.window.contains(2), cb.window.contains(3)) == (0.25, by_keywords.joint, False, True)
+    assert (cb.keep, cb.config.window.contains(2), cb.config.window.contains(3)) == (0.25, False, True)
     assert SelectionConfig(joint=True).joint == JointSelection() and SelectionConfig(joint=False).joint is None
 
 
@@ -74,11 +74,17 @@ def test_selection_config_is_the_same_whichever_way_it_is_given():
         (lambda: SelectionConfig(seed=-1), "seed=-1 must be an integer >= 0"),
         (lambda: SelectionConfig(window={"stop": 3}), "window has no option 'stop'"),
         (lambda: SelectionConfig(reference="teacher", reference_losses="x.pt"), "either reference"),
+        (lambda: OnlineDataSelection(reference="student"), "reference='student': the only string allowed is 'teacher'"),
     ],
 )
 def test_bad_configs_are_refused_when_built(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_reference_of_another_kind_is_refused_when_built():
+    with pytest.raises(TypeError, match="reference must be an nn.Module, 'teacher' or a checkpoint dict; got int"):
+        SelectionConfig(reference=3)
 
 
 def test_structured_is_deprecated_for_pattern_channels():

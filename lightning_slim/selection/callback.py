@@ -95,13 +95,6 @@ class OnlineDataSelection(SlimCallback):
         )
         self.config: SelectionConfig = config_from(SelectionConfig, config, options)
         config = self.config
-        self.keep, self.batch_size, self.score, self.joint = (
-            float(config.keep),
-            config.batch_size,
-            config.score,
-            config.joint,
-        )
-        self.reference, self.window = config.reference, config.window
         self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)
         self.scorer: Scorer | None = None
         self.reference_cache = IndexCache() if config.cache_reference else None  # filled lazily, checkpointed
@@ -113,10 +106,18 @@ class OnlineDataSelection(SlimCallback):
         self.checked = False  # the batch checks ran (on a sample batch in setup, else on the first batch)
         self.macs_error: str | None = None
 
+    @property
+    def keep(self) -> float:
+        return self.config.keep
+
+    @property
+    def score(self) -> str | Callable:
+        return self.config.score
+
     # --- the contract ---------------------------------------------------------------------------------
     @override
     def requires(self) -> set[Capability]:
-        return {Capability.TEACHER} if self.reference == "teacher" else set()
+        return {Capability.TEACHER} if self.config.reference == "teacher" else set()
 
     @property
     def cache(self) -> IndexCache | None:
@@ -126,23 +127,23 @@ class OnlineDataSelection(SlimCallback):
     # --- setup: resolve every argument and check it on a sample batch, before training ---------------
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        score = self.score if self.score in SCORES else as_callable(self.score, "score")
+        score = self.config.score if self.config.score in SCORES else as_callable(self.config.score, "score")
         loss_fn = as_callable(self.config.loss_fn, "loss_fn")
-        pair_loss_fn = as_callable(self.joint.pair_loss_fn, "pair_loss_fn") if self.joint else None
+        pair_loss_fn = as_callable(self.config.joint.pair_loss_fn, "pair_loss_fn") if self.config.joint else None
         selector = as_callable(self.config.selector, "selector")
         self._slice = (lambda b, rows, n=None: selector(b, rows)) if selector else slice_batch
-        has_reference = self.reference is not None or self.config.reference_losses is not None
+        has_reference = self.config.reference is not None or self.config.reference_losses is not None
         if (score in NEEDS_REFERENCE) and not has_reference:
             raise ValueError(
-                f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
+                f"score={self.config.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
                 "checkpoint spec) or reference_losses= (a cache by example index)"
             )
-        if self.joint and pair_loss_fn is None and not callable(getattr(pl_module, "per_pair_loss", None)):
+        if self.config.joint and pair_loss_fn is None and not callable(getattr(pl_module, "per_pair_loss", None)):
             raise ValueError(
                 "joint selection needs joint={'pair_loss_fn': fn(model, batch) -> (B, B)} pair losses, "
                 "or a per_pair_loss(batch) method on the module"
             )
-        if self.joint and (self.config.reference_losses is not None or self.config.cache_reference):
+        if self.config.joint and (self.config.reference_losses is not None or self.config.cache_reference):
             raise ValueError(
                 "joint selection scores pairs within each super-batch; per-example reference caches "
                 "(reference_losses, cache_reference) do not apply: pass a reference model"
@@ -158,21 +159,21 @@ class OnlineDataSelection(SlimCallback):
             loss_fn,
             reference,
             cache,
-            self.joint is not None,
+            self.config.joint is not None,
             pair_loss_fn,
             self.ledger,
             slicer=lambda b, rows: self._slice(b, rows, example_count(b)),
         )
         self._noisy = getattr(trainer.datamodule, "noisy", None) if trainer.datamodule is not None else None
-        if self.keep == 1.0 and self.batch_size is None and self.score != "uniform":
+        if self.config.keep == 1.0 and self.config.batch_size is None and self.config.score != "uniform":
             rank_zero_warn("OnlineDataSelection(keep=1.0) trains on every example: scoring only adds cost")
         loader = train_loader(trainer)
-        self.nominal_super_batch = check_loader(loader, self.keep, self.batch_size, self.scorer)
+        self.nominal_super_batch = check_loader(loader, self.config.keep, self.config.batch_size, self.scorer)
         n = self.nominal_super_batch
         others = sorted(  # the techniques that act on training steps (the report only measures)
             type(cb).__name__ for cb in compose.techniques(trainer) if cb is not self and cb.effects - {Effect.BASELINE}
         )
-        self.note = batch_note(self.keep, self.batch_size, n, self._keep_count(n) if n else 0, others)
+        self.note = batch_note(self.config.keep, self.config.batch_size, n, self._keep_count(n) if n else 0, others)
         if self.note:
             rank_zero_info(f"OnlineDataSelection: {self.note}")
         batch = sample_batch(loader)
@@ -183,7 +184,7 @@ class OnlineDataSelection(SlimCallback):
 
     def _weigh(self, pl_module, batch) -> None:
         """Measure the learner's and reference's MACs per example once, for the MACs-weighted ledger."""
-        if self.ledger.learner_macs or self.score == "uniform":
+        if self.ledger.learner_macs or self.config.score == "uniform":
             return
         reference = self.scorer.reference if self.scorer.needs_reference else None
         try:
@@ -199,29 +200,21 @@ class OnlineDataSelection(SlimCallback):
             )
 
     def _resolve_reference(self, trainer, loss_fn) -> nn.Module | None:
-        if isinstance(self.reference, dict):
+        reference = self.config.reference
+        if isinstance(reference, dict):
             if self._built_reference is None:  # built (and trained) once per callback, reused by later fits
                 holdout = getattr(trainer.datamodule, "holdout_dataloader", None)
                 model, seen = load_reference(
-                    self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.config.seed
+                    reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.config.seed
                 )
                 self._built_reference = freeze(model)
                 self.ledger.reference_train_examples += seen
             return self._built_reference
-        if isinstance(self.reference, nn.Module):
-            return freeze(self.reference)
-        if self.reference == "teacher":
+        if isinstance(reference, nn.Module):
+            return freeze(reference)
+        if reference == "teacher":
             return compose.capability(trainer, Capability.TEACHER, asker=self)  # only read, never its mode
-        if isinstance(self.reference, str):
-            raise ValueError(
-                f"reference={self.reference!r}: the only string allowed is 'teacher'; give a model "
-                "or {'class_path', 'checkpoint', 'init_args'}"
-            )
-        if self.reference is not None:
-            raise TypeError(
-                f"reference must be an nn.Module, 'teacher' or a checkpoint dict; got {type(self.reference).__name__}"
-            )
-        return None
+        return None  # no reference (SelectionConfig refuses any other kind)
 
     def _check(self, pl_module, batch) -> None:
         check_batch(self.scorer, pl_module, batch, example_count(batch), self.scorer.slicer, example_count)
@@ -230,7 +223,7 @@ class OnlineDataSelection(SlimCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reference = self.scorer.reference
-        if reference is not None and self.reference != "teacher":
+        if reference is not None and self.config.reference != "teacher":
             reference.to(pl_module.device)
 
     # --- the step: score, choose, slice ----------------------------------------------------------------
@@ -241,10 +234,10 @@ class OnlineDataSelection(SlimCallback):
         return torch.Generator().manual_seed(key % (2**63))
 
     def _keep_count(self, n: int) -> int:
-        if self.batch_size is None:
-            return max(1, min(n, round(self.keep * n)))
+        if self.config.batch_size is None:
+            return max(1, min(n, round(self.config.keep * n)))
         nominal = self.nominal_super_batch or n
-        return max(1, min(n, self.batch_size if n >= nominal else round(n * self.batch_size / nominal)))
+        return max(1, min(n, self.config.batch_size if n >= nominal else round(n * self.config.batch_size / nominal)))
 
     @override
     def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -253,17 +246,17 @@ class OnlineDataSelection(SlimCallback):
             self._weigh(pl_module, batch)
         n = example_count(batch)
         k, g = self._keep_count(n), self._generator(trainer, batch_idx)
-        in_window = self.window.contains(trainer.global_step)
-        active = in_window and self.score != "uniform"
+        in_window = self.config.window.contains(trainer.global_step)
+        active = in_window and self.config.score != "uniform"
         scores = None
         if active:
             scores = self.scorer.scores(pl_module, batch, n)
             rows = (
-                jest_select(scores, k, self.joint.num_chunks, g, self.config.selection, self.config.temperature)
-                if self.joint
+                jest_select(scores, k, self.config.joint.num_chunks, g, self.config.selection, self.config.temperature)
+                if self.config.joint
                 else select(scores, k, self.config.selection, g, self.config.temperature)
             )
-        elif in_window or self.window.outside == "uniform":
+        elif in_window or self.config.window.outside == "uniform":
             rows = select_uniform(n, k, g)
         else:
             rows = torch.arange(n)
@@ -296,12 +289,14 @@ class OnlineDataSelection(SlimCallback):
     @override
     def report_rows(self) -> dict[str, Any]:
         return {
-            "score": self.score if isinstance(self.score, str) else getattr(self.score, "__name__", "custom"),
-            "keep": self.keep if self.batch_size is None else f"{self.batch_size} per super-batch",
+            "score": self.config.score
+            if isinstance(self.config.score, str)
+            else getattr(self.config.score, "__name__", "custom"),
+            "keep": self.config.keep if self.config.batch_size is None else f"{self.config.batch_size} per super-batch",
             "super_batch": self.nominal_super_batch,
             "trained_per_step": self._keep_count(self.nominal_super_batch) if self.nominal_super_batch else None,
             **({"batch_note": self.note} if self.note else {}),
-            "joint": self.joint is not None,
+            "joint": self.config.joint is not None,
             **self.ledger.summary(),
             **self.ledger.noisy_summary(),
             **({"macs_error": self.macs_error} if self.macs_error else {}),

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from lightning_slim.core.arguments import as_config, check_choice, check_fraction, check_int, check_order, check_range
 from lightning_slim.selection.functional import SCORES, SELECTIONS
 
@@ -108,6 +110,15 @@ class SelectionConfig:
         check_int("reference_train_examples", self.reference_train_examples, minimum=0)
         check_int("histogram_every_n_steps", self.histogram_every_n_steps, minimum=0)
         check_int("seed", self.seed, minimum=0)
+        if isinstance(self.reference, str) and self.reference != "teacher":
+            raise ValueError(
+                f"reference={self.reference!r}: the only string allowed is 'teacher'; give a model "
+                "or {'class_path', 'checkpoint', 'init_args'}"
+            )
+        if self.reference is not None and not isinstance(self.reference, (str, dict, nn.Module)):
+            raise TypeError(
+                f"reference must be an nn.Module, 'teacher' or a checkpoint dict; got {type(self.reference).__name__}"
+            )
         if self.reference_losses is not None and self.reference is not None:
             raise ValueError("give either reference (a model) or reference_losses (a cache), not both")
         # the groups are held as their dataclasses (frozen: set once, here)
