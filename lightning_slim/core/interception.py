@@ -27,36 +27,33 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_slim.core.contract import Effect
+from lightning_slim.core.contract import STEP_ORDER, Batch, Effect, Technique
 from lightning_slim.core.lightning_glue import trainer_of
 
 _ATTR = "_slim_step_interceptor"
-STEP_EFFECTS = frozenset(
-    {Effect.SELECT_BATCH, Effect.SCALE_LOSS, Effect.ADD_LOSS, Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE}
-)
-# swapped modules may ask in_training_step (QAT's activation observers record the user's step, in any mode)
-STEP_EFFECTS |= {Effect.SWAP_MODULES}
+# who joins the wrapper: the step's effects, RESTRUCTURE (the pre-load hook) and SWAP_MODULES (swapped
+# modules ask in_training_step: QAT's activation observers record the user's step, in any mode)
+STEP_EFFECTS = frozenset({*STEP_ORDER, Effect.RESTRUCTURE, Effect.SWAP_MODULES})
 LOSS_EFFECTS = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
 
 
 class _Interceptor:
     def __init__(self, pl_module: pl.LightningModule):
         self.pl_module = pl_module
-        self.participants: list[Any] = []
+        self.participants: list[Technique] = []
         self.active = False  # True while the user's training_step runs inside the wrapper
         self.hooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> hook handle
         # Lightning inspects training_step (is_overridden, signature): show it the user's own
         self.__wrapped__ = type(pl_module).training_step
 
-    def doing(self, effect: Effect) -> list[Any]:
+    def doing(self, effect: Effect) -> list[Technique]:
         return sorted((p for p in self.participants if effect in p.effects), key=lambda p: p.technique)
 
-    def __call__(self, batch, *args, **kwargs):
+    def __call__(self, batch: Batch, *args: object, **kwargs: object) -> object:
         module = self.pl_module
         trainer = trainer_of(module)
         batch_idx = args[0] if args else kwargs.get("batch_idx", 0)
@@ -94,7 +91,7 @@ class _Interceptor:
             p.after_optimizer_step(trainer, self.pl_module, optimizer)
 
     # --- the checkpoint pre-load hook -------------------------------------------------------------------
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
         states = checkpoint.get("callbacks", {})
         for p in self.doing(Effect.RESTRUCTURE):
             p.before_weights_load(self.pl_module, states.get(p.state_key) or {})
@@ -106,7 +103,7 @@ class _Interceptor:
         self.hooked = weakref.WeakKeyDictionary()
 
 
-def attach(pl_module: pl.LightningModule, participant: Any) -> None:
+def attach(pl_module: pl.LightningModule, participant: Technique) -> None:
     """Make ``participant`` act in every training step of ``pl_module`` (as its effects declare)."""
     if not participant.effects & STEP_EFFECTS:
         return
@@ -131,7 +128,7 @@ def attach(pl_module: pl.LightningModule, participant: Any) -> None:
         interceptor.participants.append(participant)
 
 
-def detach(pl_module: pl.LightningModule, participant: Any) -> None:
+def detach(pl_module: pl.LightningModule, participant: Technique) -> None:
     """Remove ``participant``; restore the module's own methods when none is left."""
     interceptor = pl_module.__dict__.get(_ATTR)
     if interceptor is None:
