@@ -39,7 +39,7 @@ class AddWeightNorm(SlimCallback):
     def __init__(self, coef: float = 1.0, log_order: list | None = None):
         self.coef, self.batches, self.log_order = coef, [], log_order
 
-    def loss_term(self, trainer, pl_module, batch, batch_idx):
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
         self.batches.append(batch_size(batch))
         if self.log_order is not None:
             self.log_order.append(self.coef)
@@ -194,12 +194,17 @@ class RecordsEveryEffect(SlimCallback):
         self._record("select_batch")
         return batch
 
+    def watched_modules(self, pl_module):
+        self._record("watched_modules")
+        return {"": pl_module}, {}
+
     def scale_loss(self, trainer, pl_module, loss, batch, batch_idx):
         self._record("scale_loss")
         return loss
 
-    def loss_term(self, trainer, pl_module, batch, batch_idx):
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
         self._record("loss_term")
+        self.forward_calls = len(seen.records(""))  # the user's step called its forward once
 
     def after_optimizer_step(self, trainer, pl_module, optimizer):
         self._record("after_optimizer_step")
@@ -212,3 +217,4 @@ def test_the_machinery_runs_the_contracts_declared_orders():
     in_setup = [s for s in SETUP_ORDER if s in recorder.calls]  # check_combination/attach record nothing
     in_step = [e.value for e in STEP_ORDER]
     assert recorder.calls == [*in_setup, *in_step, "restore_model"], recorder.calls
+    assert recorder.forward_calls == 1

@@ -19,7 +19,7 @@ at import time. The machinery reads only these declarations and never asks for a
 - :mod:`~lightning_slim.reporting.report` calls ``export`` in :func:`export_chain` order.
 
 >>> [e.name for e in STEP_ORDER]
-['SELECT_BATCH', 'SCALE_LOSS', 'ADD_LOSS', 'AFTER_OPTIMIZER_STEP']
+['SELECT_BATCH', 'WATCH_STEP', 'SCALE_LOSS', 'ADD_LOSS', 'AFTER_OPTIMIZER_STEP']
 >>> ExportStage.FINALIZE_WEIGHTS < ExportStage.CONVERT
 True
 """
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # annotations only: the contract imports neither torch nor Li
     from torch import nn
 
     from lightning_slim.core.clock import Moment
+    from lightning_slim.core.step_record import StepRecord
 
 Batch = object  # whatever the user's DataLoader yields; techniques read it through lightning_slim.batches
 
@@ -47,6 +48,7 @@ class Effect(enum.Enum):
     SWAP_MODULES = "prepare_model"  # swaps modules for the fit (restore_model puts them back)
     RESTRUCTURE = "before_weights_load"  # changes parameter shapes; resizes a fresh model on resume
     SELECT_BATCH = "select_batch"  # picks the sub-batch the user's training_step receives
+    WATCH_STEP = "watched_modules"  # sees what named modules did in the user's step (given to loss_term)
     SCALE_LOSS = "scale_loss"  # rescales the user's own loss, before any term is added
     ADD_LOSS = "loss_term"  # adds a term to the loss training_step returns
     AFTER_OPTIMIZER_STEP = "after_optimizer_step"  # acts right after every optimizer step
@@ -72,6 +74,7 @@ SETUP_ORDER: tuple[str, ...] = (
 # order of their ``technique`` names, so the callback list's order never changes a result.
 STEP_ORDER: tuple[Effect, ...] = (
     Effect.SELECT_BATCH,  # before the user's training_step
+    Effect.WATCH_STEP,  # around it: the calls of the watched modules are recorded
     Effect.SCALE_LOSS,  # after it, on the user's loss
     Effect.ADD_LOSS,
     Effect.AFTER_OPTIMIZER_STEP,  # right after optimizer.step()
@@ -159,6 +162,13 @@ class Technique:
         """``SELECT_BATCH``: the batch the user's ``training_step`` receives instead of ``batch``."""
         return batch
 
+    def watched_modules(self, pl_module: pl.LightningModule) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """``WATCH_STEP``: ``(calls, features)``: the modules whose outermost calls (arguments and output)
+        and the modules whose outputs (one per call) the machinery records while the user's
+        ``training_step`` runs, and hands to ``loss_term`` as a :class:`StepRecord`. Recorded only
+        inside that step: never in validation, a probe or the teacher."""
+        return {}, {}
+
     def scale_loss(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Batch, batch_idx: int
     ) -> torch.Tensor:
@@ -166,9 +176,10 @@ class Technique:
         return loss
 
     def loss_term(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int, seen: StepRecord | None
     ) -> torch.Tensor | None:
-        """``ADD_LOSS``: a term added to the loss ``training_step`` returns (None: nothing this step)."""
+        """``ADD_LOSS``: a term added to the loss ``training_step`` returns (None: nothing this step);
+        ``seen``: what the watched modules did in this step (``WATCH_STEP``; None without it)."""
         return None
 
     def after_optimizer_step(

@@ -8,10 +8,11 @@ techniques declare (:class:`~lightning_slim.core.contract.Effect`), never by the
 1. **the step wrapper**: the strategy looks ``training_step`` up on the module instance at
    every call (DDP included), so one wrapper is set as an instance attribute while any
    technique takes part. It runs ``select_batch`` (at most one technique), the user's own
-   ``training_step`` on that batch, ``scale_loss`` on the user's loss, then adds each
-   ``loss_term`` (techniques in name order, whatever the callback list's order); Lightning
-   then divides by gradient accumulation itself. Forward hooks that must see only the user's
-   step (distillation's student outputs) ask :func:`in_training_step`.
+   ``training_step`` on that batch, recording what a ``WATCH_STEP`` technique's modules did in it,
+   ``scale_loss`` on the user's loss, then adds each ``loss_term`` (handed that record; techniques
+   in name order, whatever the callback list's order); Lightning then divides by gradient
+   accumulation itself. Forward hooks of swapped or calibrating modules that must see only the
+   user's step ask :func:`in_training_step`.
 2. **optimizer post-step hooks**: ``after_optimizer_step`` runs right after every step of every
    optimizer of the fit (also optimizers rebuilt mid-fit: hooks are added before each step).
 3. **the checkpoint pre-load hook**: the module's ``on_load_checkpoint`` (which Lightning calls
@@ -25,6 +26,7 @@ leaves, the module is its class's own again.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Mapping
 
@@ -33,6 +35,7 @@ import torch
 
 from lightning_slim.core.contract import STEP_ORDER, Batch, Effect, Technique
 from lightning_slim.core.lightning_glue import trainer_of
+from lightning_slim.core.step_record import StepRecord, record_calls
 
 _ATTR = "_slim_step_interceptor"
 # who joins the wrapper: the step's effects, RESTRUCTURE (the pre-load hook) and SWAP_MODULES (swapped
@@ -61,18 +64,22 @@ class _Interceptor:
             self._hook_optimizers(trainer)
         for p in self.doing(Effect.SELECT_BATCH):
             batch = p.select_batch(trainer, module, batch, batch_idx)
-        self.active = True
-        try:
-            output = type(module).training_step(module, batch, *args, **kwargs)
-        finally:
-            self.active = False
+        seen: dict[int, StepRecord] = {}
+        with contextlib.ExitStack() as recording:
+            for p in self.doing(Effect.WATCH_STEP):
+                seen[id(p)] = recording.enter_context(record_calls(*p.watched_modules(module)))
+            self.active = True
+            try:
+                output = type(module).training_step(module, batch, *args, **kwargs)
+            finally:
+                self.active = False
         if output is None:  # the user skipped this batch
             return output
         loss = output["loss"] if isinstance(output, Mapping) else output
         for p in self.doing(Effect.SCALE_LOSS):
             loss = p.scale_loss(trainer, module, loss, batch, batch_idx)
         for p in self.doing(Effect.ADD_LOSS):
-            term = p.loss_term(trainer, module, batch, batch_idx)
+            term = p.loss_term(trainer, module, batch, batch_idx, seen.get(id(p)))
             if term is not None:
                 loss = loss + term
         return {**output, "loss": loss} if isinstance(output, Mapping) else loss
