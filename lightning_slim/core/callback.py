@@ -12,7 +12,8 @@ class runs the life of a fit around it (subclasses call ``super()`` where they o
 2. training: :data:`~lightning_slim.core.contract.STEP_ORDER` inside each ``training_step``
    (:mod:`~lightning_slim.core.interception`); the usual Lightning hooks for the rest.
 3. ``teardown`` (or ``on_exception``, since Lightning skips teardown when fit raises): the one way
-   out, ``restore_model`` gives the user's modules back and the step wrapper is removed.
+   out: ``restore_model`` gives the user's modules back, ``release`` drops what the technique
+   attached, and the step wrapper is removed.
 
 >>> from lightning_slim.core.contract import Effect
 >>> class Broken(SlimCallback):
@@ -61,6 +62,7 @@ class SlimCallback(pl.Callback, Technique):
         if self._prepared is pl_module:
             self.restore_model(pl_module)
             self._prepared = None
+        self.release(pl_module)
         interception.detach(pl_module, self)
 
     def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, object], **kwargs: object) -> None:

@@ -187,6 +187,10 @@ class Technique:
     ) -> None:
         """``AFTER_OPTIMIZER_STEP``: runs right after every ``optimizer.step()``."""
 
+    def release(self, pl_module: pl.LightningModule) -> None:
+        """Drop what this technique attached for the fit (hooks, a baseline copy): the one way out,
+        called once when the fit ends or raises, after ``restore_model``."""
+
     # --- export and report ------------------------------------------------------------------------
     def export(self, model: nn.Module) -> nn.Module:
         """The deployable form of a trained copy of the module (may modify ``model`` in place)."""

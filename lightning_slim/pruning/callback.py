@@ -254,11 +254,10 @@ class IterativeMagnitudePruning(SlimCallback):
         )
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
+    def release(self, pl_module) -> None:  # Wanda's calibration hooks
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        super()._leave(pl_module)
 
     # --- pruning events ---------------------------------------------------------------------------
     @property

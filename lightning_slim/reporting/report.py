@@ -162,8 +162,7 @@ class CompressionReport(SlimCallback):
         self._baseline = copy.deepcopy(pl_module).cpu()
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: the next fit takes its own baseline
-        super()._leave(pl_module)
+    def release(self, pl_module) -> None:  # the next fit takes its own baseline
         self._baseline_taken, self._baseline = False, None
 
     @override
