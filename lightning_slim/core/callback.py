@@ -6,7 +6,9 @@ class runs the life of a fit around it (subclasses call ``super()`` where they o
 1. ``setup``: :data:`~lightning_slim.core.contract.SETUP_ORDER`: the combination is checked
    (:func:`~lightning_slim.core.compose.check_combination`), every ``BASELINE`` technique sees the model
    as the user built it, this technique's ``validate`` raises on bad arguments or an unsupported
-   model, it joins the step wrapper, and a ``SWAP_MODULES`` technique's ``prepare_model`` runs.
+   model, it joins the step wrapper, a ``SWAP_MODULES`` technique's ``prepare_model`` runs and an
+   ``ADD_MODULES`` technique adds its training-only modules (a ``RESTRUCTURE_MID_FIT`` technique
+   restructures if it is due already).
    Lightning loads a resumed checkpoint's weights after ``setup`` (``RESTRUCTURE`` techniques resize
    the model first, in ``before_weights_load``) and builds optimizers after that.
 2. training: :data:`~lightning_slim.core.contract.STEP_ORDER` inside each ``training_step``
@@ -48,6 +50,10 @@ class SlimCallback(pl.Callback, Technique):
         if Effect.SWAP_MODULES in self.effects:
             self.prepare_model(trainer, pl_module)
             self._prepared = pl_module
+        if Effect.ADD_MODULES in self.effects:
+            self.add_training_modules(trainer, pl_module)
+        if Effect.RESTRUCTURE_MID_FIT in self.effects:
+            self.restructure_model(trainer, pl_module)  # before the optimizers exist: nothing to rebuild
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

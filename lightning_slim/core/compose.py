@@ -106,6 +106,6 @@ def describe_effects(callbacks: Iterable[object]) -> list[tuple[str, str]]:
     [('before_weights_load', 'pruning'), ('after_optimizer_step', 'pruning'), ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
     slim = sorted((c for c in callbacks if isinstance(c, Technique)), key=lambda c: c.technique)
-    setup = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.RESTRUCTURE]
+    setup = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.ADD_MODULES, Effect.RESTRUCTURE]
     rows = [(e.value, c.technique) for e in (*setup, *STEP_ORDER) for c in slim if e in c.effects]
     return rows + [(f"export: {c.export_stage.name}", c.technique) for c in export_chain(slim)]

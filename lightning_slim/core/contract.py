@@ -19,7 +19,7 @@ at import time. The machinery reads only these declarations and never asks for a
 - :mod:`~lightning_slim.reporting.report` calls ``export`` in :func:`export_chain` order.
 
 >>> [e.name for e in STEP_ORDER]
-['SELECT_BATCH', 'WATCH_STEP', 'SCALE_LOSS', 'ADD_LOSS', 'AFTER_OPTIMIZER_STEP']
+['RESTRUCTURE_MID_FIT', 'SELECT_BATCH', 'WATCH_STEP', 'SCALE_LOSS', 'ADD_LOSS', 'AFTER_OPTIMIZER_STEP']
 >>> ExportStage.FINALIZE_WEIGHTS < ExportStage.CONVERT
 True
 """
@@ -46,7 +46,9 @@ class Effect(enum.Enum):
 
     BASELINE = "take_baseline"  # sees the model as the user built it, before any other effect
     SWAP_MODULES = "prepare_model"  # swaps modules for the fit (restore_model puts them back)
+    ADD_MODULES = "add_training_modules"  # adds training-only modules before the optimizers are built
     RESTRUCTURE = "before_weights_load"  # changes parameter shapes; resizes a fresh model on resume
+    RESTRUCTURE_MID_FIT = "restructure_model"  # changes the model between steps (optimizers rebuilt after)
     SELECT_BATCH = "select_batch"  # picks the sub-batch the user's training_step receives
     WATCH_STEP = "watched_modules"  # sees what named modules did in the user's step (given to loss_term)
     SCALE_LOSS = "scale_loss"  # rescales the user's own loss, before any term is added
@@ -60,7 +62,8 @@ class Effect(enum.Enum):
 
 # The order of set-up (``SlimCallback.setup``, once per technique, before the first step): the
 # combination is checked, every BASELINE technique copies the model, the technique validates its
-# arguments against the model, joins the step wrapper, and swaps its modules. Lightning then loads a
+# arguments against the model, joins the step wrapper, swaps its modules and adds its training-only
+# modules (so the optimizers Lightning builds next train them). Lightning then loads a
 # resumed checkpoint's weights (RESTRUCTURE techniques resize the model first) and builds optimizers.
 SETUP_ORDER: tuple[str, ...] = (
     "check_combination",
@@ -68,11 +71,14 @@ SETUP_ORDER: tuple[str, ...] = (
     "validate",
     "attach",
     Effect.SWAP_MODULES.value,
+    Effect.ADD_MODULES.value,
+    Effect.RESTRUCTURE_MID_FIT.value,  # a restructuring due at the start (or kept from an earlier fit)
     Effect.RESTRUCTURE.value,
 )
 # The order inside one training step (``interception``); techniques doing the same effect act in the
 # order of their ``technique`` names, so the callback list's order never changes a result.
 STEP_ORDER: tuple[Effect, ...] = (
+    Effect.RESTRUCTURE_MID_FIT,  # at the batch's start, before Lightning's optimizer closure
     Effect.SELECT_BATCH,  # before the user's training_step
     Effect.WATCH_STEP,  # around it: the calls of the watched modules are recorded
     Effect.SCALE_LOSS,  # after it, on the user's loss
@@ -154,9 +160,22 @@ class Technique:
     def restore_model(self, pl_module: pl.LightningModule) -> None:
         """``SWAP_MODULES``: give the user's own modules back (with the trained parameters)."""
 
+    def add_training_modules(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``ADD_MODULES``: add modules only training needs (distillation's feature projections) to the
+        model in ``setup``, before the optimizers are built. They stay on the module (its checkpoints
+        hold them, a second fit keeps training them); an ``export`` at ``REMOVE_TRAINING_PARTS`` drops
+        them from the deployable model."""
+
     def before_weights_load(self, pl_module: pl.LightningModule, state: Mapping[str, object]) -> None:
         """``RESTRUCTURE``: resize a freshly built model to a resumed checkpoint's shapes, from this
         technique's own state in that checkpoint, before Lightning loads its weights."""
+
+    def restructure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """``RESTRUCTURE_MID_FIT``: change the model's structure (replace or resize modules) if it is
+        time to; called in ``setup`` and at the start of every training batch. Return True when
+        parameters changed: mid-fit, the machinery then rebuilds the optimizers (keeping the state of
+        untouched parameters and the learning-rate schedule). Declare ``restructures_until`` too."""
+        return False
 
     def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int) -> Batch:
         """``SELECT_BATCH``: the batch the user's ``training_step`` receives instead of ``batch``."""

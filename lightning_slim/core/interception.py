@@ -1,9 +1,10 @@
 """Where techniques act inside a fit: the one place every mechanism lives.
 
 Lightning ignores what callback hooks return, so a callback cannot change the batch or the
-loss from a hook, and it has no hook after ``optimizer.step()`` or before a resumed
-checkpoint's weights are loaded. Three mechanisms fill the gaps, each driven by what the
-techniques declare (:class:`~lightning_slim.core.contract.Effect`), never by their names:
+loss from a hook; it has no hook after ``optimizer.step()`` or before a resumed checkpoint's
+weights are loaded; and a technique's own hooks may be overridden by its subclass. Four
+mechanisms fill the gaps, each driven by what the techniques declare
+(:class:`~lightning_slim.core.contract.Effect`), never by their names:
 
 1. **the step wrapper**: the strategy looks ``training_step`` up on the module instance at
    every call (DDP included), so one wrapper is set as an instance attribute while any
@@ -15,7 +16,11 @@ techniques declare (:class:`~lightning_slim.core.contract.Effect`), never by the
    user's step ask :func:`in_training_step`.
 2. **optimizer post-step hooks**: ``after_optimizer_step`` runs right after every step of every
    optimizer of the fit (also optimizers rebuilt mid-fit: hooks are added before each step).
-3. **the checkpoint pre-load hook**: the module's ``on_load_checkpoint`` (which Lightning calls
+3. **the batch-start hook**: the module's ``on_train_batch_start`` (Lightning calls it after the
+   callbacks' and before the optimizer's closure runs ``training_step``) is wrapped so
+   ``RESTRUCTURE_MID_FIT`` techniques change the model between steps; the optimizers are rebuilt
+   once after them (:func:`~lightning_slim.core.lightning_glue.rebuild_optimizers`).
+4. **the checkpoint pre-load hook**: the module's ``on_load_checkpoint`` (which Lightning calls
    right before loading the weights) is wrapped so ``RESTRUCTURE`` techniques resize the model
    from their own saved state first.
 
@@ -34,13 +39,13 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_slim.core.contract import STEP_ORDER, Batch, Effect, Technique
-from lightning_slim.core.lightning_glue import trainer_of
+from lightning_slim.core.lightning_glue import rebuild_optimizers, trainer_of
 from lightning_slim.core.step_record import StepRecord, record_calls
 
 _ATTR = "_slim_step_interceptor"
 # who joins the wrapper: the step's effects, RESTRUCTURE (the pre-load hook) and SWAP_MODULES (swapped
 # modules ask in_training_step: QAT's activation observers record the user's step, in any mode)
-STEP_EFFECTS = frozenset({*STEP_ORDER, Effect.RESTRUCTURE, Effect.SWAP_MODULES})
+STEP_EFFECTS = frozenset({*STEP_ORDER, Effect.RESTRUCTURE, Effect.SWAP_MODULES})  # STEP_ORDER: the batch start too
 LOSS_EFFECTS = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
 
 
@@ -97,6 +102,14 @@ class _Interceptor:
         for p in self.doing(Effect.AFTER_OPTIMIZER_STEP):
             p.after_optimizer_step(trainer, self.pl_module, optimizer)
 
+    # --- the batch-start hook ---------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> int | None:
+        trainer = trainer_of(self.pl_module)
+        changed = [p.restructure_model(trainer, self.pl_module) for p in self.doing(Effect.RESTRUCTURE_MID_FIT)]
+        if any(changed) and trainer.optimizers:
+            rebuild_optimizers(trainer, self.pl_module)
+        return type(self.pl_module).on_train_batch_start(self.pl_module, batch, batch_idx)
+
     # --- the checkpoint pre-load hook -------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
         states = checkpoint.get("callbacks", {})
@@ -125,6 +138,7 @@ def attach(pl_module: pl.LightningModule, participant: Technique) -> None:
         pl_module.__dict__[_ATTR] = interceptor
         pl_module.__dict__["training_step"] = interceptor
         pl_module.__dict__["on_load_checkpoint"] = interceptor.on_load_checkpoint
+        pl_module.__dict__["on_train_batch_start"] = interceptor.on_train_batch_start
     if participant not in interceptor.participants:
         selectors = interceptor.doing(Effect.SELECT_BATCH)
         if Effect.SELECT_BATCH in participant.effects and selectors:
@@ -145,7 +159,7 @@ def detach(pl_module: pl.LightningModule, participant: Technique) -> None:
     if not interceptor.participants:
         interceptor.close()
         del pl_module.__dict__[_ATTR]
-        for name in ("training_step", "on_load_checkpoint"):
+        for name in ("training_step", "on_load_checkpoint", "on_train_batch_start"):
             pl_module.__dict__.pop(name, None)
 
 

@@ -89,7 +89,7 @@ class KnowledgeDistillation(SlimCallback):
     """
 
     technique = "distillation"
-    effects = frozenset({Effect.WATCH_STEP, Effect.SCALE_LOSS, Effect.ADD_LOSS})
+    effects = frozenset({Effect.ADD_MODULES, Effect.WATCH_STEP, Effect.SCALE_LOSS, Effect.ADD_LOSS})
     export_stage = ExportStage.REMOVE_TRAINING_PARTS
 
     def __init__(
@@ -239,9 +239,9 @@ class KnowledgeDistillation(SlimCallback):
         return teacher_calls(self.runner.target, records, batch, self.input_fn, self.student_path)
 
     @override
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.pairs:  # before the optimizers are built: they must train the projections
+    def add_training_modules(self, trainer, pl_module):
+        """The feature projections, before the optimizers are built: they must train them."""
+        if self.pairs:
             proj = build_projections(self._feature_shapes, self.features.width_dim, self.seed)
             if not same_structure(getattr(pl_module, PROJECTIONS, None), proj):  # a second fit keeps training them
                 setattr(pl_module, PROJECTIONS, proj.to(next(pl_module.parameters()).device))

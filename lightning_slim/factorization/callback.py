@@ -18,7 +18,6 @@ from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.clock import Moment
 from lightning_slim.core.compose import IncompatibleCallbacksError, techniques
 from lightning_slim.core.contract import Effect
-from lightning_slim.core.lightning_glue import rebuild_optimizers
 from lightning_slim.factorization import functional as F
 from lightning_slim.factorization.configs import FactorizationConfig
 from lightning_slim.factorization.structure import restructure
@@ -67,7 +66,7 @@ class LowRankFactorization(SlimCallback):
     """
 
     technique = "factorization"
-    effects = frozenset({Effect.RESTRUCTURE})
+    effects = frozenset({Effect.RESTRUCTURE_MID_FIT, Effect.RESTRUCTURE})
 
     def __init__(
         self,
@@ -153,15 +152,6 @@ class LowRankFactorization(SlimCallback):
             )
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)  # checks, baseline, validate, step wrapper
-        if stage == "fit":
-            if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
-                self._apply(pl_module, self.ranks)
-            elif self.config.at == 0:
-                self._factorize(trainer, pl_module)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or not _returns_weights_only(trainer):
             return
@@ -176,16 +166,13 @@ class LowRankFactorization(SlimCallback):
 
     # --- the replacement --------------------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._advance(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._advance(trainer, pl_module)
-
-    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.done and self.config.moment.reached(trainer):
-            self._factorize(trainer, pl_module)
+    def restructure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
+            return self._apply(pl_module, self.ranks) > 0
+        if not self.config.moment.reached(trainer):
+            return False
+        self._factorize(trainer, pl_module)
+        return True
 
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.config
@@ -194,8 +181,6 @@ class LowRankFactorization(SlimCallback):
             plan = trainer.strategy.broadcast(plan, src=0)
         self._apply(pl_module, plan)
         self.done, self.factorized_at = True, trainer.global_step
-        if trainer.optimizers:  # mid-fit: the dense weights leave the optimizers, the factors join
-            rebuild_optimizers(trainer, pl_module)
         if self.kept_dense:
             rank_zero_info(f"LowRankFactorization keeps these layers dense: {self.kept_dense}")
         if not plan:
@@ -213,14 +198,15 @@ class LowRankFactorization(SlimCallback):
         rows = [[n, *(self.layers[n][c] for c in TABLE[1:])] for n in plan]
         log.log_table(trainer, "slim/factorization/layers", TABLE, rows)
 
-    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> None:
+    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> int:
         """Factorize the layers of ``plan`` that are not yet (a later fit of the same model keeps its factors;
-        a new model handed to a finished callback gets the recorded ranks)."""
+        a new model handed to a finished callback gets the recorded ranks); how many were."""
         todo = {p: r for p, r in plan.items() if not isinstance(pl_module.get_submodule(p), F.FactorizedLayer)}
         rows = F.factorize_layers(pl_module, todo)
         if not self.done:
             self.layers = rows
         self.ranks = dict(plan)
+        return len(todo)
 
     # --- logging, report, state --------------------------------------------------------------------------
     def _scalars(self) -> dict[str, float]:
