@@ -190,8 +190,8 @@ class RecordsEveryEffect(SlimCallback):
     def restore_model(self, pl_module):
         self._record("restore_model")
 
-    def restructure_model(self, trainer, pl_module):
-        self._record("restructure_model")
+    def restructure_now(self, trainer, pl_module):
+        self._record("restructure_now")
         self.restructured = getattr(self, "restructured", 0) + 1
         return False
 
@@ -220,7 +220,7 @@ def test_the_machinery_runs_the_contracts_declared_orders():
     recorder = RecordsEveryEffect()
     fit([recorder], limit_train_batches=2, limit_val_batches=0)
     in_setup = [s for s in SETUP_ORDER if s in recorder.calls]  # check_combination/attach record nothing
-    in_step = [e.value for e in STEP_ORDER if e.value not in SETUP_ORDER]  # restructure_model: in both
+    in_step = [e.value for e in STEP_ORDER if e.value not in SETUP_ORDER]  # restructure_now: in both
     assert recorder.calls == [*in_setup, *in_step, "restore_model"], recorder.calls
     assert recorder.forward_calls == 1
     assert recorder.restructured == 1 + 2  # in setup, then at the start of both batches

@@ -53,7 +53,7 @@ class SlimCallback(pl.Callback, Technique):
         if Effect.ADD_MODULES in self.effects:
             self.add_training_modules(trainer, pl_module)
         if Effect.RESTRUCTURE_MID_FIT in self.effects:
-            self.restructure_model(trainer, pl_module)  # before the optimizers exist: nothing to rebuild
+            self.restructure_now(trainer, pl_module)  # before the optimizers exist: nothing to rebuild
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

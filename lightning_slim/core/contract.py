@@ -48,7 +48,7 @@ class Effect(enum.Enum):
     SWAP_MODULES = "prepare_model"  # swaps modules for the fit (restore_model puts them back)
     ADD_MODULES = "add_training_modules"  # adds training-only modules before the optimizers are built
     RESTRUCTURE = "before_weights_load"  # changes parameter shapes; resizes a fresh model on resume
-    RESTRUCTURE_MID_FIT = "restructure_model"  # changes the model between steps (optimizers rebuilt after)
+    RESTRUCTURE_MID_FIT = "restructure_now"  # changes the model between steps (optimizers rebuilt after)
     SELECT_BATCH = "select_batch"  # picks the sub-batch the user's training_step receives
     WATCH_STEP = "watched_modules"  # sees what named modules did in the user's step (given to loss_term)
     SCALE_LOSS = "scale_loss"  # rescales the user's own loss, before any term is added
@@ -170,7 +170,7 @@ class Technique:
         """``RESTRUCTURE``: resize a freshly built model to a resumed checkpoint's shapes, from this
         technique's own state in that checkpoint, before Lightning loads its weights."""
 
-    def restructure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """``RESTRUCTURE_MID_FIT``: change the model's structure (replace or resize modules) if it is
         time to; called in ``setup`` and at the start of every training batch. Return True when
         parameters changed: mid-fit, the machinery then rebuilds the optimizers (keeping the state of

@@ -105,7 +105,7 @@ class _Interceptor:
     # --- the batch-start hook ---------------------------------------------------------------------
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> int | None:
         trainer = trainer_of(self.pl_module)
-        changed = [p.restructure_model(trainer, self.pl_module) for p in self.doing(Effect.RESTRUCTURE_MID_FIT)]
+        changed = [p.restructure_now(trainer, self.pl_module) for p in self.doing(Effect.RESTRUCTURE_MID_FIT)]
         if any(changed) and trainer.optimizers:
             rebuild_optimizers(trainer, self.pl_module)
         return type(self.pl_module).on_train_batch_start(self.pl_module, batch, batch_idx)

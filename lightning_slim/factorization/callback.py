@@ -166,7 +166,7 @@ class LowRankFactorization(SlimCallback):
 
     # --- the replacement --------------------------------------------------------------------------------
     @override
-    def restructure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
             return self._apply(pl_module, self.ranks) > 0
         if not self.config.moment.reached(trainer):
