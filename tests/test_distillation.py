@@ -89,6 +89,10 @@ def test_distillation_term_reaches_the_gradients(convention, start_step):
     plain = torch.autograd.grad(ce, list(initial.net.parameters()), retain_graph=True)
     expected = plain if start_step > 0 else torch.autograd.grad(total, list(initial.net.parameters()))
     for got, want, ce_only in zip(probe.grads, expected, plain):
+        # the same float32 gradient computed twice (in the fit, and by hand here) on one CPU's kernels: only the
+        # summation order of the loss terms and the batch reductions (<= 100 terms) differs, ~100 * 2**-24 = 6e-6
+        # relative; rtol 1e-4 leaves 15x, atol 1e-6 covers entries that cancel to ~0. The allclose below: the KD term
+        # moves the update by far more than 1e-3 relative, so a missing term cannot pass as float noise
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         if start_step == 0:
             assert not torch.allclose(got, ce_only, rtol=1e-3, atol=1e-5)  # the KD term changed the update
@@ -155,6 +159,8 @@ def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away
     assert f"{PROJECTIONS}.1.linear.weight" in ckpt["state_dict"]
     # export drops them: the deployable student is exactly the student
     assert report.after["params"] == report.before["params"] == sum(p.numel() for p in module.net.parameters())
+    # the same counts of correct predictions over the same 200 examples (export drops only the projections): equal, up
+    # to the float32 representation of the ratio (~6e-8)
     assert report.after["export_accuracy"] == pytest.approx(report.after["accuracy"], abs=1e-6)
     assert report.techniques["distillation"]["teacher_examples"] == 1600
     assert 0.0 <= float(trainer.callback_metrics["slim/distillation/feature_loss"]) <= 4.0  # two pairs, each <= 2
@@ -224,6 +230,8 @@ def test_schedule_window_and_annealing():
     fit([kd, probe], max_steps=8, log_every_n_steps=1)
     assert kd.counts["teacher_passes"] == 4  # steps 2, 3, 4, 5 only
     alphas = [m.get("slim/distillation/alpha") for m in probe.metrics]
+    # linear interpolation of a few float64 constants, logged as float32 (~1e-7 relative): approx's default rel=1e-6
+    # bounds that; a schedule one step off misses by 0.25
     assert alphas[2:6] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [m.get("slim/distillation/temperature") for m in probe.metrics][2:6] == pytest.approx([4, 3.25, 2.5, 1.75])
     assert kd.weights_at(1)[0] is False and kd.weights_at(6)[0] is False

@@ -78,7 +78,7 @@ def test_full_rank_factors_reproduce_the_weight_and_the_layer(kind):
     # rounding only (~fan_in * 1e-16 relative), far inside 1e-9
     dense64, x = copy.deepcopy(layer).double(), torch.randn(INPUTS[kind], dtype=torch.float64)
     full64 = F.factorize(dense64, min(out, fan_in))
-    torch.testing.assert_close(full64(x), dense64(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(full64(x), dense64(x), rtol=1e-9, atol=1e-9)  # float64 rounding only (above)
     assert full.up.bias is None if layer.bias is None else torch.equal(full.up.bias, layer.bias)
     assert full.down.bias is None
 
@@ -97,6 +97,7 @@ def test_truncation_error_is_the_discarded_singular_values(kind):
         # the float32 rounding of the factors moves the product by at most 2.01 U32 || |up| |down| ||_F,
         # and || |up| |down| ||_F <= ||up||_F ||down||_F = sum of the kept singular values (split evenly)
         assert abs(float(error - expected)) <= 2.01 * U32 * float(values[:rank].sum()) + 1e-12, (kind, rank)
+        # energy_kept sums squares in float64 (<= 128 terms): ~128 * 2**-53 = 1.4e-14, so 1e-12 holds on any CPU
         assert abs(F.energy_kept(values, rank) - 1 + float(expected**2 / values.pow(2).sum())) < 1e-12
 
 
@@ -125,18 +126,20 @@ def test_restructure_and_load_factorized_rebuild_a_checkpoint(tmp_path):
     fresh = load_factorized(small_model(), str(tmp_path / "ckpt" / "last.ckpt"))
     x = torch.randn(8, 1, 40)
     assert {n: m.rank for n, m in fresh.named_modules() if isinstance(m, FactorizedLayer)} == cb.ranks
+    # exact: the reloaded factors are the same tensors in the same shapes, run by the same kernels on this CPU
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
 # --- the callback in a fit ---------------------------------------------------------------------------
 class Probe(pl.Callback):
     """Records, at every training step, the optimizer's parameters, the learning rate, and the values of
-    the model's parameters before and after the step (listed after the factorization callback)."""
+    the model's parameters before and after the step (before: right before the optimizer steps, after a
+    mid-fit restructuring at the batch's start)."""
 
     def __init__(self):
         self.steps = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         opt = trainer.optimizers[0]
         self.steps.append(
             {
@@ -312,6 +315,7 @@ def _resume_matches(tmp_path, make_callbacks, make_model, make_fresh):
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
+        # exact: the resumed run replays the same batches through the same kernels on this CPU
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     return callbacks
 

@@ -54,6 +54,9 @@ def test_factorize_then_quantize_exports_the_factors_as_int8(tmp_path):
     # as for any QAT export: equal up to rounding ties (a value within float error of a rounding boundary
     # moves one int8 step, then propagates), so nearly all outputs agree closely and the classes agree
     diff = (expected - got).abs()
+    # a tie moves one activation one int8 step and propagates (<= 5% of the largest logit); elsewhere float accumulation
+    # order only (~1e-5 for these widths), so fewer than 5% of outputs differ by > 1e-4, and ties flip at most 3% of the
+    # classes; on any CPU
     assert float((diff > 1e-4).float().mean()) < 0.05 and float(diff.max()) < 0.05 * float(expected.abs().max())
     assert (expected.argmax(-1) == got.argmax(-1)).float().mean() >= 0.97
 

@@ -110,6 +110,7 @@ def test_report_on_a_causal_lm_is_validation_loss_and_perplexity(tmp_path, modul
     assert report.task == "language_model"
     for side in (report.before, report.after):
         assert "accuracy" not in side and "export_accuracy" not in side
+        # perplexity = exp(val_loss) in float64 from the same number: default rel=1e-6 is rounding only
         assert side["perplexity"] == pytest.approx(math.exp(side["val_loss"]))
         assert side["val_tokens"] == int(counted_positions(data).sum())
     assert report.before["val_loss"] == pytest.approx(math.log(96), abs=0.3)  # random init: about uniform
@@ -118,5 +119,6 @@ def test_report_on_a_causal_lm_is_validation_loss_and_perplexity(tmp_path, modul
     assert report.before["val_loss"] == pytest.approx(untrained, abs=1e-4)
     assert report.after["val_loss"] == pytest.approx(own_validation_loss(module, data), abs=1e-4)
     assert report.after["val_loss"] < report.before["val_loss"] - 0.3  # training moved it
+    # the same logged float32 value read back: equal up to float64 conversion (default rel=1e-6)
     assert report.after["logged_val_loss"] == pytest.approx(float(module.trainer.callback_metrics["val/loss"]))
     assert report.after["generate_tokens_per_s"] > 0 and report.after["train_tokens_per_s"] > 0

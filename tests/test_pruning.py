@@ -38,6 +38,8 @@ def test_magnitude_masks_hit_the_target_and_only_grow(scope):
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.6 * total)
     if scope == "layer":
+        # per layer: exactly round(0.6 n) of each layer's n weights (integer count, any CPU): 360 of 600 and 30 of 50,
+        # so exactly 0.6; a mask of another layer's size would miss by >= 1/50 = 0.02
         assert all(abs((~m).float().mean().item() - 0.6) < 0.01 for m in masks.values())
     else:  # the smallest magnitudes go, wherever they are
         kept = torch.cat([w[m] for w, m in zip(weights.values(), masks.values())]).abs().min()
@@ -64,6 +66,7 @@ def test_schedules_are_data_and_validate():
     gradual = GradualSchedule(final_sparsity=0.8, initial_sparsity=0.2, start=10, end=50, every=10)
     events = gradual.events()
     assert [t for t, _ in events] == [10, 20, 30, 40, 50]
+    # the cubic schedule's ends, float64 arithmetic: equal up to rounding (default rel=1e-6)
     assert events[0][1] == pytest.approx(0.2) and events[-1][1] == pytest.approx(0.8)
     assert all(b >= a for (_, a), (_, b) in itertools.pairwise(events))
     assert parse_schedule({"kind": "one_shot", "sparsity": 0.3}).events() == [(0, 0.3)]
@@ -129,6 +132,7 @@ def test_rewind_restores_weights_optimizer_and_schedule_exactly():
     R.restore("step", snap, net, [opt], [sched])
     assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
     assert all(torch.equal(opt.state_dict()["state"][i]["momentum_buffer"], v) for i, v in saved_opt.items())
+    # the restored learning rate: float64 scheduler arithmetic, rounding only
     assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
     train(2)  # training after a rewind must not write into the snapshot
     assert torch.equal(snap["module"]["0.weight"], saved["0.weight"])

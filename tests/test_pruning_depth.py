@@ -91,6 +91,8 @@ def test_choose_layers_drops_the_cheapest_contiguous_run_and_leaves_the_model_al
     assert divergence(model) == 0
     trimmed = llama()
     keep_layers(trimmed, kept)
+    # the same model, the same inputs, the same kernels (one process): the KL is recomputed identically, approx's
+    # rel=1e-6 only absorbs float32 -> float conversion
     assert divergence(trimmed) == pytest.approx(losses[cheapest])
 
 

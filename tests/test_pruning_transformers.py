@@ -196,6 +196,7 @@ def test_a_pruned_gpt2_reloads_from_its_structure_with_the_same_logits():
     fresh = restructure_into(tiny_gpt2(seed=1), model)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     assert fresh.transformer.h[0].attn.num_heads == 2 and fresh.transformer.h[0].attn.split_size == 16
+    # exact: the same weights in the same shapes on the same CPU run the same kernels in the same order
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
@@ -220,6 +221,7 @@ def test_structural_pruning_of_a_llama_in_a_trainer_slices_and_never_traces(monk
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.out_features == 16 and model.config.num_attention_heads == 2
     assert model.model.layers[1].mlp.down_proj.in_features == 24 == model.config.intermediate_size
+    # half the heads and channels removed: a ratio of integer sizes, rounding only
     assert cb.report_rows()["sparsity"] == pytest.approx(0.5)
     with pytest.raises(AssertionError, match="traced"):  # the CNN path still traces (the patch is live)
         S.dependency_graph(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))
@@ -234,6 +236,7 @@ def test_wanda_on_conv1d_scores_each_weight_by_the_norm_of_the_input_it_multipli
     x = torch.randn(5, 8) * torch.arange(1, 9)  # inputs of very different scales
     stats = calibrate(model, targets, [x])
     by_hand = model[0].weight.detach().abs().t() * x.pow(2).mean(0).sqrt()  # (outputs, inputs)
+    # |W| * input RMS over 5 rows: elementwise products and a 5-term mean, a few ulps: float32 defaults hold
     torch.testing.assert_close(scores(model, targets, "wanda", stats)["0"], by_hand)
     keep = F.compute_masks(model, targets, 0.5, pattern="2:4", importance="wanda", stats=stats)["0"]
     assert keep.shape == (8, 6)  # the Conv1D's own layout

@@ -65,6 +65,10 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
     # what training simulated is what the int8 model computes (up to rounding ties between kernels)
     real = int8(X)
     err, scale = (real - fake).abs().max(), float_out.abs().max()
+    # the int8 kernels and the fake quantizer use the same integers and scales; they differ only in float accumulation
+    # order and, through it, rounding ties (an activation within float error of a boundary moves one step, ~1/255 of its
+    # range, then propagates through <= 4 layers): well under 1% of the largest logit on any CPU, while a wrong scale or
+    # zero point moves every output. Argmax: ties flip at most a few of 32 rows
     assert err < 1e-2 * scale, (err, scale)
     assert (real.argmax(-1) == fake.argmax(-1)).float().mean() >= 0.95
     assert serialized_bytes(int8) < serialized_bytes(make()) / 1.8
@@ -79,8 +83,13 @@ def test_int4_grouped_weights_for_linear_models():
     )
     F.set_fake_quant(model, True)
     rows = {r["layer"]: r for r in F.quantization_error(model)}
+    # 4-bit weights in groups of 16 (elementwise rounding, any CPU): noise rms ~ max|w_group| / (7 sqrt 12), ~0.08 of
+    # the weights' rms for random weights (max/rms ~ 2); int8 would give <= 0.02 (cases/quantization.py)
     assert rows["net.head"]["weight_bits"] == 4 and rows["net.head"]["relative_error"] > 0.05
     int8 = convert_to_int8(copy.deepcopy(model))
+    # int4 weights, int8 dynamic activations: torchao's kernel and the fake quantizer compute the same integers; they
+    # differ by float accumulation order (<= 64-term dots, logits ~0.3: ~1e-6) and rounding ties of the per-token
+    # activation scale, one step moving a logit by ~scale * |w| ~ 1e-3; 2e-3 bounds one tie per row
     torch.testing.assert_close(int8(X), model(X), atol=2e-3, rtol=0)
 
 
@@ -150,6 +159,8 @@ def test_qat_checkpoint_loads_into_plain_model_and_resume_restores_ranges(tmp_pa
         resumed, datamodule=small_data(), ckpt_path=mid
     )
     for name, r in full_cb.ranges.items():
+        # exact: the resumed run replays the same batches through the same kernels on the same CPU, so the observed
+        # ranges, the state and the weights are bit-equal
         torch.testing.assert_close(resumed_cb.ranges[name]["scale"], r["scale"], rtol=0, atol=0)
         torch.testing.assert_close(saved_ranges[name]["scale"], r["scale"], rtol=0, atol=0)
     # the activation ranges were frozen too, saved with the checkpoint and restored on resume
@@ -157,6 +168,7 @@ def test_qat_checkpoint_loads_into_plain_model_and_resume_restores_ranges(tmp_pa
     for name, r in full_cb.activation_ranges.items():
         assert bool(r["frozen"]) and torch.equal(resumed_cb.activation_ranges[name]["max"], r["max"]), name
     for k, v in full.state_dict().items():
+        # exact, as above
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
 
 
@@ -171,9 +183,12 @@ def test_torchao_export_saved_program_loads_without_training_code(tmp_path):
     before, after = report.before, report.after
     assert after["size_bytes"] < before["size_bytes"] / 1.8
     # val/acc was measured on the fake-quantized model; the real int8 model agrees with it
+    # int8 export vs fake-quantized on the 200 test examples: rounding ties flip at most a prediction or two near a
+    # class boundary (0.005 each), on any CPU; a wrong export costs far more
     assert abs(after["export_accuracy"] - after["accuracy"]) <= 0.01
     x = torch.randn(5, 1, 40)
     expected = cb.export(copy.deepcopy(module))(x)  # module is plain again: export prepares a copy
+    # the file reloaded runs the same int8 graph on the same runtime and CPU: a few ulps at most, float32 defaults
     torch.testing.assert_close(load_int8(path)(x), expected)
     code = (
         "import sys, torch; m = torch.export.load(sys.argv[1]).module(); x = torch.load(sys.argv[2]); "
@@ -186,6 +201,7 @@ def test_torchao_export_saved_program_loads_without_training_code(tmp_path):
         cwd=tmp_path,
         capture_output=True,
     )
+    # another process, same runtime, same CPU and thread count: the same kernels, a few ulps at most
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
 
 

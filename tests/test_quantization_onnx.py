@@ -91,6 +91,9 @@ def test_onnx_graph_is_int8_fused_by_ort_and_computes_what_training_simulated(ma
         fake, real = model(x), int8(x)
     # equal up to rounding ties (a value within float error of a rounding boundary moves one step)
     diff = (fake - real).abs()
+    # a tie moves one activation one int8 step (1/255 of its range) and propagates: bounded by 5% of the largest logit;
+    # outside ties the two compute the same integers, so all but < 5% of the outputs agree within 1e-4 (float
+    # accumulation order over <= 128-term dots of values ~1: ~1e-5) and the classes agree on >= 97%
     assert float(diff.max()) < 0.05 * float(fake.abs().max()), float(diff.max())
     assert float((diff > 1e-4).float().mean()) < 0.05
     assert (fake.argmax(-1) == real.argmax(-1)).float().mean() >= 0.97
@@ -106,12 +109,15 @@ def test_trained_qat_model_and_its_ort_artifact_agree(tmp_path):
     with torch.no_grad():
         fake = cb.fake_quantized(copy.deepcopy(module))(x)
     real = cb.export(copy.deepcopy(module))(x)
-    agreement = float((fake.argmax(-1) == real.argmax(-1)).float().mean())
+    agreement = float((fake.argmax(-1) == real.argmax(-1)).float().mean())  # bounded below
     fake_acc, real_acc = [float((o.argmax(-1) == y).float().mean()) for o in (fake, real)]
     print(
         f"argmax agreement {agreement:.4f}, max logit difference {float((fake - real).abs().max()):.4f}, "
         f"accuracy fake-quant {fake_acc:.4f} / onnxruntime {real_acc:.4f}"
     )
+    # 800 test examples: rounding ties (a value within float error of an int8 boundary moves one step; which
+    # values tie depends on the CPU's summation order) can only flip predictions within about a step of a class
+    # boundary: at most 4 flips (0.995) and 2 net (0.003); a wrong export flips most. 0.5: it learnt (chance 0.1)
     assert agreement >= 0.995 and abs(fake_acc - real_acc) <= 0.003 and real_acc > 0.5
 
 
@@ -136,6 +142,7 @@ def test_artifact_runs_with_onnxruntime_alone(tmp_path):
         capture_output=True,
     )
     expected = cb.export(copy.deepcopy(module))(x)
+    # another process on the same onnxruntime and CPU: the same kernels, a few ulps at most (float32 defaults)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected)
     torch.testing.assert_close(load_int8(path)(x), expected)  # the generic loader knows the file
 
@@ -153,6 +160,8 @@ def test_int4_weight_only_is_packed_into_matmulnbits_and_six_times_smaller(tmp_p
         artifact_bytes(fp32_path),
     )
     with torch.no_grad():  # weight-only, float activations: the same arithmetic as training
+        # float activations times the dequantized weights: torch's and onnxruntime's float32 kernels differ only in
+        # summation order over <= 64-term dots of values ~1: ~64 * 2**-24 = 4e-6; 1e-4 leaves 25x on any CPU
         torch.testing.assert_close(int4(X), model(X), atol=1e-4, rtol=1e-4)
 
 
@@ -184,6 +193,7 @@ def test_int4_embedding_is_a_packed_table_gathered_by_ort():
     assert packed.dtype == np.uint8 and packed.shape == (96, 128)  # two 4-bit weights per byte
     assert not [t for t in tables.values() if t.dtype == np.float32 and t.size >= 96 * 256]  # no float table
     with torch.no_grad():  # the gathered rows are exactly the fake-quantized ones
+        # a gather of the same dequantized rows (no sums): equal up to the one rounding of scale * q, ~1e-7
         torch.testing.assert_close(int4(ids), model(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="group_size=512 does not divide its input width 256"):
         F.prepare_qat(TinyLM(), F.select_layers(TinyLM(), ["Embedding"]), F.QuantSpec(4, None, 512))
@@ -200,6 +210,7 @@ def test_biases_the_exporter_shares_keep_one_float_table_per_layer():
     names = [t.name for t in onnx.load_from_string(int8.onnx_bytes).graph.initializer]
     assert len(names) == len(set(names)), names
     with torch.no_grad():
+        # same integers, float32 kernels of two libraries: summation order over short dots, ~1e-6; 1e-4 leaves 100x
         torch.testing.assert_close(int8(x), model(x), atol=1e-4, rtol=1e-4)
 
 
@@ -260,6 +271,7 @@ def test_transformer_encoder_validates_through_fake_quant_and_names_what_stays_f
     assert {"encoder.layers.0.linear1", "encoder.layers.1.linear2", "head"} <= set(int8_weights(int8))
     with torch.no_grad():
         expected = cb.fake_quantized(copy.deepcopy(module))(X)
+    # rounding ties (see above) flip at most 3% of the predictions, on any CPU; a wrong export flips most
     assert (int8(X).argmax(-1) == expected.argmax(-1)).float().mean() >= 0.97
 
 

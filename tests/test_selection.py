@@ -71,6 +71,7 @@ class Recorder(MNIST1DCNN):
 # --- the functional core -------------------------------------------------------------------------------
 def test_scores_and_topk():
     learner, reference = torch.tensor([2.0, 0.1, 3.0, 1.0]), torch.tensor([0.5, 0.1, 2.9, 0.2])
+    # one float32 subtraction per entry: 3.0 - 2.9 = 0.1 up to float32 rounding (~1e-7; default rel=1e-6)
     assert example_scores("learnability", learner, reference).tolist() == pytest.approx([1.5, 0.0, 0.1, 0.8])
     assert select_topk(example_scores("learnability", learner, reference), 2).tolist() == [0, 3]
     assert select_topk(example_scores("hard", learner, None), 1).tolist() == [2]
@@ -102,6 +103,7 @@ def test_jest_conditions_each_chunk_on_the_examples_already_chosen():
 def test_sigmoid_pair_losses_and_scoring_mode():
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     expected = -F.logsigmoid(torch.tensor([[2.0, 1.0], [-0.5, 3.0]]))
+    # the same logsigmoid of the same 4 numbers: a few ulps at most, float32 defaults
     torch.testing.assert_close(sigmoid_pair_losses(logits), expected)
     model = MNIST1DCNN(channels=8, batch_norm=True)
     model.net[1].eval()  # a user's own per-module mode survives scoring
@@ -364,9 +366,13 @@ def test_reference_sources_train_identically(tmp_path):
         weights, ledger = run(cb, extra)
         assert ledger.reference_forwards == forwards
         for k in direct:
+            # exact: every source hands the selection the same reference losses (computed on the same batches by the
+            # same kernels, or cached from them), so the same examples train in the same order on this CPU
             torch.testing.assert_close(weights[k], direct[k], rtol=0, atol=0)
     restored = OnlineDataSelection(reference=reference, cache_reference=True, **common)
     restored.load_state_dict(variants[0][0].state_dict())  # the lazily built cache is checkpointed
+    # the same reference's per-example losses (a few nats), the cache's computed in training batches, these in the
+    # loader's: at most an ulp or two of float32 (2 * 2**-22 = 5e-7 at 4-8 nats); 1e-6
     torch.testing.assert_close(restored.cache.lookup(torch.arange(560))["loss"], losses, rtol=0, atol=1e-6)
 
 
@@ -381,6 +387,7 @@ def test_learnability_avoids_noisy_labels_and_hard_selection_seeks_them():
         )
         trainer = fit(cb, DigitsCNN(), data(), epochs=3)
         results[score] = cb.ledger.noisy_summary()
+    # integer counts: exactly round(0.3 n) corrupted labels, all seen every epoch: 0.3 up to 1/(2n)
     assert abs(results["hard"]["noisy_fraction_seen"] - 0.3) < 0.02
     assert results["learnability"]["noisy_fraction_selected"] < 0.1, results
     assert results["hard"]["noisy_fraction_selected"] > 0.2, results  # about the base rate, or above

@@ -32,6 +32,7 @@ def test_index_cache_store_lookup_grow_and_state():
     reserved.reserve(100)
     reserved.store(torch.tensor([99]), {"logits": torch.ones(1, 10)})
     assert reserved.nbytes == 100 * 10 * 4 + 100  # exactly the training set, no growth slack
+    # an integer: isclose is exact here
     assert math.isclose(len(reserved), 1)
     dense = IndexCache.from_tensor("loss", torch.tensor([0.5, float("nan"), 0.2]))
     assert dense.missing(torch.arange(3)).tolist() == [False, True, False]

@@ -1,26 +1,21 @@
-"""``SlimCallback``: the base of every technique, and the typed contract it implements.
+"""``SlimCallback``: a :class:`~lightning_slim.core.contract.Technique` as a Lightning callback.
 
-A technique declares what it does (``effects``, a set of :class:`~lightning_slim.core.contract.Effect`,
-and ``export_stage``) and overrides the matching methods below; the declaration and the
-overrides are checked against each other when the class is defined. The shared machinery
-(:mod:`~lightning_slim.core.interception`, :mod:`~lightning_slim.core.compose`, :mod:`~lightning_slim.reporting.report`)
-only ever reads these declarations. ``docs/architecture.md`` walks through a training step.
+The contract (declarations, effect methods, their order) is :mod:`lightning_slim.core.contract`; this
+class runs the life of a fit around it (subclasses call ``super()`` where they override):
 
-The life of a fit, as this base class runs it (subclasses call ``super()`` where they override):
-
-1. ``setup``: the combination is checked (:func:`~lightning_slim.core.compose.check_combination`),
-   every ``BASELINE`` technique sees the model as the user built it, this technique's
-   ``validate`` raises on bad arguments or an unsupported model, it joins the step wrapper, and
-   a ``SWAP_MODULES`` technique's ``prepare_model`` runs. Lightning loads a resumed checkpoint's
-   weights after ``setup`` (``RESTRUCTURE`` techniques resize the model first, in
-   ``before_weights_load``) and builds optimizers after that.
-2. training: ``restructure_now`` at the start of every epoch and batch (here, in this class's
-   ``on_train_epoch_start`` / ``on_train_batch_start``: the optimizers are rebuilt when it changed the
-   model, before the step takes them); ``select_batch``, ``scale_loss``, ``loss_term`` inside each
-   ``training_step``; ``after_optimizer_step`` after each optimizer step; the usual Lightning hooks
-   for the rest.
-3. ``teardown`` (or ``on_exception``): ``restore_model`` gives the user's modules back and the
-   step wrapper is removed.
+1. ``setup``: :data:`~lightning_slim.core.contract.SETUP_ORDER`: the combination is checked
+   (:func:`~lightning_slim.core.compose.check_combination`), every ``BASELINE`` technique sees the model
+   as the user built it, this technique's ``validate`` raises on bad arguments or an unsupported
+   model, it joins the step wrapper, a ``SWAP_MODULES`` technique's ``prepare_model`` runs and an
+   ``ADD_MODULES`` technique adds its training-only modules (a ``RESTRUCTURE_MID_FIT`` technique
+   restructures if it is due already).
+   Lightning loads a resumed checkpoint's weights after ``setup`` (``RESTRUCTURE`` techniques resize
+   the model first, in ``before_weights_load``) and builds optimizers after that.
+2. training: :data:`~lightning_slim.core.contract.STEP_ORDER` inside each ``training_step``
+   (:mod:`~lightning_slim.core.interception`); the usual Lightning hooks for the rest.
+3. ``teardown`` (or ``on_exception``, since Lightning skips teardown when fit raises): the one way
+   out: ``restore_model`` gives the user's modules back, ``release`` drops what the technique
+   attached, and the step wrapper is removed.
 
 >>> from lightning_slim.core.contract import Effect
 >>> class Broken(SlimCallback):
@@ -32,129 +27,16 @@ TypeError: Broken declares Effect.ADD_LOSS but does not implement loss_term()
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import lightning.pytorch as pl
-import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_slim.core import compose, interception, log
-from lightning_slim.core.clock import Moment
-from lightning_slim.core.contract import Capability, Effect, ExportStage
-from lightning_slim.core.lightning_glue import rebuild_optimizers
-
-# where the machinery runs RESTRUCTURE_MID_FIT: a technique declaring it leaves these hooks to this class
-RESTRUCTURE_HOOKS = ("on_train_epoch_start", "on_train_batch_start")
+from lightning_slim.core.contract import Effect, Technique
 
 
-class SlimCallback(pl.Callback):
-    technique: ClassVar[str] = "slim"  # the <technique> of slim/<technique>/<metric> keys
-    effects: ClassVar[frozenset[Effect]] = frozenset()
-    export_stage: ClassVar[ExportStage | None] = None  # set when export() changes the model
+class SlimCallback(pl.Callback, Technique):
+    _prepared: pl.LightningModule | None = None  # the module prepare_model swapped, until restore_model
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for effect in Effect:
-            for method in effect.methods:
-                implemented = getattr(cls, method) is not getattr(SlimCallback, method)
-                if implemented and effect not in cls.effects:
-                    raise TypeError(f"{cls.__name__} implements {method}() but does not declare Effect.{effect.name}")
-                if effect in cls.effects and not implemented:
-                    raise TypeError(f"{cls.__name__} declares Effect.{effect.name} but does not implement {method}()")
-        if Effect.RESTRUCTURE_MID_FIT in cls.effects:
-            for hook in RESTRUCTURE_HOOKS:
-                if getattr(cls, hook) is not getattr(SlimCallback, hook):
-                    raise TypeError(
-                        f"{cls.__name__} declares Effect.RESTRUCTURE_MID_FIT and overrides {hook}(), where "
-                        "SlimCallback runs restructure_now() and rebuilds the optimizers"
-                    )
-        if (cls.export is not SlimCallback.export) != (cls.export_stage is not None):
-            raise TypeError(
-                f"{cls.__name__}: export() and export_stage go together (an ExportStage says when "
-                "in the export chain it runs)"
-            )
-
-    # --- the contract: declarations about other techniques --------------------------------------
-    def provides(self) -> Mapping[Capability, Any]:
-        """What this technique lends to others in the same Trainer (e.g. its teacher)."""
-        return {}
-
-    def requires(self) -> set[Capability]:
-        """What this technique needs another technique to provide."""
-        return set()
-
-    def restructures_until(self) -> Moment | None:
-        """The last moment at which this technique may change the model's parameter shapes."""
-        return None
-
-    def structure_fixed_from(self) -> Moment | None:
-        """From this moment on, this technique needs no other to change the model's structure."""
-        return None
-
-    # --- the contract: effects (each runs only when declared in ``effects``) -------------------
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise a clear error about bad arguments or an unsupported model, before training."""
-
-    def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
-        """``SELECT_BATCH``: the batch the user's ``training_step`` receives instead of ``batch``."""
-        return batch
-
-    def scale_loss(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any, batch_idx: int
-    ) -> torch.Tensor:
-        """``SCALE_LOSS``: the user's loss, rescaled (before any term is added)."""
-        return loss
-
-    def loss_term(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> torch.Tensor | None:
-        """``ADD_LOSS``: a term added to the loss ``training_step`` returns (None: nothing this step)."""
-        return None
-
-    def after_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        """``AFTER_OPTIMIZER_STEP``: runs right after every ``optimizer.step()``."""
-
-    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``SWAP_MODULES``: swap modules for the fit (keep parameter objects and state-dict keys)."""
-
-    def restore_model(self, pl_module: pl.LightningModule) -> None:
-        """``SWAP_MODULES``: give the user's own modules back (with the trained parameters)."""
-
-    def before_weights_load(self, pl_module: pl.LightningModule, state: Mapping[str, Any]) -> None:
-        """``RESTRUCTURE``: resize a freshly built model to a resumed checkpoint's shapes, from this
-        technique's own state in that checkpoint, before Lightning loads its weights."""
-
-    def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """``RESTRUCTURE_MID_FIT``: at the start of every training epoch and batch, change the model if it
-        is due and return True when parameters were replaced: the machinery then rebuilds the optimizers
-        (keeping their hyper-parameters, learning-rate schedules and the state of kept parameters) and
-        re-wraps DDP, before the step takes them."""
-        return False
-
-    def take_baseline(self, pl_module: pl.LightningModule) -> None:
-        """``BASELINE``: see the model as the user built it, before any technique changes it."""
-
-    def export(self, model: nn.Module) -> nn.Module:
-        """The deployable form of a trained copy of the module (may modify ``model`` in place)."""
-        return model
-
-    def float_baselines(self, model: nn.Module, example: torch.Tensor, runtime: bool = True) -> dict[str, nn.Module]:
-        """``CONVERT`` stage: what the report times this technique's export against, side by side:
-        ``"fp32_eager"`` (``model``, a copy of the trained module before the conversion, in float
-        PyTorch) and, when the export runs in another runtime and ``runtime`` is set (the report
-        times them), ``"fp32_runtime"`` (the same float model in that runtime), so a user sees what
-        is due to the format and what to the runtime."""
-        return {}
-
-    def report_rows(self) -> dict[str, Any]:
-        """This technique's lines in the compression report."""
-        return {}
-
-    # --- the life of a fit ---------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -168,20 +50,10 @@ class SlimCallback(pl.Callback):
         if Effect.SWAP_MODULES in self.effects:
             self.prepare_model(trainer, pl_module)
             self._prepared = pl_module
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restructure(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._restructure(trainer, pl_module)
-
-    def _restructure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if Effect.RESTRUCTURE_MID_FIT in self.effects and self.restructure_now(trainer, pl_module):
-            rebuild_optimizers(trainer, pl_module)
+        if Effect.ADD_MODULES in self.effects:
+            self.add_training_modules(trainer, pl_module)
+        if Effect.RESTRUCTURE_MID_FIT in self.effects:
+            self.restructure_now(trainer, pl_module)  # before the optimizers exist: nothing to rebuild
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,10 +65,11 @@ class SlimCallback(pl.Callback):
         self._leave(pl_module)  # Lightning skips teardown when fit raises: give the module back anyway
 
     def _leave(self, pl_module: pl.LightningModule) -> None:
-        if getattr(self, "_prepared", None) is pl_module:
+        if self._prepared is pl_module:
             self.restore_model(pl_module)
             self._prepared = None
+        self.release(pl_module)
         interception.detach(pl_module, self)
 
-    def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, Any], **kwargs: Any) -> None:
+    def log_scalars(self, pl_module: pl.LightningModule, values: dict[str, object], **kwargs: object) -> None:
         log.log_scalars(pl_module, self.technique, values, **kwargs)

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_slim.core.contract import Capability, Effect
+from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, Technique, export_chain
 from lightning_slim.core.lightning_glue import sharded_strategy
 
 
@@ -42,13 +41,12 @@ class UnsupportedStrategyError(ValueError):
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 
 
-def techniques(trainer: pl.Trainer) -> list[Any]:
-    from lightning_slim.core.callback import SlimCallback
+def techniques(trainer: pl.Trainer) -> list[Technique]:
+    """The Trainer's techniques, in the order of its callback list."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
 
-    return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
 
-
-def capability(trainer: pl.Trainer, what: Capability, asker: Any = None) -> Any | None:
+def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:
     """What another technique in the Trainer provides as ``what`` (None if nobody does)."""
     for cb in techniques(trainer):
         if cb is not asker and what in cb.provides():
@@ -100,27 +98,15 @@ def check_combination(trainer: pl.Trainer) -> None:
             )
 
 
-def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
-    """``(effect, technique)`` rows in the order they act in a step and at export.
+def describe_effects(callbacks: Iterable[object]) -> list[tuple[str, str]]:
+    """``(effect, technique)`` rows in the order they act: set-up, a step, then export.
 
     >>> from lightning_slim import IterativeMagnitudePruning
     >>> describe_effects([IterativeMagnitudePruning()])  # doctest: +NORMALIZE_WHITESPACE
     [('before_weights_load', 'pruning'), ('restructure_now', 'pruning'), ('after_optimizer_step', 'pruning'),
      ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
-    from lightning_slim.core.callback import SlimCallback
-
-    slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
-    order = [
-        Effect.BASELINE,
-        Effect.SWAP_MODULES,
-        Effect.RESTRUCTURE,
-        Effect.RESTRUCTURE_MID_FIT,
-        Effect.SELECT_BATCH,
-        Effect.SCALE_LOSS,
-        Effect.ADD_LOSS,
-        Effect.AFTER_OPTIMIZER_STEP,
-    ]
-    rows = [(e.value, c.technique) for e in order for c in slim if e in c.effects]
-    exporters = sorted((c for c in slim if c.export_stage is not None), key=lambda c: c.export_stage)
-    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in exporters]
+    slim = sorted((c for c in callbacks if isinstance(c, Technique)), key=lambda c: c.technique)
+    setup = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.ADD_MODULES, Effect.RESTRUCTURE]
+    rows = [(e.value, c.technique) for e in (*setup, *STEP_ORDER) for c in slim if e in c.effects]
+    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in export_chain(slim)]

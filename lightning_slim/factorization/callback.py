@@ -66,7 +66,7 @@ class LowRankFactorization(SlimCallback):
     """
 
     technique = "factorization"
-    effects = frozenset({Effect.RESTRUCTURE, Effect.RESTRUCTURE_MID_FIT})
+    effects = frozenset({Effect.RESTRUCTURE_MID_FIT, Effect.RESTRUCTURE})
 
     def __init__(
         self,
@@ -145,15 +145,6 @@ class LowRankFactorization(SlimCallback):
             )
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)  # checks, baseline, validate, step wrapper
-        if stage == "fit":
-            if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
-                self._apply(pl_module, self.ranks)
-            elif self.config.at == 0:
-                self._factorize(trainer, pl_module)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or not _returns_weights_only(trainer):
             return
@@ -169,8 +160,9 @@ class LowRankFactorization(SlimCallback):
     # --- the replacement --------------------------------------------------------------------------------
     @override
     def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        # mid-fit: the dense weights leave the optimizers and the factors join (the machinery rebuilds them)
-        if self.done or not self.config.moment.reached(trainer):
+        if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
+            return self._apply(pl_module, self.ranks) > 0
+        if not self.config.moment.reached(trainer):
             return False
         self._factorize(trainer, pl_module)
         return True
@@ -199,14 +191,15 @@ class LowRankFactorization(SlimCallback):
         rows = [[n, *(self.layers[n][c] for c in TABLE[1:])] for n in plan]
         log.log_table(trainer, "slim/factorization/layers", TABLE, rows)
 
-    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> None:
+    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> int:
         """Factorize the layers of ``plan`` that are not yet (a later fit of the same model keeps its factors;
-        a new model handed to a finished callback gets the recorded ranks)."""
+        a new model handed to a finished callback gets the recorded ranks); how many were."""
         todo = {p: r for p, r in plan.items() if not isinstance(pl_module.get_submodule(p), F.FactorizedLayer)}
         rows = F.factorize_layers(pl_module, todo)
         if not self.done:
             self.layers = rows
         self.ranks = dict(plan)
+        return len(todo)
 
     # --- logging, report, state --------------------------------------------------------------------------
     def _scalars(self) -> dict[str, float]:

@@ -141,6 +141,7 @@ class IterativeMagnitudePruning(SlimCallback):
         self._hooks: list = []
         self._fallback: set[str] = set()  # Wanda targets scored by magnitude (their module saw no input)
         self._fired = False
+        self._training = False  # between on_train_start and release: the events' time
 
     @property
     def structured(self) -> bool:
@@ -215,6 +216,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def on_train_start(self, trainer, pl_module):
+        self._training = True
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         total = trainer.estimated_stepping_batches
         rewind_step = self.config.rewind_step if self.config.rewind != "none" and self.snapshot is None else None
@@ -246,11 +248,11 @@ class IterativeMagnitudePruning(SlimCallback):
         )
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
+    def release(self, pl_module) -> None:  # Wanda's calibration hooks
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        super()._leave(pl_module)
+        self._training = False
 
     # --- pruning events ---------------------------------------------------------------------------
     @property
@@ -264,8 +266,11 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def restructure_now(self, trainer, pl_module) -> bool:
-        """At every epoch and batch start: snapshot for rewinding when due, then prune if an event is due
-        (True when channels went: the machinery then rebuilds the optimizers)."""
+        """At every batch start: snapshot for rewinding when due, then prune if an event is due (True when
+        channels went: the machinery then rebuilds the optimizers). Not in setup: the snapshot holds the
+        optimizers Lightning builds after it, and a resumed run's state is loaded after it too."""
+        if not self._training:
+            return False
         step = trainer.global_step
         if self.config.rewind != "none" and self.snapshot is None and step >= self.config.rewind_step:
             schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]

@@ -35,7 +35,7 @@ from lightning_slim.core import log
 from lightning_slim.core.arguments import check_choice, check_int
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.compose import capability, techniques
-from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage
+from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage, export_chain
 from lightning_slim.modules import output_tensor
 from lightning_slim.reporting import console, summary
 from lightning_slim.reporting.evaluation import TASKS, detect_task, evaluate
@@ -57,12 +57,9 @@ BASELINE = (
 
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
     """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of their :class:`~lightning_slim.core.contract.ExportStage` (only the stages ahead of ``before``)."""
+    of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
     model = copy.deepcopy(pl_module).cpu().eval()
-    exporters = (
-        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
-    )
-    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
+    for cb in export_chain(techniques(trainer), before):
         model = cb.export(model)
     return model
 
@@ -165,8 +162,7 @@ class CompressionReport(SlimCallback):
         self._baseline = copy.deepcopy(pl_module).cpu()
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: the next fit takes its own baseline
-        super()._leave(pl_module)
+    def release(self, pl_module) -> None:  # the next fit takes its own baseline
         self._baseline_taken, self._baseline = False, None
 
     @override

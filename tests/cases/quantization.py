@@ -21,6 +21,9 @@ def _check(trainer, module, cb):
     assert cb.phase == 2 and set(cb.ranges) == set(cb.layers) == {"net.0", "net.3", "net.6", "net.10"}
     assert cb.folded == {"net.0": "net.1", "net.3": "net.4", "net.6": "net.7"}
     assert trainer.callback_metrics["slim/quantization/phase"] == 2
+    # int8 per-channel rounding of the weights (elementwise: the same on any CPU): noise rms = max|w_row| / (127 sqrt
+    # 12) and max/rms <= sqrt(fan_in) <= sqrt(80) here, so the relative error is <= 0.02 whatever the trained weights;
+    # 4-bit weights (16x the step) or a wrong scale exceed 0.05
     assert 0 < float(trainer.callback_metrics["slim/quantization/weight_error_mean"]) < 0.05
 
 

@@ -37,7 +37,7 @@ class WeightClipping(SlimCallback):
         self._weights = [m.weight for m in layers.values()]
 
     @override
-    def loss_term(self, trainer, pl_module, batch, batch_idx) -> torch.Tensor:
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen) -> torch.Tensor:
         term = self.penalty * sum(w.pow(2).sum() for w in self._weights)
         self.log_scalars(pl_module, {"penalty": term.detach()})
         return term

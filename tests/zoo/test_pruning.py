@@ -97,6 +97,7 @@ def check_masks(module, cb, probe, mode):
         if mode != "unstructured":  # the semi-structured layout, 2 of every 4 inputs of each row
             t = cb._targets[name]
             assert is_nm(as_matrix(mask, t.layout), 2, 4), name
+            # 2:4: exactly 2 of every 4 weights, an integer count: 0.5 up to float rounding
             assert (~mask).float().mean().item() == pytest.approx(0.5), name
     exported = cb.export(copy.deepcopy(module))
     for name, mask in cb.masks.items():
@@ -154,6 +155,8 @@ def test_pruning_cell(name, mode):
         assert "model.lm_head" not in cb.masks
     expected = 0.5 if not [w for w in untouched.values() if w.startswith("inputs")] else None
     if expected is not None:  # the sparsity is over exactly the target tensors (classifier included)
+        # integer counts (any CPU): 2:4 zeroes exactly half; unstructured zeroes round(0.5 n) of each pruning scope's n
+        # weights, half a weight per scope at most, which 2e-3 bounds for every zoo model's targets
         assert rows["sparsity"] == pytest.approx(expected, abs=2e-3)
 
 
@@ -206,6 +209,7 @@ def test_pruned_llama_saves_and_reloads_in_a_fresh_process(tmp_path):
         "import torch, sys; from transformers import AutoModelForCausalLM; d = sys.argv[1]; "
         "m = AutoModelForCausalLM.from_pretrained(d + '/pruned').eval(); e = torch.load(d + '/expected.pt'); "
         "assert m.config.num_attention_heads == 2 and m.config.intermediate_size == 32, m.config; "
+        # reloaded in another process on the same CPU: the same kernels, float32 defaults hold
         "torch.testing.assert_close(m(input_ids=e['ids']).logits, e['logits']); print('reloaded')"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
