@@ -99,12 +99,13 @@ def test_masks_hold_under_momentum_adam_accumulation_and_bf16(setting, tmp_path)
 
 
 class RewindProbe(pl.Callback):
-    """Records the module and optimizer right after the first pruning event (it runs after it)."""
+    """Records the module and optimizer right after the first pruning event: in the step it starts, before
+    that step's optimizer update (events run at the batch's start, after every callback's own hook)."""
 
     def __init__(self, pruning):
         self.pruning, self.seen = pruning, None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.pruning.round == 1 and self.seen is None:
             sched = trainer.lr_scheduler_configs[0].scheduler
             self.seen = (

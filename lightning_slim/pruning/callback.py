@@ -54,8 +54,8 @@ class IterativeMagnitudePruning(SlimCallback):
     ``example_input_dtype``; or ``config``: a ``PruningConfig`` (or its dict) instead of them.
     ``structured=True`` is deprecated: it is ``pattern="channels"`` (and warns).
 
-    Structural pruning changes the model mid-fit through the contract (``Effect.RESTRUCTURE_MID_FIT``):
-    the shared machinery rebuilds the optimizers after each event.
+    Every pruning event runs through the contract (``Effect.RESTRUCTURE_MID_FIT``, at a batch's start);
+    after channels go, the shared machinery rebuilds the optimizers.
 
     >>> cb = IterativeMagnitudePruning({"kind": "imp", "rounds": 3, "rate": 0.5, "every": 1}, rewind="init")
     >>> cb.events
