@@ -185,7 +185,7 @@ def structured_run(args, seed: int, prune: bool) -> tuple[dict, dict, dict]:
                     "unit": "step",
                     "at": int(args.structured_at * args.round_steps),
                 },
-                structured=True,
+                pattern="channels",
                 targets=["Conv1d"],
                 scope="layer",
             )

@@ -3,7 +3,6 @@ are replaced by their rank-``r`` factors; the pure functions decide *how*."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_slim.core import log
-from lightning_slim.core.arguments import as_config
+from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.clock import Moment
 from lightning_slim.core.compose import IncompatibleCallbacksError, techniques
@@ -56,9 +55,10 @@ class LowRankFactorization(SlimCallback):
         config: a :class:`~.configs.FactorizationConfig` (or dict) holding all of the above.
 
     A layer is replaced only where its rank saves parameters and MACs (``r (out + fan_in) < out fan_in``).
-    After a mid-fit replacement the optimizers are rebuilt (the dense weights leave them; learning-rate
-    schedules and other parameters' state are kept). A resumed run gets the checkpoint's structure before
-    Lightning loads its weights; :func:`~.functional.load_factorized` does the same outside a Trainer.
+    After a mid-fit replacement (``Effect.RESTRUCTURE_MID_FIT``) the machinery rebuilds the optimizers (the
+    dense weights leave them; learning-rate schedules and other parameters' state are kept). A resumed run
+    gets the checkpoint's structure before Lightning loads its weights; :func:`~.functional.load_factorized`
+    does the same outside a Trainer.
 
     >>> cb = LowRankFactorization(energy=0.9, targets=["Linear"], at=2, unit="step")
     >>> cb.config.rule, str(cb.config.moment)
@@ -80,14 +80,7 @@ class LowRankFactorization(SlimCallback):
         config: FactorizationConfig | dict | None = None,
     ):
         given = dict(rank=rank, energy=energy, targets=targets, exclude=exclude, min_size=min_size, at=at, unit=unit)
-        if config is not None:
-            defaults = {f.name: f.default for f in dataclasses.fields(FactorizationConfig)}
-            changed = sorted(k for k, v in given.items() if v != defaults[k])
-            if changed:
-                raise ValueError(f"give the options either in config or as arguments, not both (also given: {changed})")
-            self.config = as_config(FactorizationConfig, config, "config")
-        else:
-            self.config = FactorizationConfig(**given)
+        self.config: FactorizationConfig = config_from(FactorizationConfig, config, given)
         # state saved in checkpoints
         self.ranks: dict[str, int] = {}  # factorized layers: path -> rank
         self.layers: dict[str, dict[str, Any]] = {}  # per factorized layer: shapes, params, energy kept

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import importance as imp
 from lightning_slim.pruning import patterns
+from lightning_slim.pruning.norms import InputNorms
 from lightning_slim.pruning.patterns import Pattern, is_nm, nm_masks, parse_pattern  # noqa: F401 - the API
 from lightning_slim.pruning.tensors import (
     Target,
