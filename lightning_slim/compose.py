@@ -21,13 +21,15 @@ Refused before training: two techniques of one kind; a sharded strategy; a techn
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
+from torch import nn
 
-from lightning_slim.contract import Capability, Effect
+from lightning_slim.contract import Capability, Effect, ExportStage
 from lightning_slim.lightning_glue import sharded_strategy
 
 
@@ -46,6 +48,18 @@ def techniques(trainer: pl.Trainer) -> list[Any]:
     from lightning_slim.callback import SlimCallback
 
     return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
+
+
+def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
+    """A CPU copy of the trained module passed through every technique's ``export``, in the order
+    of their :class:`~lightning_slim.contract.ExportStage` (only the stages ahead of ``before``)."""
+    model = copy.deepcopy(pl_module).cpu().eval()
+    exporters = (
+        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
+    )
+    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
+        model = cb.export(model)
+    return model
 
 
 def capability(trainer: pl.Trainer, what: Capability, asker: Any = None) -> Any | None:

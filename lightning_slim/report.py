@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
@@ -34,7 +33,7 @@ from lightning_slim import log, report_console, report_logging
 from lightning_slim.arguments import check_choice, check_int
 from lightning_slim.batches import BatchFormatError, batch_inputs, example_count
 from lightning_slim.callback import SlimCallback
-from lightning_slim.compose import capability, techniques
+from lightning_slim.compose import capability, deployable_copy, techniques
 from lightning_slim.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.evaluation import TASKS, detect_task, evaluate
 from lightning_slim.measure import Artifact, cpu_int8_capability, main_input, measure, real_tokens, shipped_bytes
@@ -45,18 +44,6 @@ BASELINE = (
     "at fit start: the model as the user built it, before training and before any callback changed it "
     "(untrained, or pretrained as loaded); after fit: the deployable model every callback's export made"
 )
-
-
-def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
-    """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of their :class:`~lightning_slim.contract.ExportStage` (only the stages ahead of ``before``)."""
-    model = copy.deepcopy(pl_module).cpu().eval()
-    exporters = (
-        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
-    )
-    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
-        model = cb.export(model)
-    return model
 
 
 @torch.inference_mode()
