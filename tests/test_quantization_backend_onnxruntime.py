@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim.measure import Artifact, shipped_bytes
 from lightning_slim.quantization import OrtModel, QuantizationConfig, backend, load_int8, select_layers
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.backends import backend_of, backend_of_artifact
 from lightning_slim.quantization.export_call import as_export_call
 from lightning_slim.quantization.static import StaticLinear
+from lightning_slim.reporting.measure import Artifact, shipped_bytes
 
 ORT = backend("onnxruntime")
 X = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))

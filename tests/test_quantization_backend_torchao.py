@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim.measure import Artifact
 from lightning_slim.quantization import QuantizationConfig, backend, load_int8, select_layers
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.backends import backend_of, backend_of_artifact
 from lightning_slim.quantization.export_call import as_export_call
+from lightning_slim.reporting.measure import Artifact
 
 AO = backend("torchao")
 X = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))

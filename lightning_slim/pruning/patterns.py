@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_slim.arguments import check_fraction
+from lightning_slim.core.arguments import check_fraction
 
 SCOPES = ("global", "layer", "row")
 KINDS = ("unstructured", "channels", "N:M")

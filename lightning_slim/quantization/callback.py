@@ -10,12 +10,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.compose import deployable_copy
-from lightning_slim.contract import Effect, ExportRefused, ExportStage
-from lightning_slim.interception import InTrainingStep
+from lightning_slim.core import log
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.compose import deployable_copy
+from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
+from lightning_slim.core.interception import InTrainingStep
 from lightning_slim.quantization import functional as qat
 from lightning_slim.quantization import preflight, static
 from lightning_slim.quantization.backends import Backend

@@ -16,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lightning_slim.arguments import as_config, check_choice, check_int
-from lightning_slim.clock import Moment, check_unit
+from lightning_slim.core.arguments import as_config, check_choice, check_int
+from lightning_slim.core.clock import Moment, check_unit
 
 if TYPE_CHECKING:
     from lightning_slim.quantization.backends import Backend

@@ -3,7 +3,7 @@
 Each step asks the model's :class:`~.backends.Backend`: :func:`to_runtime` the backend whose layers
 the model holds (ONNX Runtime: an :class:`~.serving.OrtModel`; torchao: int8 modules in place),
 :func:`save_int8` and :func:`int8_weights` the backend that made the int8 model (an ONNX file is an
-:class:`~lightning_slim.measure.Artifact`; torchao's model is torch modules). :func:`load_int8`
+:class:`~lightning_slim.reporting.measure.Artifact`; torchao's model is torch modules). :func:`load_int8`
 reads either file.
 """
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from lightning_slim.loading import find_class
+from lightning_slim.core.loading import find_class
 from lightning_slim.quantization.config import DEFAULT_TARGETS
 from lightning_slim.quantization.conv import CONV_TYPES
 from lightning_slim.targets import select_modules

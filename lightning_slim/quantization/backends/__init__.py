@@ -132,8 +132,8 @@ def backend_of(model: nn.Module) -> Backend:
 
 
 def backend_of_artifact(model: nn.Module) -> Backend:
-    """The backend that converted ``model``: a deployed file (an :class:`~lightning_slim.measure.Artifact`,
+    """The backend that converted ``model``: a deployed file (an :class:`~lightning_slim.reporting.measure.Artifact`,
     ONNX Runtime's) or torch modules holding torchao's int8 tensors."""
-    from lightning_slim.measure import Artifact
+    from lightning_slim.reporting.measure import Artifact
 
     return backend("onnxruntime") if isinstance(model, Artifact) else backend("torchao")

@@ -1,8 +1,8 @@
 """How techniques compose in one Trainer: the checks that run before training, all driven by
-what each technique declares (:mod:`lightning_slim.contract`), none by technique names.
+what each technique declares (:mod:`lightning_slim.core.contract`), none by technique names.
 
-The order of effects in a step is fixed by :mod:`lightning_slim.interception`, not by the
-order of the callback list; the export chain runs in :class:`~lightning_slim.contract.ExportStage`
+The order of effects in a step is fixed by :mod:`lightning_slim.core.interception`, not by the
+order of the callback list; the export chain runs in :class:`~lightning_slim.core.contract.ExportStage`
 order. With the four techniques of this package (:func:`describe_effects` prints this table
 for any list of callbacks):
 
@@ -24,13 +24,12 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_slim.contract import Capability, Effect, ExportStage
-from lightning_slim.lightning_glue import sharded_strategy
+from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, ExportStage, Technique, export_chain
+from lightning_slim.core.lightning_glue import sharded_strategy
 
 
 class IncompatibleCallbacksError(ValueError):
@@ -44,25 +43,21 @@ class UnsupportedStrategyError(ValueError):
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 
 
-def techniques(trainer: pl.Trainer) -> list[Any]:
-    from lightning_slim.callback import SlimCallback
-
-    return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
+def techniques(trainer: pl.Trainer) -> list[Technique]:
+    """The Trainer's techniques, in the order of its callback list."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
 
 
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
     """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of their :class:`~lightning_slim.contract.ExportStage` (only the stages ahead of ``before``)."""
+    of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
     model = copy.deepcopy(pl_module).cpu().eval()
-    exporters = (
-        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
-    )
-    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
+    for cb in export_chain(techniques(trainer), before):
         model = cb.export(model)
     return model
 
 
-def capability(trainer: pl.Trainer, what: Capability, asker: Any = None) -> Any | None:
+def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:
     """What another technique in the Trainer provides as ``what`` (None if nobody does)."""
     for cb in techniques(trainer):
         if cb is not asker and what in cb.provides():
@@ -114,25 +109,14 @@ def check_combination(trainer: pl.Trainer) -> None:
             )
 
 
-def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
-    """``(effect, technique)`` rows in the order they act in a step and at export.
+def describe_effects(callbacks: Iterable[object]) -> list[tuple[str, str]]:
+    """``(effect, technique)`` rows in the order they act: set-up, a step, then export.
 
     >>> from lightning_slim import IterativeMagnitudePruning
     >>> describe_effects([IterativeMagnitudePruning()])
     [('before_weights_load', 'pruning'), ('after_optimizer_step', 'pruning'), ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
-    from lightning_slim.callback import SlimCallback
-
-    slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
-    order = [
-        Effect.BASELINE,
-        Effect.SWAP_MODULES,
-        Effect.RESTRUCTURE,
-        Effect.SELECT_BATCH,
-        Effect.SCALE_LOSS,
-        Effect.ADD_LOSS,
-        Effect.AFTER_OPTIMIZER_STEP,
-    ]
-    rows = [(e.value, c.technique) for e in order for c in slim if e in c.effects]
-    exporters = sorted((c for c in slim if c.export_stage is not None), key=lambda c: c.export_stage)
-    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in exporters]
+    slim = sorted((c for c in callbacks if isinstance(c, Technique)), key=lambda c: c.technique)
+    setup = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.RESTRUCTURE]
+    rows = [(e.value, c.technique) for e in (*setup, *STEP_ORDER) for c in slim if e in c.effects]
+    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in export_chain(slim)]
