@@ -16,7 +16,7 @@ from lightning_slim.core.clock import Moment
 from lightning_slim.core.compose import deployable_copy
 from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
 from lightning_slim.core.interception import InTrainingStep
-from lightning_slim.quantization import functional as qat
+from lightning_slim.quantization import functional
 from lightning_slim.quantization import preflight, static
 from lightning_slim.quantization.backends import Backend
 from lightning_slim.quantization.config import QuantizationConfig, config_from
@@ -152,13 +152,13 @@ class QuantizationAwareTraining(SlimCallback):
     def prepare_model(self, trainer, pl_module) -> None:
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
-            self.folded = qat.prepare_qat(pl_module, self.layers, self.config)
-        layers = qat.fake_quantized_layers(pl_module)
+            self.folded = functional.prepare_qat(pl_module, self.layers, self.config)
+        layers = functional.fake_quantized_layers(pl_module)
         static.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
         self._module, self.ranges, self.phase, self._call, self._call_error = pl_module, {}, 0, None, None
         self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (qat.no_mha_fastpath, held across hooks)
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (functional.no_mha_fastpath, held across hooks)
         torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
         rank_zero_info(
             f"QuantizationAwareTraining: {len(self.layers)} layers, {self.config.weight_bits}-bit weights, "
@@ -170,14 +170,14 @@ class QuantizationAwareTraining(SlimCallback):
         return when is not None and Moment(self.config.unit, when).reached(trainer)
 
     def _apply_schedule(self, trainer, pl_module) -> None:
-        qat.set_fake_quant(pl_module, self._reached(trainer, self.config.start_after))
+        functional.set_fake_quant(pl_module, self._reached(trainer, self.config.start_after))
         self.phase = int(self._reached(trainer, self.config.start_after))
         if self._reached(trainer, self.config.freeze_ranges_after):
             if not self.ranges:
-                self.ranges = qat.freeze_ranges(pl_module)
+                self.ranges = functional.freeze_ranges(pl_module)
             self.phase = 2
         if self._reached(trainer, self.config.freeze_bn_after) and pl_module.training:
-            qat.freeze_batchnorm(pl_module)
+            functional.freeze_batchnorm(pl_module)
 
     def _lr(self, trainer) -> float | None:
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
@@ -222,7 +222,7 @@ class QuantizationAwareTraining(SlimCallback):
                 rank_zero_warn(message)
         if trainer.world_size > 1:
             self.backend.sync_ranks(
-                qat.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+                functional.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
             )
 
     @override
@@ -232,7 +232,7 @@ class QuantizationAwareTraining(SlimCallback):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        rows = qat.quantization_error(pl_module)
+        rows = functional.quantization_error(pl_module)
         mean = sum(r["relative_error"] for r in rows) / len(rows)
         self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -240,7 +240,7 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.config.log_error_table and trainer.is_global_zero:  # once per run: W&B versions every table logged
-            rows = qat.quantization_error(pl_module)
+            rows = functional.quantization_error(pl_module)
             cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
             log.log_table(
                 trainer,
@@ -264,8 +264,8 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def restore_model(self, pl_module) -> None:
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
-        self.activation_ranges = static.observer_state(qat.fake_quantized_layers(pl_module))
-        qat.unprepare(pl_module)
+        self.activation_ranges = static.observer_state(functional.fake_quantized_layers(pl_module))
+        functional.unprepare(pl_module)
         self._module, self._exported = None, None
         if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
@@ -274,12 +274,12 @@ class QuantizationAwareTraining(SlimCallback):
     def fake_quantized(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` (a copy of the trained module; modified in place) as validation saw it during
         QAT: fake-quantized layers with the trained ranges, in eval mode."""
-        if not qat.fake_quantized_layers(model):
+        if not functional.fake_quantized_layers(model):
             layers = self.layers or select_layers(model, self.config.targets, self.config.exclude)
-            qat.prepare_qat(model, layers, self.config)
-            qat.set_ranges(model, self.ranges)
-            static.load_observer_state(qat.fake_quantized_layers(model), self.activation_ranges)
-        qat.set_fake_quant(model, True)
+            functional.prepare_qat(model, layers, self.config)
+            functional.set_ranges(model, self.ranges)
+            static.load_observer_state(functional.fake_quantized_layers(model), self.activation_ranges)
+        functional.set_fake_quant(model, True)
         return model.eval()
 
     @override
@@ -310,7 +310,7 @@ class QuantizationAwareTraining(SlimCallback):
     def float_baselines(
         self, model: torch.nn.Module, example: torch.Tensor, runtime: bool = True
     ) -> dict[str, torch.nn.Module]:
-        qat.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
+        functional.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
         model.eval()
         in_runtime = self.backend.float_in_runtime(model, self._call or as_export_call(example)) if runtime else None
         return {"fp32_eager": model} | ({"fp32_runtime": in_runtime} if in_runtime is not None else {})
@@ -342,7 +342,7 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is not None:
-            self.activation_ranges = static.observer_state(qat.fake_quantized_layers(self._module))
+            self.activation_ranges = static.observer_state(functional.fake_quantized_layers(self._module))
         return {
             "phase": self.phase,
             "layers": list(self.layers),
@@ -367,5 +367,5 @@ class QuantizationAwareTraining(SlimCallback):
         self._lowest_lr = float(state_dict.get("lowest_lr", float("inf")))
         self._bn_frozen = bool(state_dict.get("bn_frozen", False))
         if self._module is not None:
-            qat.set_ranges(self._module, self.ranges)
-            static.load_observer_state(qat.fake_quantized_layers(self._module), self.activation_ranges)
+            functional.set_ranges(self._module, self.ranges)
+            static.load_observer_state(functional.fake_quantized_layers(self._module), self.activation_ranges)

@@ -129,10 +129,6 @@ class QuantizationConfig:
         return backend(self.runtime)
 
     @property
-    def layer_targets(self) -> list[str]:
-        return list(self.targets) if self.targets is not None else list(DEFAULT_TARGETS)
-
-    @property
     def dynamic(self) -> bool:
         """Activations quantized per token at run time (the runtime's default when not set)."""
         mode = self.activation_mode or self.backend.default_activation_mode

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_slim.quantization import functional as qat
+from lightning_slim.quantization import functional
 from lightning_slim.quantization.config import QuantizationConfig
 from lightning_slim.quantization.export_call import ExportCall, as_export_call, find_export_call
 from lightning_slim.quantization.layers import skipped_layers
@@ -43,15 +43,15 @@ def dry_run(pl_module: nn.Module, layers: list[str], config: QuantizationConfig,
     """Fake-quantize and convert a CPU copy, called as the export will call it: a targeted layer the
     exported module never calls, or a model the flow cannot handle, fails here and not after training."""
     model = copy.deepcopy(pl_module).cpu().eval()
-    qat.prepare_qat(model, layers, config)
+    functional.prepare_qat(model, layers, config)
     target = model.get_submodule(call.module) if call.module else model
     config.backend.observe(target, call)
-    qat.set_fake_quant(model, True)
+    functional.set_fake_quant(model, True)
     called = set()
-    found = qat.fake_quantized_layers(model)
+    found = functional.fake_quantized_layers(model)
     hooks = [m.register_forward_hook(lambda mod, *_a, n=n: called.add(n)) for n, m in found.items()]
     try:
-        with torch.no_grad(), qat.no_mha_fastpath():
+        with torch.no_grad(), functional.no_mha_fastpath():
             call.call(target)
             for h in hooks:
                 h.remove()
