@@ -16,8 +16,7 @@ from lightning_slim.core.clock import Moment
 from lightning_slim.core.compose import deployable_copy
 from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
 from lightning_slim.core.interception import InTrainingStep
-from lightning_slim.quantization import functional
-from lightning_slim.quantization import preflight, static
+from lightning_slim.quantization import functional, preflight, static
 from lightning_slim.quantization.backends import Backend
 from lightning_slim.quantization.config import QuantizationConfig, config_from
 from lightning_slim.quantization.export_call import ExportCall, as_export_call, export_fingerprint, find_export_call

@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.conv import rebuild_conv
-from lightning_slim.quantization.conv import bn_factor
+from lightning_slim.quantization.conv import bn_factor, rebuild_conv
 
 QMAX_U8 = 255
 
