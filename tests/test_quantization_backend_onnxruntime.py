@@ -83,3 +83,15 @@ def test_converts_to_an_int8_onnx_artifact_that_computes_what_training_simulated
     path = ORT.save(int8, call, tmp_path / "int8.onnx")
     assert path.stat().st_size == shipped_bytes(int8)
     torch.testing.assert_close(load_int8(path)(X), real)  # the file is the model: same session, same numbers
+
+
+def test_observed_ranges_round_trip_into_a_fresh_model():
+    model = prepared(QuantizationConfig())
+    ranges = ORT.observed_ranges(F.fake_quantized_layers(model))
+    assert set(ranges) == {"0", "2"} and all(float(r["max"]) > float(r["min"]) for r in ranges.values())
+    fresh = mlp()
+    F.prepare_qat(fresh, ["0", "2"], QuantizationConfig())
+    ORT.load_observed_ranges(F.fake_quantized_layers(fresh), ranges)
+    F.set_fake_quant(fresh, True)
+    with torch.no_grad():  # same weights, same ranges: the same fake-quantized function, bit for bit
+        torch.testing.assert_close(fresh.eval()(X), model(X), rtol=0, atol=0)

@@ -69,3 +69,9 @@ def test_converts_to_int8_modules_that_compute_what_training_simulated(tmp_path)
     assert float((real - fake).abs().max()) < 1e-2 * float(fake.abs().max())
     path = AO.save(int8, as_export_call(X[:4]), tmp_path / "int8.pt2")
     torch.testing.assert_close(load_int8(path)(X), real)  # the program runs the same kernels
+
+
+def test_refuses_ranges_observed_for_onnxruntime():
+    assert AO.observed_ranges({}) == {}
+    with pytest.raises(ValueError, match=r"activation ranges for \['0'\] \(a runtime='onnxruntime' run\)"):
+        AO.load_observed_ranges({}, {"0": {"min": torch.zeros(()), "max": torch.ones(())}})

@@ -16,7 +16,7 @@ from lightning_slim.core.clock import Moment
 from lightning_slim.core.compose import deployable_copy
 from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
 from lightning_slim.core.interception import InTrainingStep
-from lightning_slim.quantization import functional, preflight, static
+from lightning_slim.quantization import functional, preflight
 from lightning_slim.quantization.backends import Backend
 from lightning_slim.quantization.config import QuantizationConfig, config_from
 from lightning_slim.quantization.export_call import ExportCall, as_export_call, export_fingerprint, find_export_call
@@ -120,7 +120,7 @@ class QuantizationAwareTraining(SlimCallback):
         self.layers: list[str] = []
         self.folded: dict[str, str] = {}
         self.ranges: dict[str, dict[str, torch.Tensor]] = {}
-        self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # static observers (onnxruntime)
+        self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # observed in training (the backend's)
         self.skipped: list[str] = []
         self.phase = 0
         self._fastpath: bool | None = None  # the MHA fast path setting before fit
@@ -153,7 +153,7 @@ class QuantizationAwareTraining(SlimCallback):
         with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
             self.folded = functional.prepare_qat(pl_module, self.layers, self.config)
         layers = functional.fake_quantized_layers(pl_module)
-        static.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
+        self.backend.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
         self._module, self.ranges, self.phase, self._call, self._call_error = pl_module, {}, 0, None, None
         self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
@@ -263,7 +263,7 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def restore_model(self, pl_module) -> None:
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
-        self.activation_ranges = static.observer_state(functional.fake_quantized_layers(pl_module))
+        self.activation_ranges = self.backend.observed_ranges(functional.fake_quantized_layers(pl_module))
         functional.unprepare(pl_module)
         self._module, self._exported = None, None
         if self._fastpath is not None:
@@ -277,7 +277,7 @@ class QuantizationAwareTraining(SlimCallback):
             layers = self.layers or select_layers(model, self.config.targets, self.config.exclude)
             functional.prepare_qat(model, layers, self.config)
             functional.set_ranges(model, self.ranges)
-            static.load_observer_state(functional.fake_quantized_layers(model), self.activation_ranges)
+            self.backend.load_observed_ranges(functional.fake_quantized_layers(model), self.activation_ranges)
         functional.set_fake_quant(model, True)
         return model.eval()
 
@@ -341,7 +341,7 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is not None:
-            self.activation_ranges = static.observer_state(functional.fake_quantized_layers(self._module))
+            self.activation_ranges = self.backend.observed_ranges(functional.fake_quantized_layers(self._module))
         return {
             "phase": self.phase,
             "layers": list(self.layers),
@@ -367,4 +367,4 @@ class QuantizationAwareTraining(SlimCallback):
         self._bn_frozen = bool(state_dict.get("bn_frozen", False))
         if self._module is not None:
             functional.set_ranges(self._module, self.ranges)
-            static.load_observer_state(functional.fake_quantized_layers(self._module), self.activation_ranges)
+            self.backend.load_observed_ranges(functional.fake_quantized_layers(self._module), self.activation_ranges)

@@ -106,6 +106,18 @@ class Backend(abc.ABC):
         """The integer weight of each quantized layer of a converted ``model``, as (out, in) rows."""
 
     @abc.abstractmethod
+    def record_when(self, layers: dict[str, nn.Module], recording: Callable[[], bool]) -> None:
+        """Make the range observers of ``layers`` record when ``recording()`` holds (the user's step)."""
+
+    @abc.abstractmethod
+    def observed_ranges(self, layers: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+        """What the layers observed in training (activation ranges), to be saved in a checkpoint."""
+
+    @abc.abstractmethod
+    def load_observed_ranges(self, layers: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set back what :meth:`observed_ranges` returned."""
+
+    @abc.abstractmethod
     def sync_ranks(self, layers: dict[str, nn.Module], reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """After each step under DDP: make every rank's training-time state (e.g. observed ranges) equal."""
 

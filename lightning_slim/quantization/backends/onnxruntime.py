@@ -156,6 +156,21 @@ class OnnxRuntimeBackend(Backend):
             found[node.input[1][: -len(".packed")]] = q.to(torch.int8)
         return found
 
+    def record_when(self, layers: dict[str, nn.Module], recording: Callable[[], bool]) -> None:
+        from lightning_slim.quantization.static import record_when
+
+        record_when(layers, recording)
+
+    def observed_ranges(self, layers: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+        from lightning_slim.quantization.static import observer_state
+
+        return observer_state(layers)
+
+    def load_observed_ranges(self, layers: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
+        from lightning_slim.quantization.static import load_observer_state
+
+        load_observer_state(layers, state)
+
     def sync_ranks(self, layers: dict[str, nn.Module], reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         from lightning_slim.quantization.static import average_observers
 

@@ -136,6 +136,19 @@ class TorchaoBackend(Backend):
                 found[parent if in_conv else name] = w.qdata.reshape(w.qdata.shape[0], -1)
         return found
 
+    def record_when(self, layers: dict[str, nn.Module], recording: Callable[[], bool]) -> None:
+        pass  # per-token activations: nothing observed in training
+
+    def observed_ranges(self, layers: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    def load_observed_ranges(self, layers: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if state:
+            raise ValueError(
+                f"the checkpoint holds observed activation ranges for {sorted(state)} (a runtime='onnxruntime' run); "
+                "runtime='torchao' quantizes activations per token and has none to load"
+            )
+
     def sync_ranks(self, layers: dict[str, nn.Module], reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         pass  # no state besides the parameters, which DDP keeps equal
 
