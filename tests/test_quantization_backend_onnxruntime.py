@@ -93,5 +93,6 @@ def test_observed_ranges_round_trip_into_a_fresh_model():
     F.prepare_qat(fresh, ["0", "2"], QuantizationConfig())
     ORT.load_observed_ranges(F.fake_quantized_layers(fresh), ranges)
     F.set_fake_quant(fresh, True)
-    with torch.no_grad():  # same weights, same ranges: the same fake-quantized function, bit for bit
+    with torch.no_grad():
+        # same weights, same ranges, same kernels: the same fake-quantized function, bit for bit
         torch.testing.assert_close(fresh.eval()(X), model(X), rtol=0, atol=0)
