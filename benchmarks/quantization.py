@@ -33,7 +33,7 @@ import torch
 
 from lightning_slim.demos.data import MNIST1DDataModule
 from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP
-from lightning_slim.quantization import QuantizationAwareTraining
+from lightning_slim.quantization import QuantizationAwareTraining, QuantizationConfig, select_layers
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import to_runtime
 from lightning_slim.quantization.static import calibrate
@@ -73,7 +73,7 @@ def fit(make, epochs, lr, seed, data, callbacks=()):
 def ptq(module, calibration):
     """Post-training int8 for onnxruntime: ranges observed on ``calibration`` inputs, no training."""
     model = copy.deepcopy(module).cpu().eval()
-    F.prepare_qat(model, F.select_layers(model), F.QuantSpec())
+    F.prepare_qat(model, select_layers(model), QuantizationConfig())
     calibrate(model, calibration.split(256))
     F.set_fake_quant(model, True)
     return to_runtime(model.eval(), calibration[:8])

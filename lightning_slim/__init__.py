@@ -22,6 +22,7 @@ _PUBLIC = {
     "MNIST1DMLP": "lightning_slim.demos.models",
     "MNIST1DTransformer": "lightning_slim.demos.models",
     "DigitsCNN": "lightning_slim.demos.models",
+    "QuantizationConfig": "lightning_slim.quantization",
 }
 # every technique's callback (IterativeMagnitudePruning, ...), found from its folder (registry.py)
 _PUBLIC |= registry.callbacks()

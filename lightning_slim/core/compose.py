@@ -21,12 +21,14 @@ Refused before training: two techniques of one kind; a sharded strategy; a techn
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
+from torch import nn
 
-from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, Technique, export_chain
+from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, ExportStage, Technique, export_chain
 from lightning_slim.core.lightning_glue import sharded_strategy
 
 
@@ -44,6 +46,15 @@ SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 def techniques(trainer: pl.Trainer) -> list[Technique]:
     """The Trainer's techniques, in the order of its callback list."""
     return [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
+
+
+def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
+    """A CPU copy of the trained module passed through every technique's ``export``, in the order
+    of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
+    model = copy.deepcopy(pl_module).cpu().eval()
+    for cb in export_chain(techniques(trainer), before):
+        model = cb.export(model)
+    return model
 
 
 def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:

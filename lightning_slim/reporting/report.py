@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
@@ -34,8 +33,8 @@ from lightning_slim.batches import BatchFormatError, batch_inputs, example_count
 from lightning_slim.core import log
 from lightning_slim.core.arguments import check_choice, check_int
 from lightning_slim.core.callback import SlimCallback
-from lightning_slim.core.compose import capability, techniques
-from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage, export_chain
+from lightning_slim.core.compose import capability, deployable_copy, techniques
+from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.modules import output_tensor
 from lightning_slim.reporting import console, summary
 from lightning_slim.reporting.evaluation import TASKS, detect_task, evaluate
@@ -53,15 +52,6 @@ BASELINE = (
     "at fit start: the model as the user built it, before training and before any callback changed it "
     "(untrained, or pretrained as loaded); after fit: the deployable model every callback's export made"
 )
-
-
-def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
-    """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
-    model = copy.deepcopy(pl_module).cpu().eval()
-    for cb in export_chain(techniques(trainer), before):
-        model = cb.export(model)
-    return model
 
 
 @torch.inference_mode()
