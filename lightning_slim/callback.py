@@ -79,6 +79,11 @@ class SlimCallback(pl.Callback):
         """From this moment on, this technique needs no other to change the model's structure."""
         return None
 
+    def sharded_refusal(self) -> str | None:
+        """Why this technique, as configured, cannot train FSDP2-sharded (``DTensor``) parameters under
+        ``ModelParallelStrategy`` (None: it can, tested in ``tests/sharded``)."""
+        return "it does not train sharded parameters yet"
+
     # --- the contract: effects (each runs only when declared in ``effects``) -------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise a clear error about bad arguments or an unsupported model, before training."""

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
+from lightning_slim import log, sharding
 from lightning_slim.arguments import check_int
 from lightning_slim.callback import SlimCallback
 from lightning_slim.clock import Moment
@@ -33,6 +33,7 @@ from lightning_slim.pruning.options import (
     check_options,
     coverage_warning,
     resolve_pattern,
+    sharded_refusal,
     tied_heads_line,
 )
 from lightning_slim.pruning.schedules import as_dict, parse_schedule, timing
@@ -136,8 +137,7 @@ class IterativeMagnitudePruning(SlimCallback):
         self.channel_ratio = 0.0
         self.norms = InputNorms()  # Wanda's input statistics since the last event
         self.config_changes: dict[str, Any] = {}
-        # runtime only
-        self._channels: channel_targets.ChannelTargets | None = None  # structural: what loses channels
+        self._channels: channel_targets.ChannelTargets | None = None  # runtime only from here; what loses channels
         self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
         self._targets: dict[str, tensor_targets.Target] = {}  # what is masked
         self._untouched: dict[str, str] = {}  # weight matrices left dense, and why
@@ -152,6 +152,10 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def restructures_until(self) -> Moment | None:
         return Moment(self.schedule.unit, max(t for t, _ in self.events)) if self.structured else None
+
+    @override
+    def sharded_refusal(self) -> str | None:
+        return sharded_refusal(self.pattern, self.importance)
 
     @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
@@ -300,7 +304,7 @@ class IterativeMagnitudePruning(SlimCallback):
             self._fallback.update(fallback)
             rank_zero_warn(coverage_warning({}, {}, sorted(fallback)), category=PruningCoverageWarning)
         self.norms.reset()  # the next event scores by the inputs seen after this one
-        if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
+        if trainer.world_size > 1 and not sharding.any_sharded(masks.values()):  # DDP: rank 0's masks for all
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = masks
         self._rewind(trainer, pl_module)

@@ -114,3 +114,15 @@ def coverage_warning(untouched: Mapping[str, str], tied: Mapping[str, list[str]]
         "in report_rows()['untouched']; target them by their parameter name if they are plain weight matrices, "
         "or exclude the module to silence this."
     )
+
+
+def sharded_refusal(pattern: Pattern, importance: str) -> str | None:
+    """Why pruning so configured cannot run on FSDP2-sharded parameters (None: it can)."""
+    if pattern.kind == "channels":
+        return (
+            "IterativeMagnitudePruning(pattern='channels') changes parameter shapes, which FSDP2 fixed when "
+            "configure_model sharded them: prune channels unsharded (single device or DDP), then shard"
+        )
+    if importance == "wanda":
+        return "IterativeMagnitudePruning(importance='wanda') does not reduce its input norms across ranks"
+    return None

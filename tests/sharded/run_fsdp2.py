@@ -1,0 +1,214 @@
+"""Every sharded scenario in one launch: two gloo processes under Lightning's ``ModelParallelStrategy``
+(FSDP2 ``fully_shard`` in ``configure_model``), then, on rank 0 only, a one-process run of each scenario
+on the same global batch. Writes ``<out>/<scenario>_<run>.pt`` (full weights, full masks, logged
+sparsity) and ``<out>/evidence.json`` (per-rank sizes and timings); the tests in this folder assert on them.
+
+Run by the ``evidence`` fixture in a subprocess with the launcher's environment variables removed:
+``strategy``'s launcher re-runs *this script* for rank 1, which inside pytest would re-run pytest.
+
+    python tests/sharded/run_fsdp2.py OUT_DIR [SCENARIO ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_slim import IterativeMagnitudePruning, sharding
+
+LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
+STEPS = 6
+
+
+class TinyLlama(pl.LightningModule):
+    """A real transformers Llama from a small config; an odd vocabulary makes lm_head's shards uneven (32/31 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=63,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        self.model = LlamaForCausalLM(config)
+
+    def configure_model(self):
+        if self.device_mesh is None:  # the one-process reference: unsharded
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:  # per decoder layer, as users shard
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens, use_cache=False).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    @staticmethod
+    def data() -> TensorDataset:
+        return TensorDataset(
+            torch.randint(0, 63, (LOCAL_BATCH * WORLD * STEPS, 16), generator=torch.Generator().manual_seed(1))
+        )
+
+
+class TinyCNN(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(48, 10),
+        )
+
+    def configure_model(self):
+        if self.device_mesh is None:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for i in (0, 3):
+            fully_shard(self.net[i], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    @staticmethod
+    def data() -> TensorDataset:
+        g = torch.Generator().manual_seed(1)
+        n = LOCAL_BATCH * WORLD * STEPS
+        return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def pruning(**kwargs) -> IterativeMagnitudePruning:
+    return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
+
+
+# name: (module class, callbacks factory)
+SCENARIOS = {
+    # one-shot at step 0: masks from the same initial weights, so equal to the one-process masks bit for bit
+    "llama_global": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.6, "at": 0, "unit": "step"})],
+    ),
+    "llama_layer": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0, "unit": "step"}, scope="layer")],
+    ),
+    "llama_2of4": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0, "unit": "step"}, pattern="2:4")],
+    ),
+    # IMP: rounds at steps 2 and 4 on trained weights, rewinding to step 1
+    "llama_imp_rewind": (
+        TinyLlama,
+        lambda: [
+            pruning(
+                schedule={"kind": "imp", "rounds": 2, "rate": 0.5, "every": 2, "unit": "step"},
+                rewind="step",
+                rewind_step=1,
+            )
+        ],
+    ),
+    "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
+}
+
+
+def trainer(devices: int, callbacks: list) -> pl.Trainer:
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if devices > 1 else "auto"
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def local_bytes(tensors) -> int:
+    return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
+
+
+def run(name: str, out: Path, devices: int) -> dict:
+    module_cls, make_callbacks = SCENARIOS[name]
+    pl.seed_everything(0)
+    module, callbacks = module_cls(), make_callbacks()
+    tr = trainer(devices, callbacks)
+    tr.callbacks.extend(callbacks)
+    data = module_cls.data()
+    if devices > 1:  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
+        loader = DataLoader(data, batch_size=LOCAL_BATCH)
+    else:  # the same global batches: rank r takes permutation[r::WORLD], so step k sees permutation[kB:(k+1)B]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=order)
+    start = time.perf_counter()
+    tr.fit(module, loader)
+    seconds = time.perf_counter() - start
+    prune = next(c for c in callbacks if isinstance(c, IterativeMagnitudePruning))
+    record = {
+        "seconds": seconds,
+        "param_bytes": local_bytes(module.parameters()),
+        "mask_numel": sum(sharding.local(m).numel() for m in prune.masks.values()),
+        "mask_bytes": local_bytes(prune.masks.values()),
+        "masks_sharded": all(sharding.is_sharded(m) for m in prune.masks.values()),
+        "sparsity": prune._sparsity["sparsity"],
+        "rounds": prune.round,
+    }
+    full_weights = sharding.full_state_dict(module)  # collectives: every rank calls them
+    full_masks = {k: sharding.full(m).cpu() for k, m in prune.masks.items()}
+    if tr.global_rank == 0:
+        run_name = "fsdp" if devices > 1 else "single"
+        torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")
+    return record
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    names = sys.argv[2:] or list(SCENARIOS)
+    torch.set_num_threads(1)
+    evidence: dict = {"fsdp": {}, "single": {}}
+    for name in names:
+        evidence["fsdp"][name] = run(name, out, WORLD)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    gathered = [None] * WORLD
+    torch.distributed.all_gather_object(gathered, evidence["fsdp"])
+    if rank != 0:
+        return
+    evidence["fsdp"] = {name: [g[name] for g in gathered] for name in names}
+    for name in names:
+        evidence["single"][name] = run(name, out, 1)
+    (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
+
+
+if __name__ == "__main__":
+    main()
