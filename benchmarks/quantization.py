@@ -31,14 +31,14 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.measure import serialized_bytes
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP
 from lightning_slim.quantization import QuantizationAwareTraining
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import to_runtime
 from lightning_slim.quantization.static import calibrate
-from lightning_slim.report import classification_accuracy
+from lightning_slim.reporting.measure import serialized_bytes
+from lightning_slim.reporting.report import classification_accuracy
 
 MODELS = {  # name -> (factory, epochs, lr); the required rows, trained
     "mnist1d_cnn": (partial(MNIST1DCNN, channels=25), 10, 1e-2),

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fair_cpu, quiet_trainer
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer
 from lightning_slim.quantization import (
     QuantizationAwareTraining,
     artifact_bytes,

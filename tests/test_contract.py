@@ -11,10 +11,10 @@ import torch
 from cases import all_cases
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-from lightning_slim import compose
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.core import compose
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.contract import Capability, Effect, ExportStage
 
 
 def test_declarations_and_methods_must_agree():

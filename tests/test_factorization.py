@@ -17,10 +17,10 @@ from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_slim.compose import IncompatibleCallbacksError
+from lightning_slim.core.compose import IncompatibleCallbacksError
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.factorization import FactorizationConfig, FactorizedLayer, LowRankFactorization, load_factorized
 from lightning_slim.factorization import functional as F
-from lightning_slim.models import MNIST1DCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24  # float32 unit roundoff

@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cases import small_data  # noqa: E402
 
 from lightning_slim.batches import batch_size  # noqa: E402
-from lightning_slim.compose import IncompatibleCallbacksError  # noqa: E402
-from lightning_slim.models import MNIST1DCNN, MNIST1DTeacherCNN  # noqa: E402
-from lightning_slim.pipeline import compression_callbacks, find  # noqa: E402
+from lightning_slim.core.compose import IncompatibleCallbacksError  # noqa: E402
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DTeacherCNN  # noqa: E402
+from lightning_slim.demos.pipeline import compression_callbacks, find  # noqa: E402
 from lightning_slim.quantization.export import int8_weights  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning
 from lightning_slim.pruning import functional as F
 from lightning_slim.pruning import rewind as R

@@ -12,7 +12,7 @@ import torch
 from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning, load_pruned
 from lightning_slim.pruning.curve import MissingMetricWarning
 from lightning_slim.pruning.functional import global_sparsity, select_layers

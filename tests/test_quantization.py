@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_slim import MNIST1DCNN, MNIST1DMLP, CompressionReport, MNIST1DTransformer
-from lightning_slim.measure import serialized_bytes
 from lightning_slim.quantization import QuantizationAwareTraining
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import convert_to_int8, load_int8
+from lightning_slim.reporting.measure import serialized_bytes
 
 X = torch.randn(64, 1, 40, generator=torch.Generator().manual_seed(0))
 TORCHAO = F.QuantSpec(runtime="torchao")

@@ -18,7 +18,7 @@ from test_quantization import prune_randomly
 from torch import nn
 
 from lightning_slim import MNIST1DCNN, MNIST1DMLP, DigitsCNN, MNIST1DTransformer
-from lightning_slim.models import ClassifierModule
+from lightning_slim.demos.models import ClassifierModule
 from lightning_slim.quantization import (
     QuantizationAwareTraining,
     artifact_bytes,

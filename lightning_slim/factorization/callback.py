@@ -12,16 +12,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import as_config
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.compose import IncompatibleCallbacksError, techniques
-from lightning_slim.contract import Effect
+from lightning_slim.core import log
+from lightning_slim.core.arguments import as_config
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.compose import IncompatibleCallbacksError, techniques
+from lightning_slim.core.contract import Effect
+from lightning_slim.core.lightning_glue import rebuild_optimizers
 from lightning_slim.factorization import functional as F
 from lightning_slim.factorization.configs import FactorizationConfig
 from lightning_slim.factorization.structure import restructure
-from lightning_slim.lightning_glue import rebuild_optimizers
 
 # what another technique declares when it takes hold of the model's layers or parameters in its setup
 # (masks keyed by parameter path, swapped layers, clamped weight lists): replacing layers after that

@@ -12,13 +12,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log, sharding
-from lightning_slim.arguments import check_int
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.contract import Effect, ExportStage
-from lightning_slim.interception import InTrainingStep
-from lightning_slim.lightning_glue import rebuild_optimizers
+from lightning_slim.core import log, sharding
+from lightning_slim.core.arguments import check_int
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.contract import Effect, ExportStage
+from lightning_slim.core.interception import InTrainingStep
+from lightning_slim.core.lightning_glue import rebuild_optimizers
 from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import channel_targets
 from lightning_slim.pruning import functional as masking
@@ -258,11 +258,10 @@ class IterativeMagnitudePruning(SlimCallback):
         )
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
+    def release(self, pl_module) -> None:  # Wanda's calibration hooks
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        super()._leave(pl_module)
 
     # --- pruning events ---------------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_slim import sharding
+from lightning_slim.core import sharding
 from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import importance as imp
 from lightning_slim.pruning import patterns

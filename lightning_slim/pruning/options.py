@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lightning_slim.arguments import check_choice
+from lightning_slim.core.arguments import check_choice
 from lightning_slim.pruning.importance import IMPORTANCES
 from lightning_slim.pruning.patterns import SCOPES, Pattern, parse_pattern
 from lightning_slim.pruning.rewind import REWINDS, rewinds_weights

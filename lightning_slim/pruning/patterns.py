@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lightning_slim import sharding
-from lightning_slim.arguments import check_fraction
+from lightning_slim.core import sharding
+from lightning_slim.core.arguments import check_fraction
 
 SCOPES = ("global", "layer", "row")
 KINDS = ("unstructured", "channels", "N:M")
@@ -114,7 +114,7 @@ def masks(
     ``1 - N/M``; below it, each group's N best are protected while the rest is ranked as usual, so
     a gradual schedule reaches exactly N:M at its last round. With a process ``group`` the scores are
     this rank's rows of row-sharded tensors (FSDP2): rows and N:M groups are whole on each rank, and
-    the global / per-tensor thresholds are agreed across ranks (:func:`lightning_slim.sharding.keep_top`).
+    the global / per-tensor thresholds are agreed across ranks (:func:`lightning_slim.core.sharding.keep_top`).
     """
     check_fraction("sparsity", sparsity)
     if scope not in SCOPES:

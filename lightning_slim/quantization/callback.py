@@ -10,12 +10,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import check_int
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment, check_unit
-from lightning_slim.contract import Effect, ExportRefused, ExportStage
-from lightning_slim.interception import InTrainingStep
+from lightning_slim.core import log
+from lightning_slim.core.arguments import check_int
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment, check_unit
+from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
+from lightning_slim.core.interception import InTrainingStep
 from lightning_slim.quantization import functional as qat
 from lightning_slim.quantization import preflight, static
 from lightning_slim.quantization.export import save_int8, to_runtime
@@ -278,7 +278,7 @@ class QuantizationAwareTraining(SlimCallback):
                     f"QuantizationAwareTraining: the int8 model was not saved: {self._call_error or 'no batch seen'}"
                 )
                 return
-            from lightning_slim.report import deployable_copy
+            from lightning_slim.reporting.report import deployable_copy
 
             model = deployable_copy(trainer, pl_module)  # every callback's export in order, this one last
             self.saved_path = str(save_int8(model, self._call, self.export_path))

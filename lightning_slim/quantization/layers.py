@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_slim.loading import find_class
+from lightning_slim.core.loading import find_class
 from lightning_slim.quantization import conv as qconv
 from lightning_slim.targets import _check_spec as check_spec
 from lightning_slim.targets import matches

@@ -49,7 +49,7 @@ def export_call(trainer, pl_module, export_module: str | None, export_inputs: li
     (``example_input_array`` for a module that defines ``forward(x)`` and names nothing else); None
     when no sample can be had without iterating the loader (then the first batch decides)."""
     from lightning_slim.batches import sample_batch
-    from lightning_slim.lightning_glue import train_loader
+    from lightning_slim.core.lightning_glue import train_loader
     from lightning_slim.modules import overrides_forward
 
     example = getattr(pl_module, "example_input_array", None)

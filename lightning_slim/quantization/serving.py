@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_slim.measure import compare_latency, cpu_int8_capability, interleaved_latency_ms
+from lightning_slim.reporting.measure import compare_latency, cpu_int8_capability, interleaved_latency_ms
 
 __all__ = [
     "OrtModel",

@@ -12,14 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import compose, log
-from lightning_slim.arguments import as_config, check_choice, check_fraction, check_int, check_range
 from lightning_slim.batches import batch_indices, sample_batch, slice_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Capability, Effect
+from lightning_slim.core import compose, log
+from lightning_slim.core.arguments import as_config, check_choice, check_fraction, check_int, check_range
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Capability, Effect
+from lightning_slim.core.lightning_glue import train_loader
+from lightning_slim.core.loading import as_callable, freeze
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.lightning_glue import train_loader
-from lightning_slim.loading import as_callable, freeze
 from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.configs import JointSelection, SelectionWindow

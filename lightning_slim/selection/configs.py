@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_slim.arguments import check_choice, check_int, check_order
+from lightning_slim.core.arguments import check_choice, check_int, check_order
 
 OUTSIDE_WINDOW = ("uniform", "full")
 

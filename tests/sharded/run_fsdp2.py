@@ -24,7 +24,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_slim import IterativeMagnitudePruning, sharding
+from lightning_slim import IterativeMagnitudePruning
+from lightning_slim.core import sharding
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
 STEPS = 6

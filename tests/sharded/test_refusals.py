@@ -14,9 +14,9 @@ from lightning_slim import (
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
-from lightning_slim.compose import UnsupportedStrategyError, check_sharded
+from lightning_slim.core.compose import UnsupportedStrategyError, check_sharded
+from lightning_slim.core.sharding import keep_top
 from lightning_slim.pruning.patterns import masks
-from lightning_slim.sharding import keep_top
 
 MODEL_PARALLEL = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 

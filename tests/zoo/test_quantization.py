@@ -25,7 +25,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_slim import CompressionReport, QuantizationAwareTraining
-from lightning_slim.contract import ExportRefused
+from lightning_slim.core.contract import ExportRefused
 from lightning_slim.modules import call_model, output_tensor
 from lightning_slim.quantization import functional as F
 from zoo.models import ZOO, UserResNet, available, build, digit_images

@@ -1,8 +1,8 @@
 """How techniques compose in one Trainer: the checks that run before training, all driven by
-what each technique declares (:mod:`lightning_slim.contract`), none by technique names.
+what each technique declares (:mod:`lightning_slim.core.contract`), none by technique names.
 
-The order of effects in a step is fixed by :mod:`lightning_slim.interception`, not by the
-order of the callback list; the export chain runs in :class:`~lightning_slim.contract.ExportStage`
+The order of effects in a step is fixed by :mod:`lightning_slim.core.interception`, not by the
+order of the callback list; the export chain runs in :class:`~lightning_slim.core.contract.ExportStage`
 order. With the four techniques of this package (:func:`describe_effects` prints this table
 for any list of callbacks):
 
@@ -25,13 +25,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import Strategy
 
-from lightning_slim.contract import Capability, Effect
-from lightning_slim.lightning_glue import sharded_strategy
+from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, Technique, export_chain
+from lightning_slim.core.lightning_glue import sharded_strategy
 
 
 class IncompatibleCallbacksError(ValueError):
@@ -47,13 +46,12 @@ SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model
 SHARDED_SUPPORT = "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) works"
 
 
-def techniques(trainer: pl.Trainer) -> list[Any]:
-    from lightning_slim.callback import SlimCallback
+def techniques(trainer: pl.Trainer) -> list[Technique]:
+    """The Trainer's techniques, in the order of its callback list."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
 
-    return [cb for cb in trainer.callbacks if isinstance(cb, SlimCallback)]
 
-
-def capability(trainer: pl.Trainer, what: Capability, asker: Any = None) -> Any | None:
+def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:
     """What another technique in the Trainer provides as ``what`` (None if nobody does)."""
     for cb in techniques(trainer):
         if cb is not asker and what in cb.provides():
@@ -100,7 +98,7 @@ def check_combination(trainer: pl.Trainer) -> None:
             )
 
 
-def check_sharded(strategy_object: Strategy, slim: list[Any], ckpt_path: str | None = None) -> None:
+def check_sharded(strategy_object: Strategy, slim: list[Technique], ckpt_path: str | None = None) -> None:
     """Sharded strategies: FSDP2 through ``ModelParallelStrategy`` for the techniques (as configured)
     that declare they work on sharded parameters (``sharded_refusal() is None``), on a fresh fit."""
     strategy = sharded_strategy(strategy_object)
@@ -127,25 +125,14 @@ def check_sharded(strategy_object: Strategy, slim: list[Any], ckpt_path: str | N
         )
 
 
-def describe_effects(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
-    """``(effect, technique)`` rows in the order they act in a step and at export.
+def describe_effects(callbacks: Iterable[object]) -> list[tuple[str, str]]:
+    """``(effect, technique)`` rows in the order they act: set-up, a step, then export.
 
     >>> from lightning_slim import IterativeMagnitudePruning
     >>> describe_effects([IterativeMagnitudePruning()])
     [('before_weights_load', 'pruning'), ('after_optimizer_step', 'pruning'), ('export: FINALIZE_WEIGHTS', 'pruning')]
     """
-    from lightning_slim.callback import SlimCallback
-
-    slim = sorted((c for c in callbacks if isinstance(c, SlimCallback)), key=lambda c: c.technique)
-    order = [
-        Effect.BASELINE,
-        Effect.SWAP_MODULES,
-        Effect.RESTRUCTURE,
-        Effect.SELECT_BATCH,
-        Effect.SCALE_LOSS,
-        Effect.ADD_LOSS,
-        Effect.AFTER_OPTIMIZER_STEP,
-    ]
-    rows = [(e.value, c.technique) for e in order for c in slim if e in c.effects]
-    exporters = sorted((c for c in slim if c.export_stage is not None), key=lambda c: c.export_stage)
-    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in exporters]
+    slim = sorted((c for c in callbacks if isinstance(c, Technique)), key=lambda c: c.technique)
+    setup = [Effect.BASELINE, Effect.SWAP_MODULES, Effect.RESTRUCTURE]
+    rows = [(e.value, c.technique) for e in (*setup, *STEP_ORDER) for c in slim if e in c.effects]
+    return rows + [(f"export: {c.export_stage.name}", c.technique) for c in export_chain(slim)]

@@ -1,6 +1,6 @@
 """What a compressed model costs: parameters, non-zeros, bytes as saved, MACs and CPU latency
 (median and interquartile range, models timed side by side). Generation speed is in
-:mod:`lightning_slim.generation`.
+:mod:`lightning_slim.reporting.generation`.
 
 Inputs (``example_input``) may be a tensor (``model(x)``; token ids too), a dict of keyword
 arguments (``model(**x)``, e.g. ``{"input_ids", "attention_mask"}``), or a call ``(args, kwargs)``.
