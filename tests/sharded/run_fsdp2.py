@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_slim import IterativeMagnitudePruning
+from lightning_slim import IterativeMagnitudePruning, KnowledgeDistillation
 from lightning_slim.core import sharding
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
@@ -107,6 +107,13 @@ class TinyCNN(pl.LightningModule):
         return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
+def llama_teacher():
+    """A replicated, frozen teacher: the same architecture, its own initialisation (identical on every rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return TinyLlama().model
+
+
 def pruning(**kwargs) -> IterativeMagnitudePruning:
     return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
 
@@ -135,6 +142,15 @@ SCENARIOS = {
                 rewind="step",
                 rewind_step=1,
             )
+        ],
+    ),
+    "llama_plain": (TinyLlama, lambda: []),  # what the distillation runs are told apart from
+    "llama_kd": (TinyLlama, lambda: [KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0)]),
+    "llama_kd_pruned": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0),
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
         ],
     ),
     "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
@@ -175,18 +191,19 @@ def run(name: str, out: Path, devices: int) -> dict:
     start = time.perf_counter()
     tr.fit(module, loader)
     seconds = time.perf_counter() - start
-    prune = next(c for c in callbacks if isinstance(c, IterativeMagnitudePruning))
-    record = {
-        "seconds": seconds,
-        "param_bytes": local_bytes(module.parameters()),
-        "mask_numel": sum(sharding.local(m).numel() for m in prune.masks.values()),
-        "mask_bytes": local_bytes(prune.masks.values()),
-        "masks_sharded": all(sharding.is_sharded(m) for m in prune.masks.values()),
-        "sparsity": prune._sparsity["sparsity"],
-        "rounds": prune.round,
-    }
+    record = {"seconds": seconds, "param_bytes": local_bytes(module.parameters())}
+    prune = next((c for c in callbacks if isinstance(c, IterativeMagnitudePruning)), None)
+    masks = prune.masks if prune is not None else {}
+    if prune is not None:
+        record.update(
+            mask_numel=sum(sharding.local(m).numel() for m in masks.values()),
+            mask_bytes=local_bytes(masks.values()),
+            masks_sharded=all(sharding.is_sharded(m) for m in masks.values()),
+            sparsity=prune._sparsity["sparsity"],
+            rounds=prune.round,
+        )
     full_weights = sharding.full_state_dict(module)  # collectives: every rank calls them
-    full_masks = {k: sharding.full(m).cpu() for k, m in prune.masks.items()}
+    full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
     if tr.global_rank == 0:
         run_name = "fsdp" if devices > 1 else "single"
         torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")

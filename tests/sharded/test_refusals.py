@@ -30,7 +30,8 @@ def test_unsharded_strategies_pass():
     check_sharded(pl.Trainer(accelerator="cpu", devices=1, logger=False).strategy, [IterativeMagnitudePruning()])
 
 
-def test_unstructured_and_nm_magnitude_pruning_pass_under_model_parallel():
+def test_supported_techniques_pass_under_model_parallel():
+    check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
     check_sharded(
         MODEL_PARALLEL,
         [IterativeMagnitudePruning(), IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5}, pattern="2:4")],
@@ -43,7 +44,7 @@ def test_unstructured_and_nm_magnitude_pruning_pass_under_model_parallel():
         (IterativeMagnitudePruning(structured=True), "changes parameter shapes"),
         (IterativeMagnitudePruning(importance="wanda"), "input norms"),
         (QuantizationAwareTraining(), "QuantizationAwareTraining: it does not train sharded"),
-        (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2)), "KnowledgeDistillation: it does not"),
+        (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(score="uniform"), "OnlineDataSelection: it does not"),
         (CompressionReport(), "CompressionReport: it does not"),
     ],
