@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_slim import IterativeMagnitudePruning, KnowledgeDistillation
+from lightning_slim import IterativeMagnitudePruning, KnowledgeDistillation, OnlineDataSelection
 from lightning_slim.core import sharding
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
@@ -114,6 +114,12 @@ def llama_teacher():
         return TinyLlama().model
 
 
+def cnn_teacher():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return TinyCNN().net
+
+
 def pruning(**kwargs) -> IterativeMagnitudePruning:
     return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
 
@@ -154,15 +160,26 @@ SCENARIOS = {
         ],
     ),
     "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
+    # selection is per rank (each rank keeps the best of its own super-batch), as under DDP: compared with DDP
+    "cnn_select": (TinyCNN, lambda: [OnlineDataSelection(keep=0.5, score="hard")]),
+    "cnn_together": (
+        TinyCNN,
+        lambda: [
+            OnlineDataSelection(keep=0.5, score="hard"),
+            KnowledgeDistillation(teacher=cnn_teacher(), alpha=0.5, temperature=2.0),
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
+        ],
+    ),
 }
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together")
 
 
-def trainer(devices: int, callbacks: list) -> pl.Trainer:
-    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if devices > 1 else "auto"
+def trainer(run: str) -> pl.Trainer:
+    strategies = {"fsdp": ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), "ddp": "ddp"}
     return pl.Trainer(
         accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
+        devices=1 if run == "single" else WORLD,
+        strategy=strategies.get(run, "auto"),
         max_steps=STEPS,
         logger=False,
         log_every_n_steps=1,
@@ -172,18 +189,26 @@ def trainer(devices: int, callbacks: list) -> pl.Trainer:
     )
 
 
+def tensors_in(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, list | tuple) else []
+    return [t for item in items for t in tensors_in(item)]
+
+
 def local_bytes(tensors) -> int:
     return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
 
 
-def run(name: str, out: Path, devices: int) -> dict:
+def run(name: str, out: Path, run_name: str) -> dict:
+    """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"`` (two processes each) or ``"single"`` (rank 0 alone)."""
     module_cls, make_callbacks = SCENARIOS[name]
     pl.seed_everything(0)
     module, callbacks = module_cls(), make_callbacks()
-    tr = trainer(devices, callbacks)
+    tr = trainer(run_name)
     tr.callbacks.extend(callbacks)
     data = module_cls.data()
-    if devices > 1:  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
+    if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
     else:  # the same global batches: rank r takes permutation[r::WORLD], so step k sees permutation[kB:(k+1)B]
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
@@ -202,10 +227,14 @@ def run(name: str, out: Path, devices: int) -> dict:
             sparsity=prune._sparsity["sparsity"],
             rounds=prune.round,
         )
+        if prune.snapshot is not None:  # rewind state: weights and optimizer state as they were
+            record["snapshot_bytes"] = local_bytes(tensors_in(prune.snapshot))
+    select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
+    if select is not None:
+        record["ledger"] = select.ledger.summary()
     full_weights = sharding.full_state_dict(module)  # collectives: every rank calls them
     full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
     if tr.global_rank == 0:
-        run_name = "fsdp" if devices > 1 else "single"
         torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")
     return record
 
@@ -214,17 +243,17 @@ def main() -> None:
     out = Path(sys.argv[1])
     names = sys.argv[2:] or list(SCENARIOS)
     torch.set_num_threads(1)
-    evidence: dict = {"fsdp": {}, "single": {}}
+    per_rank: dict = {"fsdp": {}, "ddp": {}}
     for name in names:
-        evidence["fsdp"][name] = run(name, out, WORLD)
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        per_rank["fsdp"][name] = run(name, out, "fsdp")
+        if name in COMPARED_WITH_DDP:
+            per_rank["ddp"][name] = run(name, out, "ddp")
     gathered = [None] * WORLD
-    torch.distributed.all_gather_object(gathered, evidence["fsdp"])
-    if rank != 0:
+    torch.distributed.all_gather_object(gathered, per_rank)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
-    evidence["fsdp"] = {name: [g[name] for g in gathered] for name in names}
-    for name in names:
-        evidence["single"][name] = run(name, out, 1)
+    evidence: dict = {k: {n: [g[k][n] for g in gathered] for n in v} for k, v in per_rank.items()}
+    evidence["single"] = {name: run(name, out, "single") for name in names if name not in COMPARED_WITH_DDP}
     (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
 
 

@@ -107,3 +107,9 @@ def test_distillation_changes_the_weights_it_is_compared_on(evidence):
     plain, kd = evidence.tensors("llama_plain", "fsdp")["weights"], evidence.tensors("llama_kd", "fsdp")["weights"]
     moved = max(float((kd[k] - plain[k]).abs().max()) for k in plain)
     assert moved > 100 * WEIGHT_TOLERANCE, moved
+
+
+def test_rewind_state_is_sharded(evidence):
+    ranks, single = evidence.ranks("llama_imp_rewind"), evidence.single("llama_imp_rewind")
+    for r in ranks:  # the snapshot's weights and optimizer state: each rank's block only
+        assert 0.45 < r["snapshot_bytes"] / single["snapshot_bytes"] <= 0.55, r

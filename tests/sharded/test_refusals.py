@@ -32,6 +32,7 @@ def test_unsharded_strategies_pass():
 
 def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
+    check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
     check_sharded(
         MODEL_PARALLEL,
         [IterativeMagnitudePruning(), IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5}, pattern="2:4")],
@@ -45,7 +46,7 @@ def test_supported_techniques_pass_under_model_parallel():
         (IterativeMagnitudePruning(importance="wanda"), "input norms"),
         (QuantizationAwareTraining(), "QuantizationAwareTraining: it does not train sharded"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
-        (OnlineDataSelection(score="uniform"), "OnlineDataSelection: it does not"),
+        (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
         (CompressionReport(), "CompressionReport: it does not"),
     ],
 )
