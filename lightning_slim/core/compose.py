@@ -15,7 +15,7 @@ for any list of callbacks):
 
 Refused before training: two techniques of one kind; a sharded strategy other than FSDP2 through
 ``ModelParallelStrategy``, or one whose technique declares it cannot train sharded parameters
-(``sharded_refusal``), or a resume under it; a technique whose
+(``sharded_refusal``, also for a resume); a technique whose
 ``requires()`` no other one ``provides()``; a technique that restructures the model
 (``restructures_until``) at or after the moment another needs its structure fixed
 (``structure_fixed_from``: channel pruning after fake quantization starts hung in torch-pruning).
@@ -103,7 +103,7 @@ def check_combination(trainer: pl.Trainer) -> None:
 
 def check_sharded(strategy_object: Strategy, slim: list[Technique], ckpt_path: str | None = None) -> None:
     """Sharded strategies: FSDP2 through ``ModelParallelStrategy`` for the techniques (as configured)
-    that declare they work on sharded parameters (``sharded_refusal() is None``), on a fresh fit."""
+    that declare they work on sharded parameters, and resume, as configured (``sharded_refusal() is None``)."""
     strategy = sharded_strategy(strategy_object)
     if strategy is None or not slim:
         return
@@ -113,18 +113,13 @@ def check_sharded(strategy_object: Strategy, slim: list[Technique], ckpt_path: s
             f"{strategy} is not supported by {names}; for sharded training use {SHARDED_STRATEGY} "
             f"(docs/sharded.md), otherwise {SUPPORTED_STRATEGIES}"
         )
-    refused = {type(c).__name__: why for c in slim if (why := c.sharded_refusal()) is not None}
+    resuming = ckpt_path is not None
+    refused = {type(c).__name__: why for c in slim if (why := c.sharded_refusal(resuming)) is not None}
     if refused:
         lines = "; ".join(f"{name}: {why}" for name, why in refused.items())
         raise UnsupportedStrategyError(
             f"{strategy} shards the model across ranks, and {lines}. Under {SHARDED_STRATEGY} (docs/sharded.md): "
             f"{SHARDED_SUPPORT}; otherwise {SUPPORTED_STRATEGIES}"
-        )
-    if ckpt_path is not None:
-        raise UnsupportedStrategyError(
-            f"resuming {names} under {strategy} (ckpt_path={ckpt_path!r}) is not supported yet: Lightning "
-            "saves callback state from rank 0 only, and sharded callback state (pruning masks) is per rank; "
-            f"resume under {SUPPORTED_STRATEGIES}"
         )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SUPPORTED = "ModelParallelStrategy (FSDP2: fully_shard over its data-parallel mesh, tensor_parallel_size=1)"
 
@@ -48,6 +48,15 @@ def like(block: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(
         block, reference.device_mesh, reference.placements, shape=reference.shape, stride=reference.stride()
     )
+
+
+def place_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A whole ``tensor`` (e.g. read back from a checkpoint) placed as ``reference`` is: this rank keeps
+    its block only. Already placed tensors and unsharded references pass through."""
+    if not isinstance(reference, DTensor) or isinstance(tensor, DTensor):
+        return tensor
+    # every rank holds the whole tensor: each keeps its own block, nothing is sent (src_data_rank=None)
+    return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
 
 
 def row_group(tensors: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:

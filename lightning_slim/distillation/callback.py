@@ -164,7 +164,7 @@ class KnowledgeDistillation(SlimCallback):
 
     # --- the contract ------------------------------------------------------------------------
     @override
-    def sharded_refusal(self) -> str | None:
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
         if self.features is None and self.cache_config is None:
             return None  # logits from a teacher replicated on every rank: tests/sharded
         return (

@@ -154,8 +154,8 @@ class IterativeMagnitudePruning(SlimCallback):
         return Moment(self.schedule.unit, max(t for t, _ in self.events)) if self.structured else None
 
     @override
-    def sharded_refusal(self) -> str | None:
-        return sharded_refusal(self.pattern, self.importance)
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        return sharded_refusal(self.pattern, self.importance, self.rewind if resuming else "none")
 
     @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
@@ -211,14 +211,14 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def on_fit_start(self, trainer, pl_module):
         self._resolve(pl_module)
-        self._refresh_masks(pl_module)
-        masking.apply_masks(self._tensors(pl_module), self.masks)
-        self._update_sparsity(pl_module)
         if self.importance == "wanda" and not self._hooks:
             self._hooks = record_inputs(self.norms, pl_module, self._targets, InTrainingStep(pl_module))
 
     @override
     def on_train_start(self, trainer, pl_module):
+        self._refresh_masks(pl_module)  # here: ModelParallelStrategy restores callback state after on_fit_start
+        masking.apply_masks(self._tensors(pl_module), self.masks)
+        self._update_sparsity(pl_module)
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         total = trainer.estimated_stepping_batches
         rewind_step = self.rewind_step if self.rewind != "none" and self.snapshot is None else None
@@ -334,7 +334,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     def _refresh_masks(self, pl_module) -> None:
         tensors = self._tensors(pl_module)
-        self.masks = {k: v.to(tensors[k].device) for k, v in self.masks.items()}
+        self.masks = {k: sharding.place_like(v.to(tensors[k].device), tensors[k]) for k, v in self.masks.items()}
         self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
     def _update_sparsity(self, pl_module) -> None:
@@ -375,7 +375,7 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+            "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
             "events_done": self.events_done,
             "snapshot": self.snapshot,
             "curve": self.accuracy.rows,

@@ -117,7 +117,7 @@ class OnlineDataSelection(SlimCallback):
 
     # --- the contract ---------------------------------------------------------------------------------
     @override
-    def sharded_refusal(self) -> str | None:
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
         if self.reference is None and self.reference_losses is None and self.joint is None:
             return None  # per rank, as under DDP: tests/sharded
         return "OnlineDataSelection with a reference or joint=True is not tested sharded; reference-free scores are"

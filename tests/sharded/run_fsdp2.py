@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -170,22 +171,36 @@ SCENARIOS = {
             pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
         ],
     ),
+    # two epochs; "resumed" stops after the first and resumes from Lightning's distributed checkpoint
+    "llama_resume": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0),
+            pruning(
+                schedule={"kind": "gradual", "final_sparsity": 0.6, "start": 2, "end": 10, "every": 2, "unit": "step"}
+            ),
+        ],
+    ),
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together")
+RESUMED = ("llama_resume",)
 
 
-def trainer(run: str) -> pl.Trainer:
+def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:
+    """``epochs``: that many epochs instead of ``STEPS`` steps; ``checkpoints``: save ``last.ckpt`` there."""
     strategies = {"fsdp": ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), "ddp": "ddp"}
     return pl.Trainer(
         accelerator="cpu",
         devices=1 if run == "single" else WORLD,
-        strategy=strategies.get(run, "auto"),
-        max_steps=STEPS,
+        strategy=strategies.get("fsdp" if run == "resumed" else run, "auto"),
+        max_steps=-1 if epochs else STEPS,
+        max_epochs=epochs,
         logger=False,
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0)] if checkpoints else None,
     )
 
 
@@ -201,11 +216,23 @@ def local_bytes(tensors) -> int:
 
 
 def run(name: str, out: Path, run_name: str) -> dict:
-    """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"`` (two processes each) or ``"single"`` (rank 0 alone)."""
+    """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"``, ``"resumed"`` (two processes each) or ``"single"``
+    (rank 0 alone). A scenario in RESUMED trains two epochs; ``"resumed"`` fits the first, then the second
+    from the checkpoint, with a fresh module and fresh callbacks."""
     module_cls, make_callbacks = SCENARIOS[name]
     pl.seed_everything(0)
     module, callbacks = module_cls(), make_callbacks()
-    tr = trainer(run_name)
+    epochs = 2 if name in RESUMED else None
+    ckpt_path = None
+    if run_name == "resumed":
+        first = trainer(run_name, 1, out / f"{name}_checkpoints")
+        first.callbacks.extend(callbacks)
+        first.fit(module, DataLoader(module_cls.data(), batch_size=LOCAL_BATCH))
+        ckpt_path = str(out / f"{name}_checkpoints" / "last.ckpt")
+        stopped_at = first.global_step
+        pl.seed_everything(0)
+        module, callbacks = module_cls(), make_callbacks()
+    tr = trainer(run_name, epochs)
     tr.callbacks.extend(callbacks)
     data = module_cls.data()
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
@@ -214,9 +241,11 @@ def run(name: str, out: Path, run_name: str) -> dict:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
         loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=order)
     start = time.perf_counter()
-    tr.fit(module, loader)
+    tr.fit(module, loader, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
-    record = {"seconds": seconds, "param_bytes": local_bytes(module.parameters())}
+    record = {"seconds": seconds, "param_bytes": local_bytes(module.parameters()), "steps": tr.global_step}
+    if ckpt_path is not None:
+        record.update(stopped_at=stopped_at, checkpoint_files=sorted(p.name for p in Path(ckpt_path).iterdir()))
     prune = next((c for c in callbacks if isinstance(c, IterativeMagnitudePruning)), None)
     masks = prune.masks if prune is not None else {}
     if prune is not None:
@@ -248,12 +277,14 @@ def main() -> None:
         per_rank["fsdp"][name] = run(name, out, "fsdp")
         if name in COMPARED_WITH_DDP:
             per_rank["ddp"][name] = run(name, out, "ddp")
+        if name in RESUMED:
+            per_rank.setdefault("resumed", {})[name] = run(name, out, "resumed")
     gathered = [None] * WORLD
     torch.distributed.all_gather_object(gathered, per_rank)
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     evidence: dict = {k: {n: [g[k][n] for g in gathered] for n in v} for k, v in per_rank.items()}
-    evidence["single"] = {name: run(name, out, "single") for name in names if name not in COMPARED_WITH_DDP}
+    evidence["single"] = {n: run(n, out, "single") for n in names if n not in COMPARED_WITH_DDP + RESUMED}
     (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
 
 

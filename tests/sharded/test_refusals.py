@@ -57,9 +57,12 @@ def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
     assert "docs/sharded.md" in str(err.value)
 
 
-def test_resume_is_refused_under_model_parallel():
-    with pytest.raises(UnsupportedStrategyError, match="resuming.*ckpt_path='last.ckpt'"):
-        check_sharded(MODEL_PARALLEL, [IterativeMagnitudePruning()], "last.ckpt")
+def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
+    rewinding = IterativeMagnitudePruning(rewind="step", rewind_step=1)
+    check_sharded(MODEL_PARALLEL, [rewinding])  # a fresh fit rewinds sharded (test_pruning.py)
+    with pytest.raises(UnsupportedStrategyError, match="rewind='step'.* cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [rewinding], "last.ckpt")
+    check_sharded(MODEL_PARALLEL, [IterativeMagnitudePruning()], "last.ckpt")  # test_resume.py
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
