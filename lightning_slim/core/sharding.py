@@ -87,6 +87,14 @@ def count_nonzero(tensor: torch.Tensor) -> int:
     return int(count)
 
 
+def total(value: torch.Tensor, like: torch.Tensor) -> float:
+    """A sum computed on this rank's block of ``like``, summed over its shards (a collective for a DTensor)."""
+    value = value.detach().double().reshape(1)
+    if isinstance(like, DTensor):
+        dist.all_reduce(value, group=like.device_mesh.get_group())
+    return float(value)
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -25,7 +25,12 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_slim import IterativeMagnitudePruning, KnowledgeDistillation, OnlineDataSelection
+from lightning_slim import (
+    IterativeMagnitudePruning,
+    KnowledgeDistillation,
+    OnlineDataSelection,
+    QuantizationAwareTraining,
+)
 from lightning_slim.core import sharding
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
@@ -181,8 +186,13 @@ SCENARIOS = {
             ),
         ],
     ),
+    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with DDP
+    "cnn_qat": (
+        TinyCNN,
+        lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False, log_error_table=False)],
+    ),
 }
-COMPARED_WITH_DDP = ("cnn_select", "cnn_together")
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
 RESUMED = ("llama_resume",)
 
 
@@ -258,6 +268,11 @@ def run(name: str, out: Path, run_name: str) -> dict:
         )
         if prune.snapshot is not None:  # rewind state: weights and optimizer state as they were
             record["snapshot_bytes"] = local_bytes(tensors_in(prune.snapshot))
+    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
+    if quantize is not None:  # logged at the epoch's end, over every rank's rows (quantization_error)
+        record.update(
+            phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
+        )
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()

@@ -33,6 +33,7 @@ def test_unsharded_strategies_pass():
 def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
+    check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
     check_sharded(
         MODEL_PARALLEL,
         [IterativeMagnitudePruning(), IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5}, pattern="2:4")],
@@ -44,7 +45,9 @@ def test_supported_techniques_pass_under_model_parallel():
     [
         (IterativeMagnitudePruning(structured=True), "changes parameter shapes"),
         (IterativeMagnitudePruning(importance="wanda"), "input norms"),
-        (QuantizationAwareTraining(), "QuantizationAwareTraining: it does not train sharded"),
+        (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
+        (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
+        (QuantizationAwareTraining(fold_bn=False, export_path="m.onnx"), "none of .*export_path"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
         (CompressionReport(), "CompressionReport: it does not"),
