@@ -110,8 +110,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys that sort like the float32 scores (NaN aside): sign-magnitude bits made two's complement."""
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    """int32 keys that sort like the float32 scores (NaN aside): sign-magnitude bits made two's complement
+    (no wider than the scores: a rank's keys cost what its scores cost)."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as in a sort
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
 
 

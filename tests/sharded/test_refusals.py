@@ -72,7 +72,8 @@ def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
 def test_keep_top_matches_a_stable_sort_with_ties(scope):
     # ties (zeros, repeated values) are where a threshold search and a sort could disagree
     g = torch.Generator().manual_seed(0)
-    scores = {n: torch.randint(0, 5, shape, generator=g).float() for n, shape in [("a", (6, 5)), ("b", (3, 7))]}
+    scores = {n: torch.randint(-2, 3, shape, generator=g).float() for n, shape in [("a", (6, 5)), ("b", (3, 7))]}
+    scores["a"][0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # signed zeros tie, as in a sort
     for sparsity in (0.0, 0.3, 0.5, 0.77, 0.99):
         expected = masks(scores, sparsity, scope)
         ranked = [list(scores)] if scope == "global" else [[n] for n in scores]
