@@ -17,6 +17,7 @@ SCENARIOS = ["cnn_select", "cnn_together"]
 def test_weights_and_masks_equal_the_ddp_run(evidence, scenario):
     sharded, ddp = evidence.tensors(scenario, "fsdp"), evidence.tensors(scenario, "ddp")
     for key, value in ddp["weights"].items():
+        # the bound of the module comment above (imported from test_pruning.py)
         torch.testing.assert_close(sharded["weights"][key], value, rtol=0, atol=WEIGHT_TOLERANCE, msg=key)
     assert sharded["masks"].keys() == ddp["masks"].keys()
     assert all(torch.equal(sharded["masks"][k], m) for k, m in ddp["masks"].items())
