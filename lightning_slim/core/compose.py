@@ -13,7 +13,9 @@ for any list of callbacks):
 4. after each optimizer step ``IterativeMagnitudePruning`` re-applies its masks;
 5. at export: masks made permanent, distillation's projections removed, int8 conversion.
 
-Refused before training: two techniques of one kind; a sharded strategy; a technique whose
+Refused before training: two techniques of one kind; a sharded strategy other than FSDP2 through
+``ModelParallelStrategy``, or one whose technique declares it cannot train sharded parameters
+(``sharded_refusal``, also for a resume); a technique whose
 ``requires()`` no other one ``provides()``; a technique that restructures the model
 (``restructures_until``) at or after the moment another needs its structure fixed
 (``structure_fixed_from``: channel pruning after fake quantization starts hung in torch-pruning).
@@ -26,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 
 from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, ExportStage, Technique, export_chain
@@ -41,6 +44,12 @@ class UnsupportedStrategyError(ValueError):
 
 
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
+SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model, tensor_parallel_size=1)"
+SHARDED_SUPPORT = (
+    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
+    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
+    "QuantizationAwareTraining(fold_bn=False) on onnxruntime without export_path or frozen ranges work"
+)
 
 
 def techniques(trainer: pl.Trainer) -> list[Technique]:
@@ -68,13 +77,8 @@ def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = 
 def check_combination(trainer: pl.Trainer) -> None:
     """Raise before training for combinations and strategies that cannot work."""
     slim = techniques(trainer)
-    strategy = sharded_strategy(trainer)
-    if strategy is not None and slim:
-        raise UnsupportedStrategyError(
-            f"{strategy} shards the model across ranks; {[type(c).__name__ for c in slim]} would build masks on "
-            f"local shards, copy a sharded module and replicate teachers on every rank. Supported: "
-            f"{SUPPORTED_STRATEGIES}"
-        )
+    if sharded_strategy(trainer.strategy) is not None:
+        check_sharded(trainer.strategy, slim, trainer.ckpt_path)
     twice = [t for t, n in Counter(cb.technique for cb in slim).items() if n > 1]
     if twice:
         names = [type(c).__name__ for c in slim if c.technique == twice[0]]
@@ -107,6 +111,28 @@ def check_combination(trainer: pl.Trainer) -> None:
                 f"{type(a).__name__} changes the model's structure until {until}, but {type(b).__name__} needs it "
                 f"fixed from {fixed}: every restructuring must come before that, in the same unit; {hint}"
             )
+
+
+def check_sharded(strategy_object: Strategy, slim: list[Technique], ckpt_path: str | None = None) -> None:
+    """Sharded strategies: FSDP2 through ``ModelParallelStrategy`` for the techniques (as configured)
+    that declare they work on sharded parameters, and resume, as configured (``sharded_refusal() is None``)."""
+    strategy = sharded_strategy(strategy_object)
+    if strategy is None or not slim:
+        return
+    names = [type(c).__name__ for c in slim]
+    if strategy != "ModelParallelStrategy":
+        raise UnsupportedStrategyError(
+            f"{strategy} is not supported by {names}; for sharded training use {SHARDED_STRATEGY} "
+            f"(docs/sharded.md), otherwise {SUPPORTED_STRATEGIES}"
+        )
+    resuming = ckpt_path is not None
+    refused = {type(c).__name__: why for c in slim if (why := c.sharded_refusal(resuming)) is not None}
+    if refused:
+        lines = "; ".join(f"{name}: {why}" for name, why in refused.items())
+        raise UnsupportedStrategyError(
+            f"{strategy} shards the model across ranks, and {lines}. Under {SHARDED_STRATEGY} (docs/sharded.md): "
+            f"{SHARDED_SUPPORT}; otherwise {SUPPORTED_STRATEGIES}"
+        )
 
 
 def describe_effects(callbacks: Iterable[object]) -> list[tuple[str, str]]:

@@ -147,6 +147,12 @@ class Technique:
         """From this moment on, this technique needs no other to change the model's structure."""
         return None
 
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        """Why this technique, as configured, cannot train FSDP2-sharded (``DTensor``) parameters under
+        Lightning's ``ModelParallelStrategy``, or (``resuming``) resume such a fit from Lightning's
+        distributed checkpoint, whose callback state is rank 0's (None: it can, tested in ``tests/sharded``)."""
+        return "it does not train sharded parameters yet"
+
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise a clear error about bad arguments or an unsupported model, before training."""
 

@@ -164,6 +164,15 @@ class KnowledgeDistillation(SlimCallback):
 
     # --- the contract ------------------------------------------------------------------------
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        if self.features is None and self.cache_config is None:
+            return None  # logits from a teacher replicated on every rank: tests/sharded
+        return (
+            "KnowledgeDistillation with features (its projections would train outside FSDP2, unsynchronised "
+            "across ranks) or cache_teacher is not supported sharded; logits distillation is"
+        )
+
+    @override
     def provides(self) -> Mapping[Capability, Any]:
         return {Capability.TEACHER: self.teacher}
 

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim.core import log
+from lightning_slim.core import log, sharding
 from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.clock import Moment, now
@@ -36,6 +36,7 @@ from lightning_slim.pruning.options import (
     PruningCoverageWarning,
     PruningScheduleWarning,
     coverage_warning,
+    sharded_refusal,
     tied_heads_line,
 )
 from lightning_slim.pruning.rewind import restore, take_snapshot
@@ -130,8 +131,7 @@ class IterativeMagnitudePruning(SlimCallback):
         self.channel_ratio = 0.0
         self.norms = InputNorms()  # Wanda's input statistics since the last event
         self.config_changes: dict[str, Any] = {}
-        # runtime only
-        self._channels: channel_targets.ChannelTargets | None = None  # structural: what loses channels
+        self._channels: channel_targets.ChannelTargets | None = None  # runtime only from here; what loses channels
         self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
         self._targets: dict[str, Target] = {}  # what is masked
         self._untouched: dict[str, str] = {}  # weight matrices left dense, and why
@@ -152,6 +152,10 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def restructures_until(self) -> Moment | None:
         return Moment(self.schedule.unit, max(t for t, _ in self.events)) if self.structured else None
+
+    @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        return sharded_refusal(self.pattern, self.config.importance, self.config.rewind if resuming else "none")
 
     @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
@@ -208,15 +212,15 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def on_fit_start(self, trainer, pl_module):
         self._resolve(pl_module)
-        self._refresh_masks(pl_module)
-        apply_masks(self._tensors(pl_module), self.masks)
-        self._update_sparsity(pl_module)
         if self.config.importance == "wanda" and not self._hooks:
             self._hooks = record_inputs(self.norms, pl_module, self._targets, InTrainingStep(pl_module))
 
     @override
     def on_train_start(self, trainer, pl_module):
         self._training = True
+        self._refresh_masks(pl_module)  # here: ModelParallelStrategy restores callback state after on_fit_start
+        apply_masks(self._tensors(pl_module), self.masks)
+        self._update_sparsity(pl_module)
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         total = trainer.estimated_stepping_batches
         rewind_step = self.config.rewind_step if self.config.rewind != "none" and self.snapshot is None else None
@@ -299,7 +303,7 @@ class IterativeMagnitudePruning(SlimCallback):
             self._fallback.update(fallback)
             rank_zero_warn(coverage_warning({}, {}, sorted(fallback)), category=PruningCoverageWarning)
         self.norms.reset()  # the next event scores by the inputs seen after this one
-        if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
+        if trainer.world_size > 1 and not sharding.any_sharded(masks.values()):  # DDP: rank 0's masks for all
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = masks
         self._rewind(trainer, pl_module)
@@ -331,7 +335,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     def _refresh_masks(self, pl_module) -> None:
         tensors = self._tensors(pl_module)
-        self.masks = {k: v.to(tensors[k].device) for k, v in self.masks.items()}
+        self.masks = {k: sharding.place_like(v.to(tensors[k].device), tensors[k]) for k, v in self.masks.items()}
         self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
     def _update_sparsity(self, pl_module) -> None:
@@ -372,7 +376,7 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+            "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
             "events_done": self.events_done,
             "snapshot": self.snapshot,
             "curve": self.accuracy.rows,

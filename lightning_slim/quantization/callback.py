@@ -132,6 +132,21 @@ class QuantizationAwareTraining(SlimCallback):
         self._exported: tuple[str, torch.nn.Module] | None = None  # the last export, during on_fit_end
 
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        config = self.config
+        untested = {
+            "runtime='torchao'": config.runtime == "torchao",
+            "export_path": config.export_path is not None,  # the int8 export needs the whole model on one rank
+            "freeze_ranges_after": config.freeze_ranges_after is not None,  # frozen scales would be per shard
+            "fold_bn=True (pass fold_bn=False)": config.fold_bn,
+            "freeze_bn_after": config.freeze_bn_after is not None,
+            "resuming": resuming,
+        }
+        if any(untested.values()):
+            return f"QuantizationAwareTraining sharded supports none of {[k for k, v in untested.items() if v]}"
+        return None  # static ranges averaged across ranks as under DDP: tests/sharded
+
+    @override
     def structure_fixed_from(self) -> Moment | None:
         # measured: removing channels from layers that are already fake-quantized hangs in torch-pruning
         return self.config.fake_quant_from

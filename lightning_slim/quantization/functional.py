@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_slim.core import sharding
 from lightning_slim.quantization import conv
 from lightning_slim.quantization.config import QuantizationConfig
 from lightning_slim.quantization.layers import check_layers
@@ -199,12 +200,12 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
     """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer."""
     rows = []
     for name, m in fake_quantized_layers(model).items():
-        fq = m.weight_fake_quantizer
-        w = _quant_weight(m).detach()
+        fq, whole = m.weight_fake_quantizer, _quant_weight(m)
+        w = sharding.local(whole.detach())  # FSDP2: this rank's output rows, each with its own scale
         enabled, fq.enabled = fq.enabled, True
         err = fq(w) - w
         fq.enabled = enabled
-        signal, noise = float(w.pow(2).sum()), float(err.pow(2).sum())
+        signal, noise = sharding.total(w.pow(2).sum(), whole), sharding.total(err.pow(2).sum(), whole)
         rows.append(
             {
                 "layer": name,

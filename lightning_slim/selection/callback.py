@@ -116,6 +116,13 @@ class OnlineDataSelection(SlimCallback):
 
     # --- the contract ---------------------------------------------------------------------------------
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        config = self.config
+        if config.reference is None and config.reference_losses is None and config.joint is None:
+            return None  # per rank, as under DDP: tests/sharded
+        return "OnlineDataSelection with a reference or joint=True is not tested sharded; reference-free scores are"
+
+    @override
     def requires(self) -> set[Capability]:
         return {Capability.TEACHER} if self.config.reference == "teacher" else set()
 
