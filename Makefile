@@ -38,7 +38,7 @@ test-zoo: $(STAMP)
 
 # README.md's table of techniques, from the technique folders (lightning_slim/core/registry.py)
 readme: $(STAMP)
-	$(PY) -c "from lightning_slim import registry; registry.write_readme()"
+	$(PY) -c "from lightning_slim.core import registry; registry.write_readme()"
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
