@@ -1,17 +1,19 @@
 """How techniques compose in one Trainer: the checks that run before training, all driven by
 what each technique declares (:mod:`lightning_slim.core.contract`), none by technique names.
 
-The order of effects in a step is fixed by :mod:`lightning_slim.core.interception`, not by the
-order of the callback list; the export chain runs in :class:`~lightning_slim.core.contract.ExportStage`
-order. With the four techniques of this package (:func:`describe_effects` prints this table
-for any list of callbacks):
+The order of effects in a step is :data:`~lightning_slim.core.contract.STEP_ORDER`, not the order
+of the callback list; the export chain runs in :func:`~lightning_slim.core.contract.export_chain`
+order. With the techniques of this package (:func:`describe_effects` prints this table for any
+list of callbacks):
 
-1. ``OnlineDataSelection`` selects the sub-batch;
-2. the user's ``training_step`` runs on it (fake-quantized layers once QAT is active; pruned
-   weights exactly zero);
-3. ``KnowledgeDistillation`` rescales the user's loss by ``1 - alpha`` and adds its term;
-4. after each optimizer step ``IterativeMagnitudePruning`` re-applies its masks;
-5. at export: masks made permanent, distillation's projections removed, int8 conversion.
+1. at the batch's start ``IterativeMagnitudePruning`` / ``LowRankFactorization`` restructure the
+   model when one of their events is due (the optimizers are rebuilt after);
+2. ``OnlineDataSelection`` selects the sub-batch;
+3. the user's ``training_step`` runs on it (fake-quantized layers once QAT is active; pruned
+   weights exactly zero), ``KnowledgeDistillation``'s student calls recorded;
+4. ``KnowledgeDistillation`` rescales the user's loss by ``1 - alpha`` and adds its term;
+5. after each optimizer step ``IterativeMagnitudePruning`` re-applies its masks;
+6. at export: masks made permanent, distillation's projections removed, int8 conversion.
 
 Refused before training: two techniques of one kind; a sharded strategy other than FSDP2 through
 ``ModelParallelStrategy``, or one whose technique declares it cannot train sharded parameters
