@@ -6,7 +6,7 @@ of the callback list; the export chain runs in :func:`~lightning_slim.core.contr
 order. With the techniques of this package (:func:`describe_effects` prints this table for any
 list of callbacks):
 
-1. at the batch's start ``IterativeMagnitudePruning`` / ``LowRankFactorization`` restructure the
+1. at the batch's start ``IterativeMagnitudePruning`` (and any technique doing the same) restructures the
    model when one of their events is due (the optimizers are rebuilt after);
 2. ``OnlineDataSelection`` selects the sub-batch;
 3. the user's ``training_step`` runs on it (fake-quantized layers once QAT is active; pruned
