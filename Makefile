@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lightning_slim.demo
+	$(PY) -m lightning_slim.demos.demo
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -36,9 +36,9 @@ test: $(STAMP)
 test-zoo: $(STAMP)
 	$(PY) -m pytest tests/zoo
 
-# README.md's table of techniques, from the technique folders (lightning_slim/registry.py)
+# README.md's table of techniques, from the technique folders (lightning_slim/core/registry.py)
 readme: $(STAMP)
-	$(PY) -c "from lightning_slim import registry; registry.write_readme()"
+	$(PY) -c "from lightning_slim.core import registry; registry.write_readme()"
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_slim.data import IndexedTensorDataset, MNIST1DDataModule
+from lightning_slim.demos.data import IndexedTensorDataset, MNIST1DDataModule
 
 # generated data sets stay in the checkout (ignored by git), never downloaded
 os.environ.setdefault("LIGHTNING_SLIM_CACHE", str(Path(__file__).resolve().parents[1] / ".slim_cache"))

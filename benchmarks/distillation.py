@@ -27,8 +27,8 @@ import lightning.pytorch as pl
 from common import ValidatedMNIST1D, accuracy, fair_cpu, mean, parser, quiet_trainer, run_all, step_timer, write
 
 from lightning_slim import KnowledgeDistillation
-from lightning_slim.measure import count_parameters
-from lightning_slim.models import MNIST1DCNN, MNIST1DTeacherCNN
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DTeacherCNN
+from lightning_slim.reporting.measure import count_parameters
 
 REGIMES = {"data_limited": 4000, "full_data": None}  # training examples (None: all 16,000)
 

@@ -39,9 +39,9 @@ import torch
 from common import accuracy, fair_cpu, mean, parser, quiet_trainer, run_all, steady_allocator, write
 from pruning import data as mnist_data
 
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.factorization import LowRankFactorization, restructure
-from lightning_slim.measure import count_macs, count_parameters, cpu_latency_ms
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.reporting.measure import count_macs, count_parameters, cpu_latency_ms
 
 warnings.filterwarnings("ignore")  # Lightning's advice about workers / logging intervals
 MNIST_ARMS = {"rank_0.25": {"rank": 0.25}, "rank_0.125": {"rank": 0.125}, "energy_0.9": {"energy": 0.9}}

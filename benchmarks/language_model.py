@@ -413,8 +413,8 @@ def teacher_cut_student(sz: Sizes, teacher_model, kd_cb, data, scratch: dict) ->
     """The student cut out of the teacher, trained alone for every batch order in ``kd_seeds`` and
     with KD for the first; its test loss, MACs and batch-1 latency against the teacher's.
     ``scratch``: the test losses of the teacher and of the randomly initialised student (mean)."""
-    from lightning_slim.measure import macs_of
     from lightning_slim.quantization import interleaved_latency_ms
+    from lightning_slim.reporting.measure import macs_of
 
     derived, facts = student_from_teacher(sz, teacher_model, data["val"])
 
@@ -471,11 +471,11 @@ def kd_step_times(sz: Sizes, student, kd_cb, train_ids) -> dict:
 
 # --- pruning ---------------------------------------------------------------------------------------
 def pruning(sz: Sizes, dense, data) -> dict:
-    from lightning_slim.measure import macs_of
     from lightning_slim.pruning import calibrate, prune, select_tensors
     from lightning_slim.pruning.heads import sync_configs, transformer_plan
     from lightning_slim.pruning.structured import channel_prune
     from lightning_slim.quantization import interleaved_latency_ms
+    from lightning_slim.reporting.measure import macs_of
 
     train_ids, test = data["train"], data["test"]
     linear = ["re:.*(q|k|v|o|gate|up|down)_proj"]  # every Linear of the decoder layers
@@ -632,7 +632,7 @@ def _curve_callback(test, every):
 
 
 def selection(sz: Sizes, init_state, reference_losses, teacher_model, teacher_examples, data) -> dict:
-    from lightning_slim.measure import macs_of
+    from lightning_slim.reporting.measure import macs_of
     from lightning_slim.selection import OnlineDataSelection
 
     train_ids, test = data["train"], data["test"]

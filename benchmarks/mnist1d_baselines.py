@@ -16,8 +16,8 @@ import time
 import lightning.pytorch as pl
 from common import fair_cpu, parser, quiet_trainer, write
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP
 
 PAPER = {"cnn": (MNIST1DCNN, 0.94, 0.02), "mlp": (MNIST1DMLP, 0.68, 0.03)}
 

@@ -5,7 +5,7 @@
 
 MNIST-1D, 20000 examples (16000 train / 4000 test), the teacher ``MNIST1DTeacherCNN`` (106k
 parameters) trained 8 epochs, then the paper's CNN at 32 channels (8.0k parameters, 1/13 of the
-teacher) trained 20 epochs in one fit with the demo's recipe (``lightning_slim.pipeline.run_pipeline``):
+teacher) trained 20 epochs in one fit with the demo's recipe (``lightning_slim.demos.pipeline.run_pipeline``):
 distillation (alpha 0.7, T 4, cached), gradual pruning to 30% over the first 60% of the epochs, int8
 QAT after it, exported to ONNX and
 served by ONNX Runtime; data selection only with ``--keep`` (off by default: the data is clean).
@@ -23,7 +23,7 @@ import time
 
 from common import fair_cpu, parser, write
 
-from lightning_slim.pipeline import run_pipeline
+from lightning_slim.demos.pipeline import run_pipeline
 
 KEYS = (
     "teacher_acc",

@@ -53,11 +53,11 @@ from common import (
     write,
 )
 
-from lightning_slim.measure import count_macs, count_parameters, cpu_latency_ms
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning
 from lightning_slim.pruning import functional as PF
 from lightning_slim.pruning.structured import restructure, structure_of
+from lightning_slim.reporting.measure import count_macs, count_parameters, cpu_latency_ms
 
 warnings.filterwarnings("ignore")  # Lightning's advice about workers / logging intervals
 
@@ -185,7 +185,7 @@ def structured_run(args, seed: int, prune: bool) -> tuple[dict, dict, dict]:
                     "unit": "step",
                     "at": int(args.structured_at * args.round_steps),
                 },
-                structured=True,
+                pattern="channels",
                 targets=["Conv1d"],
                 scope="layer",
             )

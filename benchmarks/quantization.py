@@ -31,14 +31,14 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.measure import serialized_bytes
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP
-from lightning_slim.quantization import QuantizationAwareTraining
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP
+from lightning_slim.quantization import QuantizationAwareTraining, QuantizationConfig, select_layers
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.export import to_runtime
 from lightning_slim.quantization.static import calibrate
-from lightning_slim.report import classification_accuracy
+from lightning_slim.reporting.measure import serialized_bytes
+from lightning_slim.reporting.report import classification_accuracy
 
 MODELS = {  # name -> (factory, epochs, lr); the issue's required rows, trained
     "mnist1d_cnn": (partial(MNIST1DCNN, channels=25), 10, 1e-2),
@@ -73,7 +73,7 @@ def fit(make, epochs, lr, seed, data, callbacks=()):
 def ptq(module, calibration):
     """Post-training int8 for onnxruntime: ranges observed on ``calibration`` inputs, no training."""
     model = copy.deepcopy(module).cpu().eval()
-    F.prepare_qat(model, F.select_layers(model), F.QuantSpec())
+    F.prepare_qat(model, select_layers(model), QuantizationConfig())
     calibrate(model, calibration.split(256))
     F.set_fake_quant(model, True)
     return to_runtime(model.eval(), calibration[:8])

@@ -30,6 +30,7 @@ from common import fair_cpu, machine, steady_allocator
 ARMS = {
     "minilm_int8": "real.minilm_int8",
     "smol_int8": "real.smol_int8",
+    "smol_fp32_ft": "real.smol_fp32_ft",
     "smol_2of4": "real.smol_2of4",
     "smol_student": "real.smol_student",
     "smol_student_corrected": "real.smol_student_corrected",

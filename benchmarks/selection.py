@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from common import ValidatedMNIST1D, accuracy, fair_cpu, parser, run_all, write
 from torch import nn
 
-from lightning_slim.measure import count_macs
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
+from lightning_slim.reporting.measure import count_macs
 from lightning_slim.selection.functional import (
     example_scores,
     jest_select,

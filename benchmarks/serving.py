@@ -36,15 +36,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fair_cpu, quiet_trainer
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DMLP, MNIST1DTeacherCNN, MNIST1DTransformer
 from lightning_slim.quantization import (
     QuantizationAwareTraining,
+    QuantizationConfig,
     artifact_bytes,
     cpu_int8_capability,
     fp32_onnx,
     fused_ops,
     interleaved_latency_ms,
+    select_layers,
     to_runtime,
 )
 from lightning_slim.quantization import (
@@ -80,7 +82,11 @@ def logits(model, x, chunk=1000):
 def int4_artifact(module, x, path) -> tuple[int, float]:
     """Weight-only int4 of the trained float weights (post-training, MatMulNBits): (bytes, test acc)."""
     model = copy.deepcopy(module).eval()
-    F.prepare_qat(model, F.select_layers(model, ["Linear"]), F.QuantSpec(4, None, INT4_BLOCK))
+    F.prepare_qat(
+        model,
+        select_layers(model, ["Linear"]),
+        QuantizationConfig(weight_bits=4, activation_bits=None, group_size=INT4_BLOCK),
+    )
     F.set_fake_quant(model, True)
     int4 = to_runtime(model, x[:8])
     return artifact_bytes(save_int8(int4, x[:8], path)), int4

@@ -10,7 +10,7 @@
 - ``<!-- api: public -->`` is replaced by one mkdocstrings block per name that
   ``lightning_slim`` exports (its ``__all__``), so the reference follows the package.
 - ``<!-- api: functional -->``: one section per technique with its ``functional`` module (the registry).
-- The method cards are pages ``methods/<folder>.md`` generated from ``lightning_slim.registry``, and the
+- The method cards are pages ``methods/<folder>.md`` generated from ``lightning_slim.core.registry``, and the
   nav's "Method cards" section lists them: a new technique folder appears without an edit here.
 - Code fences lose the test options pytest-markdown-docs reads (``python fixture:model`` becomes
   ``python``): superfences would not recognise such a fence and show it as text.
@@ -66,7 +66,7 @@ def on_files(files, config):
 
 
 def _techniques():
-    from lightning_slim import registry
+    from lightning_slim.core import registry
 
     return registry.techniques()
 

@@ -50,7 +50,7 @@ def lottery_ticket(data: MNIST1DDataModule, workdir: Path) -> None:
 
 def channel_pruning(data: MNIST1DDataModule, workdir: Path) -> None:
     pruning = IterativeMagnitudePruning(
-        schedule={"kind": "one_shot", "sparsity": 0.3, "at": 2}, structured=True, targets=["Conv1d"], scope="layer"
+        schedule={"kind": "one_shot", "sparsity": 0.3, "at": 2}, pattern="channels", targets=["Conv1d"], scope="layer"
     )
     ckpt = ModelCheckpoint(dirpath=workdir, save_last=True)
     model = MNIST1DCNN(channels=128, lr=3e-3, lr_schedule="cosine")

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import importlib
 
-from lightning_slim import registry
+from lightning_slim.core import registry
 
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "CompressionReport": "lightning_slim.report",
-    "SlimCallback": "lightning_slim.callback",
-    "MNIST1DDataModule": "lightning_slim.data",
-    "DigitsDataModule": "lightning_slim.data",
-    "MNIST1DCNN": "lightning_slim.models",
-    "MNIST1DTeacherCNN": "lightning_slim.models",
-    "MNIST1DMLP": "lightning_slim.models",
-    "MNIST1DTransformer": "lightning_slim.models",
-    "DigitsCNN": "lightning_slim.models",
+    "CompressionReport": "lightning_slim.reporting.report",
+    "SlimCallback": "lightning_slim.core.callback",
+    "MNIST1DDataModule": "lightning_slim.demos.data",
+    "DigitsDataModule": "lightning_slim.demos.data",
+    "MNIST1DCNN": "lightning_slim.demos.models",
+    "MNIST1DTeacherCNN": "lightning_slim.demos.models",
+    "MNIST1DMLP": "lightning_slim.demos.models",
+    "MNIST1DTransformer": "lightning_slim.demos.models",
+    "DigitsCNN": "lightning_slim.demos.models",
+    "QuantizationConfig": "lightning_slim.quantization",
 }
 # every technique's callback (IterativeMagnitudePruning, ...), found from its folder (registry.py)
 _PUBLIC |= registry.callbacks()

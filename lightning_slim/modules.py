@@ -1,6 +1,6 @@
 """Small things every technique does to an ``nn.Module``: run it in eval mode and put every
 submodule's mode back, find or replace a submodule by path, read a module's output, and
-record outputs (or input statistics) with forward hooks.
+record outputs with forward hooks.
 
 >>> import torch
 >>> from torch import nn
@@ -114,95 +114,6 @@ def capture_outputs(
     finally:
         for h in handles:
             h.remove()
-
-
-def first_input(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The first positional tensor a module was called with (``inputs_of`` for most layers)."""
-    return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
-
-
-class InputNorms:
-    """Per-channel statistics of what modules receive, accumulated by forward hooks: for each
-    named module and each of its inputs (``inputs_of(module, args, kwargs)`` returns tensors with
-    channels on the last dimension), the sum of squares over every other position and how many
-    positions were seen. ``rms(name)`` is the root mean square per channel, the input norm of
-    activation-aware pruning (Wanda). State is plain tensors, so it can be checkpointed.
-
-    >>> lin = nn.Linear(3, 1)
-    >>> stats = InputNorms()
-    >>> with stats.recording({"lin": lin}):
-    ...     _ = lin(torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, 0.0]]))
-    >>> stats.rms("lin")[0].tolist(), stats.count["lin"]
-    ([1.0, 0.0, 1.4142135381698608], 2)
-    """
-
-    def __init__(self):
-        self.sumsq: dict[str, list[torch.Tensor]] = {}
-        self.count: dict[str, int] = {}
-
-    def reset(self) -> None:
-        self.sumsq, self.count = {}, {}
-
-    def add(self, name: str, inputs: list[torch.Tensor]) -> None:
-        sums = [x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0) for x in inputs]
-        if not sums:
-            return
-        if name in self.sumsq:
-            self.sumsq[name] = [a + b.to(a.device) for a, b in zip(self.sumsq[name], sums)]
-        else:
-            self.sumsq[name] = sums
-        self.count[name] = self.count.get(name, 0) + inputs[0].numel() // inputs[0].shape[-1]
-
-    def rms(self, name: str) -> list[torch.Tensor]:
-        if name not in self.sumsq:
-            raise KeyError(f"no inputs were recorded for {name!r}; recorded: {sorted(self.sumsq)}")
-        return [(s / max(self.count[name], 1)).sqrt() for s in self.sumsq[name]]
-
-    @contextlib.contextmanager
-    def recording(
-        self,
-        modules: Mapping[str, nn.Module],
-        when: Callable[[], bool] = lambda: True,
-        inputs_of: Callable | Mapping[str, Callable] = first_input,
-    ) -> Iterator[InputNorms]:
-        """Accumulate while the block runs (and ``when()`` holds); ``inputs_of`` may be one per name."""
-        handles = self.attach(modules, when, inputs_of)
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def attach(
-        self,
-        modules: Mapping[str, nn.Module],
-        when: Callable[[], bool] = lambda: True,
-        inputs_of: Callable | Mapping[str, Callable] = first_input,
-    ) -> list:
-        """Register the hooks and return their handles (``handle.remove()`` detaches them)."""
-        pick = inputs_of.get if isinstance(inputs_of, Mapping) else (lambda name, default: inputs_of)
-        return [
-            m.register_forward_hook(_NormHook(self, name, when, pick(name, first_input)), with_kwargs=True)
-            for name, m in modules.items()
-        ]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sumsq": {k: [t.cpu() for t in v] for k, v in self.sumsq.items()}, "count": dict(self.count)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sumsq = {k: list(v) for k, v in state["sumsq"].items()}
-        self.count = dict(state["count"])
-
-
-class _NormHook:
-    """A forward hook (picklable) feeding one module's inputs to :class:`InputNorms`."""
-
-    def __init__(self, stats: InputNorms, name: str, when: Callable[[], bool], inputs_of: Callable):
-        self.stats, self.name, self.when, self.inputs_of = stats, name, when, inputs_of
-
-    def __call__(self, module, args, kwargs, output):
-        if self.when():
-            self.stats.add(self.name, self.inputs_of(module, args, kwargs))
 
 
 # --- which module a LightningModule calls, and with what ----------------------------------------------

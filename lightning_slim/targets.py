@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from lightning_slim.loading import find_class
+from lightning_slim.core.loading import find_class
 
 
 def matches(spec: str, name: str, module: nn.Module) -> bool:

@@ -11,10 +11,10 @@ import torch
 from cases import all_cases
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-from lightning_slim import compose
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.core import compose
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.contract import Capability, Effect, ExportStage
 
 
 def test_declarations_and_methods_must_agree():
@@ -32,14 +32,19 @@ def test_declarations_and_methods_must_agree():
     assert ok.export_stage is ExportStage.CONVERT
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()], ids=lambda s: type(s).__name__)
-def test_sharded_strategies_are_refused_with_what_is_supported(strategy):
+def test_sharded_strategies_are_refused_with_what_is_supported():
     from lightning_slim import IterativeMagnitudePruning
 
-    trainer = SimpleNamespace(strategy=strategy, callbacks=[IterativeMagnitudePruning()])
-    with pytest.raises(compose.UnsupportedStrategyError, match=f"{type(strategy).__name__} shards the model.*DDP"):
-        compose.check_combination(trainer)
-    compose.check_combination(SimpleNamespace(strategy=DDPStrategy(), callbacks=trainer.callbacks))  # fine
+    def trainer(strategy, callback):
+        return SimpleNamespace(strategy=strategy, callbacks=[callback], ckpt_path=None)
+
+    with pytest.raises(compose.UnsupportedStrategyError, match="FSDPStrategy is not supported.*ModelParallelStrategy"):
+        compose.check_combination(trainer(FSDPStrategy(), IterativeMagnitudePruning()))
+    channels = IterativeMagnitudePruning(pattern="channels")
+    with pytest.raises(compose.UnsupportedStrategyError, match="ModelParallelStrategy shards the model.*DDP"):
+        compose.check_combination(trainer(ModelParallelStrategy(), channels))
+    compose.check_combination(trainer(ModelParallelStrategy(), IterativeMagnitudePruning()))  # tests/sharded
+    compose.check_combination(trainer(DDPStrategy(), channels))  # fine
 
 
 class Restructures(SlimCallback):

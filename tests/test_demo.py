@@ -8,7 +8,7 @@ import json
 import torch
 from wandb_offline import read_run
 
-from lightning_slim import demo
+from lightning_slim.demos import demo
 from lightning_slim.quantization.export import load_int8
 
 

@@ -19,9 +19,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_slim import CompressionReport, KnowledgeDistillation
+from lightning_slim.demos.models import MNIST1DTeacherCNN
 from lightning_slim.distillation.callback import PROJECTIONS
 from lightning_slim.distillation.functional import soft_target_loss
-from lightning_slim.models import MNIST1DTeacherCNN
 
 
 def make_teacher(**kw):
@@ -126,7 +126,7 @@ def test_teacher_stays_frozen_in_eval_and_out_of_the_checkpoint(tmp_path):
 
 def test_teacher_from_checkpoint_and_class_path_or_into_a_given_module():
     kd = KnowledgeDistillation(
-        teacher_checkpoint=teacher_checkpoint(), teacher_class="lightning_slim.models.MNIST1DTeacherCNN"
+        teacher_checkpoint=teacher_checkpoint(), teacher_class="lightning_slim.demos.models.MNIST1DTeacherCNN"
     )
     saved = torch.load(teacher_checkpoint(), weights_only=False)["state_dict"]
     assert all(torch.equal(kd.teacher.state_dict()[k], v) for k, v in saved.items())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import lightning_slim
-from lightning_slim import registry
+from lightning_slim.core import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TECHNIQUES = [t.folder for t in registry.techniques()]  # every technique folder, found by the registry

@@ -17,10 +17,10 @@ from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_slim.compose import IncompatibleCallbacksError
+from lightning_slim.core.compose import IncompatibleCallbacksError
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.factorization import FactorizationConfig, FactorizedLayer, LowRankFactorization, load_factorized
 from lightning_slim.factorization import functional as F
-from lightning_slim.models import MNIST1DCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24  # float32 unit roundoff
@@ -133,12 +133,13 @@ def test_restructure_and_load_factorized_rebuild_a_checkpoint(tmp_path):
 # --- the callback in a fit ---------------------------------------------------------------------------
 class Probe(pl.Callback):
     """Records, at every training step, the optimizer's parameters, the learning rate, and the values of
-    the model's parameters before and after the step (listed after the factorization callback)."""
+    the model's parameters before and after the step (before: right before the optimizer steps, after a
+    mid-fit restructuring at the batch's start)."""
 
     def __init__(self):
         self.steps = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         opt = trainer.optimizers[0]
         self.steps.append(
             {

@@ -65,8 +65,8 @@ def test_all_five_techniques_in_one_trainer(tmp_path):
     from cases import small_data
     from test_pipeline import RecordingCNN, teacher
 
+    from lightning_slim.demos.pipeline import compression_callbacks, find
     from lightning_slim.factorization import FactorizedLayer, LowRankFactorization
-    from lightning_slim.pipeline import compression_callbacks, find
     from lightning_slim.quantization.export import int8_weights
 
     pl.seed_everything(0)

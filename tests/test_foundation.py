@@ -13,10 +13,10 @@ from cases import small_data, small_model
 from wandb_offline import read_run
 
 from lightning_slim.batches import BatchFormatError, batch_indices, batch_inputs, slice_batch
-from lightning_slim.data import DigitsDataModule, EpochSeededSampler, MNIST1DDataModule
-from lightning_slim.measure import count_nonzero_parameters, measure, serialized_bytes
-from lightning_slim.models import MNIST1DMLP, DigitsCNN, MNIST1DTransformer
-from lightning_slim.report import CompressionReport
+from lightning_slim.demos.data import DigitsDataModule, EpochSeededSampler, MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DMLP, DigitsCNN, MNIST1DTransformer
+from lightning_slim.reporting.measure import count_nonzero_parameters, measure, serialized_bytes
+from lightning_slim.reporting.report import CompressionReport
 
 
 def test_import_is_lean():

@@ -14,7 +14,7 @@ from cases import CleanDistributedExit, all_cases
 from lightning.pytorch.callbacks import ModelCheckpoint
 from wandb_offline import read_run
 
-from lightning_slim import interception
+from lightning_slim.core import interception
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = all_cases()

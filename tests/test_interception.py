@@ -7,10 +7,10 @@ import pytest
 import torch
 from cases import CleanDistributedExit, small_data, small_model
 
-from lightning_slim import interception
 from lightning_slim.batches import batch_size, slice_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Effect
+from lightning_slim.core import interception
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import SETUP_ORDER, STEP_ORDER, Effect
 
 
 class KeepFirstHalf(SlimCallback):
@@ -39,7 +39,7 @@ class AddWeightNorm(SlimCallback):
     def __init__(self, coef: float = 1.0, log_order: list | None = None):
         self.coef, self.batches, self.log_order = coef, [], log_order
 
-    def loss_term(self, trainer, pl_module, batch, batch_idx):
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
         self.batches.append(batch_size(batch))
         if self.log_order is not None:
             self.log_order.append(self.coef)
@@ -164,3 +164,64 @@ def test_wrapper_works_under_ddp_spawn(tmp_path):
     # both ranks trained with the loss term: the weights were pulled towards zero
     assert shrunk.net[0].weight.norm() < 0.8 * plain.net[0].weight.norm()
     assert "training_step" not in shrunk.__dict__
+
+
+class RecordsEveryEffect(SlimCallback):
+    """Does every effect of set-up and of a step, and records the order the machinery calls them in."""
+
+    technique = "test_record"
+    effects = frozenset({Effect.BASELINE, Effect.SWAP_MODULES, *STEP_ORDER})
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def _record(self, name: str) -> None:
+        if name not in self.calls:  # the first call of each: the order, not the count
+            self.calls.append(name)
+
+    def take_baseline(self, pl_module):
+        self._record("take_baseline")
+
+    def validate(self, trainer, pl_module):
+        self._record("validate")
+
+    def prepare_model(self, trainer, pl_module):
+        self._record("prepare_model")
+
+    def restore_model(self, pl_module):
+        self._record("restore_model")
+
+    def restructure_now(self, trainer, pl_module):
+        self._record("restructure_now")
+        self.restructured = getattr(self, "restructured", 0) + 1
+        return False
+
+    def select_batch(self, trainer, pl_module, batch, batch_idx):
+        self._record("select_batch")
+        return batch
+
+    def watched_modules(self, pl_module):
+        self._record("watched_modules")
+        return {"": pl_module}, {}
+
+    def scale_loss(self, trainer, pl_module, loss, batch, batch_idx):
+        self._record("scale_loss")
+        return loss
+
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
+        self._record("loss_term")
+        self.forward_calls = len(seen.records(""))  # the user's step called its forward once
+
+    def after_optimizer_step(self, trainer, pl_module, optimizer):
+        self._record("after_optimizer_step")
+
+
+def test_the_machinery_runs_the_contracts_declared_orders():
+    """SETUP_ORDER and STEP_ORDER in contract.py are what the machinery does, not a second copy."""
+    recorder = RecordsEveryEffect()
+    fit([recorder], limit_train_batches=2, limit_val_batches=0)
+    in_setup = [s for s in SETUP_ORDER if s in recorder.calls]  # check_combination/attach record nothing
+    in_step = [e.value for e in STEP_ORDER if e.value not in SETUP_ORDER]  # restructure_now: in both
+    assert recorder.calls == [*in_setup, *in_step, "restore_model"], recorder.calls
+    assert recorder.forward_calls == 1
+    assert recorder.restructured == 1 + 2  # in setup, then at the start of both batches

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import lightning_slim
-from lightning_slim import registry
+from lightning_slim.core import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = lightning_slim.__version__
@@ -285,7 +285,7 @@ def test_every_callback_default_runs_with_the_core_install_alone(core_venv, tmp_
 
 
 def test_demo_data_names_the_extra_when_its_dependency_is_missing(monkeypatch):
-    from lightning_slim.data import DigitsDataModule
+    from lightning_slim.demos.data import DigitsDataModule
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import of it now fails
     with pytest.raises(ImportError, match=r"pip install 'lightning-slim\[demo\]'"):

@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cases import small_data  # noqa: E402
 
 from lightning_slim.batches import batch_size  # noqa: E402
-from lightning_slim.compose import IncompatibleCallbacksError  # noqa: E402
-from lightning_slim.models import MNIST1DCNN, MNIST1DTeacherCNN  # noqa: E402
-from lightning_slim.pipeline import compression_callbacks, find  # noqa: E402
+from lightning_slim.core.compose import IncompatibleCallbacksError  # noqa: E402
+from lightning_slim.demos.models import MNIST1DCNN, MNIST1DTeacherCNN  # noqa: E402
+from lightning_slim.demos.pipeline import compression_callbacks, find  # noqa: E402
 from lightning_slim.quantization.export import int8_weights  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def test_order_of_effects_does_not_depend_on_the_callback_list(tmp_path):
         (
             lambda: [
                 __import__("lightning_slim").IterativeMagnitudePruning(
-                    {"kind": "one_shot", "sparsity": 0.5, "at": 2}, structured=True, targets=["Conv1d"]
+                    {"kind": "one_shot", "sparsity": 0.5, "at": 2}, pattern="channels", targets=["Conv1d"]
                 ),
                 __import__("lightning_slim").QuantizationAwareTraining(start_after=1),
             ],
@@ -193,7 +193,7 @@ def test_channel_pruning_then_qat_on_the_smaller_model(tmp_path):
     report = CompressionReport(measure_latency=False, output_path=str(tmp_path / "r.json"))
     callbacks = [
         IterativeMagnitudePruning(
-            {"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True, targets=["Conv1d"], scope="layer"
+            {"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="channels", targets=["Conv1d"], scope="layer"
         ),
         QuantizationAwareTraining(start_after=2),
         report,

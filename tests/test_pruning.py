@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning
 from lightning_slim.pruning import functional as F
 from lightning_slim.pruning import rewind as R
@@ -93,7 +93,7 @@ def test_callback_rejects_bad_arguments_at_construction():
             dict(schedule={"kind": "imp", "every": 5, "unit": "step"}, rewind="step", rewind_step=6),
             "rewind_step=6 is later than the first pruning at step 5",
         ),
-        (dict(structured=True, rewind="init"), "not supported with structured=True"),
+        (dict(pattern="channels", rewind="init"), "not supported with pattern=.channels."),
         (dict(schedule={"kind": "gradual"}, rewind="lr"), "gradual"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -65,7 +65,7 @@ def _worker(out: Path) -> None:
         (
             "structured",
             IterativeMagnitudePruning(
-                {"kind": "one_shot", "sparsity": 0.5, "at": 1}, structured=True, targets=["Conv1d"], scope="layer"
+                {"kind": "one_shot", "sparsity": 0.5, "at": 1}, pattern="channels", targets=["Conv1d"], scope="layer"
             ),
         ),
     ]:

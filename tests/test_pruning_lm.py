@@ -11,12 +11,12 @@ from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_slim.modules import InputNorms
 from lightning_slim.pruning import IterativeMagnitudePruning
 from lightning_slim.pruning import functional as F
 from lightning_slim.pruning import patterns as P
 from lightning_slim.pruning import structured as S
 from lightning_slim.pruning.importance import calibrate, norm_matrix, scores
+from lightning_slim.pruning.norms import InputNorms
 from lightning_slim.pruning.tensors import as_matrix, select_tensors, tensor_of
 
 
@@ -165,10 +165,10 @@ def test_llama_heads_are_removed_whole_and_the_config_follows():
         (dict(importance="wanda", schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0}), "at least one epoch"),
         (dict(importance="lsq"), "importance='lsq' is not one of"),
         (
-            dict(structured=True, importance="wanda", schedule={"kind": "one_shot", "at": 1}),
+            dict(pattern="channels", importance="wanda", schedule={"kind": "one_shot", "at": 1}),
             "ranks channels by magnitude",
         ),
-        (dict(structured=True, scope="row"), "scope='row'"),
+        (dict(pattern="channels", scope="row"), "scope='row'"),
     ],
 )
 def test_bad_combinations_fail_at_construction(kwargs, match):

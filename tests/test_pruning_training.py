@@ -12,7 +12,7 @@ import torch
 from cases import small_data, small_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.pruning import IterativeMagnitudePruning, load_pruned
 from lightning_slim.pruning.curve import MissingMetricWarning
 from lightning_slim.pruning.functional import global_sparsity, select_layers
@@ -99,12 +99,13 @@ def test_masks_hold_under_momentum_adam_accumulation_and_bf16(setting, tmp_path)
 
 
 class RewindProbe(pl.Callback):
-    """Records the module and optimizer right after the first pruning event (it runs after it)."""
+    """Records the module and optimizer right after the first pruning event: in the step it starts, before
+    that step's optimizer update (events run at the batch's start, after every callback's own hook)."""
 
     def __init__(self, pruning):
         self.pruning, self.seen = pruning, None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.pruning.round == 1 and self.seen is None:
             sched = trainer.lr_scheduler_configs[0].scheduler
             self.seen = (
@@ -164,18 +165,18 @@ class Gate(torch.nn.Module):
         (dict(targets=["net.9"]), "pruning target 'net.9' matches no module"),
         (dict(schedule={"kind": "imp", "every": 1}, rewind="step", rewind_step=50), "rewind_step=50 is later than"),
         (
-            dict(structured=True, targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
+            dict(pattern="channels", targets=["Conv1d"], example_input_shape=None, schedule={"kind": "one_shot"}),
             "structured pruning traces the model",
         ),
         (
-            dict(structured=True, targets=["net.1"], schedule={"kind": "one_shot"}),
+            dict(pattern="channels", targets=["net.1"], schedule={"kind": "one_shot"}),
             r"cannot handle layer 'net.1' \(Gate\)",
         ),
     ],
 )
 def test_bad_input_fails_before_the_first_step(kwargs, match, tmp_path):
     model = small_model()
-    if kwargs.get("structured") and "example_input_shape" in kwargs:
+    if kwargs.get("pattern") == "channels" and "example_input_shape" in kwargs:
         model.example_input_array = None
     if kwargs.get("targets") == ["net.1"]:
         model.net[1] = Gate()
@@ -191,7 +192,7 @@ def test_structured_prunes_trains_resumes_and_loads(tmp_path):
     exactly where the uninterrupted one ends, and load_pruned rebuilds the small model."""
     make_cb = lambda: IterativeMagnitudePruning(
         {"kind": "one_shot", "sparsity": 0.5, "at": 1},
-        structured=True,
+        pattern="channels",
         targets=["Conv1d"],
         scope="layer",
         rewind="lr",
@@ -325,3 +326,27 @@ def test_a_step_schedule_that_is_over_in_the_first_epoch_of_a_longer_training_wa
         fit(tmp_path, [IterativeMagnitudePruning(gradual, accuracy_metric=None)], max_epochs=1)
         one_shot = {"kind": "one_shot", "sparsity": 0.5, "at": 3, "unit": "step"}
         fit(tmp_path, [IterativeMagnitudePruning(one_shot, accuracy_metric=None)], max_epochs=2)
+
+
+class FailAtStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("stopped at step 2")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["teardown", "exception"])
+def test_the_module_is_the_users_own_again_after_fit_or_a_failure(fails, tmp_path):
+    """One teardown path (SlimCallback's, also when fit raises): Wanda's input hooks and the step wrapper go."""
+    model = small_model()
+    wanda = IterativeMagnitudePruning(
+        {"kind": "one_shot", "sparsity": 0.5, "at": 1, "unit": "step"}, importance="wanda"
+    )
+    callbacks = [wanda, FailAtStep()] if fails else [wanda]
+    if fails:
+        with pytest.raises(RuntimeError, match="stopped at step 2"):
+            fit(tmp_path, callbacks, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    else:
+        fit(tmp_path, callbacks, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    assert wanda.round == 1 and wanda.norms.count  # its hooks recorded the steps
+    assert not [name for name, m in model.named_modules() if m._forward_hooks]
+    assert "training_step" not in model.__dict__ and "on_load_checkpoint" not in model.__dict__

@@ -216,7 +216,7 @@ def test_structural_pruning_of_a_llama_in_a_trainer_slices_and_never_traces(monk
 
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", no_tracing)
     model = tiny_llama(tied=True, layers=2)
-    cb = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1, "unit": "step"}, structured=True)
+    cb = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1, "unit": "step"}, pattern="channels")
     fit(model, cb, steps=3)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.out_features == 16 and model.config.num_attention_heads == 2

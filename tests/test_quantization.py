@@ -15,13 +15,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_slim import MNIST1DCNN, MNIST1DMLP, CompressionReport, MNIST1DTransformer
-from lightning_slim.measure import serialized_bytes
-from lightning_slim.quantization import QuantizationAwareTraining
+from lightning_slim.quantization import (
+    QuantizationAwareTraining,
+    QuantizationConfig,
+    convert_to_int8,
+    load_int8,
+    select_layers,
+)
 from lightning_slim.quantization import functional as F
-from lightning_slim.quantization.export import convert_to_int8, load_int8
+from lightning_slim.reporting.measure import serialized_bytes
 
 X = torch.randn(64, 1, 40, generator=torch.Generator().manual_seed(0))
-TORCHAO = F.QuantSpec(runtime="torchao")
+TORCHAO = QuantizationConfig(runtime="torchao")
 
 
 def trainer(tmp_path, callbacks, **kw):
@@ -53,7 +58,7 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
     model = make().eval()
     float_out = model(X)
     params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
-    names = F.select_layers(model)
+    names = select_layers(model)
     F.prepare_qat(model, names, TORCHAO)
     assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
     torch.testing.assert_close(model(X), float_out)  # disabled until the schedule starts it
@@ -82,7 +87,9 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
 def test_int4_grouped_weights_for_linear_models():
     model = MNIST1DTransformer().eval()
     F.prepare_qat(
-        model, F.select_layers(model, ["Linear"], exclude=["net.embed"]), F.QuantSpec(4, 8, 16, runtime="torchao")
+        model,
+        select_layers(model, ["Linear"], exclude=["net.embed"]),
+        QuantizationConfig(weight_bits=4, activation_bits=8, group_size=16, runtime="torchao"),
     )
     F.set_fake_quant(model, True)
     rows = {r["layer"]: r for r in F.quantization_error(model)}
@@ -239,9 +246,9 @@ class GroupedConv(MNIST1DCNN):
     "make, kwargs, match",
     [
         (MNIST1DCNN, dict(targets=["LSTM"]), "layer type 'LSTM' in targets is not supported"),
-        (MNIST1DCNN, dict(targets=["re:nothing.*"]), "match no supported layer"),
-        (MNIST1DCNN, dict(targets=["net.1"]), "'net.1' is a ReLU, which is not supported"),
-        (MNIST1DCNN, dict(targets=["net.99"]), "'net.99' names no module"),
+        (MNIST1DCNN, dict(targets=["re:nothing.*"]), r"'re:nothing.\*' matches no module quantization can handle"),
+        (MNIST1DCNN, dict(targets=["net.1"]), "'net.1' is a ReLU, which quantization does not handle"),
+        (MNIST1DCNN, dict(targets=["net.99"]), "'net.99' matches no module quantization can handle"),
         (MNIST1DCNN, dict(weight_bits=4, activation_bits=None), "convolutions take 8-bit weights"),
         (MNIST1DMLP, dict(weight_bits=4, group_size=64, runtime="torchao"), "group_size=64 does not divide"),
         (GroupedConv, dict(runtime="torchao"), "groups=2 convolutions are not supported"),
@@ -292,7 +299,7 @@ def test_int4_cli_config_on_the_transformer(tmp_path, monkeypatch):
         ]
     )
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
-    assert cb.spec.weight_bits == 4 and cb.phase == 1 and "net.embed" not in cb.layers and len(cb.layers) == 9
+    assert cb.config.weight_bits == 4 and cb.phase == 1 and "net.embed" not in cb.layers and len(cb.layers) == 9
     int8 = cb.export(copy.deepcopy(cli.model))
     assert int8(X).shape == (64, 10)
 

@@ -18,13 +18,15 @@ from test_quantization import prune_randomly
 from torch import nn
 
 from lightning_slim import MNIST1DCNN, MNIST1DMLP, DigitsCNN, MNIST1DTransformer
-from lightning_slim.models import ClassifierModule
+from lightning_slim.demos.models import ClassifierModule
 from lightning_slim.quantization import (
     QuantizationAwareTraining,
+    QuantizationConfig,
     artifact_bytes,
     cpu_int8_capability,
     fp32_onnx,
     fused_ops,
+    select_layers,
     to_runtime,
 )
 from lightning_slim.quantization import (
@@ -52,7 +54,7 @@ def trainer(tmp_path, callbacks, **kw):
 
 def prepared(model, x, spec=None):
     """``model`` fake-quantized for onnxruntime with ranges observed on ``x`` (BN statistics too)."""
-    F.prepare_qat(model, F.select_layers(model), spec or F.QuantSpec())
+    F.prepare_qat(model, select_layers(model), spec or QuantizationConfig())
     with torch.no_grad():
         model.train()(x)
     F.set_fake_quant(model, True)
@@ -148,7 +150,7 @@ def test_artifact_runs_with_onnxruntime_alone(tmp_path):
 
 
 def test_int4_weight_only_is_packed_into_matmulnbits_and_six_times_smaller(tmp_path):
-    model = prepared(MNIST1DMLP(hidden=512), X, F.QuantSpec(4, None, 64))
+    model = prepared(MNIST1DMLP(hidden=512), X, QuantizationConfig(weight_bits=4, activation_bits=None, group_size=64))
     int4 = to_runtime(copy.deepcopy(model), X[:4])
     nodes = [n for n in onnx.load_from_string(int4.onnx_bytes).graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 3 and all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nodes)
@@ -177,7 +179,11 @@ class TinyLM(nn.Module):
 def test_int4_embedding_is_a_packed_table_gathered_by_ort():
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     model = TinyLM()
-    F.prepare_qat(model, F.select_layers(model, ["Linear", "Embedding"]), F.QuantSpec(4, None, 32))
+    F.prepare_qat(
+        model,
+        select_layers(model, ["Linear", "Embedding"]),
+        QuantizationConfig(weight_bits=4, activation_bits=None, group_size=32),
+    )
     F.set_fake_quant(model, True)
     int4 = to_runtime(copy.deepcopy(model), ids[:2])
     graph = onnx.load_from_string(int4.onnx_bytes).graph
@@ -196,7 +202,11 @@ def test_int4_embedding_is_a_packed_table_gathered_by_ort():
         # a gather of the same dequantized rows (no sums): equal up to the one rounding of scale * q, ~1e-7
         torch.testing.assert_close(int4(ids), model(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="group_size=512 does not divide its input width 256"):
-        F.prepare_qat(TinyLM(), F.select_layers(TinyLM(), ["Embedding"]), F.QuantSpec(4, None, 512))
+        F.prepare_qat(
+            TinyLM(),
+            select_layers(TinyLM(), ["Embedding"]),
+            QuantizationConfig(weight_bits=4, activation_bits=None, group_size=512),
+        )
 
 
 def test_biases_the_exporter_shares_keep_one_float_table_per_layer():
@@ -224,7 +234,7 @@ def test_pruned_zeros_are_exact_int8_zeros_in_the_onnx_file():
 
 
 def test_reduce_range_off_uses_the_full_int8_weight_range():
-    model = prepared(MNIST1DMLP(hidden=64), X, F.QuantSpec(reduce_range=False))
+    model = prepared(MNIST1DMLP(hidden=64), X, QuantizationConfig(reduce_range=False))
     assert max(int(q.abs().max()) for q in int8_weights(to_runtime(model, X[:4])).values()) == 127
 
 

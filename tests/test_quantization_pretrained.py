@@ -16,9 +16,16 @@ from zoo.models import HFCausalLM, HFSequenceClassifier, build
 
 from lightning_slim import QuantizationAwareTraining
 from lightning_slim.demos import modules, pretrained, text
-from lightning_slim.quantization import fp32_onnx, static, to_runtime
+from lightning_slim.quantization import (
+    QuantizationConfig,
+    convert_to_int8,
+    fp32_onnx,
+    int8_weights,
+    select_layers,
+    static,
+    to_runtime,
+)
 from lightning_slim.quantization import functional as F
-from lightning_slim.quantization.export import convert_to_int8, int8_weights
 from lightning_slim.quantization.export_call import ExportCall, find_export_call
 
 # the point of these tests: the model is in eval mode when training starts, as from_pretrained returns it
@@ -200,10 +207,10 @@ def test_gpt2_conv1d_layers_are_int8_in_both_runtimes():
     conv1d = [n for n, m in module.named_modules() if type(m).__name__ == "Conv1D"]
     assert len(conv1d) == 8
 
-    layers = F.select_layers(module, ["Linear", "Embedding"])
+    layers = select_layers(module, ["Linear", "Embedding"])
     assert set(conv1d) <= set(layers)
     static_model = copy.deepcopy(module)
-    F.prepare_qat(static_model, layers, F.QuantSpec())
+    F.prepare_qat(static_model, layers, QuantizationConfig())
     call = find_export_call(static_model, batch).head(4)
     static.calibrate(static_model.model, [dict(zip(call.names, call.tensors))])
     F.set_fake_quant(static_model, True)
@@ -227,7 +234,7 @@ def test_gpt2_conv1d_layers_are_int8_in_both_runtimes():
     torch.testing.assert_close(int8(*call.tensors), fake, atol=1e-4 * float(fake.abs().max()), rtol=0)
 
     ao = copy.deepcopy(module)  # torchao: the Conv1D becomes an nn.Linear of int8 weights
-    F.prepare_qat(ao, F.select_layers(ao), F.QuantSpec(runtime="torchao"))
+    F.prepare_qat(ao, select_layers(ao), QuantizationConfig(runtime="torchao"))
     F.set_fake_quant(ao, True)
     with torch.no_grad():
         fake = call.call(ao.model)

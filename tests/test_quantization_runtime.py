@@ -18,7 +18,14 @@ from test_quantization_onnx import trainer
 from torch import nn
 
 from lightning_slim import MNIST1DCNN
-from lightning_slim.quantization import QuantizationAwareTraining, fused_ops, serving, to_runtime
+from lightning_slim.quantization import (
+    QuantizationAwareTraining,
+    QuantizationConfig,
+    fused_ops,
+    select_layers,
+    serving,
+    to_runtime,
+)
 from lightning_slim.quantization import functional as F
 from lightning_slim.quantization.dynamic import quantize_rows
 from lightning_slim.quantization.export import int8_weights
@@ -44,7 +51,7 @@ def token_rows(n: int = 6, tokens: int = 40, width: int = 64) -> torch.Tensor:
 def test_dynamic_activations_are_per_token_and_the_file_computes_what_training_simulates():
     x = token_rows()
     model = TokenMLP()
-    F.prepare_qat(model, F.select_layers(model), F.QuantSpec(activation_mode="dynamic", reduce_range=False))
+    F.prepare_qat(model, select_layers(model), QuantizationConfig(activation_mode="dynamic", reduce_range=False))
     F.set_fake_quant(model, True)
     int8 = to_runtime(copy.deepcopy(model).eval(), x[:2])
     ops = fused_ops(int8.onnx_bytes)
@@ -62,7 +69,7 @@ def test_dynamic_activations_are_per_token_and_the_file_computes_what_training_s
     assert sum(close) >= 36, close
 
     one = nn.Sequential(nn.Linear(64, 256))  # no float op before the integers: every row agrees
-    F.prepare_qat(one, ["0"], F.QuantSpec(activation_mode="dynamic", reduce_range=False))
+    F.prepare_qat(one, ["0"], QuantizationConfig(activation_mode="dynamic", reduce_range=False))
     F.set_fake_quant(one, True)
     with torch.no_grad():
         fake_one = one.eval()(x)
@@ -75,7 +82,7 @@ def test_dynamic_activations_are_per_token_and_the_file_computes_what_training_s
     reference = copy.deepcopy(model)
     F.unprepare(reference)  # the same weights in float
     static = copy.deepcopy(reference)  # one range per tensor is what the rows' spread of scales cannot hold
-    F.prepare_qat(static, F.select_layers(static), F.QuantSpec(reduce_range=False))
+    F.prepare_qat(static, select_layers(static), QuantizationConfig(reduce_range=False))
     with torch.no_grad():
         static.train()(x)
         F.set_fake_quant(static, True)
@@ -113,14 +120,14 @@ def test_ort_quantizes_each_row_bit_for_bit_as_torch():
 def test_full_range_weights_are_marked_and_served_exactly_on_saturating_cpus():
     x = token_rows()[:2]
     full = TokenMLP()
-    F.prepare_qat(full, F.select_layers(full), F.QuantSpec(activation_mode="dynamic", reduce_range=False))
+    F.prepare_qat(full, select_layers(full), QuantizationConfig(activation_mode="dynamic", reduce_range=False))
     F.set_fake_quant(full, True)
     int8 = to_runtime(full.eval(), x)
     metadata = {p.key: p.value for p in onnx.load_from_string(int8.onnx_bytes).metadata_props}
     assert int8.full_range and metadata[serving.FULL_RANGE_KEY] == "full_range"
     assert serving.OrtModel(int8.onnx_bytes).full_range  # read back from the file
     reduced = TokenMLP()
-    F.prepare_qat(reduced, F.select_layers(reduced), F.QuantSpec(activation_mode="dynamic"))
+    F.prepare_qat(reduced, select_layers(reduced), QuantizationConfig(activation_mode="dynamic"))
     F.set_fake_quant(reduced, True)
     assert not to_runtime(reduced.eval(), x).full_range  # 7-bit weights: never saturate
     avx2 = {"avx2": True, "avx512_vnni": False, "avx_vnni": False, "amx": False}
@@ -169,7 +176,7 @@ def test_the_exporter_prints_nothing_about_torchvision():
     (and three more ops) four times. A fresh process: the exporter's registry is built once per process."""
     code = (
         "import torch; from torch import nn; from lightning_slim.quantization import functional as F, to_runtime\n"
-        "m = nn.Sequential(nn.Linear(8, 8)); F.prepare_qat(m, ['0'], F.QuantSpec())\n"
+        "m = nn.Sequential(nn.Linear(8, 8)); F.prepare_qat(m, ['0'], F.QuantizationConfig())\n"
         "m.train()(torch.randn(4, 8)); F.set_fake_quant(m, True); to_runtime(m.eval(), torch.randn(4, 8))\n"
         "print('exported')"
     )
@@ -182,15 +189,16 @@ def test_export_path_and_the_report_export_the_trained_model_once(tmp_path, monk
     """Scale (issue 19): at the end of fit the callback's export_path and CompressionReport each exported
     the same trained model (two ONNX exports: minutes on a 135M model). Same model, same file: once."""
     from lightning_slim import MNIST1DMLP, CompressionReport
-    from lightning_slim.quantization import callback
+    from lightning_slim.quantization.backends.onnxruntime import OnnxRuntimeBackend
 
     exports = []
+    convert = OnnxRuntimeBackend.convert
 
-    def counted(model, example=None):
+    def counted(self, model, example):
         exports.append(1)
-        return to_runtime(model, example)
+        return convert(self, model, example)
 
-    monkeypatch.setattr(callback, "to_runtime", counted)
+    monkeypatch.setattr(OnnxRuntimeBackend, "convert", counted)
     cb = QuantizationAwareTraining(start_after=0, export_path=str(tmp_path / "int8.onnx"))
     module = MNIST1DMLP(hidden=32)
     trainer(tmp_path, [cb, CompressionReport(measure_latency=False)], max_epochs=1).fit(module, datamodule=small_data())

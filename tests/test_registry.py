@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import lightning_slim
-from lightning_slim import registry
-from lightning_slim.callback import SlimCallback
+from lightning_slim.core import registry
+from lightning_slim.core.callback import SlimCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"distillation", "factorization", "pruning", "quantization", "selection"}

@@ -14,8 +14,8 @@ from cases import small_data, small_model
 from lightning.pytorch.callbacks import RichProgressBar
 
 from lightning_slim import CompressionReport, IterativeMagnitudePruning
-from lightning_slim.measure import interleaved_timings
-from lightning_slim.report_console import render, rows
+from lightning_slim.reporting.console import render, rows
+from lightning_slim.reporting.measure import interleaved_timings
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

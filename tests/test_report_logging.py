@@ -23,8 +23,8 @@ from lightning_slim import (
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
-from lightning_slim.log import MetricNotLoggedWarning, NoWandbLoggerWarning, read_metric
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.core.log import MetricNotLoggedWarning, NoWandbLoggerWarning, read_metric
+from lightning_slim.demos.models import MNIST1DCNN
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "logging.md"
 IMP = {"kind": "imp", "rounds": 2, "rate": 0.5, "every": 1, "unit": "epoch"}  # rounds at epochs 1 and 2

@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_slim import CompressionReport, QuantizationAwareTraining
 from lightning_slim.batches import example_count
 from lightning_slim.demos.modules import CausalLM
-from lightning_slim.measure import Artifact, as_call, measure, output_bytes
-from lightning_slim.report_latency import (
+from lightning_slim.reporting.latency import (
     OUTPUT_BUDGET_BYTES,
     latency_rows,
     measured_call,
     time_models,
     unused_inputs,
 )
+from lightning_slim.reporting.measure import Artifact, as_call, measure, output_bytes
 
 
 class RandomTokens(Dataset):

@@ -12,10 +12,10 @@ import torch
 from cases import small_data
 
 from lightning_slim import CompressionReport, QuantizationAwareTraining
-from lightning_slim.measure import cpu_int8_capability
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.models import MNIST1DCNN
 from lightning_slim.quantization import functional as quantization
 from lightning_slim.quantization.serving import OrtModel
+from lightning_slim.reporting.measure import cpu_int8_capability
 
 
 def test_report_times_int8_beside_fp32_eager_and_fp32_in_the_runtime(tmp_path):

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_slim import MNIST1DCNN, DigitsCNN, DigitsDataModule, MNIST1DDataModule
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Capability
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Capability
 from lightning_slim.selection import (
     OnlineDataSelection,
     compute_reference_losses,

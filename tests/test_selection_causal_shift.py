@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from zoo import models as zoo
 from zoo.models import HFCausalLM
 
-from lightning_slim.evaluation import detect_task, evaluate
+from lightning_slim.reporting.evaluation import detect_task, evaluate
 from lightning_slim.selection import default_per_sample_loss
 
 # Random-init logits (weights of std 0.02) are nearly uniform over the vocabulary, so a shifted and an

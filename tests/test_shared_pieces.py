@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slim.arguments import as_config, check_fraction
+from lightning_slim.core.arguments import as_config, check_fraction
+from lightning_slim.core.loading import build_module, find_class
 from lightning_slim.distillation.configs import FeatureDistillation
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.loading import build_module, find_class
 from lightning_slim.modules import evaluating, output_tensor
 
 

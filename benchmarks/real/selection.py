@@ -44,8 +44,8 @@ from torch import nn
 
 from lightning_slim import KnowledgeDistillation, OnlineDataSelection
 from lightning_slim.demos.modules import CausalLM
-from lightning_slim.measure import macs_of
 from lightning_slim.pruning.depth import choose_layers, keep_layers
+from lightning_slim.reporting.measure import macs_of
 from real.common import SEQ_LEN, lm_data, lm_loss, smol, trainer, windows
 
 

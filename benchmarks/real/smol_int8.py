@@ -59,6 +59,16 @@ def fit(fp32, steps: int, lr: float, qat: QuantizationAwareTraining, teacher=Non
     return int8, round(time.time() - started, 1)
 
 
+QAT_STEPS, QAT_LR = 12, 2e-5  # shared with smol_fp32_ft, the float control
+
+
+def smoke_cut(fp32) -> None:
+    """The plumbing only: SmolLM2 cut to its first two decoder layers."""
+    fp32.model.layers = fp32.model.layers[:2]
+    fp32.config.num_hidden_layers = 2
+    fp32.config.layer_types = fp32.config.layer_types[:2] if getattr(fp32.config, "layer_types", None) else None
+
+
 def int8_callback(mode: str, steps: int) -> QuantizationAwareTraining:
     return QuantizationAwareTraining(
         activation_mode=mode,
@@ -79,10 +89,8 @@ def _run(args) -> dict:
     smoke = args.smoke
     fp32 = smol()
     test, val = windows("test"), windows("val")
-    if smoke:  # the plumbing only: SmolLM2 cut to its first two decoder layers, two windows
-        fp32.model.layers = fp32.model.layers[:2]
-        fp32.config.num_hidden_layers = 2
-        fp32.config.layer_types = fp32.config.layer_types[:2] if getattr(fp32.config, "layer_types", None) else None
+    if smoke:  # two decoder layers, two windows
+        smoke_cut(fp32)
         test, val = test[:2], val[:2]
     else:
         val = val[:16]  # choosing needs less than reporting
@@ -109,11 +117,11 @@ def _run(args) -> dict:
         int8, seconds = fit(fp32, calib, 0.0, int8_callback(mode, calib), smoke=smoke)
         record(f"ptq_{mode}", int8, seconds)
     mode = min(("static", "dynamic"), key=lambda m: arms[f"ptq_{m}"]["val_loss"])  # chosen on validation
-    steps = 2 if smoke else 12
-    int8, seconds = fit(fp32, steps, 2e-5, int8_callback(mode, steps), smoke=smoke)
+    steps = 2 if smoke else QAT_STEPS
+    int8, seconds = fit(fp32, steps, QAT_LR, int8_callback(mode, steps), smoke=smoke)
     record("qat", int8, seconds)
     teacher = modules.CausalLM(copy.deepcopy(fp32))
-    int8, seconds = fit(fp32, steps, 2e-5, int8_callback(mode, steps), teacher=teacher, smoke=smoke)
+    int8, seconds = fit(fp32, steps, QAT_LR, int8_callback(mode, steps), teacher=teacher, smoke=smoke)
     record("qat_kd", int8, seconds)
     del teacher
     best = min(("ptq_" + mode, "qat", "qat_kd"), key=lambda k: arms[k]["val_loss"])  # chosen on validation

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_slim.data import EpochSeededSampler
+from lightning_slim.demos.data import EpochSeededSampler
 
 SPLITS = ("train", "val", "test")
 

@@ -12,14 +12,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import interception, log
-from lightning_slim.arguments import as_config, check_choice, check_range
 from lightning_slim.batches import batch_indices, example_count, sample_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Capability, Effect, ExportStage
+from lightning_slim.core import log
+from lightning_slim.core.arguments import as_config, check_choice, check_range
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Capability, Effect, ExportStage
+from lightning_slim.core.lightning_glue import should_log, train_loader
+from lightning_slim.core.loading import as_callable
+from lightning_slim.core.step_probe import StepProbeError
 from lightning_slim.distillation import functional as kd
 from lightning_slim.distillation.cache_keys import CacheKeys
-from lightning_slim.distillation.capture import capture_student
 from lightning_slim.distillation.configs import (
     CONVENTIONS,
     DistillationSchedule,
@@ -40,10 +42,7 @@ from lightning_slim.distillation.preflight import (
 from lightning_slim.distillation.reporting import distillation_rows, logged_values
 from lightning_slim.distillation.teacher import TeacherRunner, resolve_teacher, teacher_calls, teacher_target
 from lightning_slim.distillation.term import call_masks, step_term
-from lightning_slim.lightning_glue import should_log, train_loader
-from lightning_slim.loading import as_callable
 from lightning_slim.modules import forward_target, output_tensor, submodule
-from lightning_slim.step_probe import StepProbeError
 
 PROJECTIONS = "slim_distillation_projections"  # the LightningModule attribute holding learned projections
 SAMPLE_ROWS = 2  # examples in the batch the user's training_step is run on before training
@@ -83,14 +82,14 @@ class KnowledgeDistillation(SlimCallback):
             once per example.
         seed: seeds the projections' initialisation (no global RNG is used).
 
-    >>> from lightning_slim.models import MNIST1DTeacherCNN
+    >>> from lightning_slim.demos.models import MNIST1DTeacherCNN
     >>> distil = KnowledgeDistillation(teacher=MNIST1DTeacherCNN(), alpha=0.9, temperature=4.0)
     >>> distil.teacher.training, any(p.requires_grad for p in distil.teacher.parameters())
     (False, False)
     """
 
     technique = "distillation"
-    effects = frozenset({Effect.SCALE_LOSS, Effect.ADD_LOSS})
+    effects = frozenset({Effect.ADD_MODULES, Effect.WATCH_STEP, Effect.SCALE_LOSS, Effect.ADD_LOSS})
     export_stage = ExportStage.REMOVE_TRAINING_PARTS
 
     def __init__(
@@ -155,8 +154,6 @@ class KnowledgeDistillation(SlimCallback):
         self._sample: tuple[tuple, dict] | None = None  # the teacher's call on a sample batch (for its MACs)
         self._positions: list[int] = [0, 0]  # token positions distilled / seen (token logits only)
         self._vocab: int | None = None
-        self._stack: contextlib.ExitStack | None = None
-        self._capture = None  # what the student did in the running training_step
         self._task_loss: torch.Tensor | None = None
         self._anneal_stop = self.schedule.stop_step
 
@@ -166,6 +163,15 @@ class KnowledgeDistillation(SlimCallback):
         return self.runner.cache
 
     # --- the contract ------------------------------------------------------------------------
+    @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        if self.features is None and self.cache_config is None:
+            return None  # logits from a teacher replicated on every rank: tests/sharded
+        return (
+            "KnowledgeDistillation with features (its projections would train outside FSDP2, unsynchronised "
+            "across ranks) or cache_teacher is not supported sharded; logits distillation is"
+        )
+
     @override
     def provides(self) -> Mapping[Capability, Any]:
         return {Capability.TEACHER: self.teacher}
@@ -242,9 +248,9 @@ class KnowledgeDistillation(SlimCallback):
         return teacher_calls(self.runner.target, records, batch, self.input_fn, self.student_path)
 
     @override
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.pairs:  # before the optimizers are built: they must train the projections
+    def add_training_modules(self, trainer, pl_module):
+        """The feature projections, before the optimizers are built: they must train them."""
+        if self.pairs:
             proj = build_projections(self._feature_shapes, self.features.width_dim, self.seed)
             if not same_structure(getattr(pl_module, PROJECTIONS, None), proj):  # a second fit keeps training them
                 setattr(pl_module, PROJECTIONS, proj.to(next(pl_module.parameters()).device))
@@ -264,20 +270,9 @@ class KnowledgeDistillation(SlimCallback):
         if self.cache_config:
             with contextlib.suppress(TypeError, AttributeError):  # a dataset with no len(): grow as examples arrive
                 self.cache.reserve(len(trainer.train_dataloader.dataset))
-        self._close()
-        self._stack = contextlib.ExitStack()
-        self._capture = self._stack.enter_context(
-            capture_student(
-                {self.student_path: self._student_target(pl_module)},
-                self._feature_modules(pl_module),
-                when=interception.InTrainingStep(pl_module),
-            )
-        )
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._capture is not None:
-            self._capture.clear()
         if self.teacher.training:  # whoever switched it: the teacher always runs in eval mode
             self.teacher.eval()
 
@@ -298,10 +293,14 @@ class KnowledgeDistillation(SlimCallback):
         return (1 - alpha) * loss if active and self.convention == "weighted" and alpha > 0 else loss
 
     @override
-    def loss_term(self, trainer, pl_module, batch, batch_idx):
+    def watched_modules(self, pl_module):
+        """The student's logits module (its calls: the teacher repeats them) and the paired features."""
+        return {self.student_path: self._student_target(pl_module)}, self._feature_modules(pl_module)
+
+    @override
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
         active, alpha, temperature = self.weights_at(trainer.global_step)
-        records = self._capture.records(self.student_path, self._output_fn)
-        self._capture.clear()
+        records = seen.records(self.student_path, self._output_fn)
         proj = getattr(pl_module, PROJECTIONS, None) if self.pairs else None
         if not active:  # keep the projections in the graph: DDP expects a gradient for each parameter
             return sum(p.sum() * 0 for p in proj.parameters()) if proj is not None else None
@@ -327,21 +326,7 @@ class KnowledgeDistillation(SlimCallback):
             log.log_config(trainer, self.technique, {"alpha": self.alpha, "temperature": self.temperature})
         return term.loss
 
-    # --- end of fit, state, export, report --------------------------------------------------
-    def _close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack, self._capture = None, None
-
-    @override
-    def on_train_end(self, trainer, pl_module):
-        self._close()  # no hooks left on the module the report copies and the user keeps
-
-    @override
-    def _leave(self, pl_module) -> None:
-        super()._leave(pl_module)
-        self._close()
-
+    # --- state, export, report ---------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"counts": dict(self.counts)}

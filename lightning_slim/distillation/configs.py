@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_slim.arguments import check_choice, check_int, check_order, check_range
+from lightning_slim.core.arguments import check_choice, check_int, check_order, check_range
 from lightning_slim.tokens import IGNORE_INDEX, SHIFTS
 
 FEATURE_LOSSES = ("mse", "cosine")

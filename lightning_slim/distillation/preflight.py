@@ -1,6 +1,6 @@
 """What ``KnowledgeDistillation`` checks on the student and teacher before training: which module the
 user's ``training_step`` really calls (found by running that step once on a sample batch, see
-:mod:`lightning_slim.step_probe`), that the teacher accepts that call, the shapes of logits and
+:mod:`lightning_slim.core.step_probe`), that the teacher accepts that call, the shapes of logits and
 feature pairs (which size the projections)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from lightning_slim.batches import move_to
-from lightning_slim.distillation.capture import capture_student
+from lightning_slim.core.step_probe import preserved_random_state, probe_training_step
+from lightning_slim.core.step_record import record_calls
 from lightning_slim.distillation.functional import Projection
 from lightning_slim.modules import device_of, evaluating, overrides_forward, submodule
-from lightning_slim.step_probe import preserved_random_state, probe_training_step
 
 STUDENT_HINT = (
     "set logits={'student_module': ...} to the module whose output is the logits, as your training_step "
@@ -70,17 +70,17 @@ def probe_student(
     features: Mapping[str, nn.Module],
     output_fn: Callable | None,
 ) -> tuple[str, list[dict]]:
-    """Run the user's ``training_step`` on ``batch`` (:func:`~lightning_slim.step_probe.probe_training_step`)
+    """Run the user's ``training_step`` on ``batch`` (:func:`~lightning_slim.core.step_probe.probe_training_step`)
     and return ``(path, records)``: the module whose output is the student's logits (``named``, or the
     one module the step calls itself) and what each of its calls recorded
-    (:meth:`~lightning_slim.distillation.capture.StudentCapture.records`). Raises ``ValueError`` naming
+    (:meth:`~lightning_slim.core.step_record.StepRecord.records`). Raises ``ValueError`` naming
     the fix when the step never calls ``named`` or calls several modules itself."""
     targets = {named: submodule(pl_module, named)} if named else callable_modules(pl_module)
-    with capture_student(targets, features) as seen:
+    with record_calls(targets, features) as seen:
         probe_training_step(pl_module, batch)
     if named:
         if not seen.calls.calls:
-            with capture_student(callable_modules(pl_module), {}) as called:
+            with record_calls(callable_modules(pl_module), {}) as called:
                 probe_training_step(pl_module, batch)
             raise ValueError(
                 f"KnowledgeDistillation: training_step never called {named!r} (it calls "
@@ -110,7 +110,7 @@ def example_records(
     else:
         args, kwargs = (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {}
     with preserved_random_state(), evaluating(pl_module):
-        with capture_student({path: submodule(pl_module, path)}, features) as seen:
+        with record_calls({path: submodule(pl_module, path)}, features) as seen:
             pl_module(*move_to(args, device_of(pl_module)), **move_to(kwargs, device_of(pl_module)))
     records = seen.records(path, output_fn)
     if not records:

@@ -30,7 +30,7 @@ def logged_values(kd: KnowledgeDistillation, term: StepTerm, alpha: float, tempe
 
 
 def distillation_rows(kd: KnowledgeDistillation) -> dict[str, Any]:
-    from lightning_slim.measure import count_macs, count_parameters, token_count
+    from lightning_slim.reporting.measure import count_macs, count_parameters, token_count
 
     rows: dict[str, Any] = {"teacher_params": count_parameters(kd.teacher), **kd.counts}
     if kd._positions[1]:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from lightning_slim.batches import BatchFormatError, move_to, slice_batch
+from lightning_slim.core.loading import build_module, freeze, read_state_dict
 from lightning_slim.distillation.configs import TeacherCacheConfig
 from lightning_slim.distillation.topk import teacher_topk
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.loading import build_module, freeze, read_state_dict
 from lightning_slim.modules import (
     capture_outputs,
     device_of,

@@ -3,7 +3,6 @@ are replaced by their rank-``r`` factors; the pure functions decide *how*."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,16 +11,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import as_config
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.compose import IncompatibleCallbacksError, techniques
-from lightning_slim.contract import Effect
+from lightning_slim.core import log
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.compose import IncompatibleCallbacksError, techniques
+from lightning_slim.core.contract import Effect
 from lightning_slim.factorization import functional as F
 from lightning_slim.factorization.configs import FactorizationConfig
 from lightning_slim.factorization.structure import restructure
-from lightning_slim.lightning_glue import rebuild_optimizers
 
 # what another technique declares when it takes hold of the model's layers or parameters in its setup
 # (masks keyed by parameter path, swapped layers, clamped weight lists): replacing layers after that
@@ -57,9 +55,10 @@ class LowRankFactorization(SlimCallback):
         config: a :class:`~.configs.FactorizationConfig` (or dict) holding all of the above.
 
     A layer is replaced only where its rank saves parameters and MACs (``r (out + fan_in) < out fan_in``).
-    After a mid-fit replacement the optimizers are rebuilt (the dense weights leave them; learning-rate
-    schedules and other parameters' state are kept). A resumed run gets the checkpoint's structure before
-    Lightning loads its weights; :func:`~.functional.load_factorized` does the same outside a Trainer.
+    After a mid-fit replacement (``Effect.RESTRUCTURE_MID_FIT``) the machinery rebuilds the optimizers (the
+    dense weights leave them; learning-rate schedules and other parameters' state are kept). A resumed run
+    gets the checkpoint's structure before Lightning loads its weights; :func:`~.functional.load_factorized`
+    does the same outside a Trainer.
 
     >>> cb = LowRankFactorization(energy=0.9, targets=["Linear"], at=2, unit="step")
     >>> cb.config.rule, str(cb.config.moment)
@@ -67,7 +66,7 @@ class LowRankFactorization(SlimCallback):
     """
 
     technique = "factorization"
-    effects = frozenset({Effect.RESTRUCTURE})
+    effects = frozenset({Effect.RESTRUCTURE_MID_FIT, Effect.RESTRUCTURE})
 
     def __init__(
         self,
@@ -81,14 +80,7 @@ class LowRankFactorization(SlimCallback):
         config: FactorizationConfig | dict | None = None,
     ):
         given = dict(rank=rank, energy=energy, targets=targets, exclude=exclude, min_size=min_size, at=at, unit=unit)
-        if config is not None:
-            defaults = {f.name: f.default for f in dataclasses.fields(FactorizationConfig)}
-            changed = sorted(k for k, v in given.items() if v != defaults[k])
-            if changed:
-                raise ValueError(f"give the options either in config or as arguments, not both (also given: {changed})")
-            self.config = as_config(FactorizationConfig, config, "config")
-        else:
-            self.config = FactorizationConfig(**given)
+        self.config: FactorizationConfig = config_from(FactorizationConfig, config, given)
         # state saved in checkpoints
         self.ranks: dict[str, int] = {}  # factorized layers: path -> rank
         self.layers: dict[str, dict[str, Any]] = {}  # per factorized layer: shapes, params, energy kept
@@ -153,15 +145,6 @@ class LowRankFactorization(SlimCallback):
             )
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)  # checks, baseline, validate, step wrapper
-        if stage == "fit":
-            if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
-                self._apply(pl_module, self.ranks)
-            elif self.config.at == 0:
-                self._factorize(trainer, pl_module)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or not _returns_weights_only(trainer):
             return
@@ -176,16 +159,13 @@ class LowRankFactorization(SlimCallback):
 
     # --- the replacement --------------------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._advance(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._advance(trainer, pl_module)
-
-    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.done and self.config.moment.reached(trainer):
-            self._factorize(trainer, pl_module)
+    def restructure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if self.done:  # a later fit: the model keeps (or, if new, gets) the factorized structure
+            return self._apply(pl_module, self.ranks) > 0
+        if not self.config.moment.reached(trainer):
+            return False
+        self._factorize(trainer, pl_module)
+        return True
 
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.config
@@ -194,8 +174,6 @@ class LowRankFactorization(SlimCallback):
             plan = trainer.strategy.broadcast(plan, src=0)
         self._apply(pl_module, plan)
         self.done, self.factorized_at = True, trainer.global_step
-        if trainer.optimizers:  # mid-fit: the dense weights leave the optimizers, the factors join
-            rebuild_optimizers(trainer, pl_module)
         if self.kept_dense:
             rank_zero_info(f"LowRankFactorization keeps these layers dense: {self.kept_dense}")
         if not plan:
@@ -213,14 +191,15 @@ class LowRankFactorization(SlimCallback):
         rows = [[n, *(self.layers[n][c] for c in TABLE[1:])] for n in plan]
         log.log_table(trainer, "slim/factorization/layers", TABLE, rows)
 
-    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> None:
+    def _apply(self, pl_module: nn.Module, plan: Mapping[str, int]) -> int:
         """Factorize the layers of ``plan`` that are not yet (a later fit of the same model keeps its factors;
-        a new model handed to a finished callback gets the recorded ranks)."""
+        a new model handed to a finished callback gets the recorded ranks); how many were."""
         todo = {p: r for p, r in plan.items() if not isinstance(pl_module.get_submodule(p), F.FactorizedLayer)}
         rows = F.factorize_layers(pl_module, todo)
         if not self.done:
             self.layers = rows
         self.ranks = dict(plan)
+        return len(todo)
 
     # --- logging, report, state --------------------------------------------------------------------------
     def _scalars(self) -> dict[str, float]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_slim.arguments import check_fraction, check_int
-from lightning_slim.clock import Moment, check_unit
+from lightning_slim.core.arguments import check_fraction, check_int
+from lightning_slim.core.clock import Moment, check_unit
 
 DEFAULT_RANK = 0.25  # Composer's default latent fraction
 

@@ -16,7 +16,7 @@ thousand calibration tokens (Minitron: Muralidharan et al. 2024; Sreenivas et al
 :func:`weight_importance` gives the same scores from weight magnitude alone (the L2 norm of each
 channel's / head's weights), the baseline the activation scores are compared with.
 
-Both reuse :class:`lightning_slim.modules.InputNorms` (the per-channel statistics Wanda uses) and
+Both reuse :class:`lightning_slim.pruning.norms.InputNorms` (the per-channel statistics Wanda uses) and
 the forward-capture helpers of :mod:`lightning_slim.modules`; plain PyTorch, no Trainer.
 """
 
@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_slim.modules import InputNorms, capture_calls, capture_outputs, evaluating, output_tensor
+from lightning_slim.modules import capture_calls, capture_outputs, evaluating, output_tensor
 from lightning_slim.pruning.depth import layer_stack
+from lightning_slim.pruning.norms import InputNorms
 from lightning_slim.pruning.width import head_counts, require_llama_style
 
 

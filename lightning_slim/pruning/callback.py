@@ -1,9 +1,10 @@
 """IterativeMagnitudePruning: the Lightning shell around ``functional`` (masks, patterns, importance),
 ``schedules``, ``rewind``, ``structured``, ``slicing`` and ``heads``, and ``curve``. Hooks decide *when*;
-the pure functions decide *what*."""
+the pure functions decide *what*; :class:`~.configs.PruningConfig` holds the options."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,75 +13,50 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import check_int
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment
-from lightning_slim.contract import Effect, ExportStage
-from lightning_slim.interception import InTrainingStep
-from lightning_slim.lightning_glue import rebuild_optimizers
-from lightning_slim.modules import InputNorms
+from lightning_slim.core import log, sharding
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment, now
+from lightning_slim.core.contract import Effect, ExportStage
+from lightning_slim.core.interception import InTrainingStep
 from lightning_slim.pruning import channel_targets
-from lightning_slim.pruning import functional as masking
-from lightning_slim.pruning import rewind as rewinding
-from lightning_slim.pruning import structured as channels
-from lightning_slim.pruning import tensors as tensor_targets
+from lightning_slim.pruning.configs import PruningConfig
 from lightning_slim.pruning.curve import AccuracyCurve
+from lightning_slim.pruning.functional import (
+    apply_masks,
+    compute_masks,
+    mask_optimizer_state,
+    resolve_targets,
+    sparsity_rows,
+    to_semi_structured,
+)
 from lightning_slim.pruning.importance import record_inputs
+from lightning_slim.pruning.norms import InputNorms
 from lightning_slim.pruning.options import (
     PruningCoverageWarning,
     PruningScheduleWarning,
-    check_options,
     coverage_warning,
-    resolve_pattern,
+    sharded_refusal,
     tied_heads_line,
 )
-from lightning_slim.pruning.schedules import as_dict, parse_schedule, timing
-
-DEFAULT_SCHEDULE = {"kind": "imp", "rounds": 5, "rate": 0.2, "every": 1, "unit": "epoch"}
+from lightning_slim.pruning.rewind import restore, take_snapshot
+from lightning_slim.pruning.schedules import as_dict, timing
+from lightning_slim.pruning.structured import restructure, structure_of
+from lightning_slim.pruning.tensors import Target, select_tensors, tensor_of
 
 
 class IterativeMagnitudePruning(SlimCallback):
     """Pruning on a schedule (magnitude or Wanda importance; unstructured, N:M or channels/heads),
     with rewinding, masks that cost nothing in ``forward``, and state that survives checkpoints.
 
-    Args:
-        schedule: when and how much to prune, as data: ``{"kind": "imp", "rounds", "rate" or
-            "final_sparsity", "every", "start", "unit": "epoch"|"step"}``, ``{"kind": "gradual",
-            "final_sparsity", "initial_sparsity", "start", "end", "every", "unit"}`` (Zhu & Gupta) or
-            ``{"kind": "one_shot", "sparsity", "at", "unit"}``. Every kind counts in epochs unless
-            ``"unit": "step"``. Sparsities are fractions of the target tensors' weights (of their output
-            channels / heads with ``pattern="channels"``).
-        targets: what to prune: class names (``"Conv1d"``, ``"torch.nn.Linear"``), module paths
-            (``"net.0"``), ``"re:<regex>"`` on paths, or full parameter names
-            (``"layers.0.self_attn.in_proj_weight"``). Default: every Linear, Conv, MultiheadAttention
-            (``in_proj_weight``) and transformers ``Conv1D`` weight, except a tied output head (an
-            ``lm_head`` whose weight is the input embedding: named by its path it is pruned, embedding
-            and all); for structural pruning of a transformer, its MLP channels and attention heads.
-        exclude: the same kind of specs, removed from ``targets``.
-        exclude_classifier: leave the final classifier (the last Linear/Conv layer, or ``classifier``) dense.
-            It still counts in the reported sparsity, which is over every target tensor.
-        scope: ``"global"`` ranks all target weights together, ``"layer"`` each tensor, ``"row"`` each
-            output row. Default: ``"row"`` for Wanda (its comparison group), ``"layer"`` for structural
-            pruning of transformers, ``"global"`` otherwise.
-        pattern: ``"unstructured"``, ``"N:M"`` semi-structured (``"2:4"``: 2 of every 4 consecutive
-            inputs of a row stay; the schedule must end at ``1 - N/M``) or ``"channels"`` (structural,
-            a smaller, faster model; transformer blocks are sliced directly, other models traced with
-            torch-pruning; use ``strategy="ddp"``, not ``ddp_spawn``).
-        structured: the same as ``pattern="channels"``.
-        importance: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W|`` times the input channel's norm,
-            collected by forward hooks over the training steps since the previous pruning event).
-        heads: with ``pattern="channels"`` on a transformer, remove whole attention heads as well as MLP
-            channels (``False``: MLP channels only).
-        rewind: at each pruning event, ``"none"`` (fine-tune), ``"init"`` (lottery ticket),
-            ``"step"`` (to ``rewind_step``, Frankle et al. 2020) or ``"lr"`` (learning-rate rewinding,
-            Renda et al. 2020, to ``rewind_step``). Weights and optimizer/scheduler state go back together.
-        rewind_step: the optimizer step to snapshot for ``"step"`` and ``"lr"``.
-        accuracy_metric: logged metric recorded at each round for the accuracy-vs-sparsity curve (warned
-            once if it is never logged; None: no accuracy).
-        example_input_shape: input shape for torch-pruning's tracing when the module has no
-            ``example_input_array`` (structural only); ``example_input_dtype``: ``"auto"`` (int64 token
-            ids when the model has an ``nn.Embedding``), ``"float32"`` or ``"int64"``.
+    Args: the fields of :class:`~.configs.PruningConfig` (each is described there): ``schedule``,
+    ``targets``, ``exclude``, ``exclude_classifier``, ``classifier``, ``scope``, ``rewind``,
+    ``rewind_step``, ``accuracy_metric``, ``example_input_shape``, ``pattern``, ``importance``, ``heads``,
+    ``example_input_dtype``; or ``config``: a ``PruningConfig`` (or its dict) instead of them.
+    ``structured=True`` is deprecated: it is ``pattern="channels"`` (and warns).
+
+    Every pruning event runs through the contract (``Effect.RESTRUCTURE_MID_FIT``, at a batch's start);
+    after channels go, the shared machinery rebuilds the optimizers.
 
     >>> cb = IterativeMagnitudePruning({"kind": "imp", "rounds": 3, "rate": 0.5, "every": 1}, rewind="init")
     >>> cb.events
@@ -89,10 +65,12 @@ class IterativeMagnitudePruning(SlimCallback):
     ...                                   importance="wanda")
     >>> wanda.scope
     'row'
+    >>> IterativeMagnitudePruning(config=PruningConfig(pattern="channels")).config.structured
+    True
     """
 
     technique = "pruning"
-    effects = frozenset({Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE})
+    effects = frozenset({Effect.AFTER_OPTIMIZER_STEP, Effect.RESTRUCTURE, Effect.RESTRUCTURE_MID_FIT})
     export_stage = ExportStage.FINALIZE_WEIGHTS  # masks made permanent before any quantization
 
     def __init__(
@@ -112,21 +90,38 @@ class IterativeMagnitudePruning(SlimCallback):
         importance: str = "magnitude",
         heads: bool = True,
         example_input_dtype: str = "auto",
+        config: PruningConfig | dict | None = None,
     ):
-        self.schedule = parse_schedule(DEFAULT_SCHEDULE if schedule is None else schedule)
-        self.pattern = resolve_pattern(pattern, structured)
-        check_int("rewind_step", rewind_step, minimum=0)
-        self.events = self.schedule.events()
-        check_options(self.pattern, importance, scope, rewind, rewind_step, self.schedule, self.events)
-        self.structured = self.pattern.kind == "channels"
-        self.targets, self.exclude = targets, list(exclude or [])
-        self.exclude_classifier, self.classifier = exclude_classifier, classifier
-        self._scope = scope  # None: resolved per model (structural transformers rank per layer)
-        self.scope = scope or ("row" if importance == "wanda" else "global")
-        self.importance, self.heads = importance, heads
-        self.rewind, self.rewind_step = rewind, rewind_step
-        self.accuracy_metric, self.accuracy = accuracy_metric, AccuracyCurve(accuracy_metric)
-        self.example_input_shape, self.example_input_dtype = example_input_shape, example_input_dtype
+        if structured:
+            if pattern not in (None, "channels"):
+                raise ValueError(f"structured=True removes channels; it cannot be combined with pattern={pattern!r}")
+            warnings.warn(
+                "IterativeMagnitudePruning(structured=True) is deprecated: use pattern='channels' (the same thing)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            pattern = "channels"
+        options = dict(
+            schedule=schedule,
+            targets=targets,
+            exclude=exclude,
+            exclude_classifier=exclude_classifier,
+            classifier=classifier,
+            scope=scope,
+            rewind=rewind,
+            rewind_step=rewind_step,
+            accuracy_metric=accuracy_metric,
+            example_input_shape=example_input_shape,
+            pattern=pattern or "unstructured",
+            importance=importance,
+            heads=heads,
+            example_input_dtype=example_input_dtype,
+        )
+        self.config: PruningConfig = config_from(PruningConfig, config, options)
+        self.schedule, self.events, self.pattern = self.config.schedule, self.config.events, self.config.parsed_pattern
+        # None: resolved per model (structural transformers rank per layer)
+        self.scope = self.config.scope or ("row" if self.config.importance == "wanda" else "global")
+        self.accuracy = AccuracyCurve(self.config.accuracy_metric)
         # state saved in checkpoints
         self.masks: dict[str, torch.Tensor] = {}
         self.events_done = 0
@@ -136,10 +131,9 @@ class IterativeMagnitudePruning(SlimCallback):
         self.channel_ratio = 0.0
         self.norms = InputNorms()  # Wanda's input statistics since the last event
         self.config_changes: dict[str, Any] = {}
-        # runtime only
-        self._channels: channel_targets.ChannelTargets | None = None  # structural: what loses channels
+        self._channels: channel_targets.ChannelTargets | None = None  # runtime only from here; what loses channels
         self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
-        self._targets: dict[str, tensor_targets.Target] = {}  # what is masked
+        self._targets: dict[str, Target] = {}  # what is masked
         self._untouched: dict[str, str] = {}  # weight matrices left dense, and why
         self._tied: dict[str, list[str]] = {}
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -147,6 +141,12 @@ class IterativeMagnitudePruning(SlimCallback):
         self._hooks: list = []
         self._fallback: set[str] = set()  # Wanda targets scored by magnitude (their module saw no input)
         self._fired = False
+        self._training = False  # between on_train_start and release: the events' time
+
+    @property
+    def structured(self) -> bool:
+        """Structural pruning (``pattern="channels"``), derived from the config's pattern."""
+        return self.config.structured
 
     # --- the contract ---------------------------------------------------------------------------------
     @override
@@ -154,10 +154,14 @@ class IterativeMagnitudePruning(SlimCallback):
         return Moment(self.schedule.unit, max(t for t, _ in self.events)) if self.structured else None
 
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        return sharded_refusal(self.pattern, self.config.importance, self.config.rewind if resuming else "none")
+
+    @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
         # Lightning loads a resumed checkpoint's weights into the model as built: resize it first
         if state.get("structure"):
-            channels.restructure(pl_module, state["structure"])
+            restructure(pl_module, state["structure"])
 
     @override
     def after_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -186,51 +190,45 @@ class IterativeMagnitudePruning(SlimCallback):
             self.initial_numel = {n: self._numel(pl_module, n) for n in self._counted}
 
     def _resolve(self, pl_module) -> None:
+        config, exclude = self.config, list(self.config.exclude or [])
         if self.structured:
             self._channels = channel_targets.resolve(
-                pl_module, self.targets, self.exclude, self.classifier, self.heads, self._scope
+                pl_module, config.targets, exclude, config.classifier, config.heads, config.scope
             )
             self._counted, self.scope = self._channels.layers, self._channels.scope
             return
-        counted = tensor_targets.select_tensors(pl_module, self.targets)
-        wanted = self.exclude_classifier
-        classifier = channel_targets.classifier_paths(pl_module, counted, self.classifier) if wanted else []
-        chosen = masking.resolve_targets(pl_module, self.targets, self.exclude, classifier, self.pattern)
+        counted = select_tensors(pl_module, config.targets)
+        wanted = config.exclude_classifier
+        classifier = channel_targets.classifier_paths(pl_module, counted, config.classifier) if wanted else []
+        chosen = resolve_targets(pl_module, config.targets, exclude, classifier, self.pattern)
         self._counted, self._targets = chosen.counted, chosen.masked
         self._untouched, self._tied = chosen.untouched, chosen.tied
 
     def _structural_call(self, pl_module):
-        example, shape = getattr(pl_module, "example_input_array", None), self.example_input_shape
-        return channel_targets.call(pl_module, self._channels, example, shape, self.example_input_dtype)
+        example, shape = getattr(pl_module, "example_input_array", None), self.config.example_input_shape
+        return channel_targets.call(pl_module, self._channels, example, shape, self.config.example_input_dtype)
 
     # --- training hooks -------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer, pl_module):
         self._resolve(pl_module)
-        self._refresh_masks(pl_module)
-        masking.apply_masks(self._tensors(pl_module), self.masks)
-        self._update_sparsity(pl_module)
-        if self.importance == "wanda" and not self._hooks:
+        if self.config.importance == "wanda" and not self._hooks:
             self._hooks = record_inputs(self.norms, pl_module, self._targets, InTrainingStep(pl_module))
 
     @override
     def on_train_start(self, trainer, pl_module):
+        self._training = True
+        self._refresh_masks(pl_module)  # here: ModelParallelStrategy restores callback state after on_fit_start
+        apply_masks(self._tensors(pl_module), self.masks)
+        self._update_sparsity(pl_module)
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         total = trainer.estimated_stepping_batches
-        rewind_step = self.rewind_step if self.rewind != "none" and self.snapshot is None else None
+        rewind_step = self.config.rewind_step if self.config.rewind != "none" and self.snapshot is None else None
         warning, info = timing(self.schedule, self.events_done, per_epoch, total, trainer.max_epochs, rewind_step)
         if warning:
             rank_zero_warn(warning, category=PruningScheduleWarning)
         if info:
             rank_zero_info(info)
-
-    @override
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._advance(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._advance(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -254,11 +252,11 @@ class IterativeMagnitudePruning(SlimCallback):
         )
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: Wanda's hooks go too
+    def release(self, pl_module) -> None:  # Wanda's calibration hooks
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        super()._leave(pl_module)
+        self._training = False
 
     # --- pruning events ---------------------------------------------------------------------------
     @property
@@ -270,21 +268,28 @@ class IterativeMagnitudePruning(SlimCallback):
         """``[round, sparsity, accuracy or None, step]`` at each round boundary and at the end of training."""
         return self.accuracy.rows
 
-    def _advance(self, trainer, pl_module) -> None:
+    @override
+    def restructure_now(self, trainer, pl_module) -> bool:
+        """At every batch start: snapshot for rewinding when due, then prune if an event is due (True when
+        channels went: the machinery then rebuilds the optimizers). Not in setup: the snapshot holds the
+        optimizers Lightning builds after it, and a resumed run's state is loaded after it too."""
+        if not self._training:
+            return False
         step = trainer.global_step
-        if self.rewind != "none" and self.snapshot is None and step >= self.rewind_step:
+        if self.config.rewind != "none" and self.snapshot is None and step >= self.config.rewind_step:
             schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-            self.snapshot = rewinding.take_snapshot(self.rewind, pl_module, trainer.optimizers, schedulers)
+            self.snapshot = take_snapshot(self.config.rewind, pl_module, trainer.optimizers, schedulers)
             self.snapshot["step"] = step
-        position = trainer.current_epoch if self.schedule.unit == "epoch" else step
-        due = [e for e in self.events[self.events_done :] if e[0] <= position]
-        if due:
-            self._prune(trainer, pl_module, due[-1][1])
-            self.events_done += len(due)
-            self._update_sparsity(pl_module)
-            self._fired = True
-            sparsity = self._sparsity["sparsity"]
-            rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: sparsity {sparsity:.4f}")
+        due = [e for e in self.events[self.events_done :] if e[0] <= now(trainer, self.schedule.unit)]
+        if not due:
+            return False
+        self._prune(trainer, pl_module, due[-1][1])
+        self.events_done += len(due)
+        self._update_sparsity(pl_module)
+        self._fired = True
+        sparsity = self._sparsity["sparsity"]
+        rank_zero_info(f"IterativeMagnitudePruning: round {self.round} at step {step}: sparsity {sparsity:.4f}")
+        return self.structured
 
     def _prune(self, trainer, pl_module, target: float) -> None:
         self._update_sparsity(pl_module)
@@ -292,61 +297,60 @@ class IterativeMagnitudePruning(SlimCallback):
         if self.structured:
             return self._prune_channels(trainer, pl_module, target)
         fallback: list[str] = []
-        how = dict(pattern=self.pattern, importance=self.importance, scope=self.scope, stats=self.norms)
-        masks = masking.compute_masks(
-            pl_module, self._targets, target, previous=self.masks or None, fallback=fallback, **how
-        )
+        how = dict(pattern=self.pattern, importance=self.config.importance, scope=self.scope, stats=self.norms)
+        masks = compute_masks(pl_module, self._targets, target, previous=self.masks or None, fallback=fallback, **how)
         if set(fallback) - self._fallback:
             self._fallback.update(fallback)
             rank_zero_warn(coverage_warning({}, {}, sorted(fallback)), category=PruningCoverageWarning)
         self.norms.reset()  # the next event scores by the inputs seen after this one
-        if trainer.world_size > 1:  # ranks hold identical weights; rank 0's masks make that certain
+        if trainer.world_size > 1 and not sharding.any_sharded(masks.values()):  # DDP: rank 0's masks for all
             masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = masks
         self._rewind(trainer, pl_module)
         self._refresh_masks(pl_module)
-        masking.apply_masks(self._tensors(pl_module), self.masks)
+        apply_masks(self._tensors(pl_module), self.masks)
         for opt in trainer.optimizers:
-            masking.mask_optimizer_state(opt, self._pairs)
+            mask_optimizer_state(opt, self._pairs)
 
     def _prune_channels(self, trainer, pl_module, target: float) -> None:
+        # "lr" only here: the schedule goes back, the weights stay; the optimizers rebuilt after (by the
+        # machinery) keep the rewound hyper-parameters and schedules
+        self._rewind(trainer, pl_module)
         relative = 1.0 - (1.0 - target) / (1.0 - self.channel_ratio)
         self.config_changes.update(channel_targets.prune(pl_module, self._structural_call(pl_module), relative))
-        self.channel_ratio, self.structure = target, channels.structure_of(pl_module)
-        rebuild_optimizers(trainer, pl_module)
-        self._rewind(trainer, pl_module)  # "lr" only here: the schedule goes back, the weights stay
+        self.channel_ratio, self.structure = target, structure_of(pl_module)
 
     def _rewind(self, trainer, pl_module) -> None:
         if self.snapshot is not None:
             schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-            rewinding.restore(self.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
+            restore(self.config.rewind, self.snapshot, pl_module, trainer.optimizers, schedulers)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _tensors(self, pl_module) -> dict[str, torch.Tensor]:
-        return {n: tensor_targets.tensor_of(pl_module, t) for n, t in self._targets.items()}
+        return {n: tensor_of(pl_module, t) for n, t in self._targets.items()}
 
     def _numel(self, pl_module, name: str) -> int:
         item = self._counted[name]
-        return (item.weight if self.structured else tensor_targets.tensor_of(pl_module, item)).numel()
+        return (item.weight if self.structured else tensor_of(pl_module, item)).numel()
 
     def _refresh_masks(self, pl_module) -> None:
         tensors = self._tensors(pl_module)
-        self.masks = {k: v.to(tensors[k].device) for k, v in self.masks.items()}
+        self.masks = {k: sharding.place_like(v.to(tensors[k].device), tensors[k]) for k, v in self.masks.items()}
         self._pairs = [(tensors[n], m.to(tensors[n].dtype)) for n, m in self.masks.items()]
 
     def _update_sparsity(self, pl_module) -> None:
         initial = self.initial_numel if self.structured else None
-        self._sparsity = masking.sparsity_rows(pl_module, self._counted, initial)
+        self._sparsity = sparsity_rows(pl_module, self._counted, initial)
 
     # --- export, report, state ----------------------------------------------------------------------
     @torch.no_grad()
     @override
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
         for name, mask in self.masks.items():  # plain tensors: zeros where pruned, nothing attached
-            tensor = tensor_targets.tensor_of(model, self._targets[name])
+            tensor = tensor_of(model, self._targets[name])
             tensor.mul_(mask.to(tensor.device, tensor.dtype))
         if self.pattern.kind == "N:M":  # on a CUDA fp16/bf16 model only (untested here: no GPU)
-            masking.to_semi_structured(model, [t.module for t in self._targets.values()], self.pattern)
+            to_semi_structured(model, [t.module for t in self._targets.values()], self.pattern)
         return model
 
     @override
@@ -354,10 +358,10 @@ class IterativeMagnitudePruning(SlimCallback):
         rows: dict[str, Any] = {
             "mode": "structured" if self.structured else "unstructured",
             "pattern": str(self.pattern),
-            "importance": self.importance,
+            "importance": self.config.importance,
             "rounds": self.round,
             "scope": self.scope,
-            "rewind": self.rewind,
+            "rewind": self.config.rewind,
             "sparsity_over": f"{len(self._counted)} target tensors",
         }
         if not self.structured:
@@ -372,7 +376,7 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+            "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
             "events_done": self.events_done,
             "snapshot": self.snapshot,
             "curve": self.accuracy.rows,

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_slim.pruning import functional as masking
-from lightning_slim.pruning import heads as attention
 from lightning_slim.pruning import slicing, structured
+from lightning_slim.pruning.functional import classifier_name, select_layers
+from lightning_slim.pruning.heads import choose, sync_configs, transformer_plan
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ChannelTargets:
 
 def classifier_paths(model: nn.Module, counted: Iterable[str], classifier: str | None) -> list[str]:
     """``[the classifier's path]`` if it is among ``counted`` (default: the last Linear / Conv), else ``[]``."""
-    name = classifier or masking.classifier_name(masking.select_layers(model))
+    name = classifier or classifier_name(select_layers(model))
     if name not in dict(model.named_modules()):
         raise ValueError(f"classifier={name!r} is not a module of {type(model).__name__}")
     return [name] if name in counted else []
@@ -47,23 +47,23 @@ def resolve(
     projections with ``heads``), or the user's ``targets`` among them (refused blocks and residual-stream
     targets are errors, :func:`heads.choose`); in any other model every target Linear / Conv but the
     classifier."""
-    roots, _, refused = attention.transformer_plan(model, heads)
+    roots, _, refused = transformer_plan(model, heads)
     if not (roots or refused):  # a CNN / MLP: every target but the classifier (its class outputs must stay)
-        counted = masking.select_layers(model, targets)
+        counted = select_layers(model, targets)
         kept = classifier_paths(model, counted, classifier)
         if set(counted) <= set(kept):
             raise ValueError(
                 f"structural pruning keeps the classifier's outputs ({kept}), and "
                 f"{type(model).__name__} has no other Linear/Conv target; use pattern='unstructured'"
             )
-        return ChannelTargets(masking.select_layers(model, targets, [*exclude, *kept]), False, scope or "global")
+        return ChannelTargets(select_layers(model, targets, [*exclude, *kept]), False, scope or "global")
     if scope == "global":
         raise ValueError(
             "scope='global' would give transformer layers different head counts and MLP widths, "
             "which a model config cannot hold; use scope='layer' (the default for transformers)"
         )
-    selected = targets and masking.select_layers(model, targets, exclude)
-    chosen = attention.choose(dict(model.named_modules()), roots, refused, selected, exclude)
+    selected = targets and select_layers(model, targets, exclude)
+    chosen = choose(dict(model.named_modules()), roots, refused, selected, exclude)
     return ChannelTargets(chosen, True, "layer")
 
 
@@ -97,4 +97,4 @@ def prune(model: nn.Module, call: tuple, ratio: float) -> dict[str, Any]:
     """Remove ``ratio`` of the current channels (``call`` from :func:`call`); returns the config changes."""
     root, example, roots, how = call
     structured.remove_channels(root, example, roots, ratio, **how)
-    return attention.sync_configs(model)
+    return sync_configs(model)

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_slim import log
+from lightning_slim.core import log
 
 
 class MissingMetricWarning(UserWarning):

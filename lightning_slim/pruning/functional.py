@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_slim.modules import InputNorms
+from lightning_slim.core import sharding
 from lightning_slim.pruning import importance as imp
 from lightning_slim.pruning import patterns
+from lightning_slim.pruning.norms import InputNorms
 from lightning_slim.pruning.patterns import Pattern, is_nm, nm_masks, parse_pattern  # noqa: F401 - the API
 from lightning_slim.pruning.tensors import (
     Target,
@@ -88,12 +89,27 @@ def compute_masks(
     pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
     scope = scope or default_scope(importance)
     tensors = {n: tensor_of(model, t) for n, t in targets.items()}
+    group = sharded_group(targets, tensors)
     for n, t in targets.items():
         patterns.check_nm_shape(n, tuple(as_matrix(tensors[n], t.layout).shape), pattern)
-    scores = imp.scores(model, targets, importance, stats, fallback)
-    prev = {n: as_matrix(m, targets[n].layout) for n, m in (previous or {}).items() if n in targets}
-    keep = patterns.masks(scores, sparsity, scope, pattern, prev)
-    return {n: from_matrix(keep[n], tensors[n], t.layout) for n, t in targets.items()}
+    scores = {n: sharding.local(s) for n, s in imp.scores(model, targets, importance, stats, fallback).items()}
+    prev = {n: as_matrix(sharding.local(m), targets[n].layout) for n, m in (previous or {}).items() if n in targets}
+    keep = patterns.masks(scores, sparsity, scope, pattern, prev, group)
+    local = {n: sharding.local(t) for n, t in tensors.items()}  # masks: this rank's block only (FSDP2)
+    return {n: sharding.like(from_matrix(keep[n], local[n], t.layout), tensors[n]) for n, t in targets.items()}
+
+
+def sharded_group(targets: Mapping[str, Target], tensors: Mapping[str, torch.Tensor]):
+    """The process group over which the targets' rows are sharded (FSDP2), None when not sharded.
+    Rows must be outputs, so each rank ranks whole rows: transformers' Conv1D (``in_out``) is refused."""
+    group = sharding.row_group(tensors)
+    transposed = [n for n, t in targets.items() if t.layout != "out_in"]
+    if group is not None and transposed:
+        raise ValueError(
+            f"pruning sharded {transposed}: their weight is stored inputs first (transformers' Conv1D), so "
+            "FSDP2's row shards split its inputs; exclude them, or train unsharded (single device or DDP)"
+        )
+    return group
 
 
 def nm_misfits(model: nn.Module, targets: Mapping[str, Target], pattern: Pattern) -> list[str]:
@@ -138,6 +154,7 @@ def resolve_targets(
             del masked[name]
     for name, t in masked.items():
         patterns.check_nm_shape(name, tuple(as_matrix(tensor_of(model, t), t.layout).shape), pattern)
+    sharded_group(masked, {n: tensor_of(model, t) for n, t in masked.items()})  # FSDP2 placements (after setup)
     return MaskedTargets(counted, masked, untouched, tied(model, counted))
 
 
@@ -200,13 +217,14 @@ def mask_optimizer_state(
 
 
 def sparsity_of(tensor: torch.Tensor) -> float:
-    return 1.0 - int(torch.count_nonzero(tensor.detach())) / max(tensor.numel(), 1)
+    """Fraction of exact zeros of the whole tensor (over every rank's shard when it is sharded)."""
+    return 1.0 - sharding.count_nonzero(tensor) / max(tensor.numel(), 1)
 
 
 def global_sparsity(tensors: Mapping[str, torch.Tensor]) -> float:
     """Fraction of exact zeros over all the given tensors together."""
     total = sum(t.numel() for t in tensors.values())
-    nonzero = sum(int(torch.count_nonzero(t.detach())) for t in tensors.values())
+    nonzero = sum(sharding.count_nonzero(t) for t in tensors.values())
     return 1.0 - nonzero / max(total, 1)
 
 

@@ -1,6 +1,6 @@
 """How important each weight is: magnitude ``|W|`` or Wanda's activation-aware ``|W| * ||x_j||``
 (Sun et al. 2023: the weight times the norm of the input channel it multiplies), with the input
-norms collected by forward hooks (:class:`lightning_slim.modules.InputNorms`, the same hooks
+norms collected by forward hooks (:class:`lightning_slim.pruning.norms.InputNorms`, the same hooks
 distillation records features with).
 
 The input norm is the root mean square of the channel over every position seen (tokens, pixels,
@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_slim.modules import InputNorms, evaluating, first_input
+from lightning_slim.modules import evaluating
+from lightning_slim.pruning.norms import InputNorms, first_input
 from lightning_slim.pruning.tensors import Target, as_matrix, tensor_of
 
 IMPORTANCES = ("magnitude", "wanda")

@@ -1,15 +1,16 @@
-"""The checks on IterativeMagnitudePruning's arguments that need more than one of them, and the
-coverage warning: kept here so the callback stays a thin shell. Each raises a ``ValueError``
-naming the value and what is allowed, at construction."""
+"""The checks on ``PruningConfig``'s options that need more than one of them, and the coverage
+warning: kept here so the callback stays a thin shell. Each raises a ``ValueError`` naming the value
+and what is allowed, when the config is built."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lightning_slim.arguments import check_choice
+from lightning_slim.core.arguments import check_choice
 from lightning_slim.pruning.importance import IMPORTANCES
-from lightning_slim.pruning.patterns import SCOPES, Pattern, parse_pattern
+from lightning_slim.pruning.patterns import SCOPES, Pattern
 from lightning_slim.pruning.rewind import REWINDS, rewinds_weights
+from lightning_slim.pruning.schedules import Schedule
 from lightning_slim.pruning.tensors import TIED_HEAD
 
 
@@ -21,21 +22,15 @@ class PruningScheduleWarning(UserWarning):
     """A schedule whose times probably do not mean what was intended (steps read as epochs)."""
 
 
-def resolve_pattern(pattern: str | None, structured: bool) -> Pattern:
-    if structured and pattern not in (None, "channels"):
-        raise ValueError(f"structured=True removes channels; it cannot be combined with pattern={pattern!r}")
-    return parse_pattern("channels" if structured else (pattern or "unstructured"))
-
-
 def check_options(
     pattern: Pattern,
     importance: str,
     scope: str | None,
     rewind: str,
     rewind_step: int,
-    schedule,
-    events: list[tuple[int, float]],
+    schedule: Schedule,
 ) -> None:
+    events = schedule.events()
     check_choice("importance", importance, IMPORTANCES)
     check_choice("rewind", rewind, REWINDS)
     if scope is not None:
@@ -55,8 +50,8 @@ def check_options(
         raise ValueError(f"rewind='init' rewinds to step 0; use rewind='step' for rewind_step={rewind_step}")
     if structured and rewinds_weights(rewind):
         raise ValueError(
-            f"rewind={rewind!r} is not supported with structured=True (the snapshot has the "
-            "unpruned shapes); use rewind='none' or 'lr'"
+            f"rewind={rewind!r} is not supported with pattern='channels' (the snapshot has "
+            "the unpruned shapes); use rewind='none' or 'lr'"
         )
     if schedule.kind == "gradual" and rewind != "none":
         raise ValueError(
@@ -114,3 +109,21 @@ def coverage_warning(untouched: Mapping[str, str], tied: Mapping[str, list[str]]
         "in report_rows()['untouched']; target them by their parameter name if they are plain weight matrices, "
         "or exclude the module to silence this."
     )
+
+
+def sharded_refusal(pattern: Pattern, importance: str, resumed_rewind: str = "none") -> str | None:
+    """Why pruning so configured cannot run on FSDP2-sharded parameters, or resume with a rewind
+    snapshot (``resumed_rewind``), which stays sharded where Lightning saves rank 0's callback state."""
+    if pattern.kind == "channels":
+        return (
+            "IterativeMagnitudePruning(pattern='channels') changes parameter shapes, which FSDP2 fixed when "
+            "configure_model sharded them: prune channels unsharded (single device or DDP), then shard"
+        )
+    if importance == "wanda":
+        return "IterativeMagnitudePruning(importance='wanda') does not reduce its input norms across ranks"
+    if resumed_rewind != "none":
+        return (
+            f"IterativeMagnitudePruning(rewind={resumed_rewind!r}) cannot resume sharded: its snapshot is per rank "
+            "and Lightning saves rank 0's callback state; resume with rewind='none', or unsharded"
+        )
+    return None

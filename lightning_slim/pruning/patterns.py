@@ -20,8 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from lightning_slim.arguments import check_fraction
+from lightning_slim.core import sharding
+from lightning_slim.core.arguments import check_fraction
 
 SCOPES = ("global", "layer", "row")
 KINDS = ("unstructured", "channels", "N:M")
@@ -103,13 +105,16 @@ def masks(
     scope: str = "global",
     pattern: Pattern = Pattern("unstructured"),
     previous: Mapping[str, torch.Tensor] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
     """Boolean keep-masks (matrices) that remove the ``sparsity`` fraction of the lowest scores.
 
     ``scope``: ``"global"`` ranks all tensors together, ``"layer"`` each tensor, ``"row"`` each
     output row (Wanda's comparison group). With an N:M ``pattern``, ``sparsity`` may not exceed
     ``1 - N/M``; below it, each group's N best are protected while the rest is ranked as usual, so
-    a gradual schedule reaches exactly N:M at its last round.
+    a gradual schedule reaches exactly N:M at its last round. With a process ``group`` the scores are
+    this rank's rows of row-sharded tensors (FSDP2): rows and N:M groups are whole on each rank, and
+    the global / per-tensor thresholds are agreed across ranks (:func:`lightning_slim.core.sharding.keep_top`).
     """
     check_fraction("sparsity", sparsity)
     if scope not in SCOPES:
@@ -130,6 +135,11 @@ def masks(
         scores = {k: torch.where(protected[k], torch.full_like(s, float("inf")), s) for k, s in scores.items()}
     if scope == "row":
         return {k: _keep_top_rows(s, sparsity) for k, s in scores.items()}
+    if group is not None:
+        names = list(scores)
+        ranked = [names] if scope == "global" else [[k] for k in names]
+        kept = sharding.keep_top([[scores[k].flatten() for k in g] for g in ranked], sparsity, group)
+        return {k: m.view_as(scores[k]) for g, ms in zip(ranked, kept) for k, m in zip(g, ms)}
     if scope == "layer":
         return {k: _keep_top(s.flatten(), sparsity).view_as(s) for k, s in scores.items()}
     keep = _keep_top(torch.cat([s.flatten() for s in scores.values()]), sparsity)

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_slim.arguments import check_fraction, check_int
-from lightning_slim.clock import check_unit
+from lightning_slim.core.arguments import check_fraction, check_int
+from lightning_slim.core.clock import check_unit
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,26 @@
 """Quantization-aware training with a real int8 export (see README.md, the method card).
 
-Importing this package imports neither torchao nor onnx/onnxruntime; they load when used.
+``QuantizationAwareTraining`` is the Lightning callback, configured by a ``QuantizationConfig``; the
+runtime that serves the model is a :class:`~.backends.Backend` (``backends.onnxruntime``,
+``backends.torchao``). Importing this package imports neither torchao nor onnx/onnxruntime; they load
+when used.
 """
 
+from lightning_slim.quantization.backends import Backend, backend
+from lightning_slim.quantization.backends.torchao import convert_to_int8
 from lightning_slim.quantization.callback import QuantizationAwareTraining
-from lightning_slim.quantization.export import convert_to_int8, load_int8, save_int8, to_runtime
+from lightning_slim.quantization.config import QuantizationConfig
+from lightning_slim.quantization.export import int8_weights, load_int8, save_int8, to_runtime
 from lightning_slim.quantization.functional import (
-    QuantSpec,
     freeze_batchnorm,
     freeze_ranges,
     prepare_qat,
     quantization_error,
-    select_layers,
     set_fake_quant,
     set_ranges,
     unprepare,
 )
+from lightning_slim.quantization.layers import select_layers
 from lightning_slim.quantization.serving import (
     OrtModel,
     artifact_bytes,
@@ -28,10 +33,12 @@ from lightning_slim.quantization.serving import (
 )
 
 __all__ = [
+    "Backend",
     "OrtModel",
-    "QuantSpec",
     "QuantizationAwareTraining",
+    "QuantizationConfig",
     "artifact_bytes",
+    "backend",
     "compare_latency",
     "convert_to_int8",
     "cpu_int8_capability",
@@ -39,6 +46,7 @@ __all__ = [
     "freeze_batchnorm",
     "freeze_ranges",
     "fused_ops",
+    "int8_weights",
     "interleaved_latency_ms",
     "load_int8",
     "prepare_qat",

@@ -10,17 +10,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_slim import log
-from lightning_slim.arguments import check_int
-from lightning_slim.callback import SlimCallback
-from lightning_slim.clock import Moment, check_unit
-from lightning_slim.contract import Effect, ExportRefused, ExportStage
-from lightning_slim.interception import InTrainingStep
-from lightning_slim.quantization import functional as qat
-from lightning_slim.quantization import preflight, static
-from lightning_slim.quantization.export import save_int8, to_runtime
+from lightning_slim.core import log
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.clock import Moment
+from lightning_slim.core.compose import deployable_copy
+from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
+from lightning_slim.core.interception import InTrainingStep
+from lightning_slim.quantization import functional, preflight
+from lightning_slim.quantization.backends import Backend
+from lightning_slim.quantization.config import QuantizationConfig
 from lightning_slim.quantization.export_call import ExportCall, as_export_call, export_fingerprint, find_export_call
-from lightning_slim.quantization.guard import bn_freeze_warning
+from lightning_slim.quantization.guard import DivergenceGuard, bn_freeze_warning
+from lightning_slim.quantization.layers import check_layers, select_layers
 
 PHASES = ("float", "fake_quant", "ranges_frozen")
 PHASE_SWITCHES = {1: "fake quantization started", 2: "ranges froze"}
@@ -44,38 +46,44 @@ class QuantizationAwareTraining(SlimCallback):
     dynamic per-token activations and a ``torch.export`` program on torchao's ``Int8Tensor``
     (``torch._int_mm``): fast only where that kernel is (CUDA, AVX512-VNNI/AMX CPUs).
 
-    Args:
+    Args (the fields of :class:`~.config.QuantizationConfig`; or pass ``config=`` instead):
         targets: layer types (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``), module names or
             ``re:<regex>`` over module names. Default: every Linear, Conv1d and Conv2d.
         exclude: the same kinds of entries, removed from the targets (e.g. a sensitive first layer).
         weight_bits: 8 (per-channel) or 4 (per-group, Linear/Embedding only; on onnxruntime weight-only).
         activation_bits: 8 or None (weight-only).
         group_size: group of the int4 weights (on onnxruntime: of every weight-only Linear, a power of 2 >= 16).
+        start_after / freeze_ranges_after / freeze_bn_after / unit: the schedule (see above).
         fold_bn: fold a BatchNorm that directly follows a conv into it (simulated during QAT).
-        runtime: ``"onnxruntime"`` or ``"torchao"`` (see above).
+        export_path: save the int8 artifact there at the end of fit (rank 0).
+        log_error_table: log the per-layer error table once at the end of fit.
+        runtime: ``"onnxruntime"`` or ``"torchao"`` (see above): the :class:`~.backends.Backend`.
         reduce_range: onnxruntime only: 7-bit weights ([-64, 64]) so AVX2's u8 x s8 int8 kernels
             never saturate. Only a model served exclusively on VNNI/AMX/ARM-dotprod CPUs may turn it off.
         export_diverged: export a model whose training loss exploded after a phase switch (fake
             quantization starting, ranges or BatchNorm freezing). Default False: such a model is
             warned about when it happens and :meth:`export` refuses it (:class:`~.guard.DivergenceGuard`).
-        activation_mode: onnxruntime: ``"static"`` (default; one uint8 range per tensor, observed in
-            training and frozen into the file: ORT's fused QGemm / MatMulIntegerToFloat kernels) or
-            ``"dynamic"`` (uint8 ranges per token computed at run time, Linear layers only: far closer to
-            float on pretrained transformers, whose rows differ in scale by orders). torchao is always
-            dynamic. None: the runtime's default.
         export_module: path of the submodule the exported graph serves (``"model"``: the Hugging Face
             model a ``training_step`` calls). Default: the LightningModule when it defines ``forward``,
             else its one child with parameters.
         export_inputs: the batch keys that become the graph's inputs, in order (``["input_ids",
             "attention_mask"]``). Default: the dict batch's entries that the exported module's
             ``forward`` names (``labels`` left out), else ``forward(x)`` with the batch's input tensor.
+        activation_mode: onnxruntime: ``"static"`` (default; one uint8 range per tensor, observed in
+            training and frozen into the file: ORT's fused QGemm / MatMulIntegerToFloat kernels) or
+            ``"dynamic"`` (uint8 ranges per token computed at run time, Linear layers only: far closer to
+            float on pretrained transformers, whose rows differ in scale by orders). torchao is always
+            dynamic. None: the runtime's default.
+        config: a :class:`~.config.QuantizationConfig` (or a dict of its fields) holding all of the above.
 
     Observers record the activations of the user's own training step whatever mode the model is in
     (Hugging Face ``from_pretrained`` returns models in eval mode, and Lightning keeps that mode).
 
     >>> cb = QuantizationAwareTraining(targets=["Linear", "re:net\\\\.0"], start_after=1, freeze_bn_after=3)
-    >>> cb.spec.weight_bits, cb.unit
-    (8, 'epoch')
+    >>> cb.config.weight_bits, cb.config.unit, cb.config.backend.name
+    (8, 'epoch', 'onnxruntime')
+    >>> QuantizationAwareTraining(config=QuantizationConfig(runtime="torchao")).config.dynamic
+    True
     """
 
     technique = "quantization"
@@ -102,43 +110,18 @@ class QuantizationAwareTraining(SlimCallback):
         export_module: str | None = None,
         export_inputs: list[str] | None = None,
         activation_mode: str | None = None,
+        config: QuantizationConfig | dict | None = None,
     ):
-        self.spec = qat.QuantSpec(weight_bits, activation_bits, group_size, runtime, reduce_range, activation_mode)
-        check_unit(unit)
-        check_int("start_after", start_after)
-        for name, value in (("freeze_ranges_after", freeze_ranges_after), ("freeze_bn_after", freeze_bn_after)):
-            check_int(name, value, allow_none=True)
-            if value is not None and value < start_after:
-                raise ValueError(
-                    f"{name}={value} comes before start_after={start_after}; freezing happens "
-                    "after fake quantization starts"
-                )
-        if freeze_ranges_after is not None and weight_bits == 4 and runtime == "torchao":
-            raise ValueError(
-                "freeze_ranges_after with runtime='torchao' is supported for weight_bits=8 only "
-                "(torchao recomputes int4 group scales at export)"
-            )
-        if not isinstance(export_diverged, bool):
-            raise ValueError(f"export_diverged={export_diverged!r} must be true or false")
-        self.export_diverged = export_diverged
-        preflight.check_export_arguments(export_module, export_inputs)
-        self.export_module = export_module
-        self.export_inputs = list(export_inputs) if export_inputs is not None else None
-        self.guard = qat.DivergenceGuard()
+        given = {k: v for k, v in locals().items() if k not in ("self", "config", "__class__")}
+        self.config: QuantizationConfig = config_from(QuantizationConfig, config, given)
+        self.backend: Backend = self.config.backend
+        self.guard = DivergenceGuard()
         self._peak_lr, self._lowest_lr = 0.0, float("inf")
         self._bn_frozen = False  # BatchNorm freeze seen (the guard's switch)
-        self.targets = list(targets) if targets is not None else list(qat.DEFAULT_TARGETS)
-        self.exclude = list(exclude or [])
-        self.start_after, self.freeze_ranges_after, self.freeze_bn_after = (
-            start_after,
-            freeze_ranges_after,
-            freeze_bn_after,
-        )
-        self.unit, self.fold_bn, self.export_path, self.log_error_table = unit, fold_bn, export_path, log_error_table
         self.layers: list[str] = []
         self.folded: dict[str, str] = {}
         self.ranges: dict[str, dict[str, torch.Tensor]] = {}
-        self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # static observers (onnxruntime)
+        self.activation_ranges: dict[str, dict[str, torch.Tensor]] = {}  # observed in training (the backend's)
         self.skipped: list[str] = []
         self.phase = 0
         self._fastpath: bool | None = None  # the MHA fast path setting before fit
@@ -146,62 +129,70 @@ class QuantizationAwareTraining(SlimCallback):
         self._call: ExportCall | None = None  # how the export calls the model (the first training batch's)
         self._call_error: str | None = None
         self.saved_path: str | None = None
-        self._exported: tuple[str, torch.nn.Module] | None = None  # the last ONNX export, during on_fit_end
+        self._exported: tuple[str, torch.nn.Module] | None = None  # the last export, during on_fit_end
+
+    @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        config = self.config
+        untested = {
+            "runtime='torchao'": config.runtime == "torchao",
+            "export_path": config.export_path is not None,  # the int8 export needs the whole model on one rank
+            "freeze_ranges_after": config.freeze_ranges_after is not None,  # frozen scales would be per shard
+            "fold_bn=True (pass fold_bn=False)": config.fold_bn,
+            "freeze_bn_after": config.freeze_bn_after is not None,
+            "resuming": resuming,
+        }
+        if any(untested.values()):
+            return f"QuantizationAwareTraining sharded supports none of {[k for k, v in untested.items() if v]}"
+        return None  # static ranges averaged across ranks as under DDP: tests/sharded
 
     @override
     def structure_fixed_from(self) -> Moment | None:
         # measured: removing channels from layers that are already fake-quantized hangs in torch-pruning
-        return Moment(self.unit, self.start_after)
+        return self.config.fake_quant_from
 
     # --- before training --------------------------------------------------------------------
     @override
     def validate(self, trainer, pl_module) -> None:
-        preflight.check_runtime_packages(self.spec.runtime)
-        self.layers = qat.select_layers(pl_module, self.targets, self.exclude)
-        qat.check_layers(pl_module, self.layers, self.spec)
-        example = getattr(pl_module, "example_input_array", None)
-        if self.spec.static:
-            call = preflight.export_call(trainer, pl_module, self.export_module, self.export_inputs)
-        else:  # torchao swaps int8 modules in place: checked on example_input_array when there is one
-            call = as_export_call(example.cpu()) if isinstance(example, torch.Tensor) else None
+        self.backend.check_packages()
+        self.layers = select_layers(pl_module, self.config.targets, self.config.exclude)
+        check_layers(pl_module, self.layers, self.config)
+        call = self.backend.export_call(trainer, pl_module, self.config)
         if call is not None:
             with torch.random.fork_rng(devices=[]):  # its train-mode pass (dropout) must not move the fit's RNG
-                preflight.dry_run(pl_module, self.layers, self.spec, self.fold_bn, call)
+                preflight.dry_run(pl_module, self.layers, self.config, call)
         self.skipped = preflight.warn_skipped(pl_module, self.layers)  # after the checks that refuse
 
     @override
     def prepare_model(self, trainer, pl_module) -> None:
         # before Lightning loads a resumed checkpoint: the keys are the float model's anyway
         with torch.random.fork_rng(devices=[]):  # torchao's layers draw an initialisation: not from the fit's RNG
-            self.folded = qat.prepare_qat(pl_module, self.layers, self.spec, self.fold_bn)
-        layers = qat.fake_quantized_layers(pl_module)
-        static.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
+            self.folded = functional.prepare_qat(pl_module, self.layers, self.config)
+        layers = functional.fake_quantized_layers(pl_module)
+        self.backend.record_when(layers, InTrainingStep(pl_module))  # the user's step, in whatever mode the model is
         self._module, self.ranges, self.phase, self._call, self._call_error = pl_module, {}, 0, None, None
-        self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = qat.DivergenceGuard(), 0.0, float("inf"), False
+        self.guard, self._peak_lr, self._lowest_lr, self._bn_frozen = DivergenceGuard(), 0.0, float("inf"), False
         self.activation_ranges = {}
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (qat.no_mha_fastpath, held across hooks)
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()  # (functional.no_mha_fastpath, held across hooks)
         torch.backends.mha.set_fastpath_enabled(False)  # it would bypass the swapped layers in validation
         rank_zero_info(
-            f"QuantizationAwareTraining: {len(self.layers)} layers, {self.spec.weight_bits}-bit weights, "
-            f"activations {self.spec.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded"
+            f"QuantizationAwareTraining: {len(self.layers)} layers, {self.config.weight_bits}-bit weights, "
+            f"activations {self.config.activation_bits or 'float'}, {len(self.folded)} BatchNorms folded"
         )
 
     # --- the schedule -----------------------------------------------------------------------------
-    def _now(self, trainer) -> int:
-        return trainer.current_epoch if self.unit == "epoch" else trainer.global_step
-
     def _reached(self, trainer, when: int | None) -> bool:
-        return when is not None and self._now(trainer) >= when
+        return when is not None and Moment(self.config.unit, when).reached(trainer)
 
     def _apply_schedule(self, trainer, pl_module) -> None:
-        qat.set_fake_quant(pl_module, self._reached(trainer, self.start_after))
-        self.phase = int(self._reached(trainer, self.start_after))
-        if self._reached(trainer, self.freeze_ranges_after):
+        functional.set_fake_quant(pl_module, self._reached(trainer, self.config.start_after))
+        self.phase = int(self._reached(trainer, self.config.start_after))
+        if self._reached(trainer, self.config.freeze_ranges_after):
             if not self.ranges:
-                self.ranges = qat.freeze_ranges(pl_module)
+                self.ranges = functional.freeze_ranges(pl_module)
             self.phase = 2
-        if self._reached(trainer, self.freeze_bn_after) and pl_module.training:
-            qat.freeze_batchnorm(pl_module)
+        if self._reached(trainer, self.config.freeze_bn_after) and pl_module.training:
+            functional.freeze_batchnorm(pl_module)
 
     def _lr(self, trainer) -> float | None:
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
@@ -217,7 +208,7 @@ class QuantizationAwareTraining(SlimCallback):
         step = trainer.global_step
         if self.phase != phase_before and self.phase:  # fake quantization started / ranges froze
             self.guard.switch(step, PHASE_SWITCHES[self.phase], lr, self._peak_lr)
-        if self._reached(trainer, self.freeze_bn_after) and not self._bn_frozen and self.folded:
+        if self._reached(trainer, self.config.freeze_bn_after) and not self._bn_frozen and self.folded:
             self._bn_frozen = True
             self.guard.switch(step, "BatchNorm froze", lr, self._peak_lr)
             message = bn_freeze_warning(step, lr, self._peak_lr, self._lowest_lr)
@@ -225,13 +216,16 @@ class QuantizationAwareTraining(SlimCallback):
                 rank_zero_warn(message)
         if self._call is None and self._call_error is None:
             try:
-                self._call = find_export_call(pl_module, batch, self.export_module, self.export_inputs).head(8)
+                self._call = find_export_call(
+                    pl_module, batch, self.config.export_module, self.config.export_inputs
+                ).head(8)
             except ValueError as err:  # checked before training where a sample exists: not mid-fit
                 self._call_error = str(err)
         self.log_scalars(
-            pl_module, {"phase": float(self.phase), "bn_frozen": float(self._reached(trainer, self.freeze_bn_after))}
+            pl_module,
+            {"phase": float(self.phase), "bn_frozen": float(self._reached(trainer, self.config.freeze_bn_after))},
         )
-        bits = {"weight_bits": self.spec.weight_bits, "activation_bits": self.spec.activation_bits or 32}
+        bits = {"weight_bits": self.config.weight_bits, "activation_bits": self.config.activation_bits or 32}
         log.log_config(trainer, self.technique, bits)  # fixed for the run: config once, not a metric per step
 
     @override
@@ -241,9 +235,9 @@ class QuantizationAwareTraining(SlimCallback):
             message = self.guard.update(trainer.global_step, float(loss.detach()))
             if message:
                 rank_zero_warn(message)
-        if trainer.world_size > 1 and self.spec.static:  # every rank keeps the same activation ranges
-            static.average_observers(
-                qat.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+        if trainer.world_size > 1:
+            self.backend.sync_ranks(
+                functional.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
             )
 
     @override
@@ -253,15 +247,15 @@ class QuantizationAwareTraining(SlimCallback):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        rows = qat.quantization_error(pl_module)
+        rows = functional.quantization_error(pl_module)
         mean = sum(r["relative_error"] for r in rows) / len(rows)
         self.log_scalars(pl_module, {"weight_error_mean": mean}, on_step=False, on_epoch=True, sync_dist=True)
 
     # --- after training ---------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.log_error_table and trainer.is_global_zero:  # once per run: W&B versions every table logged
-            rows = qat.quantization_error(pl_module)
+        if self.config.log_error_table and trainer.is_global_zero:  # once per run: W&B versions every table logged
+            rows = functional.quantization_error(pl_module)
             cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
             log.log_table(
                 trainer,
@@ -269,8 +263,8 @@ class QuantizationAwareTraining(SlimCallback):
                 cols,
                 [[r[c] if c != "activation_bits" or r[c] else 32 for c in cols] for r in rows],
             )
-        if self.export_path and trainer.is_global_zero:
-            if self.guard.diverged and not self.export_diverged:
+        if self.config.export_path and trainer.is_global_zero:
+            if self.guard.diverged and not self.config.export_diverged:
                 rank_zero_warn(f"QuantizationAwareTraining: the int8 model was not saved: {self._refusal()}")
                 return
             if self._call is None:
@@ -278,17 +272,15 @@ class QuantizationAwareTraining(SlimCallback):
                     f"QuantizationAwareTraining: the int8 model was not saved: {self._call_error or 'no batch seen'}"
                 )
                 return
-            from lightning_slim.report import deployable_copy
-
             model = deployable_copy(trainer, pl_module)  # every callback's export in order, this one last
-            self.saved_path = str(save_int8(model, self._call, self.export_path))
+            self.saved_path = str(self.backend.save(model, self._call, self.config.export_path))
             log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
 
     @override
     def restore_model(self, pl_module) -> None:
         """The float layers again, with the QAT-trained weights (and the ranges kept for export)."""
-        self.activation_ranges = static.observer_state(qat.fake_quantized_layers(pl_module))
-        qat.unprepare(pl_module)
+        self.activation_ranges = self.backend.observed_ranges(functional.fake_quantized_layers(pl_module))
+        functional.unprepare(pl_module)
         self._module, self._exported = None, None
         if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
@@ -297,12 +289,12 @@ class QuantizationAwareTraining(SlimCallback):
     def fake_quantized(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` (a copy of the trained module; modified in place) as validation saw it during
         QAT: fake-quantized layers with the trained ranges, in eval mode."""
-        if not qat.fake_quantized_layers(model):
-            layers = self.layers or qat.select_layers(model, self.targets, self.exclude)
-            qat.prepare_qat(model, layers, self.spec, self.fold_bn)
-            qat.set_ranges(model, self.ranges)
-            static.load_observer_state(qat.fake_quantized_layers(model), self.activation_ranges)
-        qat.set_fake_quant(model, True)
+        if not functional.fake_quantized_layers(model):
+            layers = self.layers or select_layers(model, self.config.targets, self.config.exclude)
+            functional.prepare_qat(model, layers, self.config)
+            functional.set_ranges(model, self.ranges)
+            self.backend.load_observed_ranges(functional.fake_quantized_layers(model), self.activation_ranges)
+        functional.set_fake_quant(model, True)
         return model.eval()
 
     @override
@@ -313,17 +305,18 @@ class QuantizationAwareTraining(SlimCallback):
         batch of ``forward(x)``'s input, a dict of named inputs or an ``ExportCall``; default: the
         first training batch's call, else ``example_input_array``).
         A model whose loss exploded after a phase switch is refused (``export_diverged=True`` allows it)."""
-        if self.guard.diverged and not self.export_diverged:
+        if self.guard.diverged and not self.config.export_diverged:
             raise ExportRefused(self._refusal())
         if example is None:
             example = self._call if self._call is not None else getattr(model, "example_input_array", None)
         model = self.fake_quantized(model)
-        if not self.spec.static or example is None:
-            return to_runtime(model, example)
+        call = as_export_call(example) if example is not None else None
+        if not self.backend.reuse_exports or call is None:
+            return self.backend.convert(model, call)
         # at the end of fit the same trained model is exported for export_path and for the report: once
-        key = export_fingerprint(model, as_export_call(example))
+        key = export_fingerprint(model, call)
         if self._exported is None or self._exported[0] != key:
-            int8 = to_runtime(model, example)
+            int8 = self.backend.convert(model, call)
             self._exported = (key, int8)
             return int8
         return deepcopy(self._exported[1])
@@ -332,13 +325,10 @@ class QuantizationAwareTraining(SlimCallback):
     def float_baselines(
         self, model: torch.nn.Module, example: torch.Tensor, runtime: bool = True
     ) -> dict[str, torch.nn.Module]:
-        qat.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
+        functional.unprepare(model)  # the trained float layers (same parameters), not their fake-quantized form
         model.eval()
-        if self.spec.runtime != "onnxruntime" or not runtime:  # no fp32 ONNX export nobody times
-            return {"fp32_eager": model}
-        from lightning_slim.quantization.serving import fp32_onnx
-
-        return {"fp32_eager": model, "fp32_runtime": fp32_onnx(model, self._call or example)}
+        in_runtime = self.backend.float_in_runtime(model, self._call or as_export_call(example)) if runtime else None
+        return {"fp32_eager": model} | ({"fp32_runtime": in_runtime} if in_runtime is not None else {})
 
     def _refusal(self) -> str:
         d = self.guard.diverged
@@ -353,9 +343,9 @@ class QuantizationAwareTraining(SlimCallback):
             return {}
         return {
             "layers": len(self.layers),
-            "runtime": self.spec.runtime,
-            "weight_bits": self.spec.weight_bits,
-            "activation_bits": self.spec.activation_bits or "float",
+            "runtime": self.config.runtime,
+            "weight_bits": self.config.weight_bits,
+            "activation_bits": self.config.activation_bits or "float",
             "phase": PHASES[self.phase],
             "bn_folded": len(self.folded),
             "skipped": ", ".join(self.skipped),
@@ -367,7 +357,7 @@ class QuantizationAwareTraining(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is not None:
-            self.activation_ranges = static.observer_state(qat.fake_quantized_layers(self._module))
+            self.activation_ranges = self.backend.observed_ranges(functional.fake_quantized_layers(self._module))
         return {
             "phase": self.phase,
             "layers": list(self.layers),
@@ -392,5 +382,5 @@ class QuantizationAwareTraining(SlimCallback):
         self._lowest_lr = float(state_dict.get("lowest_lr", float("inf")))
         self._bn_frozen = bool(state_dict.get("bn_frozen", False))
         if self._module is not None:
-            qat.set_ranges(self._module, self.ranges)
-            static.load_observer_state(qat.fake_quantized_layers(self._module), self.activation_ranges)
+            functional.set_ranges(self._module, self.ranges)
+            self.backend.load_observed_ranges(functional.fake_quantized_layers(self._module), self.activation_ranges)

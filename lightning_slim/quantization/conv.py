@@ -129,7 +129,7 @@ class _FakeQuantizedConvMixin:
     def to_conv(self) -> nn.Module:
         """The plain conv again, sharing this module's parameters."""
         base = nn.Conv1d if isinstance(self, nn.Conv1d) else nn.Conv2d
-        return _rebuild(self, base)
+        return rebuild_conv(self, base)
 
 
 class FakeQuantizedConv1d(_FakeQuantizedConvMixin, nn.Conv1d):
@@ -140,7 +140,7 @@ class FakeQuantizedConv2d(_FakeQuantizedConvMixin, nn.Conv2d):
     pass
 
 
-def _rebuild(conv: nn.Module, cls: type) -> nn.Module:
+def rebuild_conv(conv: nn.Module, cls: type) -> nn.Module:
     new = cls(
         conv.in_channels,
         conv.out_channels,
@@ -161,7 +161,7 @@ def _rebuild(conv: nn.Module, cls: type) -> nn.Module:
 
 def fake_quantize_conv(conv: nn.Module, activation_config, weight_config, bn: nn.Module | None) -> nn.Module:
     cls = FakeQuantizedConv1d if isinstance(conv, nn.Conv1d) else FakeQuantizedConv2d
-    new = _rebuild(conv, cls)
+    new = rebuild_conv(conv, cls)
     new._setup_qat(activation_config, weight_config, bn)
     return new
 

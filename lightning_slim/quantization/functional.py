@@ -1,20 +1,20 @@
 """Quantization-aware training in plain PyTorch (no Lightning): choose layers, fake-quantize
 them, freeze ranges / BatchNorm, measure the error, convert to int8 and save.
 
-The runtime in :class:`QuantSpec` decides the numerics. ``onnxruntime`` (the default): the
-static layers of :mod:`.static` (per-tensor uint8 activation ranges, per-channel int8 weights,
-native convolutions). ``torchao``: torchao's QAT modules for Linear / Embedding
-(``FakeQuantizedLinear``/``FakeQuantizedEmbedding`` with ``IntxFakeQuantizer``, dynamic per-token
-activations) and the im2col convolutions of :mod:`.conv`. Every swap keeps the parameter
-objects and the state-dict keys of the float model.
+The runtime of the :class:`~.config.QuantizationConfig` decides the numerics: its
+:class:`~.backends.Backend` builds the fake-quantized layers (:mod:`.backends.onnxruntime`: the
+static layers of :mod:`.static`; :mod:`.backends.torchao`: torchao's QAT modules and the im2col
+convolutions of :mod:`.conv`). Every swap keeps the parameter objects and the state-dict keys of
+the float model.
 
 >>> import torch
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> from lightning_slim.quantization.layers import select_layers
 >>> names = select_layers(model, ["Linear"], exclude=["2"])
 >>> names
 ['0']
->>> prepare_qat(model, names, QuantSpec())
+>>> prepare_qat(model, names, QuantizationConfig())
 {}
 >>> set_fake_quant(model, True)
 >>> model(torch.randn(3, 16)).shape
@@ -25,134 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_slim.quantization import conv as qconv
-
-# the guard and the layer choice live in their own modules; re-exported for the callers of this one
-from lightning_slim.quantization.guard import DivergenceGuard as DivergenceGuard
-from lightning_slim.quantization.layers import DEFAULT_TARGETS as DEFAULT_TARGETS
-from lightning_slim.quantization.layers import SUPPORTED_TYPES as SUPPORTED_TYPES
-from lightning_slim.quantization.layers import check_layers, is_hf_conv1d
-from lightning_slim.quantization.layers import select_layers as select_layers
-from lightning_slim.quantization.layers import skipped_layers as skipped_layers
-
-WEIGHT_BITS = (8, 4)
-ACTIVATION_BITS = (8, None)
-RUNTIMES = ("onnxruntime", "torchao")
-ACTIVATION_MODES = ("static", "dynamic")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """What to simulate, decided by the runtime that will serve the model.
-
-    ``runtime="onnxruntime"`` (static, see :mod:`.static`): uint8 activations with one observed
-    range per tensor, int8 symmetric per-channel weights (``reduce_range``: 7-bit, [-64, 64], so
-    AVX2 int8 kernels never saturate); weight-only (``activation_bits=None``) Linears take 8- or
-    4-bit weights per group of ``group_size`` (a power of two >= 16, MatMulNBits' blocks).
-    ``activation_mode="dynamic"`` on onnxruntime: uint8 ranges per token computed at run time
-    (Linear layers; :mod:`.dynamic`). ``runtime="torchao"``: int8 per-channel (or int4 per-group)
-    symmetric weights, int8 dynamic per-token asymmetric activations, as torchao's ``Int8Tensor``
-    kernels compute them (its only mode). ``activation_mode=None``: the runtime's default.
-
-    >>> QuantSpec(weight_bits=4)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set activation_bits=None, ...
-    """
-
-    weight_bits: int = 8
-    activation_bits: int | None = 8
-    group_size: int = 32  # int4 weights; on onnxruntime every weight-only Linear
-    runtime: str = "onnxruntime"
-    reduce_range: bool = True  # onnxruntime: 7-bit weights beside uint8 activations
-    activation_mode: str | None = None  # "static" / "dynamic"; None: static on onnxruntime, dynamic on torchao
-
-    def __post_init__(self):
-        if self.weight_bits not in WEIGHT_BITS:
-            raise ValueError(f"weight_bits={self.weight_bits!r} is not supported; allowed: {list(WEIGHT_BITS)}")
-        if self.activation_bits not in ACTIVATION_BITS:
-            raise ValueError(
-                f"activation_bits={self.activation_bits!r} is not supported; allowed: 8 or None (weight-only)"
-            )
-        if not (isinstance(self.group_size, int) and self.group_size >= 2):
-            raise ValueError(f"group_size={self.group_size!r} must be an integer >= 2")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
-        if not isinstance(self.reduce_range, bool):
-            raise ValueError(f"reduce_range={self.reduce_range!r} must be true or false")
-        if self.activation_mode not in (None, *ACTIVATION_MODES):
-            raise ValueError(f"activation_mode={self.activation_mode!r} is not one of {ACTIVATION_MODES} or None")
-        if self.runtime == "torchao" and self.activation_mode == "static":
-            raise ValueError(
-                "activation_mode='static' needs runtime='onnxruntime'; torchao's int8 kernels quantize "
-                "activations per token at run time (activation_mode='dynamic' or None)"
-            )
-        if self.static and self.weight_bits == 4 and self.activation_bits is not None:
-            raise ValueError(
-                "weight_bits=4 with runtime='onnxruntime' is weight-only (MatMulNBits): set "
-                "activation_bits=None, or runtime='torchao' for int8 dynamic activations with int4 "
-                "weights"
-            )
-        if (
-            self.static
-            and self.activation_bits is None
-            and (self.group_size < 16 or self.group_size & (self.group_size - 1))
-        ):
-            raise ValueError(
-                f"group_size={self.group_size} must be a power of two >= 16 for weight-only layers on "
-                "onnxruntime (MatMulNBits blocks)"
-            )
-
-    @property
-    def static(self) -> bool:
-        """The onnxruntime runtime's layers (:mod:`.static`; static or dynamic activations)."""
-        return self.runtime == "onnxruntime"
-
-    @property
-    def dynamic(self) -> bool:
-        """Activations quantized per token at run time (always on torchao)."""
-        return self.activation_mode == "dynamic" or self.runtime == "torchao"
-
-    def activation_quantizer(self, module: nn.Module) -> nn.Module | None:
-        """The onnxruntime layers' activation quantizer: a static range observer, a per-token
-        quantizer, or None (weight-only layers and embeddings)."""
-        from lightning_slim.quantization.dynamic import TokenQuantizer
-        from lightning_slim.quantization.static import ActivationObserver
-
-        if self.activation_bits is None or isinstance(module, nn.Embedding):
-            return None
-        return TokenQuantizer() if self.dynamic else ActivationObserver()
-
-    def weight_quantizer(self, module: nn.Module):
-        from lightning_slim.quantization.static import WeightQuantizer
-
-        if isinstance(module, nn.Embedding):  # int8 rows, or int4 groups (ORT's GatherBlockQuantized)
-            if self.static and self.weight_bits == 4:
-                return WeightQuantizer(4, group_size=self.group_size)
-            return WeightQuantizer(8, reduce_range=False)
-        if self.activation_bits is None:
-            return WeightQuantizer(self.weight_bits, group_size=self.group_size)
-        return WeightQuantizer(8, reduce_range=self.reduce_range)
-
-    def weight_config(self):
-        from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-        if self.weight_bits == 8:
-            return IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
-        return IntxFakeQuantizeConfig(torch.int4, group_size=self.group_size, is_symmetric=True)
-
-    def activation_config(self):
-        from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-        if self.activation_bits is None:
-            return None
-        return IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+from lightning_slim.core import sharding
+from lightning_slim.quantization import conv
+from lightning_slim.quantization.config import QuantizationConfig
+from lightning_slim.quantization.layers import check_layers
 
 
 @contextlib.contextmanager
@@ -168,7 +49,7 @@ def no_mha_fastpath():
 
 
 # --- preparing and undoing -----------------------------------------------------------------------
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -191,54 +72,29 @@ def is_fake_quantized(module: nn.Module) -> bool:
     return hasattr(module, "weight_fake_quantizer")
 
 
-def prepare_qat(model: nn.Module, names: list[str], spec: QuantSpec, fold_bn: bool = True) -> dict[str, str]:
-    """Swap the named layers for fake-quantized ones in place (parameters are kept).
+def prepare_qat(model: nn.Module, names: list[str], config: QuantizationConfig) -> dict[str, str]:
+    """Swap the named layers for the fake-quantized ones of ``config``'s runtime, in place
+    (parameters are kept).
 
     Fake quantization starts disabled (see :func:`set_fake_quant`). Returns ``{conv: bn}``
-    for the BatchNorms folded into convolutions. Already-prepared layers are left alone.
+    for the BatchNorms folded into convolutions (``config.fold_bn``). Already-prepared layers are
+    left alone.
     """
-    check_layers(model, names, spec)
+    check_layers(model, names, config)
     folded = {}
     for name in names:
         m = model.get_submodule(name)
         if is_fake_quantized(m):
             continue
-        bn = _next_batchnorm(model, name) if fold_bn and isinstance(m, qconv.CONV_TYPES) else None
+        bn = _next_batchnorm(model, name) if config.fold_bn and isinstance(m, conv.CONV_TYPES) else None
         if bn:
             folded[name] = bn[0]
-        new = _static_layer(m, spec, bn) if spec.static else _torchao_layer(m, spec, bn)
+        new = config.backend.fake_quantize(m, config, bn[1] if bn else None)
         new._forward_hooks, new._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
         new.train(m.training)
-        _set(model, name, new)
+        set_module(model, name, new)
     set_fake_quant(model, False)
     return folded
-
-
-def _static_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
-    from lightning_slim.quantization.static import fake_quantize_static
-
-    activations = spec.activation_quantizer(m)
-    if is_hf_conv1d(m):
-        from lightning_slim.quantization.transposed import StaticTransposedLinear
-
-        return StaticTransposedLinear(m, spec.weight_quantizer(m), activations)
-    return fake_quantize_static(m, spec.weight_quantizer(m), activations, bn[1] if bn else None)
-
-
-def _torchao_layer(m: nn.Module, spec: QuantSpec, bn) -> nn.Module:
-    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
-
-    act, weight = spec.activation_config(), spec.weight_config()
-    if isinstance(m, qconv.CONV_TYPES):
-        return qconv.fake_quantize_conv(m, act, weight, bn[1] if bn else None)
-    if is_hf_conv1d(m):
-        from lightning_slim.quantization.transposed import TorchaoTransposedLinear
-
-        return TorchaoTransposedLinear(m, act, weight)
-    if isinstance(m, nn.Linear):
-        return FakeQuantizedLinear.from_linear(m, act, weight)
-    return FakeQuantizedEmbedding.from_embedding(m, weight)
 
 
 def unprepare(model: nn.Module) -> None:
@@ -254,18 +110,11 @@ def unprepare(model: nn.Module) -> None:
             )
             plain._forward_hooks, plain._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
             plain.train(m.training)
-            _set(model, name, plain)
+            set_module(model, name, plain)
 
 
 def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_fake_quantized(m)}
-
-
-def is_static(model: nn.Module) -> bool:
-    """Was ``model`` prepared for the onnxruntime runtime (static layers of :mod:`.static`)?"""
-    from lightning_slim.quantization.static import WeightQuantizer
-
-    return any(isinstance(m.weight_fake_quantizer, WeightQuantizer) for m in fake_quantized_layers(model).values())
 
 
 def full_range_weights(model: nn.Module) -> bool:
@@ -351,12 +200,12 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
     """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer."""
     rows = []
     for name, m in fake_quantized_layers(model).items():
-        fq = m.weight_fake_quantizer
-        w = _quant_weight(m).detach()
+        fq, whole = m.weight_fake_quantizer, _quant_weight(m)
+        w = sharding.local(whole.detach())  # FSDP2: this rank's output rows, each with its own scale
         enabled, fq.enabled = fq.enabled, True
         err = fq(w) - w
         fq.enabled = enabled
-        signal, noise = float(w.pow(2).sum()), float(err.pow(2).sum())
+        signal, noise = sharding.total(w.pow(2).sum(), whole), sharding.total(err.pow(2).sum(), whole)
         rows.append(
             {
                 "layer": name,
@@ -371,9 +220,15 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def _bits(fq) -> int:
-    return fq.bits if hasattr(fq, "bits") else 4 if fq.config.dtype == torch.int4 else 8
+def _bits(fq: nn.Module) -> int:
+    from lightning_slim.quantization.static import WeightQuantizer
+
+    if isinstance(fq, WeightQuantizer):
+        return fq.bits
+    return 4 if fq.config.dtype == torch.int4 else 8  # torchao's IntxFakeQuantizer
 
 
-def _frozen(fq) -> bool:
-    return fq.frozen if hasattr(fq, "frozen") else not fq.config.is_dynamic
+def _frozen(fq: nn.Module) -> bool:
+    from lightning_slim.quantization.static import WeightQuantizer
+
+    return fq.frozen if isinstance(fq, WeightQuantizer) else not fq.config.is_dynamic

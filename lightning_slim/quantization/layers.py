@@ -1,4 +1,5 @@
-"""Which layers QAT quantizes: the targets grammar, the checks before training, and what stays float.
+"""Which layers QAT quantizes: the shared targets grammar (:mod:`lightning_slim.targets`), the checks
+before training, and what stays float.
 
 Entries of ``targets`` / ``exclude`` are layer types (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
 ``"Embedding"``; ``"Conv1D"`` or ``"transformers.pytorch_utils.Conv1D"`` for GPT-2's layers), module
@@ -13,16 +14,20 @@ a transposed ``(in, out)`` weight that it is: ``"Linear"`` selects it too.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from lightning_slim.loading import find_class
-from lightning_slim.quantization import conv as qconv
-from lightning_slim.targets import _check_spec as check_spec
-from lightning_slim.targets import matches
+from lightning_slim.core.loading import find_class
+from lightning_slim.quantization.config import DEFAULT_TARGETS
+from lightning_slim.quantization.conv import CONV_TYPES
+from lightning_slim.targets import select_modules
+
+if TYPE_CHECKING:
+    from lightning_slim.quantization.config import QuantizationConfig
 
 SUPPORTED_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 HF_CONV1D = "Conv1D"  # transformers.pytorch_utils.Conv1D, matched by name: transformers is never imported here
-DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
 
 
 def _hf_conv1d_class(cls: type) -> bool:
@@ -51,100 +56,80 @@ def _is_type_name(entry: str) -> bool:
     return "." in entry and find_class(entry) is not None  # a dotted class path
 
 
-def _matches(entry: str, name: str, module: nn.Module) -> bool:
-    if _is_type_name(entry) and isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False  # nn.MultiheadAttention's out_proj: its weight is read directly, never called
-    if entry in ("Linear", HF_CONV1D) and is_hf_conv1d(module):
-        return True
-    return matches(entry, name, module)
-
-
-def _check_entries(model: nn.Module, entries, what: str) -> None:
-    names = {n for n, _ in model.named_modules()}
+def _check_types(entries: list[str], what: str) -> None:
+    """A class entry must be a type quantization handles (a class the model lacks is fine)."""
     for entry in entries:
-        check_spec(entry, what)  # a non-empty string, a valid regex
-        if entry.startswith("re:") or entry in names:
+        if not isinstance(entry, str) or entry.startswith("re:") or not _is_type_name(entry) or entry == HF_CONV1D:
             continue
-        if _is_type_name(entry):
-            cls = find_class(entry) if entry != HF_CONV1D else None
-            known = cls is not None and (issubclass(cls, tuple(SUPPORTED_TYPES.values())) or _hf_conv1d_class(cls))
-            if entry not in SUPPORTED_TYPES and entry != HF_CONV1D and not known:
-                raise ValueError(
-                    f"layer type {entry!r} in {what} is not supported; supported types: "
-                    f"{[*sorted(SUPPORTED_TYPES), HF_CONV1D]}"
-                )
-        else:
+        cls = find_class(entry)
+        if cls is not None and not (issubclass(cls, tuple(SUPPORTED_TYPES.values())) or _hf_conv1d_class(cls)):
             raise ValueError(
-                f"{what} entry {entry!r} names no module of the model (module names look like "
-                f"{sorted(n for n in names if n)[:6]}...)"
+                f"layer type {entry!r} in {what} is not supported; supported types: "
+                f"{[*sorted(SUPPORTED_TYPES), HF_CONV1D]}"
             )
 
 
+def _with_hf_conv1d(model: nn.Module, entries: list[str]) -> list[str]:
+    """``"Linear"`` and ``"Conv1D"`` name transformers' ``Conv1D`` too (by its class, when the model has one)."""
+    found = next((type(m) for m in model.modules() if is_hf_conv1d(m)), None)
+    if found is None:
+        return [e for e in entries if e != HF_CONV1D]
+    path = f"{found.__module__}.{found.__qualname__}"
+    out = []
+    for entry in entries:
+        out += [path] if entry == HF_CONV1D else [entry, path] if entry == "Linear" else [entry]
+    return list(dict.fromkeys(out))
+
+
+def _quantizable(module: nn.Module) -> bool:
+    # nn.MultiheadAttention's out_proj: its weight is read directly by the attention kernel, never called
+    return is_supported(module) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 def select_layers(model: nn.Module, targets=DEFAULT_TARGETS, exclude=()) -> list[str]:
-    """Names of the modules to quantize: matched by ``targets``, not by ``exclude``.
+    """Names of the modules to quantize, chosen by the shared selector
+    (:func:`lightning_slim.targets.select_modules`) among the layer types quantization handles.
 
-    A module named explicitly must be of a supported type; a regex or type that selects nothing
-    supported is an error.
+    A module named explicitly must be of a supported type; a class entry must name a supported type;
+    a regex or path that selects nothing is an error.
     """
-    _check_entries(model, targets, "targets")
-    _check_entries(model, exclude, "exclude")
-    chosen = []
-    for name, module in model.named_modules():
-        if not any(_matches(t, name, module) for t in targets) or any(_matches(e, name, module) for e in exclude):
-            continue
-        if not is_supported(module):
-            if name in targets:
-                raise ValueError(
-                    f"layer {name!r} is a {type(module).__name__}, which is not supported; supported "
-                    f"types: {[*sorted(SUPPORTED_TYPES), HF_CONV1D]}"
-                )
-            continue
-        chosen.append(name)
-    if not chosen:
-        raise ValueError(
-            f"targets={list(targets)} (exclude={list(exclude)}) match no supported layer "
-            f"({[*sorted(SUPPORTED_TYPES), HF_CONV1D]}) of {type(model).__name__}"
-        )
-    return chosen
+    targets, exclude = list(DEFAULT_TARGETS if targets is None else targets), list(exclude or ())
+    _check_types(targets, "targets")
+    _check_types(exclude, "exclude")
+    chosen = select_modules(
+        model,
+        _with_hf_conv1d(model, targets),
+        _with_hf_conv1d(model, exclude),
+        default=tuple(SUPPORTED_TYPES.values()),
+        supported=_quantizable,
+        what="quantization",
+    )
+    return list(chosen)
 
 
-def check_layers(model: nn.Module, names: list[str], spec) -> None:
-    """Raise a clear error for chosen layers the flow cannot quantize with ``spec`` (a ``QuantSpec``)."""
+def check_layers(model: nn.Module, names: list[str], config: QuantizationConfig) -> None:
+    """Raise a clear error for chosen layers that ``config``'s runtime cannot quantize."""
     modules = dict(model.named_modules())
     for name in names:
         m = modules[name]
-        if isinstance(m, qconv.CONV_TYPES):
-            if not spec.static:
-                qconv.check_conv(name, m)
-            elif m.padding_mode != "zeros":
-                raise ValueError(
-                    f"layer {name!r}: padding_mode={m.padding_mode!r} is not supported ('zeros' only); "
-                    "add it to `exclude`"
-                )
-            if spec.weight_bits != 8:
-                raise ValueError(
-                    f"layer {name!r}: weight_bits={spec.weight_bits} is supported for Linear/Embedding "
-                    "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)"
-                )
-            if spec.static and spec.activation_bits is None:
-                raise ValueError(
-                    f"layer {name!r}: onnxruntime has no weight-only int8 convolution; use "
-                    "activation_bits=8 or exclude the layer"
-                )
-            if spec.static and spec.dynamic:
-                raise ValueError(
-                    f"layer {name!r}: activation_mode='dynamic' quantizes Linear layers (per-token ranges); "
-                    "exclude the convolutions or use activation_mode='static'"
-                )
-        elif spec.weight_bits == 4 and (not spec.static or isinstance(m, nn.Embedding)):
-            # whole groups only: torchao's int4 layouts, and ORT's GatherBlockQuantized for embeddings
-            # (a weight-only Linear on onnxruntime pads its last group, as MatMulNBits does)
-            width = in_features(m) if is_linear(m) else m.embedding_dim
-            if width % spec.group_size:
-                raise ValueError(
-                    f"layer {name!r}: group_size={spec.group_size} does not divide its input width "
-                    f"{width}; choose a divisor or exclude the layer"
-                )
+        if isinstance(m, CONV_TYPES) and config.weight_bits != 8:
+            raise ValueError(
+                f"layer {name!r}: weight_bits={config.weight_bits} is supported for Linear/Embedding "
+                "only; convolutions take 8-bit weights (exclude it or use weight_bits=8)"
+            )
+        config.backend.check_layer(name, m, config)
+
+
+def check_whole_groups(name: str, module: nn.Module, config: QuantizationConfig) -> None:
+    """int4 weights come in whole groups of ``group_size`` inputs: the group must divide the width."""
+    if config.weight_bits != 4:
+        return
+    width = in_features(module) if is_linear(module) else module.embedding_dim
+    if width % config.group_size:
+        raise ValueError(
+            f"layer {name!r}: group_size={config.group_size} does not divide its input width "
+            f"{width}; choose a divisor or exclude the layer"
+        )
 
 
 def in_features(module: nn.Module) -> int:

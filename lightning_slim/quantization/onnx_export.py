@@ -34,7 +34,12 @@ from torch import nn
 
 from lightning_slim.quantization.dynamic import TokenQuantizer
 from lightning_slim.quantization.export_call import ExportCall, GraphCall, as_export_call, dynamic_shapes, two_rows
-from lightning_slim.quantization.functional import _set, fake_quantized_layers, full_range_weights, no_mha_fastpath
+from lightning_slim.quantization.functional import (
+    fake_quantized_layers,
+    full_range_weights,
+    no_mha_fastpath,
+    set_module,
+)
 from lightning_slim.quantization.onnx_ops import (
     dq,
     dynamic_linear,
@@ -172,9 +177,9 @@ def deploy_module(model: nn.Module) -> nn.Module:
     copied = copy.deepcopy(model, memo).eval()  # (the memo: quantized layers -> their export forms)
     model.train(was_training)
     for name, m in layers.items():  # a layer the copy reaches only through a non-module path is set anyway
-        _set(copied, name, memo[id(m)])
+        set_module(copied, name, memo[id(m)])
         if getattr(m, "folded_bn", None) is not None:
-            _set(copied, names[id(m.folded_bn)], memo[id(m.folded_bn)])
+            set_module(copied, names[id(m.folded_bn)], memo[id(m.folded_bn)])
     for p in copied.parameters():
         p.requires_grad_(False)
     return copied

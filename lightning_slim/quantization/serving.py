@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_slim.measure import compare_latency, cpu_int8_capability, interleaved_latency_ms
+from lightning_slim.reporting.measure import Artifact, compare_latency, cpu_int8_capability, interleaved_latency_ms
 
 __all__ = [
     "OrtModel",
@@ -83,7 +83,7 @@ def fused_ops(model: str | Path | bytes) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in graph.node))
 
 
-class OrtModel(nn.Module):
+class OrtModel(Artifact):
     """An ONNX model served by ONNX Runtime, usable where a torch module is expected: CPU tensors
     in (positionally in the graph's input order, or by the graph's input names, e.g.
     ``model(input_ids=..., attention_mask=...)``), a tensor out. ``forward``'s signature names the

@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.conv import _rebuild as _rebuild_conv
-from lightning_slim.quantization.conv import bn_factor
+from lightning_slim.quantization.conv import bn_factor, rebuild_conv
 
 QMAX_U8 = 255
 
@@ -300,7 +299,7 @@ def rebuild(module: nn.Module, cls: type) -> nn.Module:
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         new.weight, new.bias = module.weight, module.bias
     else:
-        return _rebuild_conv(module, cls)
+        return rebuild_conv(module, cls)
     new._forward_hooks, new._forward_pre_hooks = module._forward_hooks, module._forward_pre_hooks
     new.train(module.training)
     return new

@@ -3,7 +3,7 @@
 
 from lightning_slim.selection.accounting import CostLedger
 from lightning_slim.selection.callback import OnlineDataSelection
-from lightning_slim.selection.configs import JointSelection, SelectionWindow
+from lightning_slim.selection.configs import JointSelection, SelectionConfig, SelectionWindow
 from lightning_slim.selection.functional import (
     default_per_sample_loss,
     example_scores,
@@ -27,6 +27,7 @@ __all__ = [
     "JointSelection",
     "OnlineDataSelection",
     "Scorer",
+    "SelectionConfig",
     "SelectionWindow",
     "compute_reference_losses",
     "default_per_sample_loss",

@@ -12,17 +12,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import compose, log
-from lightning_slim.arguments import as_config, check_choice, check_fraction, check_int, check_range
 from lightning_slim.batches import batch_indices, sample_batch, slice_batch
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Capability, Effect
+from lightning_slim.core import compose, log
+from lightning_slim.core.arguments import config_from
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Capability, Effect
+from lightning_slim.core.lightning_glue import train_loader
+from lightning_slim.core.loading import as_callable, freeze
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.lightning_glue import train_loader
-from lightning_slim.loading import as_callable, freeze
-from lightning_slim.selection import functional as selecting
 from lightning_slim.selection.accounting import CostLedger
-from lightning_slim.selection.configs import JointSelection, SelectionWindow
+from lightning_slim.selection.configs import JointSelection, SelectionConfig, SelectionWindow
+from lightning_slim.selection.functional import (
+    NEEDS_REFERENCE,
+    SCORES,
+    example_count,
+    jest_select,
+    select,
+    select_uniform,
+)
 from lightning_slim.selection.preflight import batch_note, check_batch, check_loader, macs_per_example
 from lightning_slim.selection.reference import load_reference, reference_loss_cache
 from lightning_slim.selection.scoring import Scorer
@@ -35,32 +42,16 @@ class OnlineDataSelection(SlimCallback):
     sub-batch. Scoring runs in eval mode under ``no_grad`` (deterministic, and BatchNorm's running
     statistics only ever see trained examples).
 
-    Args:
-        keep: fraction of each super-batch to train on, in (0, 1].
-        batch_size: train on exactly this many examples per step instead (overrides ``keep``).
-        score: ``"learnability"`` (learner - reference loss), ``"hard"`` (learner loss),
-            ``"easy_reference"`` (- reference loss), ``"uniform"`` (the control), or a function
-            ``fn(learner_loss, reference_loss) -> scores`` (object or dotted path).
-        selection: ``"topk"`` or ``"sample"`` (without replacement from ``softmax(score / temperature)``).
-        reference: an ``nn.Module``; ``"teacher"`` (the teacher another callback provides, e.g.
-            KnowledgeDistillation's); or ``{"class_path", "checkpoint" | "train_on_holdout", "init_args"}``.
-        reference_losses: precomputed reference losses by dataset index (a tensor or a ``torch.save``
-            file, see ``compute_reference_losses``); every training index must be covered.
-        cache_reference: compute each example's reference loss once, the first time it is seen,
-            and keep it (saved in checkpoints). Both caches need batches that carry indices.
-        reference_train_examples: examples the reference was trained on (its cost, reported beside).
-        loss_fn: ``fn(model, batch) -> (B,) losses`` (object or dotted path). Without it the module's
-            ``per_sample_loss(batch)`` is used, else cross-entropy on ``(x, y[, index])`` batches.
-            An explicit ``loss_fn`` wins over the module's method (it was asked for).
-        joint: True or a :class:`~.configs.JointSelection` (or its dict): JEST joint selection.
-        window: a :class:`~.configs.SelectionWindow` (or its dict): the steps to select in.
-        selector: ``fn(batch, rows) -> batch`` for batch types ``slice_batch`` cannot slice.
-        histogram_every_n_steps: how often score histograms go to W&B (0: never).
-        seed: seed of sampling / uniform choices (mixed with epoch, batch index and rank; resumes exactly).
+    Args: the fields of :class:`~.configs.SelectionConfig` (each is described there): ``keep``,
+    ``batch_size``, ``score``, ``selection``, ``temperature``, ``reference``, ``reference_losses``,
+    ``cache_reference``, ``reference_train_examples``, ``loss_fn``, ``joint``, ``window``, ``selector``,
+    ``histogram_every_n_steps``, ``seed``; or ``config``: a ``SelectionConfig`` (or its dict) instead.
 
     >>> cb = OnlineDataSelection(keep=0.25, score="hard")
     >>> cb.keep, cb.score
     (0.25, 'hard')
+    >>> OnlineDataSelection(config={"keep": 0.25, "score": "hard"}).config == cb.config
+    True
     """
 
     technique = "selection"
@@ -83,30 +74,30 @@ class OnlineDataSelection(SlimCallback):
         selector: str | Callable | None = None,
         histogram_every_n_steps: int = 50,
         seed: int = 0,
+        config: SelectionConfig | dict | None = None,
     ):
-        check_fraction("keep", keep, low_open=True, high_closed=True)
-        check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        if isinstance(score, str) and score not in selecting.SCORES and "." not in score:
-            raise ValueError(f"score={score!r} is not one of {selecting.SCORES} or a dotted path to a function")
-        check_choice("selection", selection, selecting.SELECTIONS)
-        check_range("temperature", temperature, 0.0, low_open=True)
-        check_int("reference_train_examples", reference_train_examples, minimum=0)
-        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
-        if reference_losses is not None and reference is not None:
-            raise ValueError("give either reference (a model) or reference_losses (a cache), not both")
-        if isinstance(joint, bool):
-            joint = JointSelection() if joint else None
-        self.joint = as_config(JointSelection, joint, "joint")
-        if self.joint is not None and score == "uniform":
-            raise ValueError("joint=True needs a score other than 'uniform' (uniform has nothing to join)")
-        self.window = as_config(SelectionWindow, window, "window") or SelectionWindow()
-        self.keep, self.batch_size, self.score, self.selection = float(keep), batch_size, score, selection
-        self.temperature, self.reference, self.reference_losses = temperature, reference, reference_losses
-        self.cache_reference, self.loss_fn, self.selector, self.seed = cache_reference, loss_fn, selector, seed
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.ledger = CostLedger(reference_train_examples=reference_train_examples)
+        options = dict(
+            keep=keep,
+            batch_size=batch_size,
+            score=score,
+            selection=selection,
+            temperature=temperature,
+            reference=reference,
+            reference_losses=reference_losses,
+            cache_reference=cache_reference,
+            reference_train_examples=reference_train_examples,
+            loss_fn=loss_fn,
+            joint=joint,
+            window=window,
+            selector=selector,
+            histogram_every_n_steps=histogram_every_n_steps,
+            seed=seed,
+        )
+        self.config: SelectionConfig = config_from(SelectionConfig, config, options)
+        config = self.config
+        self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)
         self.scorer: Scorer | None = None
-        self.reference_cache = IndexCache() if cache_reference else None  # filled lazily, checkpointed
+        self.reference_cache = IndexCache() if config.cache_reference else None  # filled lazily, checkpointed
         self._built_reference: nn.Module | None = None  # a reference built from a dict: built once, reused
         self._slice: Callable = slice_batch
         self.nominal_super_batch: int | None = None
@@ -115,10 +106,25 @@ class OnlineDataSelection(SlimCallback):
         self.checked = False  # the batch checks ran (on a sample batch in setup, else on the first batch)
         self.macs_error: str | None = None
 
+    @property
+    def keep(self) -> float:
+        return self.config.keep
+
+    @property
+    def score(self) -> str | Callable:
+        return self.config.score
+
     # --- the contract ---------------------------------------------------------------------------------
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        config = self.config
+        if config.reference is None and config.reference_losses is None and config.joint is None:
+            return None  # per rank, as under DDP: tests/sharded
+        return "OnlineDataSelection with a reference or joint=True is not tested sharded; reference-free scores are"
+
+    @override
     def requires(self) -> set[Capability]:
-        return {Capability.TEACHER} if self.reference == "teacher" else set()
+        return {Capability.TEACHER} if self.config.reference == "teacher" else set()
 
     @property
     def cache(self) -> IndexCache | None:
@@ -128,51 +134,53 @@ class OnlineDataSelection(SlimCallback):
     # --- setup: resolve every argument and check it on a sample batch, before training ---------------
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        score = self.score if self.score in selecting.SCORES else as_callable(self.score, "score")
-        loss_fn = as_callable(self.loss_fn, "loss_fn")
-        pair_loss_fn = as_callable(self.joint.pair_loss_fn, "pair_loss_fn") if self.joint else None
-        selector = as_callable(self.selector, "selector")
+        score = self.config.score if self.config.score in SCORES else as_callable(self.config.score, "score")
+        loss_fn = as_callable(self.config.loss_fn, "loss_fn")
+        pair_loss_fn = as_callable(self.config.joint.pair_loss_fn, "pair_loss_fn") if self.config.joint else None
+        selector = as_callable(self.config.selector, "selector")
         self._slice = (lambda b, rows, n=None: selector(b, rows)) if selector else slice_batch
-        has_reference = self.reference is not None or self.reference_losses is not None
-        if (score in selecting.NEEDS_REFERENCE) and not has_reference:
+        has_reference = self.config.reference is not None or self.config.reference_losses is not None
+        if (score in NEEDS_REFERENCE) and not has_reference:
             raise ValueError(
-                f"score={self.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
+                f"score={self.config.score!r} needs a reference: pass reference= (a model, 'teacher' or a "
                 "checkpoint spec) or reference_losses= (a cache by example index)"
             )
-        if self.joint and pair_loss_fn is None and not callable(getattr(pl_module, "per_pair_loss", None)):
+        if self.config.joint and pair_loss_fn is None and not callable(getattr(pl_module, "per_pair_loss", None)):
             raise ValueError(
                 "joint selection needs joint={'pair_loss_fn': fn(model, batch) -> (B, B)} pair losses, "
                 "or a per_pair_loss(batch) method on the module"
             )
-        if self.joint and (self.reference_losses is not None or self.cache_reference):
+        if self.config.joint and (self.config.reference_losses is not None or self.config.cache_reference):
             raise ValueError(
                 "joint selection scores pairs within each super-batch; per-example reference caches "
                 "(reference_losses, cache_reference) do not apply: pass a reference model"
             )
         reference = self._resolve_reference(trainer, loss_fn)
         cache = (
-            reference_loss_cache(self.reference_losses) if self.reference_losses is not None else self.reference_cache
+            reference_loss_cache(self.config.reference_losses)
+            if self.config.reference_losses is not None
+            else self.reference_cache
         )  # a second fit keeps what the first one computed
         self.scorer = Scorer(
             score,
             loss_fn,
             reference,
             cache,
-            self.joint is not None,
+            self.config.joint is not None,
             pair_loss_fn,
             self.ledger,
-            slicer=lambda b, rows: self._slice(b, rows, selecting.example_count(b)),
+            slicer=lambda b, rows: self._slice(b, rows, example_count(b)),
         )
         self._noisy = getattr(trainer.datamodule, "noisy", None) if trainer.datamodule is not None else None
-        if self.keep == 1.0 and self.batch_size is None and self.score != "uniform":
+        if self.config.keep == 1.0 and self.config.batch_size is None and self.config.score != "uniform":
             rank_zero_warn("OnlineDataSelection(keep=1.0) trains on every example: scoring only adds cost")
         loader = train_loader(trainer)
-        self.nominal_super_batch = check_loader(loader, self.keep, self.batch_size, self.scorer)
+        self.nominal_super_batch = check_loader(loader, self.config.keep, self.config.batch_size, self.scorer)
         n = self.nominal_super_batch
         others = sorted(  # the techniques that act on training steps (the report only measures)
             type(cb).__name__ for cb in compose.techniques(trainer) if cb is not self and cb.effects - {Effect.BASELINE}
         )
-        self.note = batch_note(self.keep, self.batch_size, n, self._keep_count(n) if n else 0, others)
+        self.note = batch_note(self.config.keep, self.config.batch_size, n, self._keep_count(n) if n else 0, others)
         if self.note:
             rank_zero_info(f"OnlineDataSelection: {self.note}")
         batch = sample_batch(loader)
@@ -183,7 +191,7 @@ class OnlineDataSelection(SlimCallback):
 
     def _weigh(self, pl_module, batch) -> None:
         """Measure the learner's and reference's MACs per example once, for the MACs-weighted ledger."""
-        if self.ledger.learner_macs or self.score == "uniform":
+        if self.ledger.learner_macs or self.config.score == "uniform":
             return
         reference = self.scorer.reference if self.scorer.needs_reference else None
         try:
@@ -199,72 +207,64 @@ class OnlineDataSelection(SlimCallback):
             )
 
     def _resolve_reference(self, trainer, loss_fn) -> nn.Module | None:
-        if isinstance(self.reference, dict):
+        reference = self.config.reference
+        if isinstance(reference, dict):
             if self._built_reference is None:  # built (and trained) once per callback, reused by later fits
                 holdout = getattr(trainer.datamodule, "holdout_dataloader", None)
                 model, seen = load_reference(
-                    self.reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.seed
+                    reference, holdout and (lambda: holdout(shuffle=True)), loss_fn, self.config.seed
                 )
                 self._built_reference = freeze(model)
                 self.ledger.reference_train_examples += seen
             return self._built_reference
-        if isinstance(self.reference, nn.Module):
-            return freeze(self.reference)
-        if self.reference == "teacher":
+        if isinstance(reference, nn.Module):
+            return freeze(reference)
+        if reference == "teacher":
             return compose.capability(trainer, Capability.TEACHER, asker=self)  # only read, never its mode
-        if isinstance(self.reference, str):
-            raise ValueError(
-                f"reference={self.reference!r}: the only string allowed is 'teacher'; give a model "
-                "or {'class_path', 'checkpoint', 'init_args'}"
-            )
-        if self.reference is not None:
-            raise TypeError(
-                f"reference must be an nn.Module, 'teacher' or a checkpoint dict; got {type(self.reference).__name__}"
-            )
-        return None
+        return None  # no reference (SelectionConfig refuses any other kind)
 
     def _check(self, pl_module, batch) -> None:
-        check_batch(
-            self.scorer, pl_module, batch, selecting.example_count(batch), self.scorer.slicer, selecting.example_count
-        )
+        check_batch(self.scorer, pl_module, batch, example_count(batch), self.scorer.slicer, example_count)
         self.checked = True
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reference = self.scorer.reference
-        if reference is not None and self.reference != "teacher":
+        if reference is not None and self.config.reference != "teacher":
             reference.to(pl_module.device)
 
     # --- the step: score, choose, slice ----------------------------------------------------------------
     def _generator(self, trainer: pl.Trainer, batch_idx: int) -> torch.Generator:
-        key = ((self.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch_idx) * 257 + trainer.global_rank
+        key = (
+            (self.config.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch_idx
+        ) * 257 + trainer.global_rank
         return torch.Generator().manual_seed(key % (2**63))
 
     def _keep_count(self, n: int) -> int:
-        if self.batch_size is None:
-            return max(1, min(n, round(self.keep * n)))
+        if self.config.batch_size is None:
+            return max(1, min(n, round(self.config.keep * n)))
         nominal = self.nominal_super_batch or n
-        return max(1, min(n, self.batch_size if n >= nominal else round(n * self.batch_size / nominal)))
+        return max(1, min(n, self.config.batch_size if n >= nominal else round(n * self.config.batch_size / nominal)))
 
     @override
     def select_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if not self.checked:  # no sample batch before training (an iterable dataset): check the first one
             self._check(pl_module, batch)
             self._weigh(pl_module, batch)
-        n = selecting.example_count(batch)
+        n = example_count(batch)
         k, g = self._keep_count(n), self._generator(trainer, batch_idx)
-        in_window = self.window.contains(trainer.global_step)
-        active = in_window and self.score != "uniform"
+        in_window = self.config.window.contains(trainer.global_step)
+        active = in_window and self.config.score != "uniform"
         scores = None
         if active:
             scores = self.scorer.scores(pl_module, batch, n)
             rows = (
-                selecting.jest_select(scores, k, self.joint.num_chunks, g, self.selection, self.temperature)
-                if self.joint
-                else selecting.select(scores, k, self.selection, g, self.temperature)
+                jest_select(scores, k, self.config.joint.num_chunks, g, self.config.selection, self.config.temperature)
+                if self.config.joint
+                else select(scores, k, self.config.selection, g, self.config.temperature)
             )
-        elif in_window or self.window.outside == "uniform":
-            rows = selecting.select_uniform(n, k, g)
+        elif in_window or self.config.window.outside == "uniform":
+            rows = select_uniform(n, k, g)
         else:
             rows = torch.arange(n)
         rows = rows.sort().values
@@ -287,7 +287,7 @@ class OnlineDataSelection(SlimCallback):
         if scores is not None:
             s = scores.diagonal() if scores.dim() == 2 else scores
             values.update(score_mean=float(s.mean()), selected_score_mean=float(s[rows].mean()))
-            every = self.histogram_every_n_steps
+            every = self.config.histogram_every_n_steps
             if every and trainer.global_step % every == 0 and trainer.is_global_zero:
                 log.log_histogram(trainer, "slim/selection/scores", s)
                 log.log_histogram(trainer, "slim/selection/selected_scores", s[rows])
@@ -296,12 +296,14 @@ class OnlineDataSelection(SlimCallback):
     @override
     def report_rows(self) -> dict[str, Any]:
         return {
-            "score": self.score if isinstance(self.score, str) else getattr(self.score, "__name__", "custom"),
-            "keep": self.keep if self.batch_size is None else f"{self.batch_size} per super-batch",
+            "score": self.config.score
+            if isinstance(self.config.score, str)
+            else getattr(self.config.score, "__name__", "custom"),
+            "keep": self.config.keep if self.config.batch_size is None else f"{self.config.batch_size} per super-batch",
             "super_batch": self.nominal_super_batch,
             "trained_per_step": self._keep_count(self.nominal_super_batch) if self.nominal_super_batch else None,
             **({"batch_note": self.note} if self.note else {}),
-            "joint": self.joint is not None,
+            "joint": self.config.joint is not None,
             **self.ledger.summary(),
             **self.ledger.noisy_summary(),
             **({"macs_error": self.macs_error} if self.macs_error else {}),

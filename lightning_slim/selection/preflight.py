@@ -93,7 +93,7 @@ def macs_per_example(scorer: Scorer, model, batch) -> tuple[float, float]:
     """``(MACs of scoring one example, its tokens)``: counted on the scorer's own call of the model
     (its default loss, the module's ``per_sample_loss`` or the user's ``loss_fn``, however they call
     it); tokens are 0 for inputs that are not token ids."""
-    from lightning_slim.measure import macs_of, token_count
+    from lightning_slim.reporting.measure import macs_of, token_count
 
     one = slice_batch(batch, torch.arange(1), size=example_count(batch))
     return float(macs_of(model, lambda m: scorer.losses(m, one))), float(token_count(one))

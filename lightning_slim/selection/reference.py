@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_slim.batches import batch_indices
+from lightning_slim.core.loading import build_module, freeze
 from lightning_slim.index_cache import IndexCache
-from lightning_slim.loading import build_module, freeze
 from lightning_slim.modules import device_of, evaluating
 from lightning_slim.selection.functional import per_example_loss
 

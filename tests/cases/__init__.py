@@ -14,8 +14,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_slim.data import MNIST1DDataModule
-from lightning_slim.models import MNIST1DCNN
+from lightning_slim.demos.data import MNIST1DDataModule
+from lightning_slim.demos.models import MNIST1DCNN
 
 
 def small_data(**kwargs) -> MNIST1DDataModule:

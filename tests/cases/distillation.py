@@ -9,10 +9,10 @@ import os
 import lightning
 import torch
 
-from lightning_slim.data import cache_dir
+from lightning_slim.demos.data import cache_dir
+from lightning_slim.demos.models import MNIST1DTeacherCNN
 from lightning_slim.distillation import KnowledgeDistillation
 from lightning_slim.distillation.callback import PROJECTIONS
-from lightning_slim.models import MNIST1DTeacherCNN
 
 from . import Case, small_data
 

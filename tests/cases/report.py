@@ -1,4 +1,4 @@
-from lightning_slim.report import CompressionReport
+from lightning_slim.reporting.report import CompressionReport
 
 
 def _check(trainer, module, cb):

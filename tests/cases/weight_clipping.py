@@ -16,8 +16,8 @@ import torch
 from typing_extensions import override
 
 from cases import Case
-from lightning_slim.callback import SlimCallback
-from lightning_slim.contract import Effect
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.contract import Effect
 from lightning_slim.targets import select_modules
 
 
@@ -37,7 +37,7 @@ class WeightClipping(SlimCallback):
         self._weights = [m.weight for m in layers.values()]
 
     @override
-    def loss_term(self, trainer, pl_module, batch, batch_idx) -> torch.Tensor:
+    def loss_term(self, trainer, pl_module, batch, batch_idx, seen) -> torch.Tensor:
         term = self.penalty * sum(w.pow(2).sum() for w in self._weights)
         self.log_scalars(pl_module, {"penalty": term.detach()})
         return term

@@ -25,8 +25,9 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_slim import CompressionReport, QuantizationAwareTraining
-from lightning_slim.contract import ExportRefused
+from lightning_slim.core.contract import ExportRefused
 from lightning_slim.modules import call_model, output_tensor
+from lightning_slim.quantization import QuantizationConfig, select_layers
 from lightning_slim.quantization import functional as F
 from zoo.models import ZOO, UserResNet, available, build, digit_images
 
@@ -235,7 +236,7 @@ def test_bn_resnet_qat_is_not_worse_than_ptq():
     for seed in range(3):
         fp32, data, _ = fit_resnet(None, seed=seed, epochs=4)
         model = copy.deepcopy(fp32)
-        F.prepare_qat(model, F.select_layers(model), F.QuantSpec())
+        F.prepare_qat(model, select_layers(model), QuantizationConfig())
         xs = torch.cat([b["image"] for b in data.train_dataloader()])
         calibrate(model, xs.split(256))
         F.set_fake_quant(model, True)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_slim.measure import Timing
 from lightning_slim.modules import evaluating, forward_target, named_arguments, output_tensor, without_cache
+from lightning_slim.reporting.measure import Timing
 
 
 def max_positions(model: nn.Module) -> int | None:

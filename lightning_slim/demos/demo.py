@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_slim import log
-from lightning_slim.pipeline import find, run_pipeline
+from lightning_slim.core import log
+from lightning_slim.demos.pipeline import find, run_pipeline
 
 
 def wandb_logger(save_dir: Path, name: str):

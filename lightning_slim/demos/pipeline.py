@@ -1,7 +1,7 @@
 """All four techniques on one student in one ``Trainer.fit``: the recipe the demo and the
 pipeline benchmark run, and the accounting that compares the result with the teacher.
 
-Order of effects (see :mod:`lightning_slim.compose`): data selection picks each step's
+Order of effects (see :mod:`lightning_slim.core.compose`): data selection picks each step's
 sub-batch (learnability against the teacher), distillation adds its term on that sub-batch,
 the student trains with fake-quantized weights/activations once QAT starts, pruning masks
 are re-applied after every optimizer step, and the export makes the masks permanent before
@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_slim.measure import count_macs, cpu_latency_ms, shipped_bytes
+from lightning_slim.reporting.measure import count_macs, cpu_latency_ms, shipped_bytes
 
 
 def compression_callbacks(
@@ -65,7 +65,7 @@ def compression_callbacks(
 
 def find(trainer: pl.Trainer, technique: str):
     """The callback of ``technique`` in the trainer, or None."""
-    from lightning_slim.compose import techniques
+    from lightning_slim.core.compose import techniques
 
     return next((cb for cb in techniques(trainer) if cb.technique == technique), None)
 
@@ -110,7 +110,7 @@ def compare_deployables(models: dict[str, nn.Module], example, repeats: int = 20
 
 def train_teacher(data, epochs: int, root: str) -> tuple[nn.Module, int]:
     """Train ``MNIST1DTeacherCNN``; returns (teacher, training examples)."""
-    from lightning_slim.models import MNIST1DTeacherCNN
+    from lightning_slim.demos.models import MNIST1DTeacherCNN
 
     teacher = MNIST1DTeacherCNN(lr=3e-3, lr_schedule="cosine")
     trainer = pl.Trainer(
@@ -143,9 +143,9 @@ def run_pipeline(
     (side by side), and the training compute of the whole pipeline (teacher and scoring forwards
     included) over the teacher's.
     """
-    from lightning_slim.data import MNIST1DDataModule
-    from lightning_slim.models import MNIST1DCNN
-    from lightning_slim.report import classification_accuracy
+    from lightning_slim.demos.data import MNIST1DDataModule
+    from lightning_slim.demos.models import MNIST1DCNN
+    from lightning_slim.reporting.report import classification_accuracy
 
     pl.seed_everything(seed, verbose=False)
     data = MNIST1DDataModule(

@@ -1,6 +1,6 @@
 """What a compressed model costs: parameters, non-zeros, bytes as saved, MACs and CPU latency
 (median and interquartile range, models timed side by side). Generation speed is in
-:mod:`lightning_slim.generation`.
+:mod:`lightning_slim.reporting.generation`.
 
 Inputs (``example_input``) may be a tensor (``model(x)``; token ids too), a dict of keyword
 arguments (``model(**x)``, e.g. ``{"input_ids", "attention_mask"}``), or a call ``(args, kwargs)``.
@@ -17,6 +17,7 @@ would only cost time and memory here).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import functools
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,11 +59,17 @@ def serialized_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-@runtime_checkable
-class Artifact(Protocol):
-    """A deployable model that is a file of its own (e.g. an ONNX model served by ONNX Runtime)."""
+class Artifact(nn.Module, abc.ABC):
+    """A deployable model that is a file of its own (e.g. an ONNX model served by ONNX Runtime): measured
+    by that file's bytes and its latency (no parameters, no graph to count), saved as that file."""
 
-    def artifact_bytes(self) -> int: ...
+    @abc.abstractmethod
+    def artifact_bytes(self) -> int:
+        """Bytes of the file a user ships (what :meth:`save` writes)."""
+
+    @abc.abstractmethod
+    def save(self, path: str | Path) -> Path:
+        """Write the file; returns its path."""
 
 
 def shipped_bytes(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """The techniques this package ships, found from its folders: nothing lists them by hand.
 
 A technique is a subpackage of ``lightning_slim`` with a method card (``README.md``) and a
-``callback.py`` that defines a :class:`~lightning_slim.callback.SlimCallback` subclass. Adding one
+``callback.py`` that defines a :class:`~lightning_slim.core.callback.SlimCallback` subclass. Adding one
 is adding such a folder (plus its test case in ``tests/cases/``): the package's public names, the
 docs site's method cards and API page, the README's table and the packaging test all read this
 registry. Discovery parses the files (``ast``) instead of importing them, so ``import
@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # lightning_slim/, where the technique folders live
 BASE_CLASS = "SlimCallback"
 
 

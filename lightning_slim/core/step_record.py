@@ -1,11 +1,13 @@
-"""What the student did inside one ``training_step``: every call of the module whose output is the
-logits (its arguments, which the teacher repeats, and its output) and, one per call, the outputs of
-the paired feature modules. The same recorder serves the check before training (watching every
-module, to find which one the step calls) and training (watching that module only).
+"""What the model did inside one ``training_step``: every outermost call of the watched modules (its
+arguments and its output) and, one per call, the outputs of feature modules. The machinery records
+it for a ``WATCH_STEP`` technique around the user's step and hands it to the technique's
+``loss_term`` (distillation: the student's logits call, which the teacher repeats, and its paired
+features). The same recorder serves checks before training (watching every module, to find which
+one the step calls).
 
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
->>> with capture_student({"": net}, {"0": net[0]}) as seen:
+>>> with record_calls({"": net}, {"0": net[0]}) as seen:
 ...     _ = net(torch.ones(4, 2)), net(torch.zeros(4, 2))
 >>> [tuple(r["logits"].shape) for r in seen.records("")], len(seen.records("")[1]["feat:0"])
 ([(4, 3), (4, 3)], 4)
@@ -21,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_slim.core.step_probe import OutermostCalls, outermost_calls
 from lightning_slim.modules import output_tensor
-from lightning_slim.step_probe import OutermostCalls, outermost_calls
 
 
 class FeatureOutputs:
@@ -40,7 +42,7 @@ class FeatureOutputs:
         self.outputs.clear()
 
 
-class StudentCapture:
+class StepRecord:
     """The calls and feature outputs recorded since the last :meth:`clear`."""
 
     def __init__(self, calls: OutermostCalls, features: FeatureOutputs):
@@ -65,7 +67,7 @@ class StudentCapture:
         for name, outputs in self.features.outputs.items():
             if calls and len(outputs) != len(calls):
                 raise ValueError(
-                    f"feature module {name!r} ran {len(outputs)} times in training_step, but the student's "
+                    f"feature module {name!r} ran {len(outputs)} times in training_step, but the watched module's "
                     f"{path or 'forward'!r} ran {len(calls)} times: feature pairs need one output per call "
                     "of the student (pair a module that runs once per call)"
                 )
@@ -75,15 +77,15 @@ class StudentCapture:
 
 
 @contextlib.contextmanager
-def capture_student(
+def record_calls(
     targets: Mapping[str, nn.Module], features: Mapping[str, nn.Module], when: Callable[[], bool] = lambda: True
-) -> Iterator[StudentCapture]:
+) -> Iterator[StepRecord]:
     """Record the outermost calls among ``targets`` and every output of ``features`` while the block runs."""
     feats = FeatureOutputs(when)
     handles = [m.register_forward_hook(functools.partial(feats.record, name)) for name, m in features.items()]
     try:
         with outermost_calls(targets, when) as calls:
-            yield StudentCapture(calls, feats)
+            yield StepRecord(calls, feats)
     finally:
         for h in handles:
             h.remove()

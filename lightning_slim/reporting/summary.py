@@ -19,7 +19,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_slim import log, report_console
+from lightning_slim.core import log
+from lightning_slim.reporting import console
 
 # after-fit keys that describe training (what the module logged, throughput), not the deployed model
 TRAINED = {
@@ -98,7 +99,7 @@ def summary(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def publish(trainer: pl.Trainer, report: Mapping[str, Any]) -> None:
     """The models table, the techniques table and the summary, to W&B (once, at the end of fit)."""
-    table = report_console.rows(report)
+    table = console.rows(report)
     teacher = bool(report.get("teacher"))
     columns = ["metric", "at_fit_start", "after_fit", *(["teacher"] if teacher else []), "change"]
     log.log_table(
@@ -108,7 +109,7 @@ def publish(trainer: pl.Trainer, report: Mapping[str, Any]) -> None:
         [[r.label, r.before, r.after, *([r.teacher] if teacher else []), r.change] for r in table],
     )
     techniques = [
-        [technique, key, report_console.readable(value)]
+        [technique, key, console.readable(value)]
         for technique, rows in report.get("techniques", {}).items()
         for key, value in rows.items()
         if not log.is_empty(value)

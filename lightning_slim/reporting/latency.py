@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from lightning_slim.batches import example_count, move_to, slice_batch
-from lightning_slim.generation import generation_speed
-from lightning_slim.measure import (
+from lightning_slim.modules import call_arguments, forward_target
+from lightning_slim.reporting.generation import generation_speed
+from lightning_slim.reporting.measure import (
     as_call,
     bound_call,
     cpu_int8_capability,
@@ -27,7 +28,6 @@ from lightning_slim.measure import (
     output_bytes,
     time_side_by_side,
 )
-from lightning_slim.modules import call_arguments, forward_target
 
 OUTPUT_BUDGET_BYTES = 256 * 2**20  # what one timed call may return at the automatic latency batch
 LATENCY_BUDGET_S = 2.0  # per batch size: rounds until this much time has passed (5 to 50 rounds)

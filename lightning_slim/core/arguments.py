@@ -11,7 +11,7 @@ ValueError: rounds=0 must be an integer >= 1
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -89,3 +89,35 @@ def as_config(cls: type, value: Any, name: str) -> Any:
             raise ValueError(f"{name} has no option {unknown[0]!r}; its options are {fields}")
         return cls(**value)
     raise TypeError(f"{name} must be a {cls.__name__} or a dict of its options; got {type(value).__name__}")
+
+
+def config_from(cls: type, config: Any, options: Mapping[str, Any], name: str = "config") -> Any:
+    """A callback's whole config (torchao style): ``config`` (an instance of ``cls`` or a dict of its
+    fields) or, without it, ``cls(**options)`` from the callback's keyword shortcuts; options that differ
+    from their defaults beside a ``config`` are an error (one of them would be ignored).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Config:
+    ...     rank: int = 4
+    >>> config_from(Config, {"rank": 2}, {"rank": 4}), config_from(Config, None, {"rank": 8})
+    (Config(rank=2), Config(rank=8))
+    >>> config_from(Config, Config(), {"rank": 8})
+    Traceback (most recent call last):
+    ...
+    ValueError: give the options either in config or as arguments, not both (also given: ['rank'])
+    """
+    import dataclasses
+
+    if config is None:
+        return cls(**options)
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
+    # equal and of the same type (a tensor or a model is never compared by value): left at its default
+    same = {k: v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]) for k, v in options.items()}
+    changed = sorted(k for k, kept in same.items() if not kept)
+    if changed:
+        raise ValueError(f"give the options either in {name} or as arguments, not both (also given: {changed})")
+    return as_config(cls, config, name)

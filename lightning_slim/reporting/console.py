@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_slim.log import is_empty
+from lightning_slim.core.log import is_empty
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The training clock every schedule is written in: completed epochs or optimizer steps.
 
 A :class:`Moment` is a point on that clock (``Moment("epoch", 3)``). Techniques schedule
-their phases with moments, and :mod:`lightning_slim.compose` compares moments that two
+their phases with moments, and :mod:`lightning_slim.core.compose` compares moments that two
 techniques declare (they must be in the same unit to be ordered).
 
 >>> m = Moment("epoch", 2)
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_slim.arguments import check_choice, check_int
+from lightning_slim.core.arguments import check_choice, check_int
 
 UNITS = ("epoch", "step")
 

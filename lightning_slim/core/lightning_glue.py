@@ -8,7 +8,7 @@ tests run against the Lightning version the package declares as its lowest:
 - ``trainer._logger_connector.should_update_logs``: whether this step reaches the loggers;
 - ``strategy.setup_optimizers`` / ``configure_ddp``: rebuild optimizers (and re-wrap DDP) after
   parameters were replaced, or the replaced layers silently stop training;
-- the sharded strategies we refuse until we support them.
+- the sharded strategies: which one a Trainer runs (FSDP2 through ``ModelParallelStrategy`` is supported).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import Strategy
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -43,12 +44,13 @@ def should_log(trainer: pl.Trainer) -> bool:
         return True
 
 
-def sharded_strategy(trainer: pl.Trainer) -> str | None:
-    """The name of a sharded strategy (FSDP, DeepSpeed, model parallel), else None."""
+def sharded_strategy(strategy: Strategy) -> str | None:
+    """The name of a sharded strategy (FSDP, DeepSpeed, model parallel), else None (by class name:
+    DeepSpeed's module imports deepspeed)."""
     names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-    for cls in type(trainer.strategy).__mro__:
+    for cls in type(strategy).__mro__:
         if cls.__name__ in names:
-            return type(trainer.strategy).__name__
+            return cls.__name__
     return None
 
 

@@ -4,12 +4,12 @@ At fit start it measures the module as the user built it (a CPU copy taken in ``
 callback changes it; measured on the first training batch, when a real input is known); at
 ``on_fit_end`` the deployable model: a copy of the trained module passed through every technique's
 ``export`` (masks made permanent, int8 conversion...). It finds the task (classification or language
-model, :mod:`lightning_slim.evaluation`) and reports the quality metric that fits it (accuracy;
+model, :mod:`lightning_slim.reporting.evaluation`) and reports the quality metric that fits it (accuracy;
 validation loss and perplexity), never one with the wrong meaning, with training throughput, a
 language model's generation speed, and the teacher beside the student under distillation. Latency
-is timed at the end with every model side by side (:mod:`lightning_slim.report_latency`). It prints
-a table (:mod:`lightning_slim.report_console`), writes ``compression_report.json`` beside the
-checkpoints and logs to W&B (:mod:`lightning_slim.report_logging`; keys in ``docs/logging.md``).
+is timed at the end with every model side by side (:mod:`lightning_slim.reporting.latency`). It prints
+a table (:mod:`lightning_slim.reporting.console`), writes ``compression_report.json`` beside the
+checkpoints and logs to W&B (:mod:`lightning_slim.reporting.summary`; keys in ``docs/logging.md``).
 """
 
 from __future__ import annotations
@@ -24,39 +24,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_slim import log, report_console, report_logging
-from lightning_slim.arguments import check_choice, check_int
 from lightning_slim.batches import BatchFormatError, batch_inputs, example_count
-from lightning_slim.callback import SlimCallback
-from lightning_slim.compose import capability, techniques
-from lightning_slim.contract import Capability, Effect, ExportRefused, ExportStage
-from lightning_slim.evaluation import TASKS, detect_task, evaluate
-from lightning_slim.measure import Artifact, cpu_int8_capability, main_input, measure, real_tokens, shipped_bytes
+from lightning_slim.core import log
+from lightning_slim.core.arguments import check_choice, check_int
+from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.compose import capability, deployable_copy, techniques
+from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.modules import output_tensor
-from lightning_slim.report_latency import measured_call, prompt_of, serving_rows, time_models
+from lightning_slim.reporting import console, summary
+from lightning_slim.reporting.evaluation import TASKS, detect_task, evaluate
+from lightning_slim.reporting.latency import measured_call, prompt_of, serving_rows, time_models
+from lightning_slim.reporting.measure import (
+    Artifact,
+    cpu_int8_capability,
+    main_input,
+    measure,
+    real_tokens,
+    shipped_bytes,
+)
 
 BASELINE = (
     "at fit start: the model as the user built it, before training and before any callback changed it "
     "(untrained, or pretrained as loaded); after fit: the deployable model every callback's export made"
 )
-
-
-def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
-    """A CPU copy of the trained module passed through every technique's ``export``, in the order
-    of their :class:`~lightning_slim.contract.ExportStage` (only the stages ahead of ``before``)."""
-    model = copy.deepcopy(pl_module).cpu().eval()
-    exporters = (
-        c for c in techniques(trainer) if c.export_stage is not None and (before is None or c.export_stage < before)
-    )
-    for cb in sorted(exporters, key=lambda c: (c.export_stage, c.technique)):  # never the list order
-        model = cb.export(model)
-    return model
 
 
 @torch.inference_mode()
@@ -157,8 +152,7 @@ class CompressionReport(SlimCallback):
         self._baseline = copy.deepcopy(pl_module).cpu()
 
     @override
-    def _leave(self, pl_module) -> None:  # teardown, or on_exception: the next fit takes its own baseline
-        super()._leave(pl_module)
+    def release(self, pl_module) -> None:  # the next fit takes its own baseline
         self._baseline_taken, self._baseline = False, None
 
     @override
@@ -296,7 +290,7 @@ class CompressionReport(SlimCallback):
         return models
 
     def _time_everything(self, floats: dict[str, nn.Module], teacher: nn.Module | None) -> None:
-        """Every model timed side by side (:func:`~lightning_slim.report_latency.time_models`): fills
+        """Every model timed side by side (:func:`~lightning_slim.reporting.latency.time_models`): fills
         the latency keys of ``before``, ``after`` and ``teacher``, and the ``serving`` rows of a
         converting technique (the deployed model beside its float forms: what is due to the format
         and what to the runtime)."""
@@ -363,8 +357,8 @@ class CompressionReport(SlimCallback):
         os.makedirs(path.parent, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str))
         self.json_path = path
-        report_console.show(report, path)
-        report_logging.publish(trainer, report)
+        console.show(report, path)
+        summary.publish(trainer, report)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""Sharded parameters (FSDP2's ``fully_shard``, as Lightning's ``ModelParallelStrategy`` runs it): what
+each rank holds, and the few collectives that make every rank decide alike.
+
+FSDP2 turns each parameter into a ``DTensor`` placed ``Shard(0)`` on a one-dimensional data-parallel
+mesh: rank ``r`` holds the ``r``-th block of rows (``torch.chunk`` sizes; the last block may be shorter
+or empty). A weight's rows are its outputs (``out_in`` layout), so whatever is decided per output row
+is decided locally, and whatever ranks weights of a whole tensor or model against each other (a
+global magnitude threshold) is agreed with :func:`keep_top` without gathering any tensor: a
+bisection on the scores' bit patterns, one all-reduce of a few counts per step.
+
+Plain torch and ``torch.distributed``: no Lightning here. Tensors that are not DTensors pass
+through every function unchanged, so callers need no branch of their own.
+
+>>> import torch
+>>> keep_top([[torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.2])]], 0.5)  # one process: a plain top-k
+[[tensor([False,  True]), tensor([ True, False])]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+SUPPORTED = "ModelParallelStrategy (FSDP2: fully_shard over its data-parallel mesh, tensor_parallel_size=1)"
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a DTensor (shares its storage); any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like(block: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``block`` (this rank's part, in ``reference``'s local shape) placed as ``reference`` is."""
+    if not isinstance(reference, DTensor):
+        return block
+    return DTensor.from_local(
+        block, reference.device_mesh, reference.placements, shape=reference.shape, stride=reference.stride()
+    )
+
+
+def place_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A whole ``tensor`` (e.g. read back from a checkpoint) placed as ``reference`` is: this rank keeps
+    its block only. Already placed tensors and unsharded references pass through."""
+    if not isinstance(reference, DTensor) or isinstance(tensor, DTensor):
+        return tensor
+    # every rank holds the whole tensor: each keeps its own block, nothing is sent (src_data_rank=None)
+    return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
+
+
+def row_group(tensors: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which ``tensors`` are split by rows (None: none is sharded). Every one
+    must be a ``Shard(0)`` DTensor on the same one-dimensional mesh: other layouts (tensor parallel,
+    HSDP's 2-D mesh, a mix of sharded and plain tensors) are a ``ValueError`` naming the tensor."""
+    if not any_sharded(tensors.values()):
+        return None
+    meshes = set()
+    for name, t in tensors.items():
+        placements = getattr(t, "placements", None)
+        if placements != (Shard(0),) or t.device_mesh.ndim != 1:
+            raise ValueError(
+                f"{name!r} is placed {placements} on a {getattr(getattr(t, 'device_mesh', None), 'ndim', 0)}-D mesh; "
+                f"supported: every target a Shard(0) DTensor on one 1-D mesh, as {SUPPORTED} makes them"
+            )
+        meshes.add(t.device_mesh)
+    if len(meshes) != 1:
+        raise ValueError(f"targets on {len(meshes)} different meshes; supported: one, as {SUPPORTED} makes them")
+    return next(iter(meshes)).get_group()
+
+
+def count_nonzero(tensor: torch.Tensor) -> int:
+    """Non-zero entries of the whole tensor, summed over its shards (a collective for a DTensor)."""
+    count = torch.count_nonzero(local(tensor).detach()).reshape(1).to(torch.int64)
+    if isinstance(tensor, DTensor):
+        dist.all_reduce(count, group=tensor.device_mesh.get_group())
+    return int(count)
+
+
+def total(value: torch.Tensor, like: torch.Tensor) -> float:
+    """A sum computed on this rank's block of ``like``, summed over its shards (a collective for a DTensor)."""
+    value = value.detach().double().reshape(1)
+    if isinstance(like, DTensor):
+        dist.all_reduce(value, group=like.device_mesh.get_group())
+    return float(value)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole state dict on CPU (a collective when its parameters are sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any_sharded(module.parameters()):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys that sort like the float32 scores (NaN aside): sign-magnitude bits made two's complement
+    (no wider than the scores: a rank's keys cost what its scores cost)."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as in a sort
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def keep_top(
+    groups: Sequence[Sequence[torch.Tensor]], sparsity: float, group: dist.ProcessGroup | None = None
+) -> list[list[torch.Tensor]]:
+    """Boolean keep-masks that keep the highest ``1 - sparsity`` of the scores of each group, ties
+    broken by position (first kept), exactly as a stable sort of the whole group would.
+
+    Each group is a list of 1-D segments, this rank's part of each tensor (flattened rows) in the
+    group's order. Without a process group they are this process's whole tensors. With one, each
+    segment is one rank's block of its tensor and the group's order is tensor by tensor, rank by
+    rank within a tensor (``Shard(0)``). Every rank calls it with the same groups and segment count.
+    """
+    flat = [torch.cat(list(g)) if len(g) else torch.zeros(0) for g in groups]
+    sizes = torch.tensor([f.numel() for f in flat], dtype=torch.int64)
+    keys = [_ordered_keys(f) for f in flat]
+    bounds = torch.tensor(
+        [[int(k.min()) if k.numel() else 2**40, -int(k.max()) if k.numel() else 2**40] for k in keys],
+        dtype=torch.int64,
+    ).reshape(-1, 2)
+    if group is not None:
+        dist.all_reduce(sizes, group=group)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MIN, group=group)
+    n_keep = sizes - torch.round(sizes.double() * sparsity).to(torch.int64)
+    # the threshold of each group: the largest key t with at least n_keep scores >= t (bisection)
+    lo, hi = bounds[:, 0].clone(), -bounds[:, 1] + 1  # count(>= lo) = size >= n_keep > count(>= hi) = 0
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        counts = torch.tensor([int((k >= m).sum()) for k, m in zip(keys, mid.tolist())], dtype=torch.int64)
+        if group is not None:
+            dist.all_reduce(counts, group=group)
+        enough = counts >= n_keep
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    above = torch.tensor([int((k > t).sum()) for k, t in zip(keys, lo.tolist())], dtype=torch.int64)
+    if group is not None:
+        dist.all_reduce(above, group=group)
+    ties_wanted = (n_keep - above).tolist()
+    # ties at the threshold, per segment of this rank; every rank's, to know what comes before its own
+    seg_ties = [[int((_ordered_keys(s) == t).sum()) for s in g] for g, t in zip(groups, lo.tolist())]
+    mine = torch.tensor([c for row in seg_ties for c in row], dtype=torch.int64)
+    everyone = [mine] if group is None else [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    if group is not None:
+        dist.all_gather(everyone, mine, group=group)
+    me = 0 if group is None else dist.get_rank(group)
+    out, flat_index = [], 0
+    for g, threshold, wanted, n in zip(groups, lo.tolist(), ties_wanted, n_keep.tolist()):
+        masks, before = [], 0  # ties kept by the segments ahead of this one, in the group's order
+        for s in g:
+            if n <= 0:
+                masks.append(torch.zeros(s.numel(), dtype=torch.bool, device=s.device))
+                flat_index += 1
+                continue
+            ahead = before + sum(int(everyone[r][flat_index]) for r in range(me))
+            k = _ordered_keys(s)
+            tie = k == threshold
+            allowed = max(0, min(int(tie.sum()), wanted - ahead))
+            keep = k > threshold
+            keep[torch.nonzero(tie).flatten()[:allowed]] = True
+            masks.append(keep.to(s.device))
+            before += sum(int(e[flat_index]) for e in everyone)
+            flat_index += 1
+        out.append(masks)
+    return out

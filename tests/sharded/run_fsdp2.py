@@ -1,0 +1,307 @@
+"""Every sharded scenario in one launch: two gloo processes under Lightning's ``ModelParallelStrategy``
+(FSDP2 ``fully_shard`` in ``configure_model``), then, on rank 0 only, a one-process run of each scenario
+on the same global batch. Writes ``<out>/<scenario>_<run>.pt`` (full weights, full masks, logged
+sparsity) and ``<out>/evidence.json`` (per-rank sizes and timings); the tests in this folder assert on them.
+
+Run by the ``evidence`` fixture in a subprocess with the launcher's environment variables removed:
+``strategy``'s launcher re-runs *this script* for rank 1, which inside pytest would re-run pytest.
+
+    python tests/sharded/run_fsdp2.py OUT_DIR [SCENARIO ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_slim import (
+    IterativeMagnitudePruning,
+    KnowledgeDistillation,
+    OnlineDataSelection,
+    QuantizationAwareTraining,
+)
+from lightning_slim.core import sharding
+
+LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
+STEPS = 6
+
+
+class TinyLlama(pl.LightningModule):
+    """A real transformers Llama from a small config; an odd vocabulary makes lm_head's shards uneven (32/31 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=63,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        self.model = LlamaForCausalLM(config)
+
+    def configure_model(self):
+        if self.device_mesh is None:  # the one-process reference: unsharded
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:  # per decoder layer, as users shard
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens, use_cache=False).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    @staticmethod
+    def data() -> TensorDataset:
+        return TensorDataset(
+            torch.randint(0, 63, (LOCAL_BATCH * WORLD * STEPS, 16), generator=torch.Generator().manual_seed(1))
+        )
+
+
+class TinyCNN(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(48, 10),
+        )
+
+    def configure_model(self):
+        if self.device_mesh is None:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for i in (0, 3):
+            fully_shard(self.net[i], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    @staticmethod
+    def data() -> TensorDataset:
+        g = torch.Generator().manual_seed(1)
+        n = LOCAL_BATCH * WORLD * STEPS
+        return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def llama_teacher():
+    """A replicated, frozen teacher: the same architecture, its own initialisation (identical on every rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return TinyLlama().model
+
+
+def cnn_teacher():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return TinyCNN().net
+
+
+def pruning(**kwargs) -> IterativeMagnitudePruning:
+    return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
+
+
+# name: (module class, callbacks factory)
+SCENARIOS = {
+    # one-shot at step 0: masks from the same initial weights, so equal to the one-process masks bit for bit
+    "llama_global": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.6, "at": 0, "unit": "step"})],
+    ),
+    "llama_layer": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0, "unit": "step"}, scope="layer")],
+    ),
+    "llama_2of4": (
+        TinyLlama,
+        lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 0, "unit": "step"}, pattern="2:4")],
+    ),
+    # IMP: rounds at steps 2 and 4 on trained weights, rewinding to step 1
+    "llama_imp_rewind": (
+        TinyLlama,
+        lambda: [
+            pruning(
+                schedule={"kind": "imp", "rounds": 2, "rate": 0.5, "every": 2, "unit": "step"},
+                rewind="step",
+                rewind_step=1,
+            )
+        ],
+    ),
+    "llama_plain": (TinyLlama, lambda: []),  # what the distillation runs are told apart from
+    "llama_kd": (TinyLlama, lambda: [KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0)]),
+    "llama_kd_pruned": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0),
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
+        ],
+    ),
+    "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
+    # selection is per rank (each rank keeps the best of its own super-batch), as under DDP: compared with DDP
+    "cnn_select": (TinyCNN, lambda: [OnlineDataSelection(keep=0.5, score="hard")]),
+    "cnn_together": (
+        TinyCNN,
+        lambda: [
+            OnlineDataSelection(keep=0.5, score="hard"),
+            KnowledgeDistillation(teacher=cnn_teacher(), alpha=0.5, temperature=2.0),
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
+        ],
+    ),
+    # two epochs; "resumed" stops after the first and resumes from Lightning's distributed checkpoint
+    "llama_resume": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0),
+            pruning(
+                schedule={"kind": "gradual", "final_sparsity": 0.6, "start": 2, "end": 10, "every": 2, "unit": "step"}
+            ),
+        ],
+    ),
+    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with DDP
+    "cnn_qat": (
+        TinyCNN,
+        lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False, log_error_table=False)],
+    ),
+}
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
+RESUMED = ("llama_resume",)
+
+
+def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:
+    """``epochs``: that many epochs instead of ``STEPS`` steps; ``checkpoints``: save ``last.ckpt`` there."""
+    strategies = {"fsdp": ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), "ddp": "ddp"}
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1 if run == "single" else WORLD,
+        strategy=strategies.get("fsdp" if run == "resumed" else run, "auto"),
+        max_steps=-1 if epochs else STEPS,
+        max_epochs=epochs,
+        logger=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoints is not None,
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0)] if checkpoints else None,
+    )
+
+
+def tensors_in(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, list | tuple) else []
+    return [t for item in items for t in tensors_in(item)]
+
+
+def local_bytes(tensors) -> int:
+    return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
+
+
+def run(name: str, out: Path, run_name: str) -> dict:
+    """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"``, ``"resumed"`` (two processes each) or ``"single"``
+    (rank 0 alone). A scenario in RESUMED trains two epochs; ``"resumed"`` fits the first, then the second
+    from the checkpoint, with a fresh module and fresh callbacks."""
+    module_cls, make_callbacks = SCENARIOS[name]
+    pl.seed_everything(0)
+    module, callbacks = module_cls(), make_callbacks()
+    epochs = 2 if name in RESUMED else None
+    ckpt_path = None
+    if run_name == "resumed":
+        first = trainer(run_name, 1, out / f"{name}_checkpoints")
+        first.callbacks.extend(callbacks)
+        first.fit(module, DataLoader(module_cls.data(), batch_size=LOCAL_BATCH))
+        ckpt_path = str(out / f"{name}_checkpoints" / "last.ckpt")
+        stopped_at = first.global_step
+        pl.seed_everything(0)
+        module, callbacks = module_cls(), make_callbacks()
+    tr = trainer(run_name, epochs)
+    tr.callbacks.extend(callbacks)
+    data = module_cls.data()
+    if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
+        loader = DataLoader(data, batch_size=LOCAL_BATCH)
+    else:  # the same global batches: rank r takes permutation[r::WORLD], so step k sees permutation[kB:(k+1)B]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=order)
+    start = time.perf_counter()
+    tr.fit(module, loader, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - start
+    record = {"seconds": seconds, "param_bytes": local_bytes(module.parameters()), "steps": tr.global_step}
+    if ckpt_path is not None:
+        record.update(stopped_at=stopped_at, checkpoint_files=sorted(p.name for p in Path(ckpt_path).iterdir()))
+    prune = next((c for c in callbacks if isinstance(c, IterativeMagnitudePruning)), None)
+    masks = prune.masks if prune is not None else {}
+    if prune is not None:
+        record.update(
+            mask_numel=sum(sharding.local(m).numel() for m in masks.values()),
+            mask_bytes=local_bytes(masks.values()),
+            masks_sharded=all(sharding.is_sharded(m) for m in masks.values()),
+            sparsity=prune._sparsity["sparsity"],
+            rounds=prune.round,
+        )
+        if prune.snapshot is not None:  # rewind state: weights and optimizer state as they were
+            record["snapshot_bytes"] = local_bytes(tensors_in(prune.snapshot))
+    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
+    if quantize is not None:  # logged at the epoch's end, over every rank's rows (quantization_error)
+        record.update(
+            phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
+        )
+    select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
+    if select is not None:
+        record["ledger"] = select.ledger.summary()
+    full_weights = sharding.full_state_dict(module)  # collectives: every rank calls them
+    full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
+    if tr.global_rank == 0:
+        torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")
+    return record
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    names = sys.argv[2:] or list(SCENARIOS)
+    torch.set_num_threads(1)
+    per_rank: dict = {"fsdp": {}, "ddp": {}}
+    for name in names:
+        per_rank["fsdp"][name] = run(name, out, "fsdp")
+        if name in COMPARED_WITH_DDP:
+            per_rank["ddp"][name] = run(name, out, "ddp")
+        if name in RESUMED:
+            per_rank.setdefault("resumed", {})[name] = run(name, out, "resumed")
+    gathered = [None] * WORLD
+    torch.distributed.all_gather_object(gathered, per_rank)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        return
+    evidence: dict = {k: {n: [g[k][n] for g in gathered] for n in v} for k, v in per_rank.items()}
+    evidence["single"] = {n: run(n, out, "single") for n in names if n not in COMPARED_WITH_DDP + RESUMED}
+    (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
+
+
+if __name__ == "__main__":
+    main()
