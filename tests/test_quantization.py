@@ -71,9 +71,12 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
     real = int8(X)
     err, scale = (real - fake).abs().max(), float_out.abs().max()
     # the int8 kernels and the fake quantizer use the same integers and scales; they differ only in float accumulation
-    # order and, through it, rounding ties (an activation within float error of a boundary moves one step, ~1/255 of its
-    # range, then propagates through <= 4 layers): well under 1% of the largest logit on any CPU, while a wrong scale or
-    # zero point moves every output. Argmax: ties flip at most a few of 32 rows
+    # order and, through it, rounding ties (an activation within float error of a boundary moves one step, 1/255 = 0.4%
+    # of its range, and propagates with a gain of about 1): under 1% of the largest logit for a tie or two, on any CPU,
+    # while a wrong scale or zero point moves every output. Argmax: >= 0.95 of the 64 rows lets ties flip 3
+    # Known failure, a real bug and not a tolerance to loosen: on CPUs without VNNI (AVX2-only AMD Zen 2/3; here with
+    # ONEDNN_MAX_CPU_ISA=AVX2) torch._int_mm saturates int8 x int8 products in int16 pairs (vpmaddubsw), so the
+    # export misses by ~20% of the largest logit; 7-bit weights (as onnxruntime's reduce_range) would be exact
     assert err < 1e-2 * scale, (err, scale)
     assert (real.argmax(-1) == fake.argmax(-1)).float().mean() >= 0.95
     assert serialized_bytes(int8) < serialized_bytes(make()) / 1.8
@@ -94,9 +97,10 @@ def test_int4_grouped_weights_for_linear_models():
     # the weights' rms for random weights (max/rms ~ 2); int8 would give <= 0.02 (cases/quantization.py)
     assert rows["net.head"]["weight_bits"] == 4 and rows["net.head"]["relative_error"] > 0.05
     int8 = convert_to_int8(copy.deepcopy(model))
-    # int4 weights, int8 dynamic activations: torchao's kernel and the fake quantizer compute the same integers; they
-    # differ by float accumulation order (<= 64-term dots, logits ~0.3: ~1e-6) and rounding ties of the per-token
-    # activation scale, one step moving a logit by ~scale * |w| ~ 1e-3; 2e-3 bounds one tie per row
+    # int4 weights, int8 dynamic activations: torchao's kernel and the fake quantizer compute the same integers (bit-
+    # equal here under AVX-512/AMX, ATEN_CPU_CAPABILITY=default and avx2 + ONEDNN_MAX_CPU_ISA=AVX2); a kernel that sums
+    # in another order differs by float rounding (~1e-6 on logits ~0.3) and rounding ties of the per-token activation
+    # scale, one int8 step moving a logit by ~1e-3: 2e-3 bounds a tie per row
     torch.testing.assert_close(int8(X), model(X), atol=2e-3, rtol=0)
 
 
@@ -191,8 +195,9 @@ def test_torchao_export_saved_program_loads_without_training_code(tmp_path):
     assert after["size_bytes"] < before["size_bytes"] / 1.8
     # val/acc was measured on the fake-quantized model; the real int8 model agrees with it
     # int8 export vs fake-quantized on the 200 test examples: rounding ties flip at most a prediction or two near a
-    # class boundary (0.005 each), on any CPU; a wrong export costs far more
-    assert abs(after["export_accuracy"] - after["accuracy"]) <= 0.01
+    # class boundary, on any CPU; a wrong export costs far more. Counted in examples: two float32 accuracies 2/200
+    # apart differ by 0.0100000072, not 0.01 (measured here)
+    assert round(abs(after["export_accuracy"] - after["accuracy"]) * 200) <= 2
     x = torch.randn(5, 1, 40)
     expected = cb.export(copy.deepcopy(module))(x)  # module is plain again: export prepares a copy
     # the file reloaded runs the same int8 graph on the same runtime and CPU: a few ulps at most, float32 defaults

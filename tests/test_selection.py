@@ -372,7 +372,8 @@ def test_reference_sources_train_identically(tmp_path):
     restored = OnlineDataSelection(reference=reference, cache_reference=True, **common)
     restored.load_state_dict(variants[0][0].state_dict())  # the lazily built cache is checkpointed
     # the same reference's per-example losses (a few nats), the cache's computed in training batches, these in the
-    # loader's: at most an ulp or two of float32 (2 * 2**-22 = 5e-7 at 4-8 nats); 1e-6
+    # loader's, of the same sizes: bit-equal under ATEN_CPU_CAPABILITY=default and avx2 (measured); a kernel that
+    # blocked batches differently would move them by an ulp or two (2 * 2**-22 = 5e-7 at 4-8 nats): 1e-6
     torch.testing.assert_close(restored.cache.lookup(torch.arange(560))["loss"], losses, rtol=0, atol=1e-6)
 
 

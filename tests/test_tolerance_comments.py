@@ -27,20 +27,24 @@ MATCH = re.compile("|".join(f"(?:{p})" for p in PATTERNS.values()))
 THIS_FILE = Path(__file__).name
 
 
+def unjustified(lines: list[str]) -> list[int]:
+    """Indices of the tolerance lines that no comment justifies (the rule in the module docstring)."""
+    justified = [False] * len(lines)
+    tolerance = [bool(MATCH.search(line.split("#")[0])) for line in lines]
+    for i, line in enumerate(lines):
+        above = lines[i - 1].rstrip() if i else ""
+        grouped = i > 0 and justified[i - 1] and (tolerance[i - 1] or above.endswith(("(", "[", ",")))
+        justified[i] = "#" in line or above.lstrip().startswith("#") or grouped
+    return [i for i in range(len(lines)) if tolerance[i] and not justified[i]]
+
+
 def tolerance_lines_without_comment() -> list[str]:
     missing = []
     for path in sorted(TESTS.rglob("*.py")):
         if path.name == THIS_FILE:  # its patterns are examples, not tolerances
             continue
         lines = path.read_text().splitlines()
-        justified = [False] * len(lines)
-        tolerance = [bool(MATCH.search(line.split("#")[0])) for line in lines]
-        for i, line in enumerate(lines):
-            above = lines[i - 1].rstrip() if i else ""
-            grouped = i > 0 and justified[i - 1] and (tolerance[i - 1] or above.endswith(("(", "[", ",")))
-            justified[i] = "#" in line or above.lstrip().startswith("#") or grouped
-            if tolerance[i] and not justified[i]:
-                missing.append(f"{path.relative_to(TESTS)}:{i + 1}: {line.strip()}")
+        missing += [f"{path.relative_to(TESTS)}:{i + 1}: {lines[i].strip()}" for i in unjustified(lines)]
     return missing
 
 
@@ -69,3 +73,16 @@ def test_the_scan_finds_an_unjustified_tolerance():
         assert MATCH.search(line), line
     for line in ["assert x == 3", "assert len(xs) < 10", "mask = scores > threshold"]:
         assert not MATCH.search(line), line
+    code = [
+        "x = 1",
+        "assert abs(a - b) < 0.02",  # 1: bare, flagged
+        "# float32 rounding over 8 terms",
+        "assert abs(a - b) < 1e-6",  # 3: the comment above covers it
+        "assert abs(c - d) < 1e-6",  # 4: and the tolerance line that follows it
+        "y = 2",
+        "assert abs(e - f) < 1e-6",  # 6: flagged again after code
+        "torch.testing.assert_close(  # one element: exact",
+        "    a, b, atol=0, rtol=0",  # 8: continues a justified statement
+        ")",
+    ]
+    assert unjustified(code) == [1, 6]
