@@ -153,7 +153,7 @@ def test_feature_pairs_train_projections_that_are_checkpointed_and_exported_away
     )
     proj = getattr(module, PROJECTIONS)
     assert [tuple(p.linear.weight.shape) for p in proj.values()] == [(32, 16), (32, 16)]
-    fresh = type(proj["0"])(16, 32, 1, torch.Generator().manual_seed(kd.seed))
+    fresh = type(proj["0"])(16, 32, 1, torch.Generator().manual_seed(kd.config.seed))
     assert not torch.equal(fresh.linear.weight, proj["0"].linear.weight)  # trained by the student's optimizer
     ckpt = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=False)
     assert f"{PROJECTIONS}.1.linear.weight" in ckpt["state_dict"]

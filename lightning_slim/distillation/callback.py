@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_slim.batches import batch_indices, example_count, sample_batch
 from lightning_slim.core import log
-from lightning_slim.core.arguments import as_config, check_choice, check_range
+from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.contract import Capability, Effect, ExportStage
 from lightning_slim.core.lightning_glue import should_log, train_loader
@@ -23,7 +23,7 @@ from lightning_slim.core.step_probe import StepProbeError
 from lightning_slim.distillation import functional as kd
 from lightning_slim.distillation.cache_keys import CacheKeys
 from lightning_slim.distillation.configs import (
-    CONVENTIONS,
+    DistillationConfig,
     DistillationSchedule,
     FeatureDistillation,
     LogitsSource,
@@ -59,33 +59,20 @@ class KnowledgeDistillation(SlimCallback):
     call (``input_ids``, ``attention_mask``...; not ``labels``); on token logits padding and
     ``ignore_index`` positions are left out (``tokens``).
 
-    Args:
-        teacher: the teacher module (kept on this callback, frozen, eval mode, never checkpointed).
-        teacher_checkpoint: a checkpoint of the teacher; with ``teacher_class`` (a class path, for
-            LightningCLI) it builds the teacher, with ``teacher`` it loads weights into it.
-        teacher_class: the teacher's class path (with ``teacher_checkpoint``).
-        teacher_init_args: constructor arguments for ``teacher_class`` (extra ones for a LightningModule).
-        alpha: KD weight in [0, 1] (0 with ``features``: feature distillation only).
-        temperature: softmax temperature > 0.
-        convention: ``"weighted"`` or ``"additive"`` (above).
-        schedule: a :class:`~.configs.DistillationSchedule` (or its dict): the window of steps to
-            distil in and the annealing of alpha / temperature.
-        features: a :class:`~.configs.FeatureDistillation` (or its dict): feature pairs, their loss and
-            pooling (sentence embeddings: ``{"pairs": {"model": ""}, "loss": "cosine", "pooling": "mean"}``).
-        logits: a :class:`~.configs.LogitsSource` (or its dict): which student module's output is the
-            logits and where the teacher's are (default: found from the user's ``training_step``).
-        tokens: a :class:`~.configs.TokenMask` (or its dict): which positions of token logits count.
-        input_fn: give the teacher ``input_fn(batch)`` instead of the student's recorded call.
-        cache_teacher: True or a :class:`~.configs.TeacherCacheConfig` (or its dict): store the
-            teacher's outputs (full logits, or the top-k per token) per example (by dataset index, or
-            by the content of the teacher's input when batches carry no index) so the teacher runs
-            once per example.
-        seed: seeds the projections' initialisation (no global RNG is used).
+    Args: the fields of :class:`~.configs.DistillationConfig` (each is described there): ``teacher``, or
+    ``teacher_class`` + ``teacher_checkpoint`` (+ ``teacher_init_args``); ``alpha``, ``temperature``,
+    ``convention``; the groups ``schedule``, ``features``, ``logits``, ``tokens``, ``cache_teacher`` (each
+    its dataclass or its dict); ``input_fn``, ``seed``; or ``config``: a ``DistillationConfig`` (or its
+    dict, a ``config:`` mapping in YAML) instead. The teacher is kept on this callback (``teacher``),
+    frozen, in eval mode, never checkpointed.
 
     >>> from lightning_slim.demos.models import MNIST1DTeacherCNN
     >>> distil = KnowledgeDistillation(teacher=MNIST1DTeacherCNN(), alpha=0.9, temperature=4.0)
     >>> distil.teacher.training, any(p.requires_grad for p in distil.teacher.parameters())
     (False, False)
+    >>> same = KnowledgeDistillation(config={"teacher": distil.teacher, "alpha": 0.9, "temperature": 4.0})
+    >>> same.config == distil.config
+    True
     """
 
     technique = "distillation"
@@ -108,44 +95,42 @@ class KnowledgeDistillation(SlimCallback):
         input_fn: Callable[[Any], torch.Tensor] | str | None = None,
         cache_teacher: bool | TeacherCacheConfig | dict = False,
         seed: int = 0,
+        config: DistillationConfig | dict | None = None,
     ):
-        check_range("alpha", alpha, 0.0, 1.0)
-        check_range("temperature", temperature, 0.0, low_open=True)
-        check_choice("convention", convention, CONVENTIONS)
-        self.schedule = as_config(DistillationSchedule, schedule, "schedule") or DistillationSchedule()
-        self.features = as_config(FeatureDistillation, features, "features")
-        self.logits = as_config(LogitsSource, logits, "logits") or LogitsSource()
-        self.tokens = as_config(TokenMask, tokens, "tokens") or TokenMask()
-        if isinstance(cache_teacher, bool):
-            cache_teacher = TeacherCacheConfig() if cache_teacher else None
-        self.cache_config = as_config(TeacherCacheConfig, cache_teacher, "cache_teacher")
-        # logits are distilled unless alpha stays 0 (feature distillation only)
-        self.uses_logits = alpha > 0 or bool(self.schedule.alpha_final)
-        if not self.uses_logits and self.features is None:
-            raise ValueError("alpha=0 with no features distils nothing; set alpha in (0, 1] or features")
-        if self.cache_config and self.cache_config.top_k and self.schedule.temperature_final is not None:
-            raise ValueError(
-                f"cache_teacher top_k={self.cache_config.top_k} stores the teacher's distribution at "
-                f"temperature={temperature}; temperature_final={self.schedule.temperature_final} would "
-                "need it at every temperature: drop temperature_final or top_k"
-            )
-        self.teacher = resolve_teacher(teacher, teacher_checkpoint, teacher_class, teacher_init_args)
-        self.teacher_checkpoint, self.teacher_class = teacher_checkpoint, teacher_class
-        self.alpha, self.temperature, self.convention, self.seed = alpha, temperature, convention, seed
-        self.pairs = dict(self.features.pairs) if self.features else {}
-        self.output_fn = as_callable(self.logits.output_fn, "output_fn") or output_tensor
-        teacher_output_fn = as_callable(self.logits.teacher_output_fn, "teacher_output_fn") or self.output_fn
-        self.input_fn = as_callable(input_fn, "input_fn")
-        index_fn = (as_callable(self.cache_config.index_fn, "index_fn") if self.cache_config else None) or batch_indices
-        self.cache_keys = CacheKeys(self.cache_config.key if self.cache_config else "auto", index_fn)
+        options = dict(
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            teacher_class=teacher_class,
+            teacher_init_args=teacher_init_args,
+            alpha=alpha,
+            temperature=temperature,
+            convention=convention,
+            schedule=schedule,
+            features=features,
+            logits=logits,
+            tokens=tokens,
+            input_fn=input_fn,
+            cache_teacher=cache_teacher,
+            seed=seed,
+        )
+        self.config: DistillationConfig = config_from(DistillationConfig, config, options)
+        config = self.config
+        self.teacher = resolve_teacher(config)
+        # the callables a config may name by dotted path, resolved once
+        self._read_logits = as_callable(config.logits.output_fn, "output_fn") or output_tensor
+        teacher_output_fn = as_callable(config.logits.teacher_output_fn, "teacher_output_fn") or self._read_logits
+        self._input_fn = as_callable(config.input_fn, "input_fn")
+        cache = config.cache_teacher
+        index_fn = (as_callable(cache.index_fn, "index_fn") if cache else None) or batch_indices
+        self.cache_keys = CacheKeys(cache.key if cache else "auto", index_fn)
         self.runner = TeacherRunner(
             self.teacher,
-            self.logits.teacher_module,
+            config.logits.teacher_module,
             teacher_output_fn,
-            list(self.pairs.values()),
-            self.cache_config,
-            temperature,
-            logits=self.uses_logits,
+            list(config.pairs.values()),
+            cache,
+            config.temperature,
+            logits=config.uses_logits,
         )
         self.counts = self.runner.counts
         self.counts.update(student_examples=0)
@@ -155,7 +140,7 @@ class KnowledgeDistillation(SlimCallback):
         self._positions: list[int] = [0, 0]  # token positions distilled / seen (token logits only)
         self._vocab: int | None = None
         self._task_loss: torch.Tensor | None = None
-        self._anneal_stop = self.schedule.stop_step
+        self._anneal_stop = config.schedule.stop_step
 
     @property
     def cache(self):
@@ -165,7 +150,7 @@ class KnowledgeDistillation(SlimCallback):
     # --- the contract ------------------------------------------------------------------------
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        if self.features is None and self.cache_config is None:
+        if self.config.features is None and self.config.cache_teacher is None:
             return None  # logits from a teacher replicated on every rank: tests/sharded
         return (
             "KnowledgeDistillation with features (its projections would train outside FSDP2, unsynchronised "
@@ -178,16 +163,17 @@ class KnowledgeDistillation(SlimCallback):
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_models(pl_module, self.teacher, self.pairs, self.logits.student_module, self.logits.teacher_module)
+        logits = self.config.logits
+        check_models(pl_module, self.teacher, self.config.pairs, logits.student_module, logits.teacher_module)
         batch = sample_batch(train_loader(trainer), SAMPLE_ROWS)  # from the dataset: the loader is not iterated
         if batch is None:
             records = self._without_sample_batch(pl_module, "no map-style training dataset to take one from")
         else:
-            if self.cache_config:
+            if self.config.cache_teacher:
                 self.cache_keys.choose(batch)
             try:
                 self.student_path, records = probe_student(
-                    pl_module, batch, self.logits.student_module, self._feature_modules(pl_module), self._output_fn
+                    pl_module, batch, logits.student_module, self._feature_modules(pl_module), self._output_fn
                 )
             except StepProbeError as err:  # the step needs what only a running fit has: check at the first step
                 records = self._without_sample_batch(pl_module, f"it raised {err}")
@@ -205,23 +191,24 @@ class KnowledgeDistillation(SlimCallback):
                 f"was, with keyword arguments {sorted(calls[0][1])} ({type(err).__name__}: {err}); "
                 "give a teacher with the student's interface, or input_fn(batch) -> its input"
             ) from err
-        width = self.features.width_dim if self.features else 1
-        pooling = self.features.pooling if self.features else "none"
-        self._feature_shapes = check_shapes(records[0], teacher[0], self.pairs, width, pooling)
+        width = self.config.features.width_dim if self.config.features else 1
+        pooling = self.config.features.pooling if self.config.features else "none"
+        self._feature_shapes = check_shapes(records[0], teacher[0], self.config.pairs, width, pooling)
         if "logits" in teacher[0]:
             self._vocab = int(teacher[0]["logits"].shape[-1])
-        if self.cache_config and self.cache_config.top_k and self._vocab and self.cache_config.top_k >= self._vocab:
+        top_k = self.config.cache_teacher.top_k if self.config.cache_teacher else None
+        if top_k and self._vocab and top_k >= self._vocab:
             raise ValueError(
-                f"cache_teacher top_k={self.cache_config.top_k} is not below the {self._vocab} classes of "
+                f"cache_teacher top_k={top_k} is not below the {self._vocab} classes of "
                 "the teacher's output: the full-logit cache is smaller; unset top_k"
             )
 
     @property
     def _output_fn(self) -> Callable | None:
-        return self.output_fn if self.uses_logits else None
+        return self._read_logits if self.config.uses_logits else None
 
     def _feature_modules(self, pl_module) -> dict[str, nn.Module]:
-        return {name: pl_module.get_submodule(name) for name in self.pairs}
+        return {name: pl_module.get_submodule(name) for name in self.config.pairs}
 
     def _without_sample_batch(self, pl_module, why: str) -> list[dict] | None:
         """No sample batch to run ``training_step`` on: take the module ``forward`` would call, size the
@@ -229,7 +216,7 @@ class KnowledgeDistillation(SlimCallback):
         checked at the first step."""
         owner = f"the student ({type(pl_module).__name__})"
         try:
-            self.student_path, _ = forward_target(pl_module, self.logits.student_module, owner)
+            self.student_path, _ = forward_target(pl_module, self.config.logits.student_module, owner)
         except ValueError as err:
             raise ValueError(f"{err}; {STUDENT_HINT}") from None
         self.runner.target = teacher_target(self.teacher, self.student_path)
@@ -237,7 +224,7 @@ class KnowledgeDistillation(SlimCallback):
             f"KnowledgeDistillation could not run training_step on a sample batch before training ({why}): "
             f"the student's call (of {self.student_path or 'its forward'!r}) is checked at the first training step"
         )
-        if not self.pairs:
+        if not self.config.pairs:
             return None
         return example_records(pl_module, self.student_path, self._feature_modules(pl_module), self._output_fn)
 
@@ -245,20 +232,20 @@ class KnowledgeDistillation(SlimCallback):
         return submodule(pl_module, self.student_path)
 
     def _teacher_calls(self, records: list[dict], batch) -> list[tuple[tuple, dict]]:
-        return teacher_calls(self.runner.target, records, batch, self.input_fn, self.student_path)
+        return teacher_calls(self.runner.target, records, batch, self._input_fn, self.student_path)
 
     @override
     def add_training_modules(self, trainer, pl_module):
         """The feature projections, before the optimizers are built: they must train them."""
-        if self.pairs:
-            proj = build_projections(self._feature_shapes, self.features.width_dim, self.seed)
+        if self.config.pairs:
+            proj = build_projections(self._feature_shapes, self.config.features.width_dim, self.config.seed)
             if not same_structure(getattr(pl_module, PROJECTIONS, None), proj):  # a second fit keeps training them
                 setattr(pl_module, PROJECTIONS, proj.to(next(pl_module.parameters()).device))
 
     # --- training ---------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer, pl_module):
-        proj = getattr(pl_module, PROJECTIONS, None) if self.pairs else None
+        proj = getattr(pl_module, PROJECTIONS, None) if self.config.pairs else None
         if proj is not None:
             in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
             if any(id(p) not in in_opt for p in proj.parameters()):
@@ -266,8 +253,8 @@ class KnowledgeDistillation(SlimCallback):
                     f"the feature projections (pl_module.{PROJECTIONS}) are in no optimizer: build the "
                     "optimizer from self.parameters() in configure_optimizers so they are trained"
                 )
-        self._anneal_stop = self.schedule.anneal_stop(trainer.estimated_stepping_batches)
-        if self.cache_config:
+        self._anneal_stop = self.config.schedule.anneal_stop(trainer.estimated_stepping_batches)
+        if self.config.cache_teacher:
             with contextlib.suppress(TypeError, AttributeError):  # a dataset with no len(): grow as examples arrive
                 self.cache.reserve(len(trainer.train_dataloader.dataset))
 
@@ -278,11 +265,11 @@ class KnowledgeDistillation(SlimCallback):
 
     def weights_at(self, step: int) -> tuple[bool, float, float]:
         """(distilling at this step, alpha, temperature) at optimizer step ``step``."""
-        s = self.schedule
+        s, c = self.config.schedule, self.config
         active = step >= s.start_step and (s.stop_step is None or step < s.stop_step)
         stop = self._anneal_stop if self._anneal_stop is not None else s.start_step
-        alpha = kd.linear_schedule(step, s.start_step, stop, self.alpha, s.alpha_final)
-        temperature = kd.linear_schedule(step, s.start_step, stop, self.temperature, s.temperature_final)
+        alpha = kd.linear_schedule(step, s.start_step, stop, c.alpha, s.alpha_final)
+        temperature = kd.linear_schedule(step, s.start_step, stop, c.temperature, s.temperature_final)
         return active, alpha, temperature
 
     @override
@@ -290,7 +277,7 @@ class KnowledgeDistillation(SlimCallback):
         """The weighted convention's ``(1 - alpha) * loss``: scaled here, so its gradient is scaled too."""
         self._task_loss = loss.detach()
         active, alpha, _ = self.weights_at(trainer.global_step)
-        return (1 - alpha) * loss if active and self.convention == "weighted" and alpha > 0 else loss
+        return (1 - alpha) * loss if active and self.config.convention == "weighted" and alpha > 0 else loss
 
     @override
     def watched_modules(self, pl_module):
@@ -301,7 +288,7 @@ class KnowledgeDistillation(SlimCallback):
     def loss_term(self, trainer, pl_module, batch, batch_idx, seen):
         active, alpha, temperature = self.weights_at(trainer.global_step)
         records = seen.records(self.student_path, self._output_fn)
-        proj = getattr(pl_module, PROJECTIONS, None) if self.pairs else None
+        proj = getattr(pl_module, PROJECTIONS, None) if self.config.pairs else None
         if not active:  # keep the projections in the graph: DDP expects a gradient for each parameter
             return sum(p.sum() * 0 for p in proj.parameters()) if proj is not None else None
         if not records:
@@ -313,24 +300,27 @@ class KnowledgeDistillation(SlimCallback):
         n = example_count(calls[0])
         device = next(pl_module.parameters()).device
         teachers = self.runner.outputs(
-            calls, n, self.cache_keys(batch, calls, n) if self.cache_config else None, device
+            calls, n, self.cache_keys(batch, calls, n) if self.config.cache_teacher else None, device
         )
-        pooled = f"feat:{next(iter(self.pairs))}" if self.features and self.features.pooling != "none" else None
-        masks, feature_masks = call_masks(records, batch, self._student_target(pl_module), self.tokens, pooled)
+        features = self.config.features
+        pooled = f"feat:{next(iter(features.pairs))}" if features and features.pooling != "none" else None
+        masks, feature_masks = call_masks(records, batch, self._student_target(pl_module), self.config.tokens, pooled)
         logging = should_log(trainer)  # only on the steps Lightning sends to loggers: logging costs more than the loss
-        term = step_term(records, teachers, alpha, temperature, masks, self.features, proj, feature_masks, logging)
+        term = step_term(records, teachers, alpha, temperature, masks, features, proj, feature_masks, logging)
         self.counts["student_examples"] += term.examples
         self._positions = [a + b for a, b in zip(self._positions, term.positions)]
         if logging:
             self.log_scalars(pl_module, logged_values(self, term, alpha, temperature))
-            log.log_config(trainer, self.technique, {"alpha": self.alpha, "temperature": self.temperature})
+            log.log_config(
+                trainer, self.technique, {"alpha": self.config.alpha, "temperature": self.config.temperature}
+            )
         return term.loss
 
     # --- state, export, report ---------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"counts": dict(self.counts)}
-        if self.cache_config and self.cache_config.checkpoint:
+        if self.config.cache_teacher and self.config.cache_teacher.checkpoint:
             state["cache"] = self.cache.state_dict()
             state |= self.cache_keys.state_dict()
         return state

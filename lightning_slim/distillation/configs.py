@@ -1,6 +1,7 @@
-"""The groups of ``KnowledgeDistillation``'s options, as small validated dataclasses (torchao-style
-configs). Each is YAML-expressible (LightningCLI builds it from a mapping) and also accepted as
-a plain dict in Python.
+"""``KnowledgeDistillation``'s options as validated dataclasses: the whole :class:`DistillationConfig`
+(torchao's ``quantize_(model, Config())`` style) and its groups (schedule, features, logits, tokens, the
+teacher cache). Each is YAML-expressible (LightningCLI builds it from a mapping) and also accepted as a
+plain dict in Python; every check that needs no model runs when a config is built.
 
 >>> DistillationSchedule(start_step=10, stop_step=5)
 Traceback (most recent call last):
@@ -8,6 +9,12 @@ Traceback (most recent call last):
 ValueError: stop_step=5 must be greater than start_step=10
 >>> FeatureDistillation(pairs={"net.5": "net.8"}).loss
 'mse'
+>>> DistillationConfig(teacher_class="my.Teacher", teacher_checkpoint="t.ckpt", cache_teacher=True).cache_teacher
+TeacherCacheConfig(checkpoint=True, index_fn=None, key='auto', top_k=None, dtype=None)
+>>> DistillationConfig(teacher_class="my.Teacher", teacher_checkpoint="t.ckpt", convention="sum")
+Traceback (most recent call last):
+...
+ValueError: convention='sum' is not one of ('weighted', 'additive')
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_slim.core.arguments import check_choice, check_int, check_order, check_range
+from torch import nn
+
+from lightning_slim.core.arguments import as_config, check_choice, check_int, check_order, check_range
 from lightning_slim.tokens import IGNORE_INDEX, SHIFTS
 
 FEATURE_LOSSES = ("mse", "cosine")
@@ -175,3 +184,93 @@ class TeacherCacheConfig:
         import torch
 
         return getattr(torch, self.dtype or ("float16" if self.top_k else "float32"))
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Everything ``KnowledgeDistillation`` does: the teacher, the soft-target term, and its groups.
+
+    The teacher: ``teacher`` (an ``nn.Module``; with ``teacher_checkpoint``, its weights are loaded into
+    it), or ``teacher_class`` (a class path, what YAML can say) + ``teacher_checkpoint`` (+
+    ``teacher_init_args``, constructor arguments). ``alpha``: the KD weight in [0, 1] (0 with
+    ``features``: feature distillation only); ``temperature`` > 0; ``convention``: ``"weighted"``
+    trains on ``(1 - alpha) * loss + alpha * KD``, ``"additive"`` on ``loss + alpha * KD``. The groups,
+    each its dataclass or its dict and held as the dataclass: ``schedule`` (:class:`DistillationSchedule`),
+    ``features`` (:class:`FeatureDistillation`, None: logits only), ``logits`` (:class:`LogitsSource`),
+    ``tokens`` (:class:`TokenMask`), ``cache_teacher`` (True or a :class:`TeacherCacheConfig`; held as
+    one, or None for no cache). ``input_fn``: give the teacher ``input_fn(batch)`` instead of the
+    student's recorded call (a callable or a dotted path). ``seed``: of the feature projections'
+    initialisation (no global RNG is used)."""
+
+    teacher: nn.Module | None = None
+    teacher_checkpoint: str | None = None
+    teacher_class: str | None = None
+    teacher_init_args: dict[str, Any] | None = None
+    alpha: float = 0.5
+    temperature: float = 4.0
+    convention: str = "weighted"
+    schedule: DistillationSchedule | dict[str, Any] | None = None
+    features: FeatureDistillation | dict[str, Any] | None = None
+    logits: LogitsSource | dict[str, Any] | None = None
+    tokens: TokenMask | dict[str, Any] | None = None
+    input_fn: Callable[[Any], Any] | str | None = None
+    cache_teacher: bool | TeacherCacheConfig | dict[str, Any] | None = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self._check_teacher()
+        check_range("alpha", self.alpha, 0.0, 1.0)
+        check_range("temperature", self.temperature, 0.0, low_open=True)
+        check_choice("convention", self.convention, CONVENTIONS)
+        check_int("seed", self.seed, minimum=0)
+        # the groups are held as their dataclasses (frozen: set once, here), so a dict and its object are one config
+        cache = self.cache_teacher
+        if isinstance(cache, bool):
+            cache = TeacherCacheConfig() if cache else None
+        held = {
+            "schedule": as_config(DistillationSchedule, self.schedule, "schedule") or DistillationSchedule(),
+            "features": as_config(FeatureDistillation, self.features, "features"),
+            "logits": as_config(LogitsSource, self.logits, "logits") or LogitsSource(),
+            "tokens": as_config(TokenMask, self.tokens, "tokens") or TokenMask(),
+            "cache_teacher": as_config(TeacherCacheConfig, cache, "cache_teacher"),
+        }
+        for name, value in held.items():
+            object.__setattr__(self, name, value)
+        if not self.uses_logits and self.features is None:
+            raise ValueError("alpha=0 with no features distils nothing; set alpha in (0, 1] or features")
+        if self.cache_teacher and self.cache_teacher.top_k and self.schedule.temperature_final is not None:
+            raise ValueError(
+                f"cache_teacher top_k={self.cache_teacher.top_k} stores the teacher's distribution at "
+                f"temperature={self.temperature}; temperature_final={self.schedule.temperature_final} would "
+                "need it at every temperature: drop temperature_final or top_k"
+            )
+
+    def _check_teacher(self) -> None:
+        if self.teacher is not None and self.teacher_class is not None:
+            raise ValueError("pass either teacher (a module) or teacher_class (a class path), not both")
+        if self.teacher is None and (self.teacher_class is None or self.teacher_checkpoint is None):
+            raise ValueError(
+                "no teacher: pass teacher=<nn.Module>, or teacher_checkpoint=<path> with "
+                "teacher_class=<'package.module.Class'>"
+            )
+        if self.teacher is not None and not isinstance(self.teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(self.teacher).__name__}")
+        for name in ("teacher_checkpoint", "teacher_class"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string (a path), got {type(value).__name__}")
+        if self.teacher_init_args is not None and not isinstance(self.teacher_init_args, Mapping):
+            raise TypeError(
+                f"teacher_init_args must be a dict of the teacher's constructor arguments, got "
+                f"{type(self.teacher_init_args).__name__}"
+            )
+
+    @property
+    def uses_logits(self) -> bool:
+        """Logits are distilled unless alpha stays 0 (feature distillation only)."""
+        return self.alpha > 0 or bool(self.schedule.alpha_final)
+
+    @property
+    def pairs(self) -> dict[str, str]:
+        """The feature pairs ``{student module: teacher module}`` (none without ``features``)."""
+        return dict(self.features.pairs) if self.features else {}

@@ -18,12 +18,12 @@ def logged_values(kd: KnowledgeDistillation, term: StepTerm, alpha: float, tempe
     """The ``slim/distillation/*`` scalars of one step (None values left out)."""
     values = {**term.values, "task_loss": kd._task_loss}
     # an annealed weight is a metric; a constant one is run config (the callback logs it with log_config)
-    values |= {"alpha": alpha} if kd.schedule.alpha_final is not None else {}
-    values |= {"temperature": temperature} if kd.schedule.temperature_final is not None else {}
+    values |= {"alpha": alpha} if kd.config.schedule.alpha_final is not None else {}
+    values |= {"temperature": temperature} if kd.config.schedule.temperature_final is not None else {}
     values["teacher_examples"] = float(kd.counts["teacher_examples"])
     if term.positions[1]:
         values["token_fraction"] = term.positions[0] / term.positions[1]
-    if kd.cache_config:
+    if kd.config.cache_teacher:
         values["cache_hit_rate"] = kd.counts["cache_hits"] / max(kd.counts["student_examples"], 1)
         values["cache_mb"] = kd.cache.nbytes / 2**20
     return {k: v for k, v in values.items() if v is not None}
@@ -35,15 +35,15 @@ def distillation_rows(kd: KnowledgeDistillation) -> dict[str, Any]:
     rows: dict[str, Any] = {"teacher_params": count_parameters(kd.teacher), **kd.counts}
     if kd._positions[1]:
         rows["token_fraction_distilled"] = kd._positions[0] / kd._positions[1]
-    if kd.cache_config:
+    if kd.config.cache_teacher:
         rows |= {
             "cache_examples": len(kd.cache),
             "cache_bytes": kd.cache.nbytes,
-            "cache_dtype": str(kd.cache_config.storage_dtype).removeprefix("torch."),
+            "cache_dtype": str(kd.config.cache_teacher.storage_dtype).removeprefix("torch."),
             "cache_key": kd.cache_keys.keying,
         }
-        if kd.cache_config.top_k:
-            rows["cache_top_k"] = kd.cache_config.top_k
+        if kd.config.cache_teacher.top_k:
+            rows["cache_top_k"] = kd.config.cache_teacher.top_k
         stored = kd.cache.values.get("topk_index", kd.cache.values.get("logits"))
         if stored is not None and kd._vocab:  # what full float32 logits of the same examples would take
             rows["cache_bytes_full_logits"] = len(kd.cache) * stored[0].numel() // stored.shape[-1] * kd._vocab * 4

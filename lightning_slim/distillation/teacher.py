@@ -3,7 +3,7 @@ YAML can express), and run on the student's own inputs, once per example with th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_slim.batches import BatchFormatError, move_to, slice_batch
 from lightning_slim.core.loading import build_module, freeze, read_state_dict
-from lightning_slim.distillation.configs import TeacherCacheConfig
+from lightning_slim.distillation.configs import DistillationConfig, TeacherCacheConfig
 from lightning_slim.distillation.topk import teacher_topk
 from lightning_slim.index_cache import IndexCache
 from lightning_slim.modules import (
@@ -26,26 +26,14 @@ from lightning_slim.modules import (
 Call = tuple[tuple, dict]  # the positional and keyword arguments of one forward call
 
 
-def resolve_teacher(
-    teacher: nn.Module | None,
-    checkpoint: str | None,
-    class_path: str | None,
-    init_args: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """The frozen (no grad, eval mode) teacher. A LightningModule ``class_path`` loads through
-    ``load_from_checkpoint``; a plain ``nn.Module`` class is built from ``init_args``; a given
-    ``teacher`` object gets the checkpoint's weights when one is named."""
-    if teacher is not None and class_path is not None:
-        raise ValueError("pass either teacher (a module) or teacher_class (a class path), not both")
+def resolve_teacher(config: DistillationConfig) -> nn.Module:
+    """The frozen (no grad, eval mode) teacher the config names (checked when it was built). A
+    LightningModule ``teacher_class`` loads through ``load_from_checkpoint``; a plain ``nn.Module`` class
+    is built from ``teacher_init_args``; a given ``teacher`` object gets the checkpoint's weights when
+    one is named."""
+    teacher, checkpoint = config.teacher, config.teacher_checkpoint
     if teacher is None:
-        if class_path is None or checkpoint is None:
-            raise ValueError(
-                "no teacher: pass teacher=<nn.Module>, or teacher_checkpoint=<path> with "
-                "teacher_class=<'package.module.Class'>"
-            )
-        teacher = build_module(class_path, init_args, checkpoint, what="teacher_class")
-    elif not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        teacher = build_module(config.teacher_class, config.teacher_init_args, checkpoint, what="teacher_class")
     elif checkpoint is not None:
         teacher.load_state_dict(read_state_dict(checkpoint))
     return freeze(teacher)
