@@ -76,6 +76,7 @@ def test_distillation_config_is_the_same_whichever_way_it_is_given():
     assert cb.teacher is teacher and not teacher.training
     assert cb.weights_at(1)[0] is False and cb.weights_at(10)[0] is False
     active, alpha, temperature = cb.weights_at(6)  # half-way from step 2 to the anneal's end at stop_step 10
+    # approx: a linear schedule evaluated in float64 (one multiply-add), exact up to its rounding, on any CPU
     assert active and alpha == pytest.approx(0.5) and temperature == 2.0
     loss = torch.tensor(3.0)
     assert cb.scale_loss(type("T", (), {"global_step": 6})(), None, loss, None, 0) is loss

@@ -74,9 +74,9 @@ def test_torchao_fake_quant_matches_int8_export_and_keeps_parameters(make):
     # order and, through it, rounding ties (an activation within float error of a boundary moves one step, 1/255 = 0.4%
     # of its range, and propagates with a gain of about 1): under 1% of the largest logit for a tie or two, on any CPU,
     # while a wrong scale or zero point moves every output. Argmax: >= 0.95 of the 64 rows lets ties flip 3
-    # Known failure, a real bug and not a tolerance to loosen: on CPUs without VNNI (AVX2-only AMD Zen 2/3; here with
-    # ONEDNN_MAX_CPU_ISA=AVX2) torch._int_mm saturates int8 x int8 products in int16 pairs (vpmaddubsw), so the
-    # export misses by ~20% of the largest logit; 7-bit weights (as onnxruntime's reduce_range) would be exact
+    # It fails under ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI host: PyTorch then sends torch._int_mm to oneDNN, capped
+    # to AVX2's vpmaddubsw, which saturates int16 pairs (~20% of the largest logit). On a real CPU without VNNI
+    # PyTorch does not use oneDNN for it but an exact int32 loop (DESIGN.md, measured on an AVX2-only AMD host)
     assert err < 1e-2 * scale, (err, scale)
     assert (real.argmax(-1) == fake.argmax(-1)).float().mean() >= 0.95
     assert serialized_bytes(int8) < serialized_bytes(make()) / 1.8
