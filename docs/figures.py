@@ -11,7 +11,6 @@ python docs/figures.py      (about a minute on one CPU thread; writes docs/image
 
 from __future__ import annotations
 
-import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -59,28 +58,21 @@ def accuracy_vs_sparsity(out: Path) -> list[tuple[float, float]]:
     return points
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def report_table(out: Path, workdir: Path) -> str:
-    capture = _Capture()
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addHandler(capture)
-    try:
-        import os
+    import json
+    import os
 
-        os.makedirs(workdir, exist_ok=True)
-        os.chdir(workdir)  # quickstart writes its ONNX file and JSON into the working folder
-        main()
-    finally:
-        logger.removeHandler(capture)
-    text = next(m for m in capture.messages if "compression report" in m).strip("\n")
+    from rich.console import Console
+
+    from lightning_slim.reporting.console import render
+
+    os.makedirs(workdir, exist_ok=True)
+    os.chdir(workdir)  # quickstart writes its ONNX file and JSON into the working folder
+    main()
+    path = workdir / "compression_report.json"
+    console = Console(record=True, width=110, file=open(os.devnull, "w"))
+    console.print(render(json.loads(path.read_text()), path))  # the table the run printed, from its JSON
+    text = console.export_text()
     # long lines wrapped as a 110-column terminal would show them
     lines = [part for line in text.splitlines() for part in textwrap.wrap(line, 110, subsequent_indent="  ") or [""]]
     text = "\n".join(lines)
