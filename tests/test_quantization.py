@@ -121,7 +121,7 @@ def test_torchao_pruned_zeros_stay_exactly_zero_through_fake_quant_and_export():
     F.prepare_qat(model, list(masks), TORCHAO)
     F.set_fake_quant(model, True)
     for name, m in F.fake_quantized_layers(model).items():
-        fq = m.weight_fake_quantizer(m.quant_weight() if hasattr(m, "quant_weight") else m.weight)
+        fq = m.weight_fake_quantizer(F.quantized_weight(m))
         assert not fq.reshape(m.weight.shape)[~masks[name]].any(), name
     int8 = convert_to_int8(copy.deepcopy(model))
     for name, mask in masks.items():

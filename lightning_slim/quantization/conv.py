@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_slim.quantization.fake_layer import FakeQuantizedLayer
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
 
@@ -85,7 +87,7 @@ def folded_weight_bias(conv: nn.Module, bn: nn.Module | None):
     return w * f.reshape(-1, *[1] * (w.dim() - 1)), (b - bn.running_mean) * f + shift
 
 
-class _FakeQuantizedConvMixin:
+class _FakeQuantizedConvMixin(FakeQuantizedLayer):
     """Conv forward as unfold + matmul with fake-quantized patches and weights."""
 
     def _setup_qat(self, activation_config, weight_config, bn: nn.Module | None) -> None:
@@ -126,7 +128,7 @@ class _FakeQuantizedConvMixin:
             y = y + self.bias
         return y.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
 
-    def to_conv(self) -> nn.Module:
+    def to_float(self) -> nn.Module:
         """The plain conv again, sharing this module's parameters."""
         base = nn.Conv1d if isinstance(self, nn.Conv1d) else nn.Conv2d
         return rebuild_conv(self, base)

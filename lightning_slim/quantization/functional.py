@@ -33,6 +33,7 @@ from torch import nn
 from lightning_slim.core import sharding
 from lightning_slim.quantization import conv
 from lightning_slim.quantization.config import QuantizationConfig
+from lightning_slim.quantization.fake_layer import FakeQuantizedLayer, torchao_layers
 from lightning_slim.quantization.layers import check_layers
 
 
@@ -69,7 +70,7 @@ def _next_batchnorm(model: nn.Module, name: str) -> tuple[str, nn.Module] | None
 
 
 def is_fake_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "weight_fake_quantizer")
+    return isinstance(module, (FakeQuantizedLayer, *torchao_layers()))
 
 
 def prepare_qat(model: nn.Module, names: list[str], config: QuantizationConfig) -> dict[str, str]:
@@ -101,13 +102,10 @@ def unprepare(model: nn.Module) -> None:
     """Put plain float layers back (same parameters): the model is the user's again."""
     for name, m in list(model.named_modules()):
         if is_fake_quantized(m):
-            plain = (
-                m.to_float()
-                if hasattr(m, "to_float")
-                else m.to_conv()
-                if hasattr(m, "to_conv")
-                else (m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding())
-            )
+            if isinstance(m, FakeQuantizedLayer):
+                plain = m.to_float()
+            else:  # torchao's own
+                plain = m.to_linear() if isinstance(m, nn.Linear) else m.to_embedding()
             plain._forward_hooks, plain._forward_pre_hooks = m._forward_hooks, m._forward_pre_hooks
             plain.train(m.training)
             set_module(model, name, plain)
@@ -147,8 +145,9 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 # --- ranges ------------------------------------------------------------------------------------
-def _quant_weight(m: nn.Module) -> torch.Tensor:
-    return m.quant_weight() if hasattr(m, "quant_weight") else m.weight
+def quantized_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a fake-quantized layer's weight quantizer sees."""
+    return m.quant_weight() if isinstance(m, FakeQuantizedLayer) else m.weight
 
 
 def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -163,7 +162,7 @@ def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             continue
         fq = m.weight_fake_quantizer
         if isinstance(fq, WeightQuantizer):  # static (onnxruntime): weight scale and input range
-            ranges[name] = {"scale": fq.compute_scale(_quant_weight(m)).clone()}
+            ranges[name] = {"scale": fq.compute_scale(quantized_weight(m)).clone()}
             if isinstance(m.activation_fake_quantizer, ActivationObserver):
                 m.activation_fake_quantizer.freeze()
             continue
@@ -172,7 +171,7 @@ def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             fq.config = copy.copy(fq.config)
             fq.config.is_dynamic = True
             enabled, fq.enabled = fq.enabled, True
-            fq(_quant_weight(m).detach())  # computes scale / zero point
+            fq(quantized_weight(m).detach())  # computes scale / zero point
             fq.enabled = enabled
         ranges[name] = {"scale": fq.scale.detach().clone(), "zero_point": fq.zero_point.detach().clone()}
     set_ranges(model, ranges)
@@ -200,7 +199,7 @@ def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
     """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer."""
     rows = []
     for name, m in fake_quantized_layers(model).items():
-        fq, whole = m.weight_fake_quantizer, _quant_weight(m)
+        fq, whole = m.weight_fake_quantizer, quantized_weight(m)
         w = sharding.local(whole.detach())  # FSDP2: this rank's output rows, each with its own scale
         enabled, fq.enabled = fq.enabled, True
         err = fq(w) - w

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_slim.quantization.conv import bn_factor, rebuild_conv
+from lightning_slim.quantization.fake_layer import FakeQuantizedLayer
 
 QMAX_U8 = 255
 
@@ -164,7 +165,7 @@ def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(b / scale)
 
 
-class _StaticMixin:
+class _StaticMixin(FakeQuantizedLayer):
     """Shared forward pieces: fake-quantized input, weight and bias; a BatchNorm right after a conv
     is folded the standard QAT way (weight scaled by gamma/sqrt(var+eps) before quantization, the
     output divided back, the user's BN then runs as usual).
@@ -260,8 +261,11 @@ class StaticConv2d(_StaticMixin, nn.Conv2d):
         return self._static_forward(x, lambda a, w: self._conv_forward(a, w, None))
 
 
-class StaticEmbedding(nn.Embedding):
+class StaticEmbedding(FakeQuantizedLayer, nn.Embedding):
     """Weight-only int8 embedding (one scale per row)."""
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(

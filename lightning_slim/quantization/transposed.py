@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_slim.quantization.fake_layer import FakeQuantizedLayer
 from lightning_slim.quantization.static import WeightQuantizer, _StaticMixin
 
 
-class _Transposed(nn.Module):
+class _Transposed(FakeQuantizedLayer, nn.Module):
     """The parameters and shape of a ``Conv1D``, and the way back to it."""
 
     def _take(self, conv1d: nn.Module) -> None:
