@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slim import (
+    CompressionReport,
     IterativeMagnitudePruning,
     KnowledgeDistillation,
     OnlineDataSelection,
@@ -165,6 +166,14 @@ SCENARIOS = {
             pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
         ],
     ),
+    # the report's numbers of the deployed model: built from the full state dict on rank 0
+    "llama_report": (
+        TinyLlama,
+        lambda: [
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.6, "at": 0, "unit": "step"}),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
+    ),
     "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
     # selection is per rank (each rank keeps the best of its own super-batch), as under DDP: compared with DDP
     "cnn_select": (TinyCNN, lambda: [OnlineDataSelection(keep=0.5, score="hard")]),
@@ -244,6 +253,9 @@ def run(name: str, out: Path, run_name: str) -> dict:
         module, callbacks = module_cls(), make_callbacks()
     tr = trainer(run_name, epochs)
     tr.callbacks.extend(callbacks)
+    report = next((c for c in callbacks if isinstance(c, CompressionReport)), None)
+    if report is not None:
+        report.output_path = str(out / f"{name}_{run_name}_report.json")
     data = module_cls.data()
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
@@ -273,6 +285,9 @@ def run(name: str, out: Path, run_name: str) -> dict:
         record.update(
             phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
         )
+    if report is not None:  # rank 0's; the other ranks' are empty
+        record["report_before"] = {k: report.before.get(k) for k in ("params", "size_bytes")}
+        record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()

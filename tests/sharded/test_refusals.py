@@ -11,6 +11,7 @@ from lightning_slim import (
     CompressionReport,
     IterativeMagnitudePruning,
     KnowledgeDistillation,
+    LowRankFactorization,
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
@@ -50,7 +51,7 @@ def test_supported_techniques_pass_under_model_parallel():
         (QuantizationAwareTraining(fold_bn=False, export_path="m.onnx"), "none of .*export_path"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
-        (CompressionReport(), "CompressionReport: it does not"),
+        (LowRankFactorization(), "LowRankFactorization: it does not"),
     ],
 )
 def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
@@ -58,6 +59,10 @@ def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
         check_sharded(MODEL_PARALLEL, [callback])
     assert "IterativeMagnitudePruning with unstructured or N:M magnitude pruning" in str(err.value)
     assert "docs/sharded.md" in str(err.value)
+
+
+def test_the_report_is_accepted_sharded():  # its numbers: test_report.py
+    check_sharded(MODEL_PARALLEL, [CompressionReport(), IterativeMagnitudePruning()])
 
 
 def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
