@@ -11,6 +11,7 @@ Run by the ``evidence`` fixture in a subprocess with the launcher's environment 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from lightning_slim import (
     QuantizationAwareTraining,
 )
 from lightning_slim.core import sharding
+from lightning_slim.quantization.export import int8_weights, load_int8
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
 STEPS = 6
@@ -195,11 +197,9 @@ SCENARIOS = {
             ),
         ],
     ),
-    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with DDP
-    "cnn_qat": (
-        TinyCNN,
-        lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False, log_error_table=False)],
-    ),
+    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
+    # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
+    "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
 RESUMED = ("llama_resume",)
@@ -234,6 +234,19 @@ def local_bytes(tensors) -> int:
     return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
 
 
+def export_evidence(module_cls, quantize: QuantizationAwareTraining, weights: dict, path: Path) -> None:
+    """The saved int8 file beside a one-process export of the same trained weights (the callback's
+    ``export`` of a fresh, unsharded module holding them), run on the same input."""
+    reference = module_cls()
+    reference.load_state_dict(weights)
+    single = quantize.export(reference)
+    shipped = load_int8(quantize.saved_path)
+    x = module_cls.data().tensors[0][:8]
+    with torch.no_grad():
+        outputs = {"shipped": shipped(x), "single": single(x)}
+    torch.save(outputs | {"shipped_int8": int8_weights(shipped), "single_int8": int8_weights(single)}, path)
+
+
 def run(name: str, out: Path, run_name: str) -> dict:
     """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"``, ``"resumed"`` (two processes each) or ``"single"``
     (rank 0 alone). A scenario in RESUMED trains two epochs; ``"resumed"`` fits the first, then the second
@@ -256,6 +269,9 @@ def run(name: str, out: Path, run_name: str) -> dict:
     report = next((c for c in callbacks if isinstance(c, CompressionReport)), None)
     if report is not None:
         report.output_path = str(out / f"{name}_{run_name}_report.json")
+    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
+    if quantize is not None:
+        quantize.config = dataclasses.replace(quantize.config, export_path=str(out / f"{name}_{run_name}.onnx"))
     data = module_cls.data()
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
@@ -280,7 +296,6 @@ def run(name: str, out: Path, run_name: str) -> dict:
         )
         if prune.snapshot is not None:  # rewind state: weights and optimizer state as they were
             record["snapshot_bytes"] = local_bytes(tensors_in(prune.snapshot))
-    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
     if quantize is not None:  # logged at the epoch's end, over every rank's rows (quantization_error)
         record.update(
             phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
@@ -295,6 +310,8 @@ def run(name: str, out: Path, run_name: str) -> dict:
     full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
     if tr.global_rank == 0:
         torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")
+    if quantize is not None and tr.global_rank == 0:
+        export_evidence(module_cls, quantize, full_weights, out / f"{name}_{run_name}_export.pt")
     return record
 
 
