@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 
+from lightning_slim.core import sharding
 from lightning_slim.core.contract import STEP_ORDER, Capability, Effect, ExportStage, Technique, export_chain
 from lightning_slim.core.lightning_glue import sharded_strategy
 
@@ -50,7 +51,8 @@ SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model
 SHARDED_SUPPORT = (
     "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
     "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
-    "QuantizationAwareTraining(fold_bn=False) on onnxruntime without export_path or frozen ranges work"
+    "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
+    "and CompressionReport work"
 )
 
 
@@ -66,6 +68,17 @@ def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: 
     for cb in export_chain(techniques(trainer), before):
         model = cb.export(model)
     return model
+
+
+def whole_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+    """The trained module, whole, to pass to :func:`deployable_copy`: itself when unsharded; under FSDP2 an
+    unsharded CPU copy on rank 0 from the full state dict (None on the other ranks), after every technique
+    gathered what its export reads. A collective when sharded: every rank calls it at the same point
+    (``on_fit_end``; not ``on_train_end`` or ``teardown``, see docs/sharded.md)."""
+    if sharding.any_sharded(pl_module.parameters()):
+        for cb in techniques(trainer):
+            cb.gather_for_export()
+    return sharding.unsharded_copy(pl_module)
 
 
 def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:

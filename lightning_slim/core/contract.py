@@ -217,6 +217,10 @@ class Technique:
         called once when the fit ends or raises, after ``restore_model``."""
 
     # --- export and report ------------------------------------------------------------------------
+    def gather_for_export(self) -> None:
+        """Under FSDP2, what ``export`` reads whole (e.g. masks held per shard), gathered: every rank calls
+        it at the same point (a collective) before ``export`` runs on rank 0 alone (default: nothing)."""
+
     def export(self, model: nn.Module) -> nn.Module:
         """The deployable form of a trained copy of the module (may modify ``model`` in place)."""
         return model

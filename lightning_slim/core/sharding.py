@@ -18,11 +18,13 @@ through every function unchanged, so callers need no branch of their own.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SUPPORTED = "ModelParallelStrategy (FSDP2: fully_shard over its data-parallel mesh, tensor_parallel_size=1)"
@@ -107,6 +109,77 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     if not any_sharded(module.parameters()):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_copy(module: nn.Module) -> nn.Module | None:
+    """The whole module on CPU, unsharded: ``module`` itself when no parameter is sharded; under FSDP2 a
+    copy built on rank 0 from the full state dict (None on the other ranks). A collective when sharded:
+    every rank calls it at the same point (not in ``teardown``, where Lightning may have torn down the group).
+
+    The copy is a plain module of the user's classes: FSDP2's class swap, hooks and state are removed,
+    its parameters are the gathered tensors (the sharded ones are never copied)."""
+    if not any_sharded(module.parameters()):
+        return module
+    whole = full_state_dict(module)  # on rank 0 only: cpu_offload keeps it there
+    if dist.get_rank() != 0:
+        return None
+    fsdp_state = object()  # stands in for FSDP2's per-module state in the copy, then is removed
+    memo: dict[int, object] = {}
+    for name, parameter in module.named_parameters():
+        if name not in whole:
+            raise KeyError(f"{name!r} is not in the full state dict; its keys: {sorted(whole)[:8]}...")
+        memo[id(parameter)] = nn.Parameter(whole[name], requires_grad=parameter.requires_grad)
+    for sub in module.modules():
+        for key, value in vars(sub).items():
+            if key.startswith(_FSDP_STATE_KEY):  # FSDP2's state (process groups, sharded params): not copied
+                memo[id(value)] = {}
+                memo.update({id(state): fsdp_state for state in value.values()})
+        mesh = vars(sub).get("_device_mesh")  # a LightningModule's mesh under ModelParallelStrategy
+        if mesh is not None:
+            memo[id(mesh)] = None
+    # FSDP2's classes refuse deepcopy: each becomes an empty module of the user's class first (any
+    # reference to it, from anywhere in the copy, finds that one), then gets a copy of its attributes
+    fsdp_modules = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
+    for sub in fsdp_modules:
+        memo[id(sub)] = object.__new__(next(c for c in type(sub).__mro__[1:] if not issubclass(c, FSDPModule)))
+    for sub in fsdp_modules:
+        vars(memo[id(sub)]).update(copy.deepcopy(vars(sub), memo))
+    copied = copy.deepcopy(module, memo)
+    for sub in copied.modules():
+        _strip_fsdp(sub)
+    return copied
+
+
+_FSDP_STATE_KEY = "__composable_api_state_key"
+_FSDP_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _strip_fsdp(sub: nn.Module) -> None:
+    """Undo what ``fully_shard`` did to one module of a copy (its class is already the user's): state, hooks."""
+    for key in [k for k in vars(sub) if k.startswith(_FSDP_STATE_KEY) or k.startswith("_fsdp_")]:
+        delattr(sub, key)
+    vars(sub).pop("_is_fsdp_managed_module", None)
+    for hooks_name in _FSDP_HOOKS:
+        hooks = getattr(sub, hooks_name)
+        for handle in [h for h, fn in hooks.items() if _from_fsdp(fn)]:
+            del hooks[handle]
+            sub._forward_pre_hooks_with_kwargs.pop(handle, None)
+            sub._forward_hooks_with_kwargs.pop(handle, None)
+            sub._forward_hooks_always_called.pop(handle, None)
+
+
+def _from_fsdp(hook: object) -> bool:
+    function = getattr(hook, "__func__", hook)
+    return getattr(function, "__module__", "").startswith("torch.distributed.fsdp")
 
 
 def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:

@@ -139,9 +139,9 @@ class IterativeMagnitudePruning(SlimCallback):
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._sparsity: dict[str, float] = {}
         self._hooks: list = []
+        self._whole_masks: dict[str, torch.Tensor] = {}  # FSDP2: the masks every rank gathered for export
         self._fallback: set[str] = set()  # Wanda targets scored by magnitude (their module saw no input)
-        self._fired = False
-        self._training = False  # between on_train_start and release: the events' time
+        self._fired, self._training = False, False  # _training: between on_train_start and release
 
     @property
     def structured(self) -> bool:
@@ -255,8 +255,7 @@ class IterativeMagnitudePruning(SlimCallback):
     def release(self, pl_module) -> None:  # Wanda's calibration hooks
         for h in self._hooks:
             h.remove()
-        self._hooks = []
-        self._training = False
+        self._hooks, self._training, self._whole_masks = [], False, {}
 
     # --- pruning events ---------------------------------------------------------------------------
     @property
@@ -346,12 +345,16 @@ class IterativeMagnitudePruning(SlimCallback):
     @torch.no_grad()
     @override
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
-        for name, mask in self.masks.items():  # plain tensors: zeros where pruned, nothing attached
+        for name, mask in (self._whole_masks or self.masks).items():  # zeros where pruned, nothing attached
             tensor = tensor_of(model, self._targets[name])
             tensor.mul_(mask.to(tensor.device, tensor.dtype))
         if self.pattern.kind == "N:M":  # on a CUDA fp16/bf16 model only (untested here: no GPU)
             to_semi_structured(model, [t.module for t in self._targets.values()], self.pattern)
         return model
+
+    @override
+    def gather_for_export(self) -> None:  # FSDP2: each rank holds one block of every mask; export reads them whole
+        self._whole_masks = {k: sharding.full(v).cpu() for k, v in self.masks.items()}
 
     @override
     def report_rows(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from lightning_slim.core import log
 from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.clock import Moment
-from lightning_slim.core.compose import deployable_copy
+from lightning_slim.core.compose import deployable_copy, whole_module
 from lightning_slim.core.contract import Effect, ExportRefused, ExportStage
 from lightning_slim.core.interception import InTrainingStep
 from lightning_slim.quantization import functional, preflight
@@ -136,7 +136,6 @@ class QuantizationAwareTraining(SlimCallback):
         config = self.config
         untested = {
             "runtime='torchao'": config.runtime == "torchao",
-            "export_path": config.export_path is not None,  # the int8 export needs the whole model on one rank
             "freeze_ranges_after": config.freeze_ranges_after is not None,  # frozen scales would be per shard
             "fold_bn=True (pass fold_bn=False)": config.fold_bn,
             "freeze_bn_after": config.freeze_bn_after is not None,
@@ -254,8 +253,10 @@ class QuantizationAwareTraining(SlimCallback):
     # --- after training ---------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
+        # FSDP2: both are collectives (error sums over the shards, the full state dict): every rank calls them
+        rows = functional.quantization_error(pl_module) if self.config.log_error_table else []
+        whole = whole_module(trainer, pl_module) if self.config.export_path else None
         if self.config.log_error_table and trainer.is_global_zero:  # once per run: W&B versions every table logged
-            rows = functional.quantization_error(pl_module)
             cols = ["layer", "type", "weight_bits", "activation_bits", "relative_error", "sqnr_db", "ranges_frozen"]
             log.log_table(
                 trainer,
@@ -272,7 +273,7 @@ class QuantizationAwareTraining(SlimCallback):
                     f"QuantizationAwareTraining: the int8 model was not saved: {self._call_error or 'no batch seen'}"
                 )
                 return
-            model = deployable_copy(trainer, pl_module)  # every callback's export in order, this one last
+            model = deployable_copy(trainer, whole)  # every callback's export in order, this one last
             self.saved_path = str(self.backend.save(model, self._call, self.config.export_path))
             log.log_artifact(trainer, self.saved_path, name="int8-model", metadata=self.report_rows())
 

@@ -33,7 +33,7 @@ from lightning_slim.batches import BatchFormatError, batch_inputs, example_count
 from lightning_slim.core import log
 from lightning_slim.core.arguments import check_choice, check_int
 from lightning_slim.core.callback import SlimCallback
-from lightning_slim.core.compose import capability, deployable_copy, techniques
+from lightning_slim.core.compose import capability, deployable_copy, techniques, whole_module
 from lightning_slim.core.contract import Capability, Effect, ExportRefused, ExportStage
 from lightning_slim.modules import output_tensor
 from lightning_slim.reporting import console, summary
@@ -141,6 +141,10 @@ class CompressionReport(SlimCallback):
         self._throughput: list[tuple[float, int]] = []  # (seconds, tokens or examples) per training step
 
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        return None  # the baseline is copied before configure_model shards; the end from the full state dict
+
+    @override
     def take_baseline(self, pl_module) -> None:
         """Copy the model as the user built it (every technique's ``setup`` asks, before changing it:
         the first call of a fit counts). A resumed fit then loads the first fit's numbers
@@ -230,14 +234,15 @@ class CompressionReport(SlimCallback):
 
     @override
     def on_fit_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
+        whole = whole_module(trainer, pl_module)  # FSDP2: a collective, every rank; the whole model on rank 0
+        if whole is None or not trainer.is_global_zero:
             self._baseline = None
             return
         self.techniques = {
             cb.technique: rows for cb in techniques(trainer) if cb is not self for rows in [cb.report_rows()] if rows
         }
         try:
-            self.exported_model = deployable_copy(trainer, pl_module)
+            self.exported_model = deployable_copy(trainer, whole)
         except ExportRefused as err:  # nothing deployable to measure: say why, keep the rest of the report
             rank_zero_warn(f"CompressionReport: no deployable model: {err}")
             self.after = {"export_refused": str(err)}
@@ -254,7 +259,7 @@ class CompressionReport(SlimCallback):
                 quality["export_loss"] = quality.pop("loss")
             self.after |= quality
         self._train_throughput()
-        floats = self._float_forms(trainer, pl_module)
+        floats = self._float_forms(trainer, whole)
         if isinstance(self.exported_model, Artifact) and "fp32_eager" in floats:
             # a file has no parameters to count: its weights are the trained float ones, converted
             counted = measure(floats["fp32_eager"], self._example_or_none(), latency=False)

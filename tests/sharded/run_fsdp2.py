@@ -11,6 +11,7 @@ Run by the ``evidence`` fixture in a subprocess with the launcher's environment 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,12 +27,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slim import (
+    CompressionReport,
     IterativeMagnitudePruning,
     KnowledgeDistillation,
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
 from lightning_slim.core import sharding
+from lightning_slim.quantization.export import int8_weights, load_int8
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
 STEPS = 6
@@ -165,6 +168,14 @@ SCENARIOS = {
             pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
         ],
     ),
+    # the report's numbers of the deployed model: built from the full state dict on rank 0
+    "llama_report": (
+        TinyLlama,
+        lambda: [
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.6, "at": 0, "unit": "step"}),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
+    ),
     "cnn_global": (TinyCNN, lambda: [pruning(schedule={"kind": "one_shot", "sparsity": 0.7, "at": 0, "unit": "step"})]),
     # selection is per rank (each rank keeps the best of its own super-batch), as under DDP: compared with DDP
     "cnn_select": (TinyCNN, lambda: [OnlineDataSelection(keep=0.5, score="hard")]),
@@ -186,11 +197,9 @@ SCENARIOS = {
             ),
         ],
     ),
-    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with DDP
-    "cnn_qat": (
-        TinyCNN,
-        lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False, log_error_table=False)],
-    ),
+    # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
+    # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
+    "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
 RESUMED = ("llama_resume",)
@@ -225,6 +234,19 @@ def local_bytes(tensors) -> int:
     return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
 
 
+def export_evidence(module_cls, quantize: QuantizationAwareTraining, weights: dict, path: Path) -> None:
+    """The saved int8 file beside a one-process export of the same trained weights (the callback's
+    ``export`` of a fresh, unsharded module holding them), run on the same input."""
+    reference = module_cls()
+    reference.load_state_dict(weights)
+    single = quantize.export(reference)
+    shipped = load_int8(quantize.saved_path)
+    x = module_cls.data().tensors[0][:8]
+    with torch.no_grad():
+        outputs = {"shipped": shipped(x), "single": single(x)}
+    torch.save(outputs | {"shipped_int8": int8_weights(shipped), "single_int8": int8_weights(single)}, path)
+
+
 def run(name: str, out: Path, run_name: str) -> dict:
     """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"``, ``"resumed"`` (two processes each) or ``"single"``
     (rank 0 alone). A scenario in RESUMED trains two epochs; ``"resumed"`` fits the first, then the second
@@ -244,6 +266,12 @@ def run(name: str, out: Path, run_name: str) -> dict:
         module, callbacks = module_cls(), make_callbacks()
     tr = trainer(run_name, epochs)
     tr.callbacks.extend(callbacks)
+    report = next((c for c in callbacks if isinstance(c, CompressionReport)), None)
+    if report is not None:
+        report.output_path = str(out / f"{name}_{run_name}_report.json")
+    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
+    if quantize is not None and run_name == "fsdp":  # the sharded export only: the suite's time is short
+        quantize.config = dataclasses.replace(quantize.config, export_path=str(out / f"{name}_{run_name}.onnx"))
     data = module_cls.data()
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
@@ -268,11 +296,13 @@ def run(name: str, out: Path, run_name: str) -> dict:
         )
         if prune.snapshot is not None:  # rewind state: weights and optimizer state as they were
             record["snapshot_bytes"] = local_bytes(tensors_in(prune.snapshot))
-    quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
     if quantize is not None:  # logged at the epoch's end, over every rank's rows (quantization_error)
         record.update(
             phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
         )
+    if report is not None:  # rank 0's; the other ranks' are empty
+        record["report_before"] = {k: report.before.get(k) for k in ("params", "size_bytes")}
+        record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()
@@ -280,6 +310,8 @@ def run(name: str, out: Path, run_name: str) -> dict:
     full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
     if tr.global_rank == 0:
         torch.save({"weights": full_weights, "masks": full_masks}, out / f"{name}_{run_name}.pt")
+    if quantize is not None and quantize.config.export_path and tr.global_rank == 0:
+        export_evidence(module_cls, quantize, full_weights, out / f"{name}_{run_name}_export.pt")
     return record
 
 

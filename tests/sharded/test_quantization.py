@@ -28,3 +28,17 @@ def test_fake_quantization_ran_and_its_error_is_the_whole_models(evidence):
 def test_fake_quantization_changes_what_is_trained(evidence):
     qat, plain = evidence.tensors("cnn_qat", "fsdp")["weights"], evidence.tensors("cnn_global", "single")["weights"]
     assert max(float((qat[k] - plain[k]).abs().max()) for k in qat if "bias" in k) > 100 * WEIGHT_TOLERANCE
+
+
+def test_int8_export_equals_a_one_process_export_of_the_same_weights(evidence):
+    # export_path under FSDP2: built on rank 0 from the full state dict; beside it, the callback's export of
+    # a fresh unsharded module holding the same gathered weights (run_fsdp2.export_evidence)
+    export = torch.load(evidence.folder / "cnn_qat_fsdp_export.pt", weights_only=True)
+    assert set(export["shipped_int8"]) == {"net.0", "net.3", "net.7"}  # every conv and linear ships int8
+    for name, weight in export["shipped_int8"].items():
+        assert weight.dtype == torch.int8 and int(weight.abs().max()) > 0, name
+        assert torch.equal(weight, export["single_int8"][name]), name
+    # exact: the same weights, ranges and converter in one process on one CPU make the same graph, which
+    # ONNX Runtime runs deterministically; a gathered weight off by one bit could flip an int8 rounding
+    assert torch.equal(export["shipped"], export["single"])
+    assert export["shipped"].abs().max() > 0

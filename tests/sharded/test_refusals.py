@@ -11,6 +11,7 @@ from lightning_slim import (
     CompressionReport,
     IterativeMagnitudePruning,
     KnowledgeDistillation,
+    LowRankFactorization,
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
@@ -47,10 +48,10 @@ def test_supported_techniques_pass_under_model_parallel():
         (IterativeMagnitudePruning(importance="wanda"), "input norms"),
         (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
         (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
-        (QuantizationAwareTraining(fold_bn=False, export_path="m.onnx"), "none of .*export_path"),
+        (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
-        (CompressionReport(), "CompressionReport: it does not"),
+        (LowRankFactorization(), "LowRankFactorization: it does not"),
     ],
 )
 def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
@@ -58,6 +59,11 @@ def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
         check_sharded(MODEL_PARALLEL, [callback])
     assert "IterativeMagnitudePruning with unstructured or N:M magnitude pruning" in str(err.value)
     assert "docs/sharded.md" in str(err.value)
+
+
+def test_the_report_and_the_int8_export_are_accepted_sharded():  # test_report.py, test_quantization.py
+    check_sharded(MODEL_PARALLEL, [CompressionReport(), IterativeMagnitudePruning()])
+    check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False, export_path="m.onnx")])
 
 
 def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
