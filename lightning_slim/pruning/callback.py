@@ -361,12 +361,9 @@ class IterativeMagnitudePruning(SlimCallback):
         rows: dict[str, Any] = {
             "mode": "structured" if self.structured else "unstructured",
             "pattern": str(self.pattern),
-            "importance": self.config.importance,
-            "rounds": self.round,
-            "scope": self.scope,
-            "rewind": self.config.rewind,
-            "sparsity_over": f"{len(self._counted)} target tensors",
         }
+        rows |= {"importance": self.config.importance, "rounds": self.round, "scope": self.scope}
+        rows |= {"rewind": self.config.rewind, "sparsity_over": f"{len(self._counted)} target tensors"}
         if not self.structured:
             rows.update(untouched=dict(self._untouched), tied=dict(self._tied))
             if self._fallback:

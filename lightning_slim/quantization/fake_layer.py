@@ -5,23 +5,24 @@ quantizer sees and the way back to the user's plain layer. torchao's own ``FakeQ
 
 from __future__ import annotations
 
-import abc
 import sys
 
 import torch
 from torch import nn
 
 
-class FakeQuantizedLayer(abc.ABC):
-    """A fake-quantized layer of this package, holding the user's Parameter objects."""
+class FakeQuantizedLayer:
+    """A fake-quantized layer of this package, holding the user's Parameter objects. A plain base class,
+    not an ``abc.ABC``: FSDP2's ``fully_shard`` swaps a module's ``__class__`` for a subclass, which
+    ``ABCMeta``'s layout refuses."""
 
-    @abc.abstractmethod
     def quant_weight(self) -> torch.Tensor:
         """The weight the weight quantizer sees (a BatchNorm folded in, ``Conv1D`` transposed, convs as rows)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def to_float(self) -> nn.Module:
         """The user's plain layer again, sharing this module's parameters."""
+        raise NotImplementedError
 
 
 def torchao_layers() -> tuple[type, ...]:
