@@ -52,13 +52,15 @@ SWEEP_KD = (dict(alpha=0.5), dict(temperature=2.0))
 
 
 class AfterPruning(pl.Callback):
-    """Evaluates the student the moment the pruning event has run (it comes after the pruning
-    callback in the list, so it sees the same hook after it): the pruned model before any recovery."""
+    """Evaluates the student in the step of the pruning event, before its optimizer step: the pruned
+    model before any recovery. (Pruning's event runs at the batch's start, after every callback's
+    batch-start hook, so this looks later in the same step: just before backward.)"""
 
     def __init__(self, pruning: IterativeMagnitudePruning, ids: torch.Tensor):
         self.pruning, self.ids, self.loss = pruning, ids, None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    @torch.no_grad()
+    def on_before_backward(self, trainer, pl_module, loss):
         if self.pruning.round == 1 and self.loss is None:
             self.loss = lm_loss(pl_module.model, self.ids)
 
