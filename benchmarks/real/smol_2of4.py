@@ -41,8 +41,8 @@ SETTINGS = dict(
     batch=4,
     steps=32,
     calibration_steps=2,  # dense steps whose inputs Wanda scores by; the cut comes at the start of step 2
-    lr={"dense_ft": 1e-4, "plain": 3e-4, "kd": 3e-4},
-    alpha=0.9,
+    lr={"dense_ft": 3e-4, "plain": 3e-4, "kd": 3e-4},
+    alpha=0.5,
     temperature=1.0,
     top_k=64,
 )
