@@ -129,3 +129,26 @@ def test_a_config_mapping_in_yaml_builds_the_callback(tmp_path, monkeypatch):
     built = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
     assert built["IterativeMagnitudePruning"].config == PruningConfig(**pruning)
     assert built["OnlineDataSelection"].config == SelectionConfig(**selection)
+
+
+@pytest.mark.parametrize(
+    ("callback", "config"),
+    [
+        ("IterativeMagnitudePruning", "lightning_slim.pruning.PruningConfig"),
+        ("OnlineDataSelection", "lightning_slim.selection.SelectionConfig"),
+        ("QuantizationAwareTraining", "lightning_slim.QuantizationConfig"),
+        ("KnowledgeDistillation", "lightning_slim.distillation.DistillationConfig"),
+        ("LowRankFactorization", "lightning_slim.factorization.FactorizationConfig"),
+    ],
+)
+def test_every_keyword_shortcut_is_a_config_field(callback, config):
+    """config_from reads the constructor's locals() by the config's field names: a keyword argument that
+    is no field would be dropped without a word."""
+    import dataclasses
+    import inspect
+
+    from lightning_slim.core.loading import import_object
+
+    params = set(inspect.signature(import_object(f"lightning_slim.{callback}")).parameters) - {"config", "structured"}
+    fields = {f.name for f in dataclasses.fields(import_object(config)) if f.init}
+    assert params <= fields, params - fields

@@ -94,7 +94,8 @@ def as_config(cls: type, value: Any, name: str) -> Any:
 def config_from(cls: type, config: Any, options: Mapping[str, Any], name: str = "config") -> Any:
     """A callback's whole config (torchao style): ``config`` (an instance of ``cls`` or a dict of its
     fields) or, without it, ``cls(**options)`` from the callback's keyword shortcuts; options that differ
-    from their defaults beside a ``config`` are an error (one of them would be ignored).
+    from their defaults beside a ``config`` are an error (one of them would be ignored). ``options`` may
+    be the constructor's ``locals()``: only ``cls``'s fields are read from it.
 
     >>> from dataclasses import dataclass
     >>> @dataclass
@@ -109,6 +110,8 @@ def config_from(cls: type, config: Any, options: Mapping[str, Any], name: str = 
     """
     import dataclasses
 
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    options = {k: v for k, v in options.items() if k in fields}
     if config is None:
         return cls(**options)
     defaults = {

@@ -97,23 +97,7 @@ class KnowledgeDistillation(SlimCallback):
         seed: int = 0,
         config: DistillationConfig | dict | None = None,
     ):
-        options = dict(
-            teacher=teacher,
-            teacher_checkpoint=teacher_checkpoint,
-            teacher_class=teacher_class,
-            teacher_init_args=teacher_init_args,
-            alpha=alpha,
-            temperature=temperature,
-            convention=convention,
-            schedule=schedule,
-            features=features,
-            logits=logits,
-            tokens=tokens,
-            input_fn=input_fn,
-            cache_teacher=cache_teacher,
-            seed=seed,
-        )
-        self.config: DistillationConfig = config_from(DistillationConfig, config, options)
+        self.config: DistillationConfig = config_from(DistillationConfig, config, locals())
         config = self.config
         self.teacher = resolve_teacher(config)
         # the callables a config may name by dotted path, resolved once

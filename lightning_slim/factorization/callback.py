@@ -79,8 +79,7 @@ class LowRankFactorization(SlimCallback):
         unit: str = "epoch",
         config: FactorizationConfig | dict | None = None,
     ):
-        given = dict(rank=rank, energy=energy, targets=targets, exclude=exclude, min_size=min_size, at=at, unit=unit)
-        self.config: FactorizationConfig = config_from(FactorizationConfig, config, given)
+        self.config: FactorizationConfig = config_from(FactorizationConfig, config, locals())
         # state saved in checkpoints
         self.ranks: dict[str, int] = {}  # factorized layers: path -> rank
         self.layers: dict[str, dict[str, Any]] = {}  # per factorized layer: shapes, params, energy kept

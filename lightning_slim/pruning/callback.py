@@ -101,23 +101,8 @@ class IterativeMagnitudePruning(SlimCallback):
                 stacklevel=2,
             )
             pattern = "channels"
-        options = dict(
-            schedule=schedule,
-            targets=targets,
-            exclude=exclude,
-            exclude_classifier=exclude_classifier,
-            classifier=classifier,
-            scope=scope,
-            rewind=rewind,
-            rewind_step=rewind_step,
-            accuracy_metric=accuracy_metric,
-            example_input_shape=example_input_shape,
-            pattern=pattern or "unstructured",
-            importance=importance,
-            heads=heads,
-            example_input_dtype=example_input_dtype,
-        )
-        self.config: PruningConfig = config_from(PruningConfig, config, options)
+        pattern = pattern or "unstructured"
+        self.config: PruningConfig = config_from(PruningConfig, config, locals())
         self.schedule, self.events, self.pattern = self.config.schedule, self.config.events, self.config.parsed_pattern
         # None: resolved per model (structural transformers rank per layer)
         self.scope = self.config.scope or ("row" if self.config.importance == "wanda" else "global")

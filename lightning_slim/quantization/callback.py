@@ -112,8 +112,7 @@ class QuantizationAwareTraining(SlimCallback):
         activation_mode: str | None = None,
         config: QuantizationConfig | dict | None = None,
     ):
-        given = {k: v for k, v in locals().items() if k not in ("self", "config", "__class__")}
-        self.config: QuantizationConfig = config_from(QuantizationConfig, config, given)
+        self.config: QuantizationConfig = config_from(QuantizationConfig, config, locals())
         self.backend: Backend = self.config.backend
         self.guard = DivergenceGuard()
         self._peak_lr, self._lowest_lr = 0.0, float("inf")

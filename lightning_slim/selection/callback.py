@@ -76,24 +76,7 @@ class OnlineDataSelection(SlimCallback):
         seed: int = 0,
         config: SelectionConfig | dict | None = None,
     ):
-        options = dict(
-            keep=keep,
-            batch_size=batch_size,
-            score=score,
-            selection=selection,
-            temperature=temperature,
-            reference=reference,
-            reference_losses=reference_losses,
-            cache_reference=cache_reference,
-            reference_train_examples=reference_train_examples,
-            loss_fn=loss_fn,
-            joint=joint,
-            window=window,
-            selector=selector,
-            histogram_every_n_steps=histogram_every_n_steps,
-            seed=seed,
-        )
-        self.config: SelectionConfig = config_from(SelectionConfig, config, options)
+        self.config: SelectionConfig = config_from(SelectionConfig, config, locals())
         config = self.config
         self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)
         self.scorer: Scorer | None = None
