@@ -133,8 +133,8 @@ class QuantizationAwareTraining(SlimCallback):
 
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        # every rank quantizes alike: whole frozen scales, activation ranges and folded BatchNorm statistics
-        # averaged across ranks as under DDP (tests/sharded/test_quantization.py, test_resume_quantization.py)
+        # every rank quantizes alike (whole frozen scales; activation ranges and folded BatchNorm statistics
+        # averaged across ranks, as under DDP), so rank 0's saved state is every rank's: tests/sharded
         return None
 
     @override
