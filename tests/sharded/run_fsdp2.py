@@ -147,12 +147,12 @@ class TinyCNNBN(TinyCNN):
             nn.Conv2d(1, 8, 3, padding=1),
             nn.BatchNorm2d(8),
             nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Conv2d(8, 12, 3, padding=1),
-            nn.BatchNorm2d(12),
+            nn.Conv2d(8, 11, 3, padding=1),  # 11 channels: uneven blocks of rows (6 and 5), of conv and BatchNorm
+            nn.BatchNorm2d(11),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(48, 10),
+            nn.Linear(44, 10),
         )
 
 
