@@ -51,7 +51,7 @@ SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model
 SHARDED_SUPPORT = (
     "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
     "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
-    "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
+    "QuantizationAwareTraining (either runtime, BatchNorms folded, frozen ranges, export_path), "
     "and CompressionReport work"
 )
 

@@ -35,6 +35,8 @@ from lightning_slim import (
 )
 from lightning_slim.core import sharding
 from lightning_slim.quantization.export import int8_weights, load_int8
+from lightning_slim.quantization.export_call import GraphCall, find_export_call
+from lightning_slim.quantization.serving import OrtModel
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
 STEPS = 6
@@ -133,6 +135,49 @@ def pruning(**kwargs) -> IterativeMagnitudePruning:
     return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
 
 
+# --- fsdpqat helpers ---
+class TinyCNNBN(TinyCNN):
+    """TinyCNN with a BatchNorm after each conv (QAT folds it in), laid out so that TinyCNN's configure_model
+    shards the convs (0 and 3) on their own and the BatchNorms with the root: the conv's forward reads their
+    gathered parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Conv2d(8, 11, 3, padding=1),  # 11 channels: uneven blocks of rows (6 and 5), of conv and BatchNorm
+            nn.BatchNorm2d(11),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(44, 10),
+        )
+
+
+def qat_with_bn(runtime: str) -> QuantizationAwareTraining:
+    """Fake quantization from step 2, weight scales and activation ranges frozen at step 4 (before a resumed
+    run's stop after epoch 1, step 6), the folded BatchNorms' statistics frozen at step 8 (after it)."""
+    return QuantizationAwareTraining(
+        start_after=2, freeze_ranges_after=4, freeze_bn_after=8, unit="step", fold_bn=True, runtime=runtime
+    )
+
+
+def qat_state(quantize: QuantizationAwareTraining, module: pl.LightningModule) -> dict:
+    """What a rank holds that decides how it quantizes: activation ranges, frozen weight scales (the callback's)
+    and the folded BatchNorms' running statistics (the model's buffers, per rank under FSDP2)."""
+    state = quantize.state_dict()
+    bns = {n: m for n, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    return {
+        "phase": state["phase"],
+        "activation_ranges": {n: [float(r["min"]), float(r["max"])] for n, r in state["activation_ranges"].items()},
+        "frozen_scales": {n: r["scale"].flatten().tolist() for n, r in state["ranges"].items()},
+        "bn_statistics": {n: torch.cat([m.running_mean, m.running_var]).tolist() for n, m in bns.items()},
+        "bn_training": {n: m.training for n, m in bns.items()},
+    }
+
+
 # name: (module class, callbacks factory)
 SCENARIOS = {
     # one-shot at step 0: masks from the same initial weights, so equal to the one-process masks bit for bit
@@ -200,9 +245,14 @@ SCENARIOS = {
     # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
     # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
     "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
+    # BatchNorms folded, weight scales / ranges and BatchNorm statistics frozen, two epochs: compared with DDP
+    # (ranges and BatchNorm statistics averaged across ranks in both) and resumed after the first; int8 export
+    "cnn_bn_qat": (TinyCNNBN, lambda: [qat_with_bn("onnxruntime")]),
+    "cnn_bn_qat_torchao": (TinyCNNBN, lambda: [qat_with_bn("torchao")]),
+    # --- fsdpqat ---
 }
-COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
-RESUMED = ("llama_resume",)
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_bn_qat", "cnn_bn_qat_torchao")
+RESUMED = ("llama_resume", "cnn_bn_qat", "cnn_bn_qat_torchao")  # two epochs; also in COMPARED_WITH_DDP: DDP's too
 
 
 def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:
@@ -239,9 +289,13 @@ def export_evidence(module_cls, quantize: QuantizationAwareTraining, weights: di
     ``export`` of a fresh, unsharded module holding them), run on the same input."""
     reference = module_cls()
     reference.load_state_dict(weights)
+    data = module_cls.data()
+    call = find_export_call(reference, data[:8], quantize.config.export_module, quantize.config.export_inputs)
     single = quantize.export(reference)
     shipped = load_int8(quantize.saved_path)
-    x = module_cls.data().tensors[0][:8]
+    x = data.tensors[0][:8]
+    if not isinstance(single, OrtModel):  # torchao: the converted module itself; the saved program takes x
+        single = GraphCall(single, call)
     with torch.no_grad():
         outputs = {"shipped": shipped(x), "single": single(x)}
     torch.save(outputs | {"shipped_int8": int8_weights(shipped), "single_int8": int8_weights(single)}, path)
@@ -255,13 +309,16 @@ def run(name: str, out: Path, run_name: str) -> dict:
     pl.seed_everything(0)
     module, callbacks = module_cls(), make_callbacks()
     epochs = 2 if name in RESUMED else None
-    ckpt_path = None
+    ckpt_path, at_stop = None, {}
     if run_name == "resumed":
         first = trainer(run_name, 1, out / f"{name}_checkpoints")
         first.callbacks.extend(callbacks)
         first.fit(module, DataLoader(module_cls.data(), batch_size=LOCAL_BATCH))
         ckpt_path = str(out / f"{name}_checkpoints" / "last.ckpt")
-        stopped_at = first.global_step
+        at_stop["stopped_at"] = first.global_step
+        quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
+        if quantize is not None:  # each rank's state when Lightning saved rank 0's
+            at_stop["qat_at_stop"] = qat_state(quantize, module)
         pl.seed_everything(0)
         module, callbacks = module_cls(), make_callbacks()
     tr = trainer(run_name, epochs)
@@ -271,7 +328,8 @@ def run(name: str, out: Path, run_name: str) -> dict:
         report.output_path = str(out / f"{name}_{run_name}_report.json")
     quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
     if quantize is not None and run_name == "fsdp":  # the sharded export only: the suite's time is short
-        quantize.config = dataclasses.replace(quantize.config, export_path=str(out / f"{name}_{run_name}.onnx"))
+        suffix = ".pt2" if quantize.config.runtime == "torchao" else ".onnx"
+        quantize.config = dataclasses.replace(quantize.config, export_path=str(out / f"{name}_{run_name}{suffix}"))
     data = module_cls.data()
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
@@ -283,7 +341,7 @@ def run(name: str, out: Path, run_name: str) -> dict:
     seconds = time.perf_counter() - start
     record = {"seconds": seconds, "param_bytes": local_bytes(module.parameters()), "steps": tr.global_step}
     if ckpt_path is not None:
-        record.update(stopped_at=stopped_at, checkpoint_files=sorted(p.name for p in Path(ckpt_path).iterdir()))
+        record.update(at_stop, checkpoint_files=sorted(p.name for p in Path(ckpt_path).iterdir()))
     prune = next((c for c in callbacks if isinstance(c, IterativeMagnitudePruning)), None)
     masks = prune.masks if prune is not None else {}
     if prune is not None:
@@ -300,6 +358,7 @@ def run(name: str, out: Path, run_name: str) -> dict:
         record.update(
             phase=quantize.phase, weight_error_mean=float(tr.callback_metrics["slim/quantization/weight_error_mean"])
         )
+        record["qat"] = qat_state(quantize, module)
     if report is not None:  # rank 0's; the other ranks' are empty
         record["report_before"] = {k: report.before.get(k) for k in ("params", "size_bytes")}
         record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}

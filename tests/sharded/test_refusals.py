@@ -35,6 +35,9 @@ def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
+    for runtime in ("onnxruntime", "torchao"):  # test_quantization.py: cnn_bn_qat, cnn_bn_qat_torchao (resumed too)
+        qat = QuantizationAwareTraining(runtime=runtime, freeze_ranges_after=4, freeze_bn_after=8, unit="step")
+        check_sharded(MODEL_PARALLEL, [qat], "last.ckpt")
     check_sharded(
         MODEL_PARALLEL,
         [IterativeMagnitudePruning(), IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5}, pattern="2:4")],
@@ -46,9 +49,6 @@ def test_supported_techniques_pass_under_model_parallel():
     [
         (IterativeMagnitudePruning(pattern="channels"), "changes parameter shapes"),
         (IterativeMagnitudePruning(importance="wanda"), "input norms"),
-        (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
-        (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
-        (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
         (LowRankFactorization(), "LowRankFactorization: it does not"),
