@@ -49,8 +49,9 @@ class UnsupportedStrategyError(ValueError):
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model, tensor_parallel_size=1)"
 SHARDED_SUPPORT = (
-    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
-    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
+    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind; Wanda importance too) and "
+    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection (also with a reference "
+    "nn.Module, reference_losses or joint=True), "
     "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
     "and CompressionReport work"
 )

@@ -39,7 +39,7 @@ from lightning_slim.pruning.options import (
     sharded_refusal,
     tied_heads_line,
 )
-from lightning_slim.pruning.rewind import restore, take_snapshot
+from lightning_slim.pruning.rewind import gathered, placed, restore, take_snapshot
 from lightning_slim.pruning.schedules import as_dict, timing
 from lightning_slim.pruning.structured import restructure, structure_of
 from lightning_slim.pruning.tensors import Target, select_tensors, tensor_of
@@ -140,7 +140,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        return sharded_refusal(self.pattern, self.config.importance, self.config.rewind if resuming else "none")
+        return sharded_refusal(self.pattern, self.config.importance, resuming)
 
     @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
@@ -204,6 +204,8 @@ class IterativeMagnitudePruning(SlimCallback):
     def on_train_start(self, trainer, pl_module):
         self._training = True
         self._refresh_masks(pl_module)  # here: ModelParallelStrategy restores callback state after on_fit_start
+        if self.snapshot is not None:  # resumed under FSDP2: each rank keeps its block of the rewind state
+            self.snapshot = placed(self.snapshot, pl_module, trainer.optimizers)
         apply_masks(self._tensors(pl_module), self.masks)
         self._update_sparsity(pl_module)
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
@@ -363,7 +365,7 @@ class IterativeMagnitudePruning(SlimCallback):
         return {
             "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
             "events_done": self.events_done,
-            "snapshot": self.snapshot,
+            "snapshot": gathered(self.snapshot) if self.snapshot is not None else None,  # FSDP2: gathered
             "curve": self.accuracy.rows,
             "structure": self.structure,
             "initial_numel": self.initial_numel,

@@ -4,10 +4,11 @@ forward hooks during training steps (or calibration batches) and kept in checkpo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -52,6 +53,27 @@ class InputNorms:
         if name not in self.sumsq:
             raise KeyError(f"no inputs were recorded for {name!r}; recorded: {sorted(self.sumsq)}")
         return [(s / max(self.count[name], 1)).sqrt() for s in self.sumsq[name]]
+
+    def reduced(self, names: Iterable[str], group: dist.ProcessGroup) -> InputNorms:
+        """The statistics of every rank of ``group`` together: sums of squares and counts added, as if one
+        process had seen every rank's inputs (a collective: every rank calls it with the same ``names``)."""
+        names = sorted(set(names))
+        device = next((t.device for v in self.sumsq.values() for t in v), torch.device("cpu"))
+        seen = torch.tensor([[int(n in self.count), self.count.get(n, 0)] for n in names], device=device).reshape(-1, 2)
+        dist.all_reduce(seen, group=group)
+        world = dist.get_world_size(group)
+        partial = [n for n, (ranks, _) in zip(names, seen.tolist()) if 0 < ranks < world]
+        if partial:  # every rank runs the same forward under FSDP2: a module called on some ranks only is a bug
+            raise RuntimeError(f"Wanda's input norms of {partial} were recorded on some ranks only")
+        present = [n for n, (ranks, _) in zip(names, seen.tolist()) if ranks]
+        sums = [t for n in present for t in self.sumsq[n]]
+        flat = torch.cat([t.flatten() for t in sums]) if sums else torch.zeros(0, device=device)
+        dist.all_reduce(flat, group=group)
+        out, blocks = InputNorms(), iter(flat.split([t.numel() for t in sums]))
+        for n in present:
+            out.sumsq[n] = [next(blocks).view_as(t) for t in self.sumsq[n]]
+        out.count = {n: int(c) for n, (ranks, c) in zip(names, seen.tolist()) if ranks}
+        return out
 
     @contextlib.contextmanager
     def recording(

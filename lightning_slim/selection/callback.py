@@ -100,10 +100,26 @@ class OnlineDataSelection(SlimCallback):
     # --- the contract ---------------------------------------------------------------------------------
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        config = self.config
-        if config.reference is None and config.reference_losses is None and config.joint is None:
-            return None  # per rank, as under DDP: tests/sharded
-        return "OnlineDataSelection with a reference or joint=True is not tested sharded; reference-free scores are"
+        # each rank scores its own super-batch, as under DDP (a frozen nn.Module reference replicated on every
+        # rank; precomputed losses read by the batch's global dataset index): tests/sharded/test_selection.py
+        untested = [
+            option
+            for option, used in (
+                (
+                    "cache_reference=True (each rank would fill its own cache; a checkpoint keeps rank 0's)",
+                    self.config.cache_reference,
+                ),
+                ("reference='teacher'", self.config.reference == "teacher"),
+                ("a reference built from a dict spec", isinstance(self.config.reference, dict)),
+            )
+            if used
+        ]
+        if not untested:
+            return None
+        return (
+            f"OnlineDataSelection with {' or '.join(untested)} is not tested sharded; a reference nn.Module, "
+            "reference_losses and joint=True are (tests/sharded/test_selection.py)"
+        )
 
     @override
     def requires(self) -> set[Capability]:

@@ -133,6 +133,57 @@ def pruning(**kwargs) -> IterativeMagnitudePruning:
     return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
 
 
+class ScheduledCNN(TinyCNN):
+    """TinyCNN with a per-step LR schedule, what ``rewind="lr"`` puts back."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        decay = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+class IndexedCNN(TinyCNN):
+    """Batches ``(x, y, dataset index)``: what a precomputed reference-loss cache is keyed by."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    @staticmethod
+    def data() -> TensorDataset:
+        x, y = TinyCNN.data().tensors
+        return TensorDataset(x, y, torch.arange(len(x)))
+
+
+def cnn_reference_losses() -> torch.Tensor:
+    """The frozen reference's loss on every example, by dataset index (what ``compute_reference_losses`` makes)."""
+    x, y, _ = IndexedCNN.data().tensors
+    with torch.no_grad():
+        return nn.functional.cross_entropy(cnn_teacher().eval()(x), y, reduction="none")
+
+
+def cnn_pair_losses(model, batch) -> torch.Tensor:
+    """A batch-level loss for JEST: entry (i, j) is example i's cross-entropy against example j's label."""
+    net = model.net if isinstance(model, TinyCNN) else model
+    x, y = batch[0], batch[1]
+    return -torch.log_softmax(net(x), dim=-1)[:, y]
+
+
+def imp_rewinding(rewind: str) -> list[IterativeMagnitudePruning]:
+    """IMP rewinding to step 1, rounds at steps 4 and 8: in a resumed two-epoch fit, one on either side of the stop."""
+    schedule = {"kind": "imp", "rounds": 2, "rate": 0.5, "every": 4, "unit": "step"}
+    return [pruning(schedule=schedule, rewind=rewind, rewind_step=1)]
+
+
+def wanda(sparsity: float, **kwargs) -> list[IterativeMagnitudePruning]:
+    """Wanda at step 1, scoring by the inputs of step 0."""
+    schedule = {"kind": "one_shot", "sparsity": sparsity, "at": 1, "unit": "step"}
+    return [pruning(schedule=schedule, importance="wanda", **kwargs)]
+
+
+# --- fsdpsel ---
+
+
 # name: (module class, callbacks factory)
 SCENARIOS = {
     # one-shot at step 0: masks from the same initial weights, so equal to the one-process masks bit for bit
@@ -200,9 +251,29 @@ SCENARIOS = {
     # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
     # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
     "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
+    # fsdpsel: the rewind snapshot (weights and momentum; or the LR schedule) kept across a resume
+    "llama_imp_rewind_resume": (TinyLlama, lambda: imp_rewinding("step")),
+    "cnn_imp_lr_resume": (ScheduledCNN, lambda: imp_rewinding("lr")),
+    # Wanda from the norms of step 0's inputs, every rank's reduced over the global batch; convolutions (a norm
+    # per kernel tap, row-dependent norm matrices) ranked globally across shards
+    "llama_wanda": (TinyLlama, lambda: wanda(0.5)),
+    "llama_2of4_wanda": (TinyLlama, lambda: wanda(0.5, pattern="2:4")),
+    "cnn_wanda": (TinyCNN, lambda: wanda(0.6, scope="global")),
+    # selection against a frozen, replicated reference; its precomputed losses by global index; JEST
+    "cnn_select_reference": (IndexedCNN, lambda: [OnlineDataSelection(keep=0.5, reference=cnn_teacher())]),
+    "cnn_select_losses": (IndexedCNN, lambda: [OnlineDataSelection(keep=0.5, reference_losses=cnn_reference_losses())]),
+    "cnn_jest": (
+        IndexedCNN,
+        lambda: [
+            OnlineDataSelection(
+                keep=0.5, reference=cnn_teacher(), joint={"pair_loss_fn": cnn_pair_losses, "num_chunks": 2}
+            )
+        ],
+    ),
+    # --- fsdpsel ---
 }
-COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
-RESUMED = ("llama_resume",)
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_select_reference", "cnn_select_losses", "cnn_jest")
+RESUMED = ("llama_resume", "llama_imp_rewind_resume", "cnn_imp_lr_resume")
 
 
 def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:
@@ -303,6 +374,8 @@ def run(name: str, out: Path, run_name: str) -> dict:
     if report is not None:  # rank 0's; the other ranks' are empty
         record["report_before"] = {k: report.before.get(k) for k in ("params", "size_bytes")}
         record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}
+    if prune is not None and prune.snapshot is not None:  # fsdpsel: the step the rewind state is from
+        record["snapshot_step"] = prune.snapshot["step"]
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()

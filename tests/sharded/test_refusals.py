@@ -34,6 +34,9 @@ def test_unsharded_strategies_pass():
 def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
+    reference = torch.nn.Linear(2, 2)
+    check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference=reference, joint=True)])  # test_selection.py
+    check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference_losses=torch.zeros(4))])
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
     check_sharded(
         MODEL_PARALLEL,
@@ -45,12 +48,12 @@ def test_supported_techniques_pass_under_model_parallel():
     "callback, reason",
     [
         (IterativeMagnitudePruning(pattern="channels"), "changes parameter shapes"),
-        (IterativeMagnitudePruning(importance="wanda"), "input norms"),
         (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
         (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
         (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
-        (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
+        (OnlineDataSelection(reference=torch.nn.Linear(2, 2), cache_reference=True), "with cache_reference=True"),
+        (OnlineDataSelection(reference="teacher"), "with reference='teacher'"),
         (LowRankFactorization(), "LowRankFactorization: it does not"),
     ],
 )
@@ -66,12 +69,14 @@ def test_the_report_and_the_int8_export_are_accepted_sharded():  # test_report.p
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False, export_path="m.onnx")])
 
 
-def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
-    rewinding = IterativeMagnitudePruning(rewind="step", rewind_step=1)
-    check_sharded(MODEL_PARALLEL, [rewinding])  # a fresh fit rewinds sharded (test_pruning.py)
-    with pytest.raises(UnsupportedStrategyError, match="rewind='step'.* cannot resume sharded"):
+def test_resuming_a_rewind_snapshot_is_accepted_and_wanda_resuming_refused_under_model_parallel():
+    for rewind in ("init", "step", "lr"):  # the snapshot is gathered into the checkpoint (test_resume.py)
+        rewinding = IterativeMagnitudePruning(rewind=rewind, rewind_step=int(rewind != "init"))
         check_sharded(MODEL_PARALLEL, [rewinding], "last.ckpt")
-    check_sharded(MODEL_PARALLEL, [IterativeMagnitudePruning()], "last.ckpt")  # test_resume.py
+    wanda = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, importance="wanda")
+    check_sharded(MODEL_PARALLEL, [wanda])  # a fresh fit reduces its norms across ranks (test_pruning.py)
+    with pytest.raises(UnsupportedStrategyError, match="importance='wanda'.* cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [wanda], "last.ckpt")
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
