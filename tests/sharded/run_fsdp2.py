@@ -30,6 +30,7 @@ from lightning_slim import (
     CompressionReport,
     IterativeMagnitudePruning,
     KnowledgeDistillation,
+    LowRankFactorization,
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
@@ -270,6 +271,8 @@ SCENARIOS = {
             )
         ],
     ),
+    # factorized in setup (at=0), before configure_model shards: FSDP2 shards the factors
+    "cnn_factorized": (TinyCNN, lambda: [LowRankFactorization(rank=0.5, targets=["Conv2d", "Linear"], at=0)]),
     # --- fsdpsel ---
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_select_reference", "cnn_select_losses", "cnn_jest")

@@ -37,6 +37,7 @@ def test_supported_techniques_pass_under_model_parallel():
     reference = torch.nn.Linear(2, 2)
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference=reference, joint=True)])  # test_selection.py
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference_losses=torch.zeros(4))])
+    check_sharded(MODEL_PARALLEL, [LowRankFactorization(at=0)])  # in setup, before sharding: test_factorization.py
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
     check_sharded(
         MODEL_PARALLEL,
@@ -54,7 +55,7 @@ def test_supported_techniques_pass_under_model_parallel():
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2), cache_reference=True), "with cache_reference=True"),
         (OnlineDataSelection(reference="teacher"), "with reference='teacher'"),
-        (LowRankFactorization(), "LowRankFactorization: it does not"),
+        (LowRankFactorization(at=1), r"LowRankFactorization\(at=1, unit='epoch'\) replaces layers mid-fit.*at=0"),
     ],
 )
 def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
@@ -69,7 +70,7 @@ def test_the_report_and_the_int8_export_are_accepted_sharded():  # test_report.p
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False, export_path="m.onnx")])
 
 
-def test_resuming_a_rewind_snapshot_is_accepted_and_wanda_resuming_refused_under_model_parallel():
+def test_resuming_a_rewind_snapshot_is_accepted_wanda_and_factorization_refused_under_model_parallel():
     for rewind in ("init", "step", "lr"):  # the snapshot is gathered into the checkpoint (test_resume.py)
         rewinding = IterativeMagnitudePruning(rewind=rewind, rewind_step=int(rewind != "init"))
         check_sharded(MODEL_PARALLEL, [rewinding], "last.ckpt")
@@ -77,6 +78,8 @@ def test_resuming_a_rewind_snapshot_is_accepted_and_wanda_resuming_refused_under
     check_sharded(MODEL_PARALLEL, [wanda])  # a fresh fit reduces its norms across ranks (test_pruning.py)
     with pytest.raises(UnsupportedStrategyError, match="importance='wanda'.* cannot resume sharded"):
         check_sharded(MODEL_PARALLEL, [wanda], "last.ckpt")
+    with pytest.raises(UnsupportedStrategyError, match="LowRankFactorization cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [LowRankFactorization(at=0)], "last.ckpt")
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
