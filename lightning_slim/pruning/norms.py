@@ -103,10 +103,32 @@ class InputNorms:
             for name, m in modules.items()
         ]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sumsq": {k: [t.cpu() for t in v] for k, v in self.sumsq.items()}, "count": dict(self.count)}
+    def state_dict(self, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+        """Plain tensors; with ``group`` (FSDP2, where a checkpoint keeps rank 0's callback state) every
+        rank's, ``{"per_rank": [...]}`` (a collective: every rank calls it)."""
+        state = {"sumsq": {k: [t.cpu() for t in v] for k, v in self.sumsq.items()}, "count": dict(self.count)}
+        if group is None:
+            return state
+        per_rank: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(per_rank, state, group=group)
+        return {"per_rank": per_rank}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], group: dist.ProcessGroup | None = None) -> None:
+        """A saved state; every rank's (``per_rank``): this rank's of ``group``, or all of them added up
+        when resumed unsharded (what one process would have seen)."""
+        if "per_rank" in state:
+            states = state["per_rank"]
+            world = dist.get_world_size(group) if group is not None else None
+            if world is not None and world != len(states):
+                raise ValueError(f"Wanda's input norms were saved by {len(states)} ranks; resumed on {world}")
+            if world is not None:
+                return self.load_state_dict(states[dist.get_rank(group)])
+            self.reset()
+            for saved in states:
+                for name, sums in saved["sumsq"].items():
+                    self.sumsq[name] = [a + b for a, b in zip(self.sumsq[name], sums)] if name in self.sumsq else sums
+                    self.count[name] = self.count.get(name, 0) + saved["count"][name]
+            return
         self.sumsq = {k: list(v) for k, v in state["sumsq"].items()}
         self.count = dict(state["count"])
 

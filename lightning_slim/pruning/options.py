@@ -111,17 +111,11 @@ def coverage_warning(untouched: Mapping[str, str], tied: Mapping[str, list[str]]
     )
 
 
-def sharded_refusal(pattern: Pattern, importance: str, resuming: bool = False) -> str | None:
-    """Why pruning so configured cannot run on FSDP2-sharded parameters, or resume there (``resuming``)."""
+def sharded_refusal(pattern: Pattern) -> str | None:
+    """Why pruning so configured cannot run on FSDP2-sharded parameters (and resume there)."""
     if pattern.kind == "channels":
         return (
             "IterativeMagnitudePruning(pattern='channels') changes parameter shapes, which FSDP2 fixed when "
             "configure_model sharded them: prune channels unsharded (single device or DDP), then shard"
-        )
-    if importance == "wanda" and resuming:
-        return (
-            "IterativeMagnitudePruning(importance='wanda') cannot resume sharded: the input norms it gathered "
-            "since the last pruning are per rank and Lightning saves rank 0's callback state; resume with "
-            "importance='magnitude', or unsharded"
         )
     return None

@@ -170,10 +170,11 @@ def cnn_pair_losses(model, batch) -> torch.Tensor:
     return -torch.log_softmax(net(x), dim=-1)[:, y]
 
 
-def imp_rewinding(rewind: str) -> list[IterativeMagnitudePruning]:
-    """IMP rewinding to step 1, rounds at steps 4 and 8: in a resumed two-epoch fit, one on either side of the stop."""
+def imp_resumable(rewind: str = "none", **kwargs) -> list[IterativeMagnitudePruning]:
+    """IMP rounds at steps 4 and 8, in a resumed two-epoch fit one on either side of the stop; rewinding to
+    step 1 ("init": 0)."""
     schedule = {"kind": "imp", "rounds": 2, "rate": 0.5, "every": 4, "unit": "step"}
-    return [pruning(schedule=schedule, rewind=rewind, rewind_step=1)]
+    return [pruning(schedule=schedule, rewind=rewind, rewind_step=int(rewind in ("step", "lr")), **kwargs)]
 
 
 def wanda(sparsity: float, **kwargs) -> list[IterativeMagnitudePruning]:
@@ -253,13 +254,16 @@ SCENARIOS = {
     # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
     "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
     # fsdpsel: the rewind snapshot (weights and momentum; or the LR schedule) kept across a resume
-    "llama_imp_rewind_resume": (TinyLlama, lambda: imp_rewinding("step")),
-    "cnn_imp_lr_resume": (ScheduledCNN, lambda: imp_rewinding("lr")),
+    "llama_imp_rewind_resume": (TinyLlama, lambda: imp_resumable("step")),
+    "cnn_imp_lr_resume": (ScheduledCNN, lambda: imp_resumable("lr")),
+    "cnn_imp_init_resume": (TinyCNN, lambda: imp_resumable("init")),  # before any step: no momentum yet
     # Wanda from the norms of step 0's inputs, every rank's reduced over the global batch; convolutions (a norm
     # per kernel tap, row-dependent norm matrices) ranked globally across shards
     "llama_wanda": (TinyLlama, lambda: wanda(0.5)),
     "llama_2of4_wanda": (TinyLlama, lambda: wanda(0.5, pattern="2:4")),
     "cnn_wanda": (TinyCNN, lambda: wanda(0.6, scope="global")),
+    # Wanda rounds at steps 4 and 8: the norms of steps 4-5, per rank, cross the resume at step 6
+    "cnn_wanda_resume": (TinyCNN, lambda: imp_resumable(importance="wanda")),
     # selection against a frozen, replicated reference; its precomputed losses by global index; JEST
     "cnn_select_reference": (IndexedCNN, lambda: [OnlineDataSelection(keep=0.5, reference=cnn_teacher())]),
     "cnn_select_losses": (IndexedCNN, lambda: [OnlineDataSelection(keep=0.5, reference_losses=cnn_reference_losses())]),
@@ -276,7 +280,7 @@ SCENARIOS = {
     # --- fsdpsel ---
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_select_reference", "cnn_select_losses", "cnn_jest")
-RESUMED = ("llama_resume", "llama_imp_rewind_resume", "cnn_imp_lr_resume")
+RESUMED = ("llama_resume", "llama_imp_rewind_resume", "cnn_imp_lr_resume", "cnn_imp_init_resume", "cnn_wanda_resume")
 
 
 def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:

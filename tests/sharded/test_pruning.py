@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_slim.pruning.functional import is_nm
+from lightning_slim.pruning.norms import InputNorms
 
 SCENARIOS = ["llama_global", "llama_layer", "llama_2of4", "llama_imp_rewind", "llama_kd_pruned", "cnn_global"]
 # Wanda after one step: each rank's input norms of step 0 reduced across ranks (sums of squares, counts). The
@@ -122,3 +123,19 @@ def test_rewind_state_is_sharded(evidence):
     ranks, single = evidence.ranks("llama_imp_rewind"), evidence.single("llama_imp_rewind")
     for r in ranks:  # the snapshot's weights and optimizer state: each rank's block only
         assert 0.45 < r["snapshot_bytes"] / single["snapshot_bytes"] <= 0.55, r
+
+
+def test_every_ranks_wanda_norms_add_up_when_resumed_unsharded():
+    """A sharded checkpoint keeps every rank's norms (test_resume.py); resumed without a process group they are
+    added up: what one process seeing every rank's inputs would hold (the same two float32 additions)."""
+    inputs = [torch.tensor([[1.0, 2.0], [0.5, 0.0]]), torch.tensor([[3.0, 1.0]])]
+    per_rank, together = [], InputNorms()
+    for x in inputs:
+        rank = InputNorms()
+        rank.add("lin", [x])
+        per_rank.append(rank.state_dict())
+        together.add("lin", [x])
+    resumed = InputNorms()
+    resumed.load_state_dict({"per_rank": per_rank})
+    assert resumed.count == together.count == {"lin": 3}
+    assert torch.equal(resumed.sumsq["lin"][0], together.sumsq["lin"][0])

@@ -1,6 +1,7 @@
 """Sharded fits of two epochs stopped after the first and resumed from Lightning's distributed checkpoint end
 where the uninterrupted sharded fits end: distillation with gradual pruning, IMP rewinding weights and
-momentum to step 1 (``rewind="step"``), and IMP rewinding the LR schedule (``rewind="lr"``). Each IMP fit
+momentum to step 1 (``rewind="step"``), to step 0 (``"init"``, no momentum yet) and IMP rewinding the LR
+schedule (``rewind="lr"``), and IMP by Wanda importance. Each IMP fit
 prunes at steps 4 and 8: the second round, after the resume, rewinds to the snapshot the checkpoint kept."""
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-RESUMED = ["llama_resume", "llama_imp_rewind_resume", "cnn_imp_lr_resume"]
-REWINDING = ["llama_imp_rewind_resume", "cnn_imp_lr_resume"]
-ROUNDS = {"llama_resume": 5, "llama_imp_rewind_resume": 2, "cnn_imp_lr_resume": 2}  # at steps <= 6: 2, 1, 1
+# scenario: the step its rewind snapshot is from
+REWINDING = {"llama_imp_rewind_resume": 1, "cnn_imp_lr_resume": 1, "cnn_imp_init_resume": 0}
+# Wanda's input norms since the last round are per rank: the checkpoint keeps every rank's
+RESUMED = ["llama_resume", *REWINDING, "cnn_wanda_resume"]
+ROUNDS = {"llama_resume": 5} | dict.fromkeys(RESUMED[1:], 2)  # of which at steps <= 6: 2 (gradual), 1 (IMP)
 
 
 @pytest.mark.parametrize("scenario", RESUMED)
@@ -41,10 +44,10 @@ def test_resumed_masks_are_sharded_again(evidence, scenario):
 
 @pytest.mark.parametrize("scenario", REWINDING)
 def test_the_rewind_snapshot_survives_the_resume(evidence, scenario):
-    """The resumed fit rewinds to the step-1 snapshot it read back (a snapshot lost on resume would be
-    retaken at step 6 and rewind there), and holds it sharded again: each rank its own block."""
+    """The resumed fit rewinds to the snapshot it read back (a snapshot lost on resume would be retaken at
+    step 6 and rewind there), and holds it sharded again: each rank its own block."""
     ranks, whole = evidence.record["resumed"][scenario], evidence.record["fsdp"][scenario]
-    assert all(r["snapshot_step"] == 1 for r in ranks + whole), ranks
+    assert all(r["snapshot_step"] == REWINDING[scenario] for r in ranks + whole), ranks
     assert [r["snapshot_bytes"] for r in ranks] == [r["snapshot_bytes"] for r in whole]
 
 
