@@ -53,7 +53,7 @@ SHARDED_SUPPORT = (
     "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection (also with a reference "
     "nn.Module, reference_losses or joint=True), "
     "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
-    "LowRankFactorization(at=0) and CompressionReport work"
+    "low-rank factorization in setup (at=0) and CompressionReport work"
 )
 
 

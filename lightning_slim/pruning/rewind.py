@@ -82,9 +82,10 @@ def restore(
 
 def gathered(snap: dict[str, Any]) -> dict[str, Any]:
     """The snapshot with every sharded tensor whole, on CPU (a collective under FSDP2: every rank calls it)."""
+    if "module" not in snap:  # rewind="lr": hyper-parameters and schedules only, nothing sharded
+        return snap
     snap = dict(snap)
-    if "module" in snap:
-        snap["module"] = {k: sharding.full(v).detach().cpu() for k, v in snap["module"].items()}
+    snap["module"] = {k: sharding.full(v).detach().cpu() for k, v in snap["module"].items()}
     snap["optimizers"] = [
         {**state, "state": {i: {k: _whole(v) for k, v in s.items()} for i, s in state.get("state", {}).items()}}
         for state in snap["optimizers"]
