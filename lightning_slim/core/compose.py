@@ -51,7 +51,7 @@ SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model
 SHARDED_SUPPORT = (
     "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind; Wanda importance too) and "
     "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection (also with a reference "
-    "nn.Module, reference_losses or joint=True), "
+    "nn.Module or teacher, reference_losses, cache_reference or joint=True), "
     "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
     "low-rank factorization in setup (at=0) and CompressionReport work"
 )

@@ -100,26 +100,19 @@ class OnlineDataSelection(SlimCallback):
     # --- the contract ---------------------------------------------------------------------------------
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        # each rank scores its own super-batch, as under DDP (a frozen nn.Module reference replicated on every
-        # rank; precomputed losses read by the batch's global dataset index): tests/sharded/test_selection.py
-        untested = [
-            option
-            for option, used in (
-                (
-                    "cache_reference=True (each rank would fill its own cache; a checkpoint keeps rank 0's)",
-                    self.config.cache_reference,
-                ),
-                ("reference='teacher'", self.config.reference == "teacher"),
-                ("a reference built from a dict spec", isinstance(self.config.reference, dict)),
+        # each rank scores its own super-batch, as under DDP (a frozen reference replicated on every rank;
+        # reference losses read or cached by the batch's global dataset index): tests/sharded/test_selection.py
+        if isinstance(self.config.reference, dict):
+            return (
+                "OnlineDataSelection with a reference built from a dict spec is not tested sharded; build it "
+                "and pass the nn.Module (or reference_losses)"
             )
-            if used
-        ]
-        if not untested:
-            return None
-        return (
-            f"OnlineDataSelection with {' or '.join(untested)} is not tested sharded; a reference nn.Module, "
-            "reference_losses and joint=True are (tests/sharded/test_selection.py)"
-        )
+        if resuming and self.config.cache_reference:
+            return (
+                "OnlineDataSelection(cache_reference=True) cannot resume sharded (untested): each rank fills its "
+                "own cache and a checkpoint keeps rank 0's"
+            )
+        return None
 
     @override
     def requires(self) -> set[Capability]:

@@ -275,12 +275,23 @@ SCENARIOS = {
             )
         ],
     ),
+    # the distillation teacher as the reference, its losses cached by global index as each rank first sees them
+    "cnn_select_teacher_cached": (
+        IndexedCNN,
+        lambda: [
+            OnlineDataSelection(keep=0.5, reference="teacher", cache_reference=True),
+            KnowledgeDistillation(teacher=cnn_teacher(), alpha=0.5, temperature=2.0),
+        ],
+    ),
     # factorized in setup (at=0), before configure_model shards: FSDP2 shards the factors
     "cnn_factorized": (TinyCNN, lambda: [LowRankFactorization(rank=0.5, targets=["Conv2d", "Linear"], at=0)]),
     # --- fsdpsel ---
 }
-COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_select_reference", "cnn_select_losses", "cnn_jest")
-RESUMED = ("llama_resume", "llama_imp_rewind_resume", "cnn_imp_lr_resume", "cnn_imp_init_resume", "cnn_wanda_resume")
+COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
+RESUMED = ("llama_resume",)
+# fsdpsel
+COMPARED_WITH_DDP += ("cnn_select_reference", "cnn_select_losses", "cnn_jest", "cnn_select_teacher_cached")
+RESUMED += ("llama_imp_rewind_resume", "cnn_imp_lr_resume", "cnn_imp_init_resume", "cnn_wanda_resume")
 
 
 def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:

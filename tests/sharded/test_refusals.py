@@ -37,6 +37,10 @@ def test_supported_techniques_pass_under_model_parallel():
     reference = torch.nn.Linear(2, 2)
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference=reference, joint=True)])  # test_selection.py
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference_losses=torch.zeros(4))])
+    cached = OnlineDataSelection(reference="teacher", cache_reference=True)
+    check_sharded(MODEL_PARALLEL, [cached, KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
+    with pytest.raises(UnsupportedStrategyError, match=r"cache_reference=True\) cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [cached], "last.ckpt")
     check_sharded(MODEL_PARALLEL, [LowRankFactorization(at=0)])  # in setup, before sharding: test_factorization.py
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
     check_sharded(
@@ -53,8 +57,7 @@ def test_supported_techniques_pass_under_model_parallel():
         (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
         (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
         (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
-        (OnlineDataSelection(reference=torch.nn.Linear(2, 2), cache_reference=True), "with cache_reference=True"),
-        (OnlineDataSelection(reference="teacher"), "with reference='teacher'"),
+        (OnlineDataSelection(reference={"class_path": "torch.nn.Linear", "checkpoint": "r.pt"}), "dict spec"),
         (LowRankFactorization(at=1), r"LowRankFactorization\(at=1, unit='epoch'\) replaces layers mid-fit.*at=0"),
     ],
 )

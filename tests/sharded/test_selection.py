@@ -12,8 +12,9 @@ from .test_pruning import WEIGHT_TOLERANCE
 
 SCENARIOS = ["cnn_select", "cnn_together"]
 # learnability against a frozen, replicated reference module; against its losses precomputed by dataset index;
-# JEST's joint selection (pair losses, chunks) against the same reference
-REFERENCED = ["cnn_select_reference", "cnn_select_losses", "cnn_jest"]
+# JEST's joint selection (pair losses, chunks) against the same reference; distillation's teacher as the reference,
+# its losses cached by index
+REFERENCED = ["cnn_select_reference", "cnn_select_losses", "cnn_jest", "cnn_select_teacher_cached"]
 SCENARIOS += REFERENCED
 
 
@@ -70,3 +71,13 @@ def test_the_scores_change_what_is_trained(evidence, scenario, other):
     weights, others = evidence.tensors(scenario, "fsdp")["weights"], evidence.tensors(other, "fsdp")["weights"]
     moved = max(float((weights[k] - v).abs().max()) for k, v in others.items())
     assert moved > 100 * WEIGHT_TOLERANCE, moved
+
+
+def test_the_teacher_reference_is_scored_once_per_example_and_distils(evidence):
+    for rank in evidence.ranks("cnn_select_teacher_cached"):
+        # 24 examples seen per rank, each once in a one-epoch fit: every one a cache miss, scored once
+        assert rank["ledger"]["reference_forwards"] == 24, rank["ledger"]
+    distilled = evidence.tensors("cnn_select_teacher_cached", "fsdp")["weights"]
+    alone = evidence.tensors("cnn_select_reference", "fsdp")["weights"]
+    # the same reference (cnn_teacher) and selection rule: what differs is the distillation term
+    assert max(float((distilled[k] - v).abs().max()) for k, v in alone.items()) > 100 * WEIGHT_TOLERANCE
