@@ -49,10 +49,11 @@ class UnsupportedStrategyError(ValueError):
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model, tensor_parallel_size=1)"
 SHARDED_SUPPORT = (
-    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
-    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
+    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind; Wanda importance too) and "
+    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection (also with a reference "
+    "nn.Module or teacher, reference_losses, cache_reference or joint=True), "
     "QuantizationAwareTraining (either runtime, BatchNorms folded, frozen ranges, export_path), "
-    "and CompressionReport work"
+    "low-rank factorization in setup (at=0) and CompressionReport work"
 )
 
 

@@ -61,6 +61,14 @@ def place_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
 
 
+def rows_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``tensor``, a whole tensor of ``reference``'s shape or one row broadcast over
+    all of them (kept as it is: every block broadcasts it alike). Unsharded references: ``tensor`` itself."""
+    if not isinstance(reference, DTensor) or tensor.shape[0] == 1:
+        return tensor
+    return place_like(tensor.expand(reference.shape).contiguous(), reference).to_local()
+
+
 def row_group(tensors: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
     """The process group over which ``tensors`` are split by rows (None: none is sharded). Every one
     must be a ``Shard(0)`` DTensor on the same one-dimensional mesh: other layouts (tensor parallel,
