@@ -253,6 +253,17 @@ SCENARIOS = {
             pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
         ],
     ),
+    # all four techniques and the report in one Trainer: compared with DDP (selection and ranges are per rank)
+    "cnn_all": (
+        TinyCNN,
+        lambda: [
+            OnlineDataSelection(keep=0.5, score="hard"),
+            KnowledgeDistillation(teacher=cnn_teacher(), alpha=0.5, temperature=2.0),
+            pruning(schedule={"kind": "one_shot", "sparsity": 0.5, "at": 2, "unit": "step"}),
+            QuantizationAwareTraining(start_after=3, unit="step", fold_bn=False),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
+    ),
     # two epochs; "resumed" stops after the first and resumes from Lightning's distributed checkpoint
     "llama_resume": (
         TinyLlama,
@@ -306,6 +317,7 @@ SCENARIOS = {
     # --- fsdpsel ---
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_bn_qat", "cnn_bn_qat_torchao")
+COMPARED_WITH_DDP += ("cnn_all",)
 COMPARED_WITH_DDP += ("cnn_select_reference", "cnn_select_losses", "cnn_jest", "cnn_select_teacher_cached")
 RESUMED = ("llama_resume", "cnn_bn_qat", "cnn_bn_qat_torchao")  # two epochs; also in COMPARED_WITH_DDP: DDP's too
 RESUMED += ("llama_imp_rewind_resume", "cnn_imp_lr_resume", "cnn_imp_init_resume", "cnn_wanda_resume")

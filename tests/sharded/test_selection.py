@@ -50,6 +50,23 @@ def test_all_supported_techniques_together_prune_and_distil(evidence):
     assert max(float((run["weights"][k] - alone[k]).abs().max()) for k in alone) > 100 * WEIGHT_TOLERANCE
 
 
+def test_all_four_techniques_and_the_report_together_equal_ddp(evidence):
+    """Selection, distillation, pruning and QAT in one sharded Trainer with the report: the FSDP2 fit ends
+    where the DDP fit ends, the pruned zeros stay zero under fake quantization, and the report (rank 0)
+    counts the whole model's non-zeros: the same numbers as DDP's report of its unsharded model."""
+    sharded, ddp = evidence.tensors("cnn_all", "fsdp"), evidence.tensors("cnn_all", "ddp")
+    for key, value in ddp["weights"].items():
+        # the bound of the module comment above (imported from test_pruning.py)
+        torch.testing.assert_close(sharded["weights"][key], value, rtol=0, atol=WEIGHT_TOLERANCE, msg=key)
+    for name, mask in sharded["masks"].items():
+        assert torch.equal(mask, ddp["masks"][name]) and mask.float().mean() < 1, name
+        assert torch.all(sharded["weights"][f"{name}.weight"][~mask] == 0), name
+    rank0, ddp0 = evidence.record["fsdp"]["cnn_all"][0], evidence.record["ddp"]["cnn_all"][0]
+    assert rank0["phase"] == 1 and rank0["report_after"] == ddp0["report_after"]
+    assert rank0["report_after"]["nonzero_params"] < rank0["report_after"]["params"]
+    assert rank0["job_ledger"]["examples_trained"] == rank0["job_ledger"]["examples_seen"] // 2
+
+
 def test_precomputed_losses_are_read_by_global_index(evidence):
     """Each rank looks its examples' reference losses up by the dataset index its DistributedSampler gave
     them: the fit selects exactly what scoring the same reference model on the fly selects (same rows, so
