@@ -50,7 +50,8 @@ SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model, tensor_parallel_size=1)"
 SHARDED_SUPPORT = (
     "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
-    "KnowledgeDistillation of logits from a replicated teacher, OnlineDataSelection without a reference, "
+    "KnowledgeDistillation (logits, features, cache_teacher by dataset index; the teacher replicated or "
+    "sharded), OnlineDataSelection without a reference, "
     "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
     "and CompressionReport work"
 )

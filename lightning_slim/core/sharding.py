@@ -19,6 +19,7 @@ through every function unchanged, so callers need no branch of their own.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -100,6 +101,27 @@ def total(value: torch.Tensor, like: torch.Tensor) -> float:
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_rows(rows: Mapping[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order (a collective). The ranks may hold
+    different numbers of rows; each key must have the same trailing shape and dtype, and the keys the
+    same order, on every rank. Sent as bytes: any dtype, whatever the backend supports."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([len(next(iter(rows.values()), ()))], dtype=torch.int64)
+    counts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(counts, mine, group=group)
+    most = max(int(c) for c in counts)
+    out = {}
+    for key, value in rows.items():
+        row = math.prod(value.shape[1:])
+        padded = torch.zeros(most, row * value.element_size(), dtype=torch.uint8)
+        padded[: len(value)] = value.detach().cpu().contiguous().reshape(len(value), row).view(torch.uint8)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        whole = torch.cat([p[: int(c)] for p, c in zip(parts, counts)])
+        out[key] = whole.view(value.dtype).reshape(len(whole), *value.shape[1:])
+    return out
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

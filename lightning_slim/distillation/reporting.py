@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_slim.batches import example_count, slice_batch
+from lightning_slim.core import sharding
 
 if TYPE_CHECKING:
     from lightning_slim.distillation.callback import KnowledgeDistillation
@@ -47,7 +48,10 @@ def distillation_rows(kd: KnowledgeDistillation) -> dict[str, Any]:
         stored = kd.cache.values.get("topk_index", kd.cache.values.get("logits"))
         if stored is not None and kd._vocab:  # what full float32 logits of the same examples would take
             rows["cache_bytes_full_logits"] = len(kd.cache) * stored[0].numel() // stored.shape[-1] * kd._vocab * 4
-    if kd._sample is not None:
+    if kd._sample is not None and sharding.any_sharded(kd.teacher.parameters()):
+        # its forward is a collective of every rank; the report runs on rank 0 alone
+        rows["teacher_macs_error"] = "not measured: the teacher is sharded (teacher_sharding='shard')"
+    elif kd._sample is not None:
         one = slice_batch(kd._sample, torch.arange(1), size=example_count(kd._sample))
         try:
             macs = count_macs(kd.runner.target, one)

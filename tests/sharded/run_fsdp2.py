@@ -12,6 +12,7 @@ Run by the ``evidence`` fixture in a subprocess with the launcher's environment 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from lightning_slim import (
     QuantizationAwareTraining,
 )
 from lightning_slim.core import sharding
+from lightning_slim.distillation.callback import PROJECTIONS
 from lightning_slim.quantization.export import int8_weights, load_int8
 
 LOCAL_BATCH, WORLD = 4, 2  # the one-process reference trains on batches of LOCAL_BATCH * WORLD
@@ -133,6 +135,79 @@ def pruning(**kwargs) -> IterativeMagnitudePruning:
     return IterativeMagnitudePruning(accuracy_metric=None, **kwargs)
 
 
+# --- fsdpkd helpers ---
+class IndexedLlama(TinyLlama):
+    """TinyLlama whose batches carry each example's dataset index, ``(tokens, labels, index)``: the cache's key."""
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels, _ = batch
+        return self.model(input_ids=tokens, labels=labels, use_cache=False).loss
+
+    @staticmethod
+    def data() -> TensorDataset:
+        (tokens,) = TinyLlama.data().tensors
+        return TensorDataset(tokens, tokens, torch.arange(len(tokens)))
+
+
+class RepeatedLlama(IndexedLlama):
+    """Twelve examples, each four times (its index is the example's): with the cache shared across ranks, at
+    step 2 (seed 0) rank 0 has seen all of its batch and rank 1 has not, and at several steps both ranks
+    compute one example at once."""
+
+    @staticmethod
+    def data() -> TensorDataset:
+        (tokens,) = TinyLlama.data().tensors
+        index = torch.arange(len(tokens)) % 12
+        return TensorDataset(tokens[index], tokens[index], index)
+
+
+def wide_llama_teacher():
+    """A teacher wider than the student (hidden 48 against 32): feature pairs need a learned projection."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        student = TinyLlama().model.config
+        return LlamaForCausalLM(type(student)(**{**student.to_dict(), "hidden_size": 48, "head_dim": 12}))
+
+
+class GlobalOrder(torch.utils.data.Sampler):
+    """The one-process reference's order: each epoch's permutation as Lightning's DistributedSampler draws it
+    (seed 0 + epoch), so step k of either run sees the same global batch, in every epoch."""
+
+    def __init__(self, size: int):
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def distillation_evidence(kd: KnowledgeDistillation, module: pl.LightningModule, tr: pl.Trainer) -> dict:
+    """Per rank: the teacher's and the feature projections' parameter bytes held, the terms logged at the last
+    step (this rank's examples), the teacher's passes and the cache's use, and a digest of the cache."""
+    projections = getattr(module, PROJECTIONS, nn.ModuleDict())
+    record = {
+        "teacher_bytes": local_bytes(kd.teacher.parameters()),
+        "projection_bytes": local_bytes(projections.parameters()),
+        "projections_sharded": all(sharding.is_sharded(p) for p in projections.parameters()),
+        "logged": {k.rsplit("/", 1)[1]: float(v) for k, v in tr.callback_metrics.items() if "/distillation/" in k},
+        **kd.counts,
+    }
+    if kd.config.cache_teacher:
+        digest = hashlib.sha256(kd.cache.filled.numpy().tobytes())
+        for key, value in sorted(kd.cache.values.items()):
+            digest.update(key.encode() + value.contiguous().view(torch.uint8).numpy().tobytes())
+        record |= {"cache_rows": len(kd.cache), "cache_digest": digest.hexdigest()}
+    return record
+
+
+# --- end fsdpkd helpers ---
 # name: (module class, callbacks factory)
 SCENARIOS = {
     # one-shot at step 0: masks from the same initial weights, so equal to the one-process masks bit for bit
@@ -200,9 +275,47 @@ SCENARIOS = {
     # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
     # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
     "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
+    # the teacher's top-k cached by dataset index and shared across ranks: two epochs, the second served
+    # from the cache; compared with one process over both epochs and resumed from the distributed checkpoint
+    "llama_kd_cache": (
+        IndexedLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher={"top_k": 8})
+        ],
+    ),
+    # a hidden-state pair through a learned projection (32 -> 48), sharded with FSDP2 as the student is;
+    # weighted up: the hidden states of a fresh Llama are small (an MSE of 0.01), and the projections must move
+    "llama_kd_features": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(
+                teacher=wide_llama_teacher(),
+                alpha=0.5,
+                temperature=2.0,
+                features={"pairs": {"model.model.layers.1": "model.layers.1"}, "pooling": "token", "weight": 100.0},
+            )
+        ],
+    ),
+    # repeated examples through the shared cache (full logits): one process, and the same fit with the teacher
+    # sharded over the ranks (its forward a collective even where a rank's batch is all cached)
+    "llama_kd_repeats": (
+        RepeatedLlama,
+        lambda: [KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True)],
+    ),
+    "llama_kd_shard_teacher": (
+        RepeatedLlama,
+        lambda: [
+            KnowledgeDistillation(
+                teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True, teacher_sharding="shard"
+            )
+        ],
+    ),
+    # --- fsdpkd ---
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat")
-RESUMED = ("llama_resume",)
+RESUMED = ("llama_resume", "llama_kd_cache")
+# no one-process run: compared with DDP, with their own uninterrupted fit, or with another sharded run
+NO_SINGLE = (*COMPARED_WITH_DDP, "llama_resume", "llama_kd_shard_teacher")
 
 
 def trainer(run: str, epochs: int | None = None, checkpoints: Path | None = None) -> pl.Trainer:
@@ -276,8 +389,7 @@ def run(name: str, out: Path, run_name: str) -> dict:
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
     else:  # the same global batches: rank r takes permutation[r::WORLD], so step k sees permutation[kB:(k+1)B]
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=order)
+        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=GlobalOrder(len(data)))
     start = time.perf_counter()
     tr.fit(module, loader, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
@@ -303,6 +415,9 @@ def run(name: str, out: Path, run_name: str) -> dict:
     if report is not None:  # rank 0's; the other ranks' are empty
         record["report_before"] = {k: report.before.get(k) for k in ("params", "size_bytes")}
         record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}
+    distil = next((c for c in callbacks if isinstance(c, KnowledgeDistillation)), None)
+    if distil is not None:
+        record["distillation"] = distillation_evidence(distil, module, tr)
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()
@@ -331,7 +446,7 @@ def main() -> None:
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     evidence: dict = {k: {n: [g[k][n] for g in gathered] for n in v} for k, v in per_rank.items()}
-    evidence["single"] = {n: run(n, out, "single") for n in names if n not in COMPARED_WITH_DDP + RESUMED}
+    evidence["single"] = {n: run(n, out, "single") for n in names if n not in NO_SINGLE}
     (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
 
 

@@ -33,6 +33,10 @@ def test_unsharded_strategies_pass():
 
 def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
+    features = {"pairs": {"net.0": "0"}}  # test_distillation.py: features, the cache by index, a sharded teacher
+    distil = KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), features=features, cache_teacher=True)
+    check_sharded(MODEL_PARALLEL, [distil], "last.ckpt")
+    check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), teacher_sharding="shard")])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
     check_sharded(
@@ -49,7 +53,10 @@ def test_supported_techniques_pass_under_model_parallel():
         (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
         (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
         (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
-        (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
+        (
+            KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher={"key": "content"}),
+            "cache_teacher key='content' is not supported sharded",
+        ),
         (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
         (LowRankFactorization(), "LowRankFactorization: it does not"),
     ],
