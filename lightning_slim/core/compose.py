@@ -65,7 +65,7 @@ def techniques(trainer: pl.Trainer) -> list[Technique]:
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
     """A CPU copy of the trained module passed through every technique's ``export``, in the order
     of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
-    model = copy.deepcopy(pl_module).cpu().eval()
+    model = copy.deepcopy(pl_module, _shared(trainer)).cpu().eval()
     for cb in export_chain(techniques(trainer), before):
         model = cb.export(model)
     return model
@@ -79,7 +79,13 @@ def whole_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Modul
     if sharding.any_sharded(pl_module.parameters()):
         for cb in techniques(trainer):
             cb.gather_for_export()
-    return sharding.unsharded_copy(pl_module)
+    return sharding.unsharded_copy(pl_module, _shared(trainer))
+
+
+def _shared(trainer: pl.Trainer) -> dict[int, object]:
+    """A deepcopy memo that keeps the techniques themselves in a copy of the module (its step wrapper refers to
+    them): a copy of the model is not a copy of the callbacks, their teachers, caches and process groups."""
+    return {id(cb): cb for cb in techniques(trainer)}
 
 
 def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:

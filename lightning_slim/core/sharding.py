@@ -133,20 +133,21 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def unsharded_copy(module: nn.Module) -> nn.Module | None:
+def unsharded_copy(module: nn.Module, memo: dict[int, object] | None = None) -> nn.Module | None:
     """The whole module on CPU, unsharded: ``module`` itself when no parameter is sharded; under FSDP2 a
     copy built on rank 0 from the full state dict (None on the other ranks). A collective when sharded:
     every rank calls it at the same point (not in ``teardown``, where Lightning may have torn down the group).
 
     The copy is a plain module of the user's classes: FSDP2's class swap, hooks and state are removed,
-    its parameters are the gathered tensors (the sharded ones are never copied)."""
+    its parameters are the gathered tensors (the sharded ones are never copied). ``memo``: a deepcopy memo
+    of objects the copy keeps as they are."""
     if not any_sharded(module.parameters()):
         return module
     whole = full_state_dict(module)  # on rank 0 only: cpu_offload keeps it there
     if dist.get_rank() != 0:
         return None
     fsdp_state = object()  # stands in for FSDP2's per-module state in the copy, then is removed
-    memo: dict[int, object] = {}
+    memo = dict(memo or {})
     for name, parameter in module.named_parameters():
         if name not in whole:
             raise KeyError(f"{name!r} is not in the full state dict; its keys: {sorted(whole)[:8]}...")

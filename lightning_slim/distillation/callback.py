@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 from typing_extensions import override
 
 from lightning_slim.batches import batch_indices, example_count, sample_batch
-from lightning_slim.core import log
+from lightning_slim.core import log, sharding
 from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
 from lightning_slim.core.contract import Capability, Effect, ExportStage
@@ -133,6 +133,7 @@ class KnowledgeDistillation(SlimCallback):
         self._vocab: int | None = None
         self._task_loss: torch.Tensor | None = None
         self._anneal_stop = config.schedule.stop_step
+        self._whole_teacher: nn.Module | None = None  # a sharded teacher, gathered on rank 0 after the fit
 
     @property
     def cache(self):
@@ -153,7 +154,19 @@ class KnowledgeDistillation(SlimCallback):
 
     @override
     def provides(self) -> Mapping[Capability, Any]:
-        return {Capability.TEACHER: self.teacher}
+        return {Capability.TEACHER: self.measurable_teacher}
+
+    @property
+    def measurable_teacher(self) -> nn.Module | None:
+        """The teacher as one process can run it: itself, or when sharded its copy gathered for export (rank 0,
+        after the fit; None before, and on the other ranks: its forward alone would wait for them)."""
+        return self._whole_teacher if self.runner.teacher_sharded else self.teacher
+
+    @override
+    def gather_for_export(self) -> None:
+        """A sharded teacher, whole on rank 0 (a collective), for the report to measure."""
+        if self.runner.teacher_sharded:
+            self._whole_teacher = sharding.unsharded_copy(self.teacher)
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -297,17 +297,22 @@ SCENARIOS = {
         ],
     ),
     # repeated examples through the shared cache (full logits): one process, and the same fit with the teacher
-    # sharded over the ranks (its forward a collective even where a rank's batch is all cached)
+    # sharded over the ranks (its forward a collective even where a rank's batch is all cached); the report
+    # measures the teacher on rank 0 (gathered when sharded)
     "llama_kd_repeats": (
         RepeatedLlama,
-        lambda: [KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True)],
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
     ),
     "llama_kd_shard_teacher": (
         RepeatedLlama,
         lambda: [
             KnowledgeDistillation(
                 teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True, teacher_sharding="shard"
-            )
+            ),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
         ],
     ),
     # --- fsdpkd ---

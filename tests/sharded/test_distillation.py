@@ -4,6 +4,8 @@ student, and a teacher sharded by choice; each against one process on the same g
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -150,6 +152,21 @@ def test_a_sharded_teacher_trains_the_student_as_a_replicated_one(evidence):
     # (unused, uncounted), so the gathers matched and the fit finished its 6 steps
     assert [r["teacher_passes"] for r in ranks] == [2, 3], ranks
     assert all(r["steps"] == 6 for r in evidence.ranks("llama_kd_shard_teacher"))
+
+
+def test_the_report_measures_a_sharded_teacher_whole(evidence):
+    """Rank 0 measures the teacher alone: a sharded one is gathered for it first (its forward alone would wait)."""
+    reports = {
+        name: json.loads((evidence.folder / f"{name}_fsdp_report.json").read_text())
+        for name in ("llama_kd_shard_teacher", "llama_kd_repeats")
+    }
+    sharded, replicated = reports["llama_kd_shard_teacher"], reports["llama_kd_repeats"]
+    whole = distillation(evidence, "llama_kd_repeats")[0]["teacher_bytes"] // 4  # float32 parameters
+    assert sharded["teacher"]["params"] == replicated["teacher"]["params"] == whole
+    assert sharded["teacher"]["macs"] == replicated["teacher"]["macs"] > 0
+    rows = [r["techniques"]["distillation"] for r in (sharded, replicated)]
+    assert rows[0]["teacher_macs_per_example"] == rows[1]["teacher_macs_per_example"] > 0
+    assert "teacher_macs_error" not in rows[0]
 
 
 class _Tiny(pl.LightningModule):
