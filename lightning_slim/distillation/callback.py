@@ -264,7 +264,7 @@ class KnowledgeDistillation(SlimCallback):
                 setattr(pl_module, PROJECTIONS, proj.to(next(pl_module.parameters()).device))
                 if mesh is not None:  # each is called on its own (not through the ModuleDict): one FSDP2 unit each
                     for layer in proj.values():
-                        if any(True for _ in layer.parameters()):
+                        if not isinstance(layer, nn.Identity):  # nothing to train where the widths match
                             fully_shard(layer, mesh=mesh)
 
     @override
@@ -272,6 +272,7 @@ class KnowledgeDistillation(SlimCallback):
         """Under FSDP2, after the checks: the cache is shared across the data-parallel ranks, and with
         ``teacher_sharding="shard"`` the teacher is sharded over them (docs/sharded.md)."""
         super().setup(trainer, pl_module, stage)
+        self._whole_teacher = None
         mesh = data_parallel_mesh(trainer.strategy)
         if stage != "fit" or mesh is None:
             return
