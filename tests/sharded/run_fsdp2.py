@@ -275,12 +275,19 @@ SCENARIOS = {
     # fake quantization from step 2; static activation ranges averaged across ranks as under DDP: compared with
     # DDP; the int8 export (export_path, set per run) built on rank 0 from the full state dict
     "cnn_qat": (TinyCNN, lambda: [QuantizationAwareTraining(start_after=2, unit="step", fold_bn=False)]),
-    # the teacher's top-k cached by dataset index and shared across ranks: two epochs, the second served
-    # from the cache; compared with one process over both epochs and resumed from the distributed checkpoint
+    # the teacher's top-k and paired hidden states cached by dataset index and shared across ranks: two
+    # epochs, the second served from the cache; compared with one process over both epochs and resumed from
+    # the distributed checkpoint (the cache, and the sharded feature projection)
     "llama_kd_cache": (
         IndexedLlama,
         lambda: [
-            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher={"top_k": 8})
+            KnowledgeDistillation(
+                teacher=wide_llama_teacher(),
+                alpha=0.5,
+                temperature=2.0,
+                cache_teacher={"top_k": 8},
+                features={"pairs": {"model.model.layers.1": "model.layers.1"}, "pooling": "token", "weight": 100.0},
+            )
         ],
     ),
     # a hidden-state pair through a learned projection (32 -> 48), sharded with FSDP2 as the student is;
