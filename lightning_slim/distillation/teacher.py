@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lightning_slim.batches import BatchFormatError, move_to, slice_batch
+from lightning_slim.core import sharding
 from lightning_slim.core.loading import build_module, freeze, read_state_dict
 from lightning_slim.distillation.configs import DistillationConfig, TeacherCacheConfig
 from lightning_slim.distillation.topk import teacher_topk
@@ -165,7 +166,7 @@ class TeacherRunner:
 
     def _anyone_runs(self, mine: bool) -> bool:
         """Whether any rank has examples the cache lacks this step (a collective)."""
-        anyone = torch.tensor([int(mine)], dtype=torch.int64)
+        anyone = torch.tensor([int(mine)], dtype=torch.int64, device=sharding.collective_device(self.group))
         dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
         return bool(anyone)
 
