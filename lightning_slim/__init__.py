@@ -22,9 +22,8 @@ _PUBLIC = {
     "MNIST1DMLP": "lightning_slim.demos.models",
     "MNIST1DTransformer": "lightning_slim.demos.models",
     "DigitsCNN": "lightning_slim.demos.models",
-    "QuantizationConfig": "lightning_slim.quantization",
 }
-# every technique's callback (IterativeMagnitudePruning, ...), found from its folder (registry.py)
+# every technique's callback and config (IterativeMagnitudePruning, PruningConfig...), found from its folder
 _PUBLIC |= registry.callbacks()
 
 __all__ = sorted(_PUBLIC)

@@ -4,10 +4,12 @@ with no edit to a shared module."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_slim
 from lightning_slim.core import registry
@@ -26,6 +28,18 @@ def test_every_technique_folder_is_found_with_its_callback():
         assert t.callback in lightning_slim.__all__ and t.card.is_file()
         assert hasattr(importlib.import_module(f"{t.module}.functional"), "__doc__")  # the Lightning-free core
         assert (ROOT / "tests" / "cases" / f"{t.folder}.py").is_file(), f"{t.folder} has no case in the generic suite"
+
+
+def test_every_technique_config_is_public_and_is_the_callbacks():
+    """``from lightning_slim import PruningConfig`` works for each technique, and it is the class the
+    callback builds its ``config`` from (torchao's style: ``Callback(config=Config(...))``)."""
+    for t in registry.techniques():
+        assert t.config is not None, f"{t.callback} declares no `self.config: <Config> = ...`"
+        config = getattr(lightning_slim, t.config)
+        assert dataclasses.is_dataclass(config) and t.config in lightning_slim.__all__
+        required = {"teacher": torch.nn.Linear(1, 1)} if t.folder == "distillation" else {}  # its one required field
+        callback = getattr(lightning_slim, t.callback)(config=config(**required))
+        assert type(callback.config) is config
 
 
 def test_readme_table_is_the_registry():

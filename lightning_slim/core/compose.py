@@ -49,11 +49,12 @@ class UnsupportedStrategyError(ValueError):
 SUPPORTED_STRATEGIES = "single-device, DDP (strategy='ddp' or 'ddp_spawn')"
 SHARDED_STRATEGY = "ModelParallelStrategy (FSDP2: fully_shard in configure_model, tensor_parallel_size=1)"
 SHARDED_SUPPORT = (
-    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind) and "
+    "IterativeMagnitudePruning with unstructured or N:M magnitude pruning (any rewind; Wanda importance too) and "
     "KnowledgeDistillation (logits, features, cache_teacher by dataset index; the teacher replicated or "
-    "sharded), OnlineDataSelection without a reference, "
-    "QuantizationAwareTraining(fold_bn=False) on onnxruntime without frozen ranges (export_path included), "
-    "and CompressionReport work"
+    "sharded), OnlineDataSelection (also with a reference "
+    "nn.Module or teacher, reference_losses, cache_reference or joint=True), "
+    "QuantizationAwareTraining (either runtime, BatchNorms folded, frozen ranges, export_path), "
+    "low-rank factorization in setup (at=0) and CompressionReport work"
 )
 
 
@@ -65,7 +66,7 @@ def techniques(trainer: pl.Trainer) -> list[Technique]:
 def deployable_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, before: ExportStage | None = None) -> nn.Module:
     """A CPU copy of the trained module passed through every technique's ``export``, in the order
     of :func:`~lightning_slim.core.contract.export_chain` (only the stages ahead of ``before``)."""
-    model = copy.deepcopy(pl_module, _shared(trainer)).cpu().eval()
+    model = copy.deepcopy(pl_module).cpu().eval()
     for cb in export_chain(techniques(trainer), before):
         model = cb.export(model)
     return model
@@ -79,13 +80,7 @@ def whole_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Modul
     if sharding.any_sharded(pl_module.parameters()):
         for cb in techniques(trainer):
             cb.gather_for_export()
-    return sharding.unsharded_copy(pl_module, _shared(trainer))
-
-
-def _shared(trainer: pl.Trainer) -> dict[int, object]:
-    """A deepcopy memo that keeps the techniques themselves in a copy of the module (its step wrapper refers to
-    them): a copy of the model is not a copy of the callbacks, their teachers, caches and process groups."""
-    return {id(cb): cb for cb in techniques(trainer)}
+    return sharding.unsharded_copy(pl_module)
 
 
 def capability(trainer: pl.Trainer, what: Capability, asker: Technique | None = None) -> object | None:

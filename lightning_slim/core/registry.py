@@ -23,6 +23,7 @@ BASE_CLASS = "SlimCallback"
 class TechniqueEntry:
     folder: str  # the subpackage's name: "pruning"
     callback: str  # its SlimCallback subclass: "IterativeMagnitudePruning"
+    config: str | None = None  # its options' dataclass, from ``self.config: PruningConfig = ...``: "PruningConfig"
 
     @property
     def module(self) -> str:
@@ -47,13 +48,14 @@ def techniques() -> tuple[TechniqueEntry, ...]:
                 f"lightning_slim/{folder.name}/callback.py defines {callbacks or 'no'} {BASE_CLASS} subclasses: "
                 "a technique folder defines exactly one"
             )
-        found.append(TechniqueEntry(folder.name, callbacks[0]))
+        found.append(TechniqueEntry(folder.name, callbacks[0], _config_class(folder / "callback.py")))
     return tuple(found)
 
 
 def callbacks() -> dict[str, str]:
-    """``{callback class name: module that exports it}`` of every technique."""
-    return {t.callback: t.module for t in techniques()}
+    """``{public name: module that exports it}``: every technique's callback and its config."""
+    names = {t.callback: t.module for t in techniques()}
+    return names | {t.config: t.module for t in techniques() if t.config}
 
 
 README_BEGIN, README_END = "| folder | callback |\n|---|---|\n", "<!-- /techniques -->"
@@ -82,6 +84,15 @@ def _callback_classes(path: Path) -> list[str]:
         if isinstance(node, ast.ClassDef)
         and any(getattr(base, "id", getattr(base, "attr", None)) == BASE_CLASS for base in node.bases)
     ]
+
+
+def _config_class(path: Path) -> str | None:
+    """The annotation of the callback's ``self.config: X = ...`` (its options' dataclass), if any."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        target = getattr(node, "target", None)
+        if isinstance(node, ast.AnnAssign) and isinstance(target, ast.Attribute) and target.attr == "config":
+            return getattr(node.annotation, "id", None)
+    return None
 
 
 def write_readme(path: Path = PACKAGE.parent / "README.md") -> None:

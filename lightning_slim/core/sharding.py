@@ -62,6 +62,14 @@ def place_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
 
 
+def rows_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``tensor``, a whole tensor of ``reference``'s shape or one row broadcast over
+    all of them (kept as it is: every block broadcasts it alike). Unsharded references: ``tensor`` itself."""
+    if not isinstance(reference, DTensor) or tensor.shape[0] == 1:
+        return tensor
+    return place_like(tensor.expand(reference.shape).contiguous(), reference).to_local()
+
+
 def row_group(tensors: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
     """The process group over which ``tensors`` are split by rows (None: none is sharded). Every one
     must be a ``Shard(0)`` DTensor on the same one-dimensional mesh: other layouts (tensor parallel,
@@ -142,21 +150,20 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def unsharded_copy(module: nn.Module, memo: dict[int, object] | None = None) -> nn.Module | None:
+def unsharded_copy(module: nn.Module) -> nn.Module | None:
     """The whole module on CPU, unsharded: ``module`` itself when no parameter is sharded; under FSDP2 a
     copy built on rank 0 from the full state dict (None on the other ranks). A collective when sharded:
     every rank calls it at the same point (not in ``teardown``, where Lightning may have torn down the group).
 
     The copy is a plain module of the user's classes: FSDP2's class swap, hooks and state are removed,
-    its parameters are the gathered tensors (the sharded ones are never copied). ``memo``: a deepcopy memo
-    of objects the copy keeps as they are."""
+    its parameters are the gathered tensors (the sharded ones are never copied)."""
     if not any_sharded(module.parameters()):
         return module
     whole = full_state_dict(module)  # on rank 0 only: cpu_offload keeps it there
     if dist.get_rank() != 0:
         return None
     fsdp_state = object()  # stands in for FSDP2's per-module state in the copy, then is removed
-    memo = dict(memo or {})
+    memo: dict[int, object] = {}
     for name, parameter in module.named_parameters():
         if name not in whole:
             raise KeyError(f"{name!r} is not in the full state dict; its keys: {sorted(whole)[:8]}...")

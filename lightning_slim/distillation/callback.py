@@ -17,6 +17,7 @@ from lightning_slim.batches import batch_indices, example_count, sample_batch
 from lightning_slim.core import log, sharding
 from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.compose import techniques
 from lightning_slim.core.contract import Capability, Effect, ExportStage
 from lightning_slim.core.lightning_glue import data_parallel_mesh, should_log, train_loader
 from lightning_slim.core.loading import as_callable
@@ -135,6 +136,11 @@ class KnowledgeDistillation(SlimCallback):
         self._anneal_stop = config.schedule.stop_step
         self._whole_teacher: nn.Module | None = None  # a sharded teacher, gathered on rank 0 after the fit
 
+    def __deepcopy__(self, memo: dict[int, object]) -> KnowledgeDistillation:
+        """Itself: a copy of the LightningModule (an export, the report's baseline) reaches this callback through its
+        step wrapper; it must not copy the teacher and cache, nor a sharded teacher and process group (it cannot)."""
+        return self
+
     @property
     def cache(self):
         """The teacher outputs stored per example (:class:`~lightning_slim.index_cache.IndexCache`)."""
@@ -170,6 +176,12 @@ class KnowledgeDistillation(SlimCallback):
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        users = [type(cb).__name__ for cb in techniques(trainer) if Capability.TEACHER in cb.requires()]
+        if self.config.teacher_sharding == "shard" and users:
+            raise ValueError(
+                f"teacher_sharding='shard' makes the teacher's forward a collective of every rank, which {users} "
+                "would call on its own; use teacher_sharding='replicate' with them"
+            )
         mesh = data_parallel_mesh(trainer.strategy)
         if self.config.teacher_sharding == "shard" and mesh is None:
             raise ValueError(

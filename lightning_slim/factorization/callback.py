@@ -98,6 +98,23 @@ class LowRankFactorization(SlimCallback):
         return self.config.moment if self.config.at > 0 and not self.done else None
 
     @override
+    def sharded_refusal(self, resuming: bool = False) -> str | None:
+        # at=0 factorizes in setup, before configure_model shards: FSDP2 shards the factors (tests/sharded)
+        if resuming:
+            return (
+                "LowRankFactorization cannot resume sharded: it gives the model the checkpoint's factors before "
+                "Lightning loads the weights, after configure_model sharded them; resume unsharded (single device "
+                "or DDP)"
+            )
+        if self.config.at > 0:
+            return (
+                f"LowRankFactorization(at={self.config.at}, unit={self.config.unit!r}) replaces layers mid-fit, "
+                "changing parameter shapes FSDP2 fixed when configure_model sharded them: factorize before "
+                "training (at=0: in setup, before configure_model shards), or factorize unsharded, then shard"
+            )
+        return None
+
+    @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
         # a resumed checkpoint may hold factors (or other ranks than setup chose): its structure first
         saved = dict(state.get("ranks", {}))

@@ -39,7 +39,7 @@ from lightning_slim.pruning.options import (
     sharded_refusal,
     tied_heads_line,
 )
-from lightning_slim.pruning.rewind import restore, take_snapshot
+from lightning_slim.pruning.rewind import gathered, placed, restore, take_snapshot
 from lightning_slim.pruning.schedules import as_dict, timing
 from lightning_slim.pruning.structured import restructure, structure_of
 from lightning_slim.pruning.tensors import Target, select_tensors, tensor_of
@@ -115,6 +115,7 @@ class IterativeMagnitudePruning(SlimCallback):
         self.initial_numel: dict[str, int] = {}
         self.channel_ratio = 0.0
         self.norms = InputNorms()  # Wanda's input statistics since the last event
+        self._norms_group, self._saved_norms = None, None  # FSDP2: per rank, every rank's in checkpoints
         self.config_changes: dict[str, Any] = {}
         self._channels: channel_targets.ChannelTargets | None = None  # runtime only from here; what loses channels
         self._counted: dict[str, Any] = {}  # what the sparsity is over (targets, classifier included)
@@ -140,7 +141,7 @@ class IterativeMagnitudePruning(SlimCallback):
 
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        return sharded_refusal(self.pattern, self.config.importance, self.config.rewind if resuming else "none")
+        return sharded_refusal(self.pattern)
 
     @override
     def before_weights_load(self, pl_module, state: Mapping[str, Any]) -> None:
@@ -199,12 +200,18 @@ class IterativeMagnitudePruning(SlimCallback):
         self._resolve(pl_module)
         if self.config.importance == "wanda" and not self._hooks:
             self._hooks = record_inputs(self.norms, pl_module, self._targets, InTrainingStep(pl_module))
+            self._norms_group = sharding.row_group(self._tensors(pl_module))
 
     @override
     def on_train_start(self, trainer, pl_module):
         self._training = True
         self._refresh_masks(pl_module)  # here: ModelParallelStrategy restores callback state after on_fit_start
+        if self.snapshot is not None:  # resumed under FSDP2: each rank keeps its block of the rewind state
+            self.snapshot = placed(self.snapshot, pl_module, trainer.optimizers)
         apply_masks(self._tensors(pl_module), self.masks)
+        if self._saved_norms is not None:  # resumed: this rank's (FSDP2) or every rank's added up
+            self.norms.load_state_dict(self._saved_norms, self._norms_group)
+            self._saved_norms = None
         self._update_sparsity(pl_module)
         per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         total = trainer.estimated_stepping_batches
@@ -363,13 +370,13 @@ class IterativeMagnitudePruning(SlimCallback):
         return {
             "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
             "events_done": self.events_done,
-            "snapshot": self.snapshot,
+            "snapshot": gathered(self.snapshot) if self.snapshot is not None else None,  # FSDP2: gathered
             "curve": self.accuracy.rows,
             "structure": self.structure,
             "initial_numel": self.initial_numel,
             "channel_ratio": self.channel_ratio,
             "schedule": as_dict(self.schedule),
-            "norms": self.norms.state_dict(),
+            "norms": self.norms.state_dict(self._norms_group),
             "config_changes": self.config_changes,
         }
 
@@ -381,5 +388,5 @@ class IterativeMagnitudePruning(SlimCallback):
         self.structure, self.channel_ratio = state_dict["structure"], state_dict["channel_ratio"]
         self.initial_numel = dict(state_dict["initial_numel"])
         if "norms" in state_dict:  # checkpoints from before Wanda have none
-            self.norms.load_state_dict(state_dict["norms"])
+            self._saved_norms = state_dict["norms"]  # loaded at train start, when the ranks are known
         self.config_changes = dict(state_dict.get("config_changes", {}))

@@ -90,6 +90,8 @@ def compute_masks(
     scope = scope or default_scope(importance)
     tensors = {n: tensor_of(model, t) for n, t in targets.items()}
     group = sharded_group(targets, tensors)
+    if group is not None and importance == "wanda" and stats is not None:  # FSDP2: the whole batch's norms
+        stats = stats.reduced([t.module for t in targets.values()], group)
     for n, t in targets.items():
         patterns.check_nm_shape(n, tuple(as_matrix(tensors[n], t.layout).shape), pattern)
     scores = {n: sharding.local(s) for n, s in imp.scores(model, targets, importance, stats, fallback).items()}

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_slim.core import sharding
 from lightning_slim.modules import evaluating
 from lightning_slim.pruning.norms import InputNorms, first_input
 from lightning_slim.pruning.tensors import Target, as_matrix, tensor_of
@@ -115,8 +116,8 @@ def scores(
                     f"importance='wanda' has no input statistics for {t.module!r}: it was not called "
                     "in the training steps (or calibration batches) seen since the last pruning"
                 )
-            norm = norm_matrix(model.get_submodule(t.module), t, stats.rms(t.module))
-            w = w * norm.to(w.device)
+            norm = norm_matrix(model.get_submodule(t.module), t, stats.rms(t.module)).to(w.device)
+            w = sharding.like(sharding.local(w) * sharding.rows_of(norm, w), w)  # FSDP2: this rank's rows
         elif importance != "magnitude":
             raise ValueError(f"importance={importance!r} is not one of {IMPORTANCES}")
         out[name] = w

@@ -4,10 +4,11 @@ forward hooks during training steps (or calibration batches) and kept in checkpo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -53,6 +54,27 @@ class InputNorms:
             raise KeyError(f"no inputs were recorded for {name!r}; recorded: {sorted(self.sumsq)}")
         return [(s / max(self.count[name], 1)).sqrt() for s in self.sumsq[name]]
 
+    def reduced(self, names: Iterable[str], group: dist.ProcessGroup) -> InputNorms:
+        """The statistics of every rank of ``group`` together: sums of squares and counts added, as if one
+        process had seen every rank's inputs (a collective: every rank calls it with the same ``names``)."""
+        names = sorted(set(names))
+        device = next((t.device for v in self.sumsq.values() for t in v), torch.device("cpu"))
+        seen = torch.tensor([[int(n in self.count), self.count.get(n, 0)] for n in names], device=device).reshape(-1, 2)
+        dist.all_reduce(seen, group=group)
+        world = dist.get_world_size(group)
+        partial = [n for n, (ranks, _) in zip(names, seen.tolist()) if 0 < ranks < world]
+        if partial:  # every rank runs the same forward under FSDP2: a module called on some ranks only is a bug
+            raise RuntimeError(f"Wanda's input norms of {partial} were recorded on some ranks only")
+        present = [n for n, (ranks, _) in zip(names, seen.tolist()) if ranks]
+        sums = [t for n in present for t in self.sumsq[n]]
+        flat = torch.cat([t.flatten() for t in sums]) if sums else torch.zeros(0, device=device)
+        dist.all_reduce(flat, group=group)
+        out, blocks = InputNorms(), iter(flat.split([t.numel() for t in sums]))
+        for n in present:
+            out.sumsq[n] = [next(blocks).view_as(t) for t in self.sumsq[n]]
+        out.count = {n: int(c) for n, (ranks, c) in zip(names, seen.tolist()) if ranks}
+        return out
+
     @contextlib.contextmanager
     def recording(
         self,
@@ -81,10 +103,32 @@ class InputNorms:
             for name, m in modules.items()
         ]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sumsq": {k: [t.cpu() for t in v] for k, v in self.sumsq.items()}, "count": dict(self.count)}
+    def state_dict(self, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+        """Plain tensors; with ``group`` (FSDP2, where a checkpoint keeps rank 0's callback state) every
+        rank's, ``{"per_rank": [...]}`` (a collective: every rank calls it)."""
+        state = {"sumsq": {k: [t.cpu() for t in v] for k, v in self.sumsq.items()}, "count": dict(self.count)}
+        if group is None:
+            return state
+        per_rank: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(per_rank, state, group=group)
+        return {"per_rank": per_rank}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], group: dist.ProcessGroup | None = None) -> None:
+        """A saved state; every rank's (``per_rank``): this rank's of ``group``, or all of them added up
+        when resumed unsharded (what one process would have seen)."""
+        if "per_rank" in state:
+            states = state["per_rank"]
+            world = dist.get_world_size(group) if group is not None else None
+            if world is not None and world != len(states):
+                raise ValueError(f"Wanda's input norms were saved by {len(states)} ranks; resumed on {world}")
+            if world is not None:
+                return self.load_state_dict(states[dist.get_rank(group)])
+            self.reset()
+            for saved in states:
+                for name, sums in saved["sumsq"].items():
+                    self.sumsq[name] = [a + b for a, b in zip(self.sumsq[name], sums)] if name in self.sumsq else sums
+                    self.count[name] = self.count.get(name, 0) + saved["count"][name]
+            return
         self.sumsq = {k: list(v) for k, v in state["sumsq"].items()}
         self.count = dict(state["count"])
 

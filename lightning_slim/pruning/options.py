@@ -111,19 +111,11 @@ def coverage_warning(untouched: Mapping[str, str], tied: Mapping[str, list[str]]
     )
 
 
-def sharded_refusal(pattern: Pattern, importance: str, resumed_rewind: str = "none") -> str | None:
-    """Why pruning so configured cannot run on FSDP2-sharded parameters, or resume with a rewind
-    snapshot (``resumed_rewind``), which stays sharded where Lightning saves rank 0's callback state."""
+def sharded_refusal(pattern: Pattern) -> str | None:
+    """Why pruning so configured cannot run on FSDP2-sharded parameters (and resume there)."""
     if pattern.kind == "channels":
         return (
             "IterativeMagnitudePruning(pattern='channels') changes parameter shapes, which FSDP2 fixed when "
             "configure_model sharded them: prune channels unsharded (single device or DDP), then shard"
-        )
-    if importance == "wanda":
-        return "IterativeMagnitudePruning(importance='wanda') does not reduce its input norms across ranks"
-    if resumed_rewind != "none":
-        return (
-            f"IterativeMagnitudePruning(rewind={resumed_rewind!r}) cannot resume sharded: its snapshot is per rank "
-            "and Lightning saves rank 0's callback state; resume with rewind='none', or unsharded"
         )
     return None

@@ -6,7 +6,9 @@
   schedule (schedulers and the optimizers' hyper-parameters) goes back to the snapshot.
 - ``"none"``: fine-tune, nothing is restored.
 
-Plain PyTorch: optimizers and schedulers are passed in as lists.
+Plain PyTorch: optimizers and schedulers are passed in as lists. Under FSDP2 the snapshot holds each
+rank's block of every weight and optimizer state, as training does; :func:`gathered` makes it whole for a
+checkpoint (which keeps rank 0's copy) and :func:`placed` gives each rank its block back on resume.
 
 >>> import torch
 >>> net = torch.nn.Linear(2, 2); opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -25,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_slim.core import sharding
 
 REWINDS = ("none", "init", "step", "lr")
 
@@ -74,3 +78,44 @@ def restore(
                 group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
     for sched, state in zip(schedulers, snap["schedulers"]):
         sched.load_state_dict(copy.deepcopy(state))
+
+
+def gathered(snap: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with every sharded tensor whole, on CPU (a collective under FSDP2: every rank calls it)."""
+    if "module" not in snap:  # rewind="lr": hyper-parameters and schedules only, nothing sharded
+        return snap
+    snap = dict(snap)
+    snap["module"] = {k: sharding.full(v).detach().cpu() for k, v in snap["module"].items()}
+    snap["optimizers"] = [
+        {**state, "state": {i: {k: _whole(v) for k, v in s.items()} for i, s in state.get("state", {}).items()}}
+        for state in snap["optimizers"]
+    ]
+    return snap
+
+
+def placed(snap: dict[str, Any], module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """A whole snapshot (read back from a checkpoint) placed as training holds the module and optimizers:
+    under FSDP2 each rank keeps its own block of every weight and per-parameter optimizer state (nothing
+    is sent); unsharded, as it is."""
+    if "module" not in snap:  # rewind="lr": hyper-parameters and schedules only, nothing sharded
+        return snap
+    snap, current = dict(snap), module.state_dict()
+    snap["module"] = {k: _like(v, current[k]) if k in current else v for k, v in snap["module"].items()}
+    optimizer_states = []
+    for opt, state in zip(optimizers, snap["optimizers"]):
+        params = [p for group in opt.param_groups for p in group["params"]]  # state_dict's index order
+        per_param = {i: {k: _like(v, params[i]) for k, v in s.items()} for i, s in state.get("state", {}).items()}
+        optimizer_states.append({**state, "state": per_param})
+    snap["optimizers"] = optimizer_states + list(snap["optimizers"][len(optimizer_states) :])
+    return snap
+
+
+def _whole(value: Any) -> Any:
+    return sharding.full(value).detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _like(value: Any, reference: torch.Tensor) -> Any:
+    """A whole tensor of ``reference``'s shape placed as it is; anything else (a step count) as it is."""
+    if not sharding.is_sharded(reference) or not isinstance(value, torch.Tensor) or value.shape != reference.shape:
+        return value
+    return sharding.place_like(value.to(reference.device), reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from copy import deepcopy
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -132,17 +133,13 @@ class QuantizationAwareTraining(SlimCallback):
 
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        config = self.config
-        untested = {
-            "runtime='torchao'": config.runtime == "torchao",
-            "freeze_ranges_after": config.freeze_ranges_after is not None,  # frozen scales would be per shard
-            "fold_bn=True (pass fold_bn=False)": config.fold_bn,
-            "freeze_bn_after": config.freeze_bn_after is not None,
-            "resuming": resuming,
-        }
-        if any(untested.values()):
-            return f"QuantizationAwareTraining sharded supports none of {[k for k, v in untested.items() if v]}"
-        return None  # static ranges averaged across ranks as under DDP: tests/sharded
+        # every rank quantizes alike (whole frozen scales; activation ranges and folded BatchNorm statistics
+        # averaged across ranks, as under DDP), so rank 0's saved state is every rank's: tests/sharded
+        return None
+
+    @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        functional.check_sharded_folds(pl_module, self.folded)  # after configure_model sharded the model
 
     @override
     def structure_fixed_from(self) -> Moment | None:
@@ -234,9 +231,9 @@ class QuantizationAwareTraining(SlimCallback):
             if message:
                 rank_zero_warn(message)
         if trainer.world_size > 1:
-            self.backend.sync_ranks(
-                functional.fake_quantized_layers(pl_module), lambda t: trainer.strategy.reduce(t, reduce_op="mean")
-            )
+            reduce_mean = partial(trainer.strategy.reduce, reduce_op="mean")
+            self.backend.sync_ranks(functional.fake_quantized_layers(pl_module), reduce_mean)
+            functional.average_batchnorm_statistics(pl_module, reduce_mean)
 
     @override
     def on_validation_start(self, trainer, pl_module) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_slim.core import sharding
 from lightning_slim.quantization.fake_layer import FakeQuantizedLayer
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -71,9 +72,18 @@ def unfold_patches(x: torch.Tensor, geometry, one_d: bool):
 
 
 def bn_factor(bn: nn.Module) -> torch.Tensor:
-    """gamma / sqrt(running_var + eps): what folding BN into the conv multiplies weights by."""
-    factor = torch.rsqrt(bn.running_var + bn.eps)
-    return factor * bn.weight if bn.affine else factor
+    """gamma / sqrt(running_var + eps): what folding BN into the conv multiplies weights by.
+
+    FSDP2, outside a forward: gamma is this rank's block of channels (a ``DTensor``) while the running
+    statistics are whole buffers; each rank takes its block of them (nothing sent)."""
+    if not bn.affine:
+        return torch.rsqrt(bn.running_var + bn.eps)
+    return torch.rsqrt(sharding.place_like(bn.running_var, bn.weight) + bn.eps) * bn.weight
+
+
+def scale_rows(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``w`` with each output channel (row) multiplied by ``factor``'s entry (placed as ``w``'s rows under FSDP2)."""
+    return w * sharding.place_like(factor, w).reshape(-1, *[1] * (w.dim() - 1))
 
 
 def folded_weight_bias(conv: nn.Module, bn: nn.Module | None):
@@ -84,7 +94,7 @@ def folded_weight_bias(conv: nn.Module, bn: nn.Module | None):
         return w, b
     f = bn_factor(bn).detach()
     shift = bn.bias.detach() if bn.affine else torch.zeros_like(f)
-    return w * f.reshape(-1, *[1] * (w.dim() - 1)), (b - bn.running_mean) * f + shift
+    return scale_rows(w, f), (b - bn.running_mean) * f + shift
 
 
 class _FakeQuantizedConvMixin(FakeQuantizedLayer):
@@ -109,7 +119,7 @@ class _FakeQuantizedConvMixin(FakeQuantizedLayer):
         w = self.weight
         bn = self.folded_bn
         if bn is not None:
-            w = w * bn_factor(bn).reshape(-1, *[1] * (w.dim() - 1))
+            w = scale_rows(w, bn_factor(bn))
         return w.reshape(w.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

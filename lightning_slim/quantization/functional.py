@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_slim.core import sharding
 from lightning_slim.quantization import conv
@@ -136,12 +137,45 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
                 fq.enabled = enabled
 
 
+def folded_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms folded into fake-quantized convolutions."""
+    return [bn for m in fake_quantized_layers(model).values() if (bn := getattr(m, "folded_bn", None)) is not None]
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(model: nn.Module, reduce_mean) -> None:
+    """Make the running statistics of the folded BatchNorms equal on every rank (``reduce_mean`` averages a
+    tensor over ranks). They scale the weights that are fake-quantized, so every rank must hold the same;
+    FSDP2 leaves buffers per rank (DDP broadcasts rank 0's before each forward). EMAs are linear: the
+    averaged mean is the EMA of the global batch's mean (equal local batches); the averaged variance
+    lacks the spread between the ranks' means, as every rank's own statistics do without SyncBatchNorm."""
+    bns = [bn for bn in folded_batchnorms(model) if bn.training]  # frozen ones stopped moving, and agree
+    if not bns:
+        return
+    flat = reduce_mean(torch.cat([torch.cat([bn.running_mean, bn.running_var]) for bn in bns]))
+    for bn, block in zip(bns, flat.split([2 * bn.num_features for bn in bns])):
+        bn.running_mean.copy_(block[: bn.num_features])
+        bn.running_var.copy_(block[bn.num_features :])
+
+
+def check_sharded_folds(model: nn.Module, folded: dict[str, str]) -> None:
+    """Raise before training when a folded BatchNorm was sharded by a ``fully_shard`` of its own: FSDP2
+    gathers a module's parameters in its own forward (or an enclosing sharded module's), and the
+    convolution reads the BatchNorm's before that forward runs."""
+    alone = [bn for bn in folded.values() if isinstance(model.get_submodule(bn), FSDPModule)]
+    if alone:
+        raise ValueError(
+            f"QuantizationAwareTraining folds the BatchNorms {alone} into the convolutions before them, but "
+            "configure_model shards each with a fully_shard of its own, so their parameters are still sharded "
+            "when the convolution reads them; shard them with an enclosing module (their parent or the root), "
+            "or pass fold_bn=False"
+        )
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Use (and stop updating) running statistics of the BNs folded into convolutions."""
-    for m in fake_quantized_layers(model).values():
-        bn = getattr(m, "folded_bn", None)
-        if bn is not None:
-            bn.eval()
+    for bn in folded_batchnorms(model):
+        bn.eval()
 
 
 # --- ranges ------------------------------------------------------------------------------------
@@ -150,10 +184,19 @@ def quantized_weight(m: nn.Module) -> torch.Tensor:
     return m.quant_weight() if isinstance(m, FakeQuantizedLayer) else m.weight
 
 
+def whole_quantized_weight(m: nn.Module) -> torch.Tensor:
+    """:func:`quantized_weight`, detached and whole on every rank: under FSDP2, outside a forward, one
+    layer's weight is gathered (as FSDP2's forward gathers it), so every rank computes the scales one
+    process computes from the same weight (a collective: every rank calls it for the same layers)."""
+    return sharding.full(quantized_weight(m).detach())
+
+
 def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Fix each Linear/Conv weight's scale at its current value (the standard QAT recipe stops
     updating ranges late in training). Returns them, to be saved and set back by :func:`set_ranges`.
-    Embeddings keep computing theirs (weight-only, nothing to stabilise)."""
+    Embeddings keep computing theirs (weight-only, nothing to stabilise). The scales are the whole
+    weight's (one per output channel of the whole layer, equal on every rank under FSDP2): they are
+    used inside the forward, where FSDP2 has gathered the whole weight."""
     from lightning_slim.quantization.static import ActivationObserver, WeightQuantizer
 
     ranges = {}
@@ -162,7 +205,7 @@ def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             continue
         fq = m.weight_fake_quantizer
         if isinstance(fq, WeightQuantizer):  # static (onnxruntime): weight scale and input range
-            ranges[name] = {"scale": fq.compute_scale(quantized_weight(m)).clone()}
+            ranges[name] = {"scale": fq.compute_scale(whole_quantized_weight(m)).clone()}
             if isinstance(m.activation_fake_quantizer, ActivationObserver):
                 m.activation_fake_quantizer.freeze()
             continue
@@ -171,7 +214,7 @@ def freeze_ranges(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             fq.config = copy.copy(fq.config)
             fq.config.is_dynamic = True
             enabled, fq.enabled = fq.enabled, True
-            fq(quantized_weight(m).detach())  # computes scale / zero point
+            fq(whole_quantized_weight(m))  # computes scale / zero point
             fq.enabled = enabled
         ranges[name] = {"scale": fq.scale.detach().clone(), "zero_point": fq.zero_point.detach().clone()}
     set_ranges(model, ranges)
@@ -196,15 +239,15 @@ def set_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tensor]]) -> 
 
 @torch.no_grad()
 def quantization_error(model: nn.Module) -> list[dict[str, Any]]:
-    """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer."""
+    """Per fake-quantized layer: the weight's relative error and SQNR under its quantizer (under FSDP2
+    a collective, the whole weight one layer at a time: frozen scales are the whole weight's)."""
     rows = []
     for name, m in fake_quantized_layers(model).items():
-        fq, whole = m.weight_fake_quantizer, quantized_weight(m)
-        w = sharding.local(whole.detach())  # FSDP2: this rank's output rows, each with its own scale
+        fq, w = m.weight_fake_quantizer, whole_quantized_weight(m)
         enabled, fq.enabled = fq.enabled, True
         err = fq(w) - w
         fq.enabled = enabled
-        signal, noise = sharding.total(w.pow(2).sum(), whole), sharding.total(err.pow(2).sum(), whole)
+        signal, noise = float(w.double().pow(2).sum()), float(err.double().pow(2).sum())
         rows.append(
             {
                 "layer": name,

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_slim.quantization.conv import bn_factor, rebuild_conv
+from lightning_slim.quantization.conv import bn_factor, rebuild_conv, scale_rows
 from lightning_slim.quantization.fake_layer import FakeQuantizedLayer
 
 QMAX_U8 = 255
@@ -193,7 +193,7 @@ class _StaticMixin(FakeQuantizedLayer):
     def quant_weight(self) -> torch.Tensor:
         """The (BN-scaled) weight the weight quantizer sees."""
         f = self._factor()
-        return self.weight if f is None else self.weight * f.reshape(-1, *[1] * (self.weight.dim() - 1))
+        return self.weight if f is None else scale_rows(self.weight, f)
 
     def folded_bias(self) -> torch.Tensor:
         """The bias the export writes: the conv's, with the BN (running statistics) folded in."""

@@ -100,10 +100,19 @@ class OnlineDataSelection(SlimCallback):
     # --- the contract ---------------------------------------------------------------------------------
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        config = self.config
-        if config.reference is None and config.reference_losses is None and config.joint is None:
-            return None  # per rank, as under DDP: tests/sharded
-        return "OnlineDataSelection with a reference or joint=True is not tested sharded; reference-free scores are"
+        # each rank scores its own super-batch, as under DDP (a frozen reference replicated on every rank;
+        # reference losses read or cached by the batch's global dataset index): tests/sharded/test_selection.py
+        if isinstance(self.config.reference, dict):
+            return (
+                "OnlineDataSelection with a reference built from a dict spec is not tested sharded; build it "
+                "and pass the nn.Module (or reference_losses)"
+            )
+        if resuming and self.config.cache_reference:
+            return (
+                "OnlineDataSelection(cache_reference=True) cannot resume sharded (untested): each rank fills its "
+                "own cache and a checkpoint keeps rank 0's"
+            )
+        return None
 
     @override
     def requires(self) -> set[Capability]:

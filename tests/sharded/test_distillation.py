@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_slim import KnowledgeDistillation
+from lightning_slim import KnowledgeDistillation, OnlineDataSelection
 from lightning_slim.batches import BatchFormatError
 from lightning_slim.distillation.cache_keys import CacheKeys
 from lightning_slim.distillation.callback import PROJECTIONS
@@ -197,6 +197,19 @@ def test_sharding_the_teacher_is_refused_unsharded_before_training():
     with pytest.raises(ValueError, match="teacher_sharding='shard'.*SingleDeviceStrategy.*'replicate', 'shard'"):
         trainer.fit(module, DataLoader(data, batch_size=4))
     assert trainer.global_step == 0 and torch.equal(module.net.weight, before)
+
+
+def test_sharding_a_teacher_another_technique_calls_is_refused_before_training():
+    module = _Tiny()
+    kd = KnowledgeDistillation(teacher=nn.Linear(4, 3), teacher_sharding="shard")
+    select = OnlineDataSelection(keep=0.5, reference="teacher")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, callbacks=[select, kd]
+    )
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match=r"collective of every rank, which \['OnlineDataSelection'\] would call"):
+        trainer.fit(module, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 0
 
 
 def test_teacher_sharding_is_validated_and_expressible_as_a_mapping():

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from lightning_slim.pruning.functional import is_nm
+from lightning_slim.pruning.norms import InputNorms
 
 SCENARIOS = ["llama_global", "llama_layer", "llama_2of4", "llama_imp_rewind", "llama_kd_pruned", "cnn_global"]
+# Wanda after one step: each rank's input norms of step 0 reduced across ranks (sums of squares, counts). The
+# masks are compared bit for bit: the reduced sums differ from one process's only in float32 summation order
+# (a few ulp), which flips a mask only where two scores of a row (or, scope="global", of the model) lie within
+# a few ulp: none here. Measured: with each rank's own norms instead (the reduction left out) all three differ.
+WANDA = ["llama_wanda", "llama_2of4_wanda", "cnn_wanda"]
+SCENARIOS += WANDA
 # what a mask can cost: the two-process run against one process, after 6 SGD steps (lr 0.1, momentum 0.9).
 # The runs differ only in float32 summation order (two reduce-scattered halves of the batch's gradient
 # against one sum), a few ulp of each gradient (measured: at most 6e-8 on weights of size 0.05-1); 1e-5
@@ -83,8 +90,9 @@ def test_layer_scope_prunes_each_tensor_to_its_fraction(evidence):
         assert int((~mask).sum()) == round(0.5 * mask.numel()), name
 
 
-def test_two_of_four_holds_on_every_row(evidence):
-    for name, mask in evidence.tensors("llama_2of4", "fsdp")["masks"].items():
+@pytest.mark.parametrize("scenario", ["llama_2of4", "llama_2of4_wanda"])
+def test_two_of_four_holds_on_every_row(evidence, scenario):
+    for name, mask in evidence.tensors(scenario, "fsdp")["masks"].items():
         assert is_nm(mask.reshape(mask.shape[0], -1), 2, 4) and mask.float().mean() == 0.5, name
 
 
@@ -115,3 +123,19 @@ def test_rewind_state_is_sharded(evidence):
     ranks, single = evidence.ranks("llama_imp_rewind"), evidence.single("llama_imp_rewind")
     for r in ranks:  # the snapshot's weights and optimizer state: each rank's block only
         assert 0.45 < r["snapshot_bytes"] / single["snapshot_bytes"] <= 0.55, r
+
+
+def test_every_ranks_wanda_norms_add_up_when_resumed_unsharded():
+    """A sharded checkpoint keeps every rank's norms (test_resume.py); resumed without a process group they are
+    added up: what one process seeing every rank's inputs would hold (the same two float32 additions)."""
+    inputs = [torch.tensor([[1.0, 2.0], [0.5, 0.0]]), torch.tensor([[3.0, 1.0]])]
+    per_rank, together = [], InputNorms()
+    for x in inputs:
+        rank = InputNorms()
+        rank.add("lin", [x])
+        per_rank.append(rank.state_dict())
+        together.add("lin", [x])
+    resumed = InputNorms()
+    resumed.load_state_dict({"per_rank": per_rank})
+    assert resumed.count == together.count == {"lin": 3}
+    assert torch.equal(resumed.sumsq["lin"][0], together.sumsq["lin"][0])

@@ -38,7 +38,18 @@ def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [distil], "last.ckpt")
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), teacher_sharding="shard")])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
+    reference = torch.nn.Linear(2, 2)
+    check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference=reference, joint=True)])  # test_selection.py
+    check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference_losses=torch.zeros(4))])
+    cached = OnlineDataSelection(reference="teacher", cache_reference=True)
+    check_sharded(MODEL_PARALLEL, [cached, KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
+    with pytest.raises(UnsupportedStrategyError, match=r"cache_reference=True\) cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [cached], "last.ckpt")
+    check_sharded(MODEL_PARALLEL, [LowRankFactorization(at=0)])  # in setup, before sharding: test_factorization.py
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False)])
+    for runtime in ("onnxruntime", "torchao"):  # test_quantization.py: cnn_bn_qat, cnn_bn_qat_torchao (resumed too)
+        qat = QuantizationAwareTraining(runtime=runtime, freeze_ranges_after=4, freeze_bn_after=8, unit="step")
+        check_sharded(MODEL_PARALLEL, [qat], "last.ckpt")
     check_sharded(
         MODEL_PARALLEL,
         [IterativeMagnitudePruning(), IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5}, pattern="2:4")],
@@ -49,16 +60,12 @@ def test_supported_techniques_pass_under_model_parallel():
     "callback, reason",
     [
         (IterativeMagnitudePruning(pattern="channels"), "changes parameter shapes"),
-        (IterativeMagnitudePruning(importance="wanda"), "input norms"),
-        (QuantizationAwareTraining(), r"none of \['fold_bn=True \(pass fold_bn=False\)'\]"),
-        (QuantizationAwareTraining(fold_bn=False, runtime="torchao"), "none of .*runtime='torchao'"),
-        (QuantizationAwareTraining(fold_bn=False, freeze_ranges_after=2), "none of .*freeze_ranges_after"),
         (
             KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher={"key": "content"}),
             "cache_teacher key='content' is not supported sharded",
         ),
-        (OnlineDataSelection(reference=torch.nn.Linear(2, 2)), "OnlineDataSelection with a reference or joint"),
-        (LowRankFactorization(), "LowRankFactorization: it does not"),
+        (OnlineDataSelection(reference={"class_path": "torch.nn.Linear", "checkpoint": "r.pt"}), "dict spec"),
+        (LowRankFactorization(at=1), r"LowRankFactorization\(at=1, unit='epoch'\) replaces layers mid-fit.*at=0"),
     ],
 )
 def test_unsupported_callbacks_are_refused_naming_what_works(callback, reason):
@@ -73,12 +80,15 @@ def test_the_report_and_the_int8_export_are_accepted_sharded():  # test_report.p
     check_sharded(MODEL_PARALLEL, [QuantizationAwareTraining(fold_bn=False, export_path="m.onnx")])
 
 
-def test_resuming_a_rewind_snapshot_is_refused_under_model_parallel():
-    rewinding = IterativeMagnitudePruning(rewind="step", rewind_step=1)
-    check_sharded(MODEL_PARALLEL, [rewinding])  # a fresh fit rewinds sharded (test_pruning.py)
-    with pytest.raises(UnsupportedStrategyError, match="rewind='step'.* cannot resume sharded"):
+def test_resuming_rewind_snapshots_and_wanda_is_accepted_and_factorization_refused_under_model_parallel():
+    for rewind in ("init", "step", "lr"):  # the snapshot is gathered into the checkpoint (test_resume.py)
+        rewinding = IterativeMagnitudePruning(rewind=rewind, rewind_step=int(rewind != "init"))
         check_sharded(MODEL_PARALLEL, [rewinding], "last.ckpt")
-    check_sharded(MODEL_PARALLEL, [IterativeMagnitudePruning()], "last.ckpt")  # test_resume.py
+    wanda = IterativeMagnitudePruning({"kind": "one_shot", "sparsity": 0.5, "at": 1}, importance="wanda")
+    check_sharded(MODEL_PARALLEL, [wanda])  # a fresh fit reduces its norms across ranks (test_pruning.py)
+    check_sharded(MODEL_PARALLEL, [wanda], "last.ckpt")  # every rank's norms in the checkpoint (test_resume.py)
+    with pytest.raises(UnsupportedStrategyError, match="LowRankFactorization cannot resume sharded"):
+        check_sharded(MODEL_PARALLEL, [LowRankFactorization(at=0)], "last.ckpt")
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
