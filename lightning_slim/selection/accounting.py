@@ -17,9 +17,25 @@ reference k times larger than the learner costs k times more (``compute_macs*``)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
 
 from lightning_slim.selection.functional import FORWARD_UNITS, TRAIN_UNITS
+
+# counts that each data-parallel rank makes of its own examples (steps and MACs per example are alike on every
+# rank; reference_train_examples is the reference's, declared once)
+RANK_COUNTS = (
+    "examples_seen",
+    "examples_trained",
+    "learner_forwards",
+    "reference_forwards",
+    "noisy_known_seen",
+    "noisy_known_trained",
+    "noisy_seen",
+    "noisy_trained",
+)
 
 
 @dataclass
@@ -97,6 +113,16 @@ class CostLedger:
                 "macs_reference_per_token": reference / self.tokens_per_example,
             }
         return out
+
+    def across_ranks(self, device: torch.device | str = "cpu") -> CostLedger:
+        """The whole job's ledger: a copy with every rank's example counts added up (a collective: every
+        rank calls it at the same step; ``device``: where the process group's backend takes tensors), or
+        ``self`` when not distributed."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        counts = torch.tensor([getattr(self, k) for k in RANK_COUNTS], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)  # integer counts far below 2**53: exact in float64
+        return replace(self, **{k: int(v) for k, v in zip(RANK_COUNTS, counts.tolist(), strict=True)})
 
     def noisy_summary(self) -> dict[str, float]:
         if not self.noisy_known_seen:

@@ -78,7 +78,8 @@ class OnlineDataSelection(SlimCallback):
     ):
         self.config: SelectionConfig = config_from(SelectionConfig, config, locals())
         config = self.config
-        self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)
+        self.ledger = CostLedger(reference_train_examples=config.reference_train_examples)  # this rank's
+        self.job_ledger = self.ledger  # every rank's counts added up (the same object when not distributed)
         self.scorer: Scorer | None = None
         self.reference_cache = IndexCache() if config.cache_reference else None  # filled lazily, checkpointed
         self._built_reference: nn.Module | None = None  # a reference built from a dict: built once, reused
@@ -266,8 +267,8 @@ class OnlineDataSelection(SlimCallback):
 
     # --- logging, report, state --------------------------------------------------------------------
     def _log(self, trainer, pl_module, batch, rows, scores, n) -> None:
-        values = {"active": float(self.ledger.last_active), "kept_fraction": len(rows) / n, **self.ledger.summary()}
         idx = batch_indices(batch) if self._noisy is not None else None
+        values: dict[str, float] = {"kept_fraction": len(rows) / n}
         if idx is not None and int(idx.max()) < len(self._noisy):
             noisy = self._noisy[idx.long().cpu()]
             self.ledger.noisy(int(noisy.sum()), int(noisy[rows].sum()), n, len(rows))
@@ -275,7 +276,10 @@ class OnlineDataSelection(SlimCallback):
                 batch_noisy_fraction_selected=float(noisy[rows].float().mean()),
                 batch_noisy_fraction_seen=float(noisy.float().mean()),
             )
-            values.update(self.ledger.noisy_summary())
+        # the whole job's counts: every rank selects (and so reduces) at every step
+        self.job_ledger = self.ledger.across_ranks(pl_module.device)
+        job = self.job_ledger
+        values.update(active=float(job.last_active), **job.summary(), **job.noisy_summary())
         if scores is not None:
             s = scores.diagonal() if scores.dim() == 2 else scores
             values.update(score_mean=float(s.mean()), selected_score_mean=float(s[rows].mean()))
@@ -296,15 +300,16 @@ class OnlineDataSelection(SlimCallback):
             "trained_per_step": self._keep_count(self.nominal_super_batch) if self.nominal_super_batch else None,
             **({"batch_note": self.note} if self.note else {}),
             "joint": self.config.joint is not None,
-            **self.ledger.summary(),
-            **self.ledger.noisy_summary(),
+            **self.job_ledger.summary(),
+            **self.job_ledger.noisy_summary(),
             **({"macs_error": self.macs_error} if self.macs_error else {}),
         }
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            log.set_summary(trainer, {log.metric_key(self.technique, k): v for k, v in self.ledger.summary().items()})
+            job = self.job_ledger.summary()
+            log.set_summary(trainer, {log.metric_key(self.technique, k): v for k, v in job.items()})
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -206,7 +206,8 @@ def run(name: str, out: Path, run_name: str) -> dict:
         record["distillation"] = distillation_evidence(distil, module, tr)
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
-        record["ledger"] = select.ledger.summary()
+        record["ledger"] = select.ledger.summary()  # this rank's
+        record["job_ledger"] = select.job_ledger.summary()  # what is logged and reported: every rank's added up
     full_weights = sharding.full_state_dict(module)  # collectives: every rank calls them
     full_masks = {k: sharding.full(m).cpu() for k, m in masks.items()}
     if tr.global_rank == 0:

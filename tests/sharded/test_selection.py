@@ -35,6 +35,10 @@ def test_each_rank_trains_on_half_of_what_it_scores_and_the_ledger_matches_ddp(e
         ledger = mine["ledger"]
         assert ledger["examples_seen"] == 24 and ledger["examples_trained"] == 12, (rank, ledger)  # keep=0.5
         assert ledger == theirs["ledger"], rank
+        # logged and reported: the whole job's counts (both ranks'), the same on every rank, as under DDP
+        job = mine["job_ledger"]
+        assert job["examples_seen"] == 48 and job["examples_trained"] == 24, (rank, job)
+        assert job["scoring_forwards"] == 2 * ledger["scoring_forwards"] and job == theirs["job_ledger"], rank
 
 
 def test_all_supported_techniques_together_prune_and_distil(evidence):
