@@ -20,6 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from lightning_slim.core import sharding
 
 
 class IndexCache:
@@ -85,6 +88,20 @@ class IndexCache:
                 self.values[key] = value.new_zeros((len(self.filled), *value.shape[1:]))
             self.values[key][index] = value.to(self.values[key].dtype)
         self.filled[index] = True
+
+    def share(self, index: torch.Tensor, group: dist.ProcessGroup) -> None:
+        """Store on every rank the rows each rank stored at ``index`` this step (a collective: every rank
+        calls it, with its own, possibly empty, ``index``), so the caches stay equal across ranks and an
+        example computed on one rank is served from the cache on all. An index stored by several ranks
+        at once keeps the lowest rank's row, on every rank."""
+        index = index.long().cpu()
+        rows = {"index": index} | {k: v[index] for k, v in sorted(self.values.items())}
+        everyone = sharding.gather_rows(rows, group)
+        first: dict[int, int] = {}
+        for position, i in enumerate(everyone.pop("index").tolist()):
+            first.setdefault(i, position)
+        keep = torch.tensor(list(first.values()), dtype=torch.int64)  # first occurrences, in rank order
+        self.store(torch.tensor(list(first), dtype=torch.int64), {k: v[keep] for k, v in everyone.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"filled": self.filled.clone(), "values": {k: v.clone() for k, v in self.values.items()}}

@@ -8,7 +8,8 @@ tests run against the Lightning version the package declares as its lowest:
 - ``trainer._logger_connector.should_update_logs``: whether this step reaches the loggers;
 - ``strategy.setup_optimizers`` / ``configure_ddp``: rebuild optimizers (and re-wrap DDP) after
   parameters were replaced, or the replaced layers silently stop training;
-- the sharded strategies: which one a Trainer runs (FSDP2 through ``ModelParallelStrategy`` is supported).
+- the sharded strategies: which one a Trainer runs (FSDP2 through ``ModelParallelStrategy`` is supported),
+  and the data-parallel mesh it shards over.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import Strategy
+from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -52,6 +54,13 @@ def sharded_strategy(strategy: Strategy) -> str | None:
         if cls.__name__ in names:
             return cls.__name__
     return None
+
+
+def data_parallel_mesh(strategy: Strategy) -> DeviceMesh | None:
+    """The mesh FSDP2 shards over under ``ModelParallelStrategy`` (its data-parallel dimension), else None."""
+    if sharded_strategy(strategy) != "ModelParallelStrategy":
+        return None
+    return strategy.device_mesh["data_parallel"]
 
 
 def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,6 +19,7 @@ through every function unchanged, so callers need no branch of their own.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -108,6 +109,36 @@ def total(value: torch.Tensor, like: torch.Tensor) -> float:
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(rows: Mapping[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order, on the CPU (a collective). The ranks may
+    hold different numbers of rows; each key must have the same trailing shape and dtype, and the keys the
+    same order, on every rank. Sent as bytes: any dtype, whatever the backend supports."""
+    world, device = dist.get_world_size(group), collective_device(group)
+    mine = torch.tensor([len(next(iter(rows.values()), ()))], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(counts, mine, group=group)
+    most = max(int(c) for c in counts)
+    if most == 0:  # every rank knows: nothing to send (a warm cache's step costs one small all-gather)
+        return {key: value[:0].cpu() for key, value in rows.items()}
+    out = {}
+    for key, value in rows.items():
+        row = math.prod(value.shape[1:])
+        padded = torch.zeros(most, row * value.element_size(), dtype=torch.uint8, device=device)
+        padded[: len(value)] = value.detach().contiguous().reshape(len(value), row).view(torch.uint8).to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        whole = torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).cpu()
+        out[key] = whole.view(value.dtype).reshape(len(whole), *value.shape[1:])
+    return out
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -104,14 +104,21 @@ class CacheKeys:
         self.key, self.index_fn = key, index_fn
         self.content = ContentKeys()
         self.keying: str | None = None if key == "auto" else key
+        self.index_only: str | None = None  # why only dataset indices will do (see require_index)
+
+    def require_index(self, why: str) -> None:
+        """Name examples by dataset index only (``why``: the reason, put in the error when batches carry none)."""
+        self.index_only = why
+        if self.keying is None:
+            self.keying = "index"
 
     def choose(self, batch: Any) -> None:
         """Decide from a batch (``None``: no batch yet, decide later)."""
         has_index = batch is not None and self.index_fn(batch) is not None
-        if self.key == "index" and batch is not None and not has_index:
+        if (self.key == "index" or self.index_only) and batch is not None and not has_index:
             raise BatchFormatError(
-                "cache_teacher with key='index' needs each example's dataset index in the batch (a sample "
-                f"training batch has none): {INDEX_HINT}"
+                f"cache_teacher with key={self.key!r} needs each example's dataset index in the batch (a sample "
+                f"training batch has none): {self.index_only or INDEX_HINT}"
             )
         if batch is not None and self.keying is None:
             self.keying = "index" if has_index else "content"

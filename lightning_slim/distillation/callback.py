@@ -10,14 +10,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from typing_extensions import override
 
 from lightning_slim.batches import batch_indices, example_count, sample_batch
-from lightning_slim.core import log
+from lightning_slim.core import log, sharding
 from lightning_slim.core.arguments import config_from
 from lightning_slim.core.callback import SlimCallback
+from lightning_slim.core.compose import techniques
 from lightning_slim.core.contract import Capability, Effect, ExportStage
-from lightning_slim.core.lightning_glue import should_log, train_loader
+from lightning_slim.core.lightning_glue import data_parallel_mesh, should_log, train_loader
 from lightning_slim.core.loading import as_callable
 from lightning_slim.core.step_probe import StepProbeError
 from lightning_slim.distillation import functional as kd
@@ -40,7 +42,13 @@ from lightning_slim.distillation.preflight import (
     same_structure,
 )
 from lightning_slim.distillation.reporting import distillation_rows, logged_values
-from lightning_slim.distillation.teacher import TeacherRunner, resolve_teacher, teacher_calls, teacher_target
+from lightning_slim.distillation.teacher import (
+    TeacherRunner,
+    resolve_teacher,
+    shard_teacher,
+    teacher_calls,
+    teacher_target,
+)
 from lightning_slim.distillation.term import call_masks, step_term
 from lightning_slim.modules import forward_target, output_tensor, submodule
 
@@ -62,9 +70,9 @@ class KnowledgeDistillation(SlimCallback):
     Args: the fields of :class:`~.configs.DistillationConfig` (each is described there): ``teacher``, or
     ``teacher_class`` + ``teacher_checkpoint`` (+ ``teacher_init_args``); ``alpha``, ``temperature``,
     ``convention``; the groups ``schedule``, ``features``, ``logits``, ``tokens``, ``cache_teacher`` (each
-    its dataclass or its dict); ``input_fn``, ``seed``; or ``config``: a ``DistillationConfig`` (or its
-    dict, a ``config:`` mapping in YAML) instead. The teacher is kept on this callback (``teacher``),
-    frozen, in eval mode, never checkpointed.
+    its dataclass or its dict); ``input_fn``, ``seed``, ``teacher_sharding``; or ``config``: a
+    ``DistillationConfig`` (or its dict, a ``config:`` mapping in YAML) instead. The teacher is kept on
+    this callback (``teacher``), frozen, in eval mode, never checkpointed.
 
     >>> from lightning_slim.demos.models import MNIST1DTeacherCNN
     >>> distil = KnowledgeDistillation(teacher=MNIST1DTeacherCNN(), alpha=0.9, temperature=4.0)
@@ -95,6 +103,7 @@ class KnowledgeDistillation(SlimCallback):
         input_fn: Callable[[Any], torch.Tensor] | str | None = None,
         cache_teacher: bool | TeacherCacheConfig | dict = False,
         seed: int = 0,
+        teacher_sharding: str = "replicate",
         config: DistillationConfig | dict | None = None,
     ):
         self.config: DistillationConfig = config_from(DistillationConfig, config, locals())
@@ -125,6 +134,12 @@ class KnowledgeDistillation(SlimCallback):
         self._vocab: int | None = None
         self._task_loss: torch.Tensor | None = None
         self._anneal_stop = config.schedule.stop_step
+        self._whole_teacher: nn.Module | None = None  # a sharded teacher, gathered on rank 0 after the fit
+
+    def __deepcopy__(self, memo: dict[int, object]) -> KnowledgeDistillation:
+        """Itself: a copy of the LightningModule (an export, the report's baseline) reaches this callback through its
+        step wrapper; it must not copy the teacher and cache, nor a sharded teacher and process group (it cannot)."""
+        return self
 
     @property
     def cache(self):
@@ -134,19 +149,51 @@ class KnowledgeDistillation(SlimCallback):
     # --- the contract ------------------------------------------------------------------------
     @override
     def sharded_refusal(self, resuming: bool = False) -> str | None:
-        if self.config.features is None and self.config.cache_teacher is None:
-            return None  # logits from a teacher replicated on every rank: tests/sharded
-        return (
-            "KnowledgeDistillation with features (its projections would train outside FSDP2, unsynchronised "
-            "across ranks) or cache_teacher is not supported sharded; logits distillation is"
-        )
+        cache = self.config.cache_teacher
+        if cache is not None and cache.key == "content":
+            return (
+                "KnowledgeDistillation with cache_teacher key='content' is not supported sharded (its slots are "
+                "numbered per rank, the cache is shared across ranks by dataset index); use key='index' or 'auto' "
+                "with batches that carry each example's dataset index"
+            )
+        return None  # logits, features, the cache by index, a replicated or sharded teacher: tests/sharded
 
     @override
     def provides(self) -> Mapping[Capability, Any]:
-        return {Capability.TEACHER: self.teacher}
+        return {Capability.TEACHER: self.measurable_teacher}
+
+    @property
+    def measurable_teacher(self) -> nn.Module | None:
+        """The teacher as one process can run it: itself, or when sharded its copy gathered for export (rank 0,
+        after the fit; None before, and on the other ranks: its forward alone would wait for them)."""
+        return self._whole_teacher if self.runner.teacher_sharded else self.teacher
+
+    @override
+    def gather_for_export(self) -> None:
+        """A sharded teacher, whole on rank 0 (a collective), for the report to measure."""
+        if self.runner.teacher_sharded:
+            self._whole_teacher = sharding.unsharded_copy(self.teacher)
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        users = [type(cb).__name__ for cb in techniques(trainer) if Capability.TEACHER in cb.requires()]
+        if self.config.teacher_sharding == "shard" and users:
+            raise ValueError(
+                f"teacher_sharding='shard' makes the teacher's forward a collective of every rank, which {users} "
+                "would call on its own; use teacher_sharding='replicate' with them"
+            )
+        mesh = data_parallel_mesh(trainer.strategy)
+        if self.config.teacher_sharding == "shard" and mesh is None:
+            raise ValueError(
+                f"teacher_sharding='shard' shards the teacher with FSDP2 over ModelParallelStrategy's data-parallel "
+                f"mesh, but this Trainer runs {type(trainer.strategy).__name__}; use teacher_sharding='replicate' "
+                "(allowed: 'replicate', 'shard')"
+            )
+        if mesh is not None and self.config.cache_teacher:
+            self.cache_keys.require_index(
+                "under ModelParallelStrategy the cache is shared across ranks by dataset index (key='content' is "
+                "refused sharded): give each example's index, e.g. (x, y, index) batches, an 'index' key, or index_fn"
+            )
         logits = self.config.logits
         check_models(pl_module, self.teacher, self.config.pairs, logits.student_module, logits.teacher_module)
         batch = sample_batch(train_loader(trainer), SAMPLE_ROWS)  # from the dataset: the loader is not iterated
@@ -220,11 +267,31 @@ class KnowledgeDistillation(SlimCallback):
 
     @override
     def add_training_modules(self, trainer, pl_module):
-        """The feature projections, before the optimizers are built: they must train them."""
+        """The feature projections, before the optimizers are built: they must train them. Under FSDP2 each
+        is sharded over the data-parallel mesh: its gradients are averaged across ranks as the student's are."""
+        mesh = data_parallel_mesh(trainer.strategy)
         if self.config.pairs:
             proj = build_projections(self._feature_shapes, self.config.features.width_dim, self.config.seed)
             if not same_structure(getattr(pl_module, PROJECTIONS, None), proj):  # a second fit keeps training them
                 setattr(pl_module, PROJECTIONS, proj.to(next(pl_module.parameters()).device))
+                if mesh is not None:  # each is called on its own (not through the ModuleDict): one FSDP2 unit each
+                    for layer in proj.values():
+                        if not isinstance(layer, nn.Identity):  # nothing to train where the widths match
+                            fully_shard(layer, mesh=mesh)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under FSDP2, after the checks: the cache is shared across the data-parallel ranks, and with
+        ``teacher_sharding="shard"`` the teacher is sharded over them (docs/sharded.md)."""
+        super().setup(trainer, pl_module, stage)
+        self._whole_teacher = None
+        mesh = data_parallel_mesh(trainer.strategy)
+        if stage != "fit" or mesh is None:
+            return
+        self.runner.group = mesh.get_group()
+        if self.config.teacher_sharding == "shard":
+            shard_teacher(self.teacher, mesh)
+            self.runner.teacher_sharded = True
 
     # --- training ---------------------------------------------------------------------------
     @override

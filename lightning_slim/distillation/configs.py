@@ -33,6 +33,7 @@ FEATURE_POOLINGS = ("none", "mean", "token")
 CACHE_KEYS = ("auto", "index", "content")
 CONVENTIONS = ("weighted", "additive")
 CACHE_DTYPES = (None, "float32", "float16", "bfloat16")
+TEACHER_SHARDINGS = ("replicate", "shard")
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,10 @@ class DistillationConfig:
     ``tokens`` (:class:`TokenMask`), ``cache_teacher`` (True or a :class:`TeacherCacheConfig`; held as
     one, or None for no cache). ``input_fn``: give the teacher ``input_fn(batch)`` instead of the
     student's recorded call (a callable or a dotted path). ``seed``: of the feature projections'
-    initialisation (no global RNG is used)."""
+    initialisation (no global RNG is used). ``teacher_sharding``: under ``ModelParallelStrategy``,
+    ``"replicate"`` keeps the whole teacher on every rank; ``"shard"`` shards it with FSDP2 over the
+    data-parallel mesh (each of its transformer blocks, then the rest), so each rank holds its share and
+    gathers a block only while it runs (docs/sharded.md); refused under any other strategy."""
 
     teacher: nn.Module | None = None
     teacher_checkpoint: str | None = None
@@ -216,9 +220,11 @@ class DistillationConfig:
     input_fn: Callable[[Any], Any] | str | None = None
     cache_teacher: bool | TeacherCacheConfig | dict[str, Any] | None = False
     seed: int = 0
+    teacher_sharding: str = "replicate"
 
     def __post_init__(self):
         self._check_teacher()
+        check_choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDINGS)
         check_range("alpha", self.alpha, 0.0, 1.0)
         check_range("temperature", self.temperature, 0.0, low_open=True)
         check_choice("convention", self.convention, CONVENTIONS)

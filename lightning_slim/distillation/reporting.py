@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_slim.batches import example_count, slice_batch
+from lightning_slim.distillation.teacher import teacher_target
 
 if TYPE_CHECKING:
     from lightning_slim.distillation.callback import KnowledgeDistillation
@@ -47,10 +48,13 @@ def distillation_rows(kd: KnowledgeDistillation) -> dict[str, Any]:
         stored = kd.cache.values.get("topk_index", kd.cache.values.get("logits"))
         if stored is not None and kd._vocab:  # what full float32 logits of the same examples would take
             rows["cache_bytes_full_logits"] = len(kd.cache) * stored[0].numel() // stored.shape[-1] * kd._vocab * 4
-    if kd._sample is not None:
+    teacher = kd.measurable_teacher
+    if kd._sample is not None and teacher is None:  # sharded, not gathered: its forward would wait for the others
+        rows["teacher_macs_error"] = "not measured: the teacher is sharded and was not gathered (teacher_sharding)"
+    elif kd._sample is not None:
         one = slice_batch(kd._sample, torch.arange(1), size=example_count(kd._sample))
         try:
-            macs = count_macs(kd.runner.target, one)
+            macs = count_macs(teacher_target(teacher, kd.student_path), one)
             rows |= {"teacher_macs_per_example": macs, "teacher_macs_total": macs * kd.counts["teacher_examples"]}
             tokens = token_count(one)
             if tokens:

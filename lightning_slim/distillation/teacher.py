@@ -7,9 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lightning_slim.batches import BatchFormatError, move_to, slice_batch
+from lightning_slim.core import sharding
 from lightning_slim.core.loading import build_module, freeze, read_state_dict
 from lightning_slim.distillation.configs import DistillationConfig, TeacherCacheConfig
 from lightning_slim.distillation.topk import teacher_topk
@@ -37,6 +41,20 @@ def resolve_teacher(config: DistillationConfig) -> nn.Module:
     elif checkpoint is not None:
         teacher.load_state_dict(read_state_dict(checkpoint))
     return freeze(teacher)
+
+
+def shard_teacher(teacher: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP2 over ``mesh``, in place: each block transformers names unsplittable (``_no_split_modules``:
+    its decoder layers), then the rest, so a rank holds its share of every block and a forward gathers
+    one block at a time. A teacher already sharded is left as it is (a second fit)."""
+    if isinstance(teacher, FSDPModule):
+        return
+    blocks = {name for m in teacher.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    # resharded after every forward, the root too (FSDP2 keeps a root gathered for the backward a teacher never runs)
+    for module in list(teacher.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
 
 
 def teacher_arguments(target: nn.Module, call: Call) -> Call:
@@ -98,7 +116,14 @@ class TeacherRunner:
     """Runs the teacher (``target`` is what is called, ``logits_module`` what outputs the logits) and
     keeps its outputs per example when a cache is configured: full logits, or the top-k buckets of
     ``softmax(logits / temperature)``; paired features as they are. With ``logits=False`` only the
-    features are read."""
+    features are read.
+
+    Under FSDP2 the callback sets ``group`` (the data-parallel ranks): the cache is shared across them
+    after each step (every rank holds every example seen by any rank, by dataset index), and with
+    ``teacher_sharded`` the teacher's forward is a collective every rank takes part in, each step alike."""
+
+    group: dist.ProcessGroup | None = None
+    teacher_sharded: bool = False
 
     def __init__(
         self,
@@ -138,6 +163,12 @@ class TeacherRunner:
         with self._hooks() as out:
             self.target(*move_to(args, device), **move_to(kwargs, device))
         return dict(out)
+
+    def _anyone_runs(self, mine: bool) -> bool:
+        """Whether any rank has examples the cache lacks this step (a collective)."""
+        anyone = torch.tensor([int(mine)], dtype=torch.int64, device=sharding.collective_device(self.group))
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(anyone)
 
     def _run(self, call: Call, n: int, device: torch.device) -> dict[str, torch.Tensor]:
         out = self.forward(call, device)
@@ -179,12 +210,19 @@ class TeacherRunner:
             )
         missing = self.cache.missing(keys)
         self.counts["cache_hits"] += int((~missing).sum()) * len(calls)
-        if missing.any():  # the teacher runs on the examples it has not seen yet, only
-            rows = missing.nonzero().squeeze(1)
+        rows = missing.nonzero().squeeze(1)
+        # a sharded teacher's forward gathers its blocks from every rank: all run it, or none (agreed first)
+        everyone_runs = self.teacher_sharded and self._anyone_runs(bool(len(rows)))
+        if len(rows):  # the teacher runs on the examples it has not seen yet, only
             stored: dict[str, torch.Tensor] = {}
             for i, call in enumerate(calls):
                 sub = slice_batch(call, rows, size=n) if len(rows) < n else call
                 stored |= self._stored(self._run(sub, len(rows), device), f"@{i}" if i else "")
             self.cache.store(keys[rows.to(keys.device)], stored)
+        elif everyone_runs:
+            for call in calls:  # take part in the others' gathers: one row, its output unused
+                self.forward(slice_batch(call, torch.zeros(1, dtype=torch.long), size=n), device)
+        if self.group is not None:
+            self.cache.share(keys[rows.to(keys.device)].cpu(), self.group)
         looked = self.cache.lookup(keys)
         return _split_calls({k: v.to(device, non_blocking=True) for k, v in looked.items()}, len(calls))

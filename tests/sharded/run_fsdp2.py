@@ -12,6 +12,7 @@ Run by the ``evidence`` fixture in a subprocess with the launcher's environment 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -28,16 +29,18 @@ from torch.utils.data import DataLoader
 from lightning_slim import (
     CompressionReport,
     IterativeMagnitudePruning,
+    KnowledgeDistillation,
     OnlineDataSelection,
     QuantizationAwareTraining,
 )
 from lightning_slim.core import sharding
+from lightning_slim.distillation.callback import PROJECTIONS
 from lightning_slim.quantization.export import int8_weights, load_int8
 from lightning_slim.quantization.export_call import GraphCall, find_export_call
 from lightning_slim.quantization.serving import OrtModel
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scenarios beside this script, run as a script or collected
-from scenarios import COMPARED_WITH_DDP, LOCAL_BATCH, RESUMED, SCENARIOS, STEPS, WORLD
+from scenarios import COMPARED_WITH_DDP, LOCAL_BATCH, NO_SINGLE, RESUMED, SCENARIOS, SINGLE_TOO, STEPS, WORLD
 
 
 def qat_state(quantize: QuantizationAwareTraining, module: pl.LightningModule) -> dict:
@@ -100,6 +103,42 @@ def export_evidence(module_cls, quantize: QuantizationAwareTraining, weights: di
     torch.save(outputs | {"shipped_int8": int8_weights(shipped), "single_int8": int8_weights(single)}, path)
 
 
+class GlobalOrder(torch.utils.data.Sampler):
+    """The one-process reference's order: each epoch's permutation as Lightning's DistributedSampler draws it
+    (seed 0 + epoch), so step k of either run sees the same global batch, in every epoch."""
+
+    def __init__(self, size: int):
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def distillation_evidence(kd: KnowledgeDistillation, module: pl.LightningModule, tr: pl.Trainer) -> dict:
+    """Per rank: the teacher's and the feature projections' parameter bytes held, the terms logged at the last
+    step (this rank's examples), the teacher's passes and the cache's use, and a digest of the cache."""
+    projections = getattr(module, PROJECTIONS, nn.ModuleDict())
+    record = {
+        "teacher_bytes": local_bytes(kd.teacher.parameters()),
+        "projection_bytes": local_bytes(projections.parameters()),
+        "projections_sharded": sharding.any_sharded(projections.parameters()),
+        "logged": {k.rsplit("/", 1)[1]: float(v) for k, v in tr.callback_metrics.items() if "/distillation/" in k},
+        **kd.counts,
+    }
+    if kd.config.cache_teacher:
+        digest = hashlib.sha256(kd.cache.filled.numpy().tobytes())
+        for key, value in sorted(kd.cache.values.items()):
+            digest.update(key.encode() + value.contiguous().view(torch.uint8).numpy().tobytes())
+        record |= {"cache_rows": len(kd.cache), "cache_digest": digest.hexdigest()}
+    return record
+
+
 def run(name: str, out: Path, run_name: str) -> dict:
     """One fit: ``run_name`` is ``"fsdp"``, ``"ddp"``, ``"resumed"`` (two processes each) or ``"single"``
     (rank 0 alone). A scenario in RESUMED trains two epochs; ``"resumed"`` fits the first, then the second
@@ -133,8 +172,7 @@ def run(name: str, out: Path, run_name: str) -> dict:
     if run_name != "single":  # Lightning adds a shuffling DistributedSampler (seed PL_GLOBAL_SEED = 0, epoch 0)
         loader = DataLoader(data, batch_size=LOCAL_BATCH)
     else:  # the same global batches: rank r takes permutation[r::WORLD], so step k sees permutation[kB:(k+1)B]
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=order)
+        loader = DataLoader(data, batch_size=LOCAL_BATCH * WORLD, sampler=GlobalOrder(len(data)))
     start = time.perf_counter()
     tr.fit(module, loader, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
@@ -163,6 +201,9 @@ def run(name: str, out: Path, run_name: str) -> dict:
         record["report_after"] = {k: report.after.get(k) for k in ("params", "nonzero_params", "size_bytes", "macs")}
     if prune is not None and prune.snapshot is not None:  # fsdpsel: the step the rewind state is from
         record["snapshot_step"] = prune.snapshot["step"]
+    distil = next((c for c in callbacks if isinstance(c, KnowledgeDistillation)), None)
+    if distil is not None:  # fsdpkd
+        record["distillation"] = distillation_evidence(distil, module, tr)
     select = next((c for c in callbacks if isinstance(c, OnlineDataSelection)), None)
     if select is not None:
         record["ledger"] = select.ledger.summary()  # this rank's
@@ -192,7 +233,8 @@ def main() -> None:
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     evidence: dict = {k: {n: [g[k][n] for g in gathered] for n in v} for k, v in per_rank.items()}
-    evidence["single"] = {n: run(n, out, "single") for n in names if n not in COMPARED_WITH_DDP + RESUMED}
+    singles = [n for n in names if n in SINGLE_TOO or n not in COMPARED_WITH_DDP + RESUMED + NO_SINGLE]
+    evidence["single"] = {n: run(n, out, "single") for n in singles}
     (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
 
 

@@ -197,6 +197,42 @@ def wanda(sparsity: float, **kwargs) -> list[IterativeMagnitudePruning]:
 
 
 # --- fsdpsel ---
+class IndexedLlama(TinyLlama):
+    """TinyLlama whose batches carry each example's dataset index, ``(tokens, labels, index)``: the cache's key."""
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels, _ = batch
+        return self.model(input_ids=tokens, labels=labels, use_cache=False).loss
+
+    @staticmethod
+    def data() -> TensorDataset:
+        (tokens,) = TinyLlama.data().tensors
+        return TensorDataset(tokens, tokens, torch.arange(len(tokens)))
+
+
+class RepeatedLlama(IndexedLlama):
+    """Twelve examples, each four times (its index is the example's): with the cache shared across ranks, at
+    step 2 (seed 0) rank 0 has seen all of its batch and rank 1 has not, and at several steps both ranks
+    compute one example at once."""
+
+    @staticmethod
+    def data() -> TensorDataset:
+        (tokens,) = TinyLlama.data().tensors
+        index = torch.arange(len(tokens)) % 12
+        return TensorDataset(tokens[index], tokens[index], index)
+
+
+def wide_llama_teacher():
+    """A teacher wider than the student (hidden 48 against 32): feature pairs need a learned projection."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        student = TinyLlama().model.config
+        return LlamaForCausalLM(type(student)(**{**student.to_dict(), "hidden_size": 48, "head_dim": 12}))
+
+
+# --- fsdpkd ---
 
 
 # name: (module class, callbacks factory)
@@ -315,9 +351,61 @@ SCENARIOS = {
     # factorized in setup (at=0), before configure_model shards: FSDP2 shards the factors
     "cnn_factorized": (TinyCNN, lambda: [LowRankFactorization(rank=0.5, targets=["Conv2d", "Linear"], at=0)]),
     # --- fsdpsel ---
+    # the teacher's top-k and paired hidden states cached by dataset index and shared across ranks: two
+    # epochs, the second served from the cache; compared with one process over both epochs and resumed from
+    # the distributed checkpoint (the cache, and the sharded feature projection)
+    "llama_kd_cache": (
+        IndexedLlama,
+        lambda: [
+            KnowledgeDistillation(
+                teacher=wide_llama_teacher(),
+                alpha=0.5,
+                temperature=2.0,
+                cache_teacher={"top_k": 8},
+                features={"pairs": {"model.model.layers.1": "model.layers.1"}, "pooling": "token", "weight": 100.0},
+            )
+        ],
+    ),
+    # a hidden-state pair through a learned projection (32 -> 48), sharded with FSDP2 as the student is;
+    # weighted up: the hidden states of a fresh Llama are small (an MSE of 0.01), and the projections must move
+    "llama_kd_features": (
+        TinyLlama,
+        lambda: [
+            KnowledgeDistillation(
+                teacher=wide_llama_teacher(),
+                alpha=0.5,
+                temperature=2.0,
+                features={"pairs": {"model.model.layers.1": "model.layers.1"}, "pooling": "token", "weight": 100.0},
+            )
+        ],
+    ),
+    # repeated examples through the shared cache (full logits): one process, and the same fit with the teacher
+    # sharded over the ranks (its forward a collective even where a rank's batch is all cached); the report
+    # measures the teacher on rank 0 (gathered when sharded)
+    "llama_kd_repeats": (
+        RepeatedLlama,
+        lambda: [
+            KnowledgeDistillation(teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
+    ),
+    "llama_kd_shard_teacher": (
+        RepeatedLlama,
+        lambda: [
+            KnowledgeDistillation(
+                teacher=llama_teacher(), alpha=0.5, temperature=2.0, cache_teacher=True, teacher_sharding="shard"
+            ),
+            CompressionReport(accuracy_metric=None, loss_metric=None, measure_latency=False, evaluate_export=False),
+        ],
+    ),
+    # --- fsdpkd ---
 }
 COMPARED_WITH_DDP = ("cnn_select", "cnn_together", "cnn_qat", "cnn_bn_qat", "cnn_bn_qat_torchao")
 COMPARED_WITH_DDP += ("cnn_all",)
 COMPARED_WITH_DDP += ("cnn_select_reference", "cnn_select_losses", "cnn_jest", "cnn_select_teacher_cached")
 RESUMED = ("llama_resume", "cnn_bn_qat", "cnn_bn_qat_torchao")  # two epochs; also in COMPARED_WITH_DDP: DDP's too
 RESUMED += ("llama_imp_rewind_resume", "cnn_imp_lr_resume", "cnn_imp_init_resume", "cnn_wanda_resume")
+# fsdpkd: resumed, and also compared with one process over both epochs; compared with another sharded fit instead
+RESUMED += ("llama_kd_cache",)
+SINGLE_TOO = ("llama_kd_cache",)
+NO_SINGLE = ("llama_kd_shard_teacher",)  # with llama_kd_repeats' two-process fit (a sharded teacher needs FSDP2)

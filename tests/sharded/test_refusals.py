@@ -33,6 +33,10 @@ def test_unsharded_strategies_pass():
 
 def test_supported_techniques_pass_under_model_parallel():
     check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2))])
+    features = {"pairs": {"net.0": "0"}}  # test_distillation.py: features, the cache by index, a sharded teacher
+    distil = KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), features=features, cache_teacher=True)
+    check_sharded(MODEL_PARALLEL, [distil], "last.ckpt")
+    check_sharded(MODEL_PARALLEL, [KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), teacher_sharding="shard")])
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(score="hard")])
     reference = torch.nn.Linear(2, 2)
     check_sharded(MODEL_PARALLEL, [OnlineDataSelection(reference=reference, joint=True)])  # test_selection.py
@@ -56,7 +60,10 @@ def test_supported_techniques_pass_under_model_parallel():
     "callback, reason",
     [
         (IterativeMagnitudePruning(pattern="channels"), "changes parameter shapes"),
-        (KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher=True), "features .* or cache_teacher"),
+        (
+            KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), cache_teacher={"key": "content"}),
+            "cache_teacher key='content' is not supported sharded",
+        ),
         (OnlineDataSelection(reference={"class_path": "torch.nn.Linear", "checkpoint": "r.pt"}), "dict spec"),
         (LowRankFactorization(at=1), r"LowRankFactorization\(at=1, unit='epoch'\) replaces layers mid-fit.*at=0"),
     ],
