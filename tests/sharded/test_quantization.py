@@ -80,9 +80,9 @@ def test_folded_batchnorms_and_frozen_ranges_equal_the_ddp_run(evidence, scenari
         # as test_weights_equal_the_ddp_run: the same per-rank batches and gradient sums (measured: bit-equal)
         torch.testing.assert_close(sharded[key].float(), value.float(), rtol=0, atol=WEIGHT_TOLERANCE, msg=key)
     for mine, theirs in zip(evidence.ranks(scenario), evidence.record["ddp"][scenario]):
-        # ranges are extremes of activations, scales of weights, that differ by WEIGHT_TOLERANCE at most:
-        # 1e-4 relative bounds that on any CPU, far below what one SGD step (lr 0.1) changes
         for what in ("activation_ranges", "frozen_scales", "bn_statistics"):
+            # ranges are extremes of activations, scales of weights, that differ by WEIGHT_TOLERANCE at most:
+            # 1e-4 relative bounds that on any CPU, far below what one SGD step (lr 0.1) changes
             torch.testing.assert_close(mine["qat"][what], theirs["qat"][what], rtol=1e-4, atol=1e-6, msg=what)
 
 
