@@ -40,7 +40,8 @@ from lightning_slim.quantization.export_call import GraphCall, find_export_call
 from lightning_slim.quantization.serving import OrtModel
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scenarios beside this script, run as a script or collected
-from scenarios import COMPARED_WITH_DDP, LOCAL_BATCH, NO_SINGLE, RESUMED, SCENARIOS, SINGLE_TOO, STEPS, WORLD
+from scenarios import COMPARED_WITH_DDP, NO_SINGLE, RESUMED, SCENARIOS, SINGLE_TOO
+from tiny_models import LOCAL_BATCH, STEPS, WORLD
 
 
 def qat_state(quantize: QuantizationAwareTraining, module: pl.LightningModule) -> dict:
