@@ -170,6 +170,8 @@ TRIALS = [
     *[("kd", lr, dict(alpha=0.5, temperature=1.0)) for lr in (1e-4, 3e-4, 1e-3)],
     ("kd", 3e-4, dict(alpha=1.0, temperature=1.0)),
     ("kd", 3e-4, dict(alpha=0.5, temperature=2.0)),
+    # from the corrected teacher (smol_student_corrected): Minitron distils with the KD term alone
+    *[("kd_corrected", 3e-4, dict(alpha=alpha, temperature=1.0)) for alpha in (0.5, 1.0)],
 ]
 
 
@@ -178,12 +180,18 @@ def tune(trials: list[int], out: Path) -> dict:
     as it ends (so the sweep can be split across processes and resumed)."""
     teacher = smol()
     student, search, _ = make_student(teacher, CALIBRATION, SEARCH, DEPTHS, HEADS)
+    corrected = None
+    if any(TRIALS[i][0] == "kd_corrected" for i in trials):
+        from real.smol_student_corrected import corrected_teacher  # it imports this module
+
+        corrected = corrected_teacher(teacher, STEPS)
     ids = windows("val")[:TUNE_WINDOWS]
     pruned = {"arm": "pruned", "val_loss": lm_loss(student, ids), "intermediate_size": search["intermediate_size"]}
     for i in trials:
         arm, lr, kd = TRIALS[i]
         started = time.time()
-        loss = recover(student, ids, TUNE_STEPS, (TUNE_STEPS,), lr, teacher if kd else None, kd)[TUNE_STEPS]
+        distil_from = {"plain": None, "kd": teacher, "kd_corrected": corrected}[arm]
+        loss = recover(student, ids, TUNE_STEPS, (TUNE_STEPS,), lr, distil_from, kd)[TUNE_STEPS]
         row = {
             "trial": i,
             "arm": arm,
