@@ -94,16 +94,16 @@ def count_nonzero(tensor: torch.Tensor) -> int:
     """Non-zero entries of the whole tensor, summed over its shards (a collective for a DTensor)."""
     count = torch.count_nonzero(local(tensor).detach()).reshape(1).to(torch.int64)
     if isinstance(tensor, DTensor):
-        dist.all_reduce(count, group=tensor.device_mesh.get_group())
+        count = all_reduce(count, tensor.device_mesh.get_group())
     return int(count)
 
 
-def total(value: torch.Tensor, like: torch.Tensor) -> float:
-    """A sum computed on this rank's block of ``like``, summed over its shards (a collective for a DTensor)."""
-    value = value.detach().double().reshape(1)
-    if isinstance(like, DTensor):
-        dist.all_reduce(value, group=like.device_mesh.get_group())
-    return float(value)
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``tensor`` reduced over ``group`` (None: the default group), returned on its own device: the
+    collective runs where the backend takes tensors (NCCL: CUDA only; gloo: CPU)."""
+    moved = tensor.to(collective_device(group))
+    dist.all_reduce(moved, op=op, group=group)
+    return moved.to(tensor.device)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def collective_device(group: dist.ProcessGroup) -> torch.device:
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """Where ``group``'s collectives take their tensors: the current CUDA device under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -246,9 +246,8 @@ def keep_top(
         [[int(k.min()) if k.numel() else 2**40, -int(k.max()) if k.numel() else 2**40] for k in keys],
         dtype=torch.int64,
     ).reshape(-1, 2)
-    if group is not None:
-        dist.all_reduce(sizes, group=group)
-        dist.all_reduce(bounds, op=dist.ReduceOp.MIN, group=group)
+    if group is not None:  # the bookkeeping stays on the CPU; all_reduce moves it to the backend's device
+        sizes, bounds = all_reduce(sizes, group), all_reduce(bounds, group, dist.ReduceOp.MIN)
     n_keep = sizes - torch.round(sizes.double() * sparsity).to(torch.int64)
     # the threshold of each group: the largest key t with at least n_keep scores >= t (bisection)
     lo, hi = bounds[:, 0].clone(), -bounds[:, 1] + 1  # count(>= lo) = size >= n_keep > count(>= hi) = 0
@@ -256,19 +255,22 @@ def keep_top(
         mid = (lo + hi) // 2
         counts = torch.tensor([int((k >= m).sum()) for k, m in zip(keys, mid.tolist())], dtype=torch.int64)
         if group is not None:
-            dist.all_reduce(counts, group=group)
+            counts = all_reduce(counts, group)
         enough = counts >= n_keep
         lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
     above = torch.tensor([int((k > t).sum()) for k, t in zip(keys, lo.tolist())], dtype=torch.int64)
     if group is not None:
-        dist.all_reduce(above, group=group)
+        above = all_reduce(above, group)
     ties_wanted = (n_keep - above).tolist()
     # ties at the threshold, per segment of this rank; every rank's, to know what comes before its own
     seg_ties = [[int((_ordered_keys(s) == t).sum()) for s in g] for g, t in zip(groups, lo.tolist())]
     mine = torch.tensor([c for row in seg_ties for c in row], dtype=torch.int64)
-    everyone = [mine] if group is None else [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    everyone = [mine]
     if group is not None:
+        mine = mine.to(collective_device(group))
+        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, mine, group=group)
+        everyone = [t.cpu() for t in everyone]
     me = 0 if group is None else dist.get_rank(group)
     out, flat_index = [], 0
     for g, threshold, wanted, n in zip(groups, lo.tolist(), ties_wanted, n_keep.tolist()):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from lightning_slim.core import sharding
 from lightning_slim.selection.functional import FORWARD_UNITS, TRAIN_UNITS
 
 # counts that each data-parallel rank makes of its own examples (steps and MACs per example are alike on every
@@ -114,14 +115,13 @@ class CostLedger:
             }
         return out
 
-    def across_ranks(self, device: torch.device | str = "cpu") -> CostLedger:
+    def across_ranks(self) -> CostLedger:
         """The whole job's ledger: a copy with every rank's example counts added up (a collective: every
-        rank calls it at the same step; ``device``: where the process group's backend takes tensors), or
-        ``self`` when not distributed."""
+        rank calls it at the same step), or ``self`` when not distributed."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        counts = torch.tensor([getattr(self, k) for k in RANK_COUNTS], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)  # integer counts far below 2**53: exact in float64
+        counts = torch.tensor([getattr(self, k) for k in RANK_COUNTS], dtype=torch.float64)
+        counts = sharding.all_reduce(counts, None)  # integer counts far below 2**53: exact in float64
         return replace(self, **{k: int(v) for k, v in zip(RANK_COUNTS, counts.tolist(), strict=True)})
 
     def noisy_summary(self) -> dict[str, float]:

@@ -277,7 +277,7 @@ class OnlineDataSelection(SlimCallback):
                 batch_noisy_fraction_seen=float(noisy.float().mean()),
             )
         # the whole job's counts: every rank selects (and so reduces) at every step
-        self.job_ledger = self.ledger.across_ranks(pl_module.device)
+        self.job_ledger = self.ledger.across_ranks()
         job = self.job_ledger
         values.update(active=float(job.last_active), **job.summary(), **job.noisy_summary())
         if scores is not None:
