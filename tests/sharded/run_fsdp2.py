@@ -40,7 +40,7 @@ from lightning_slim.quantization.export_call import GraphCall, find_export_call
 from lightning_slim.quantization.serving import OrtModel
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scenarios beside this script, run as a script or collected
-from scenarios import COMPARED_WITH_DDP, NO_SINGLE, RESUMED, SCENARIOS, SINGLE_TOO
+from scenarios import COMPARED_WITH_DDP, NO_SINGLE, NOT_EXPORTED, RESUMED, SCENARIOS, SINGLE_TOO
 from tiny_models import LOCAL_BATCH, STEPS, WORLD
 
 
@@ -166,7 +166,7 @@ def run(name: str, out: Path, run_name: str) -> dict:
     if report is not None:
         report.output_path = str(out / f"{name}_{run_name}_report.json")
     quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
-    if quantize is not None and run_name == "fsdp":  # the sharded export only: the suite's time is short
+    if quantize is not None and run_name == "fsdp" and name not in NOT_EXPORTED:  # the sharded export only: time
         suffix = ".pt2" if quantize.config.runtime == "torchao" else ".onnx"
         quantize.config = dataclasses.replace(quantize.config, export_path=str(out / f"{name}_{run_name}{suffix}"))
     data = module_cls.data()
