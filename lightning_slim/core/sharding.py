@@ -111,6 +111,31 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def whole_on_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The whole tensor on rank 0's CPU and None on the other ranks, for state that only rank 0 saves
+    (Lightning writes callback state from rank 0): no other rank ever holds the whole (a collective for
+    a DTensor: every rank calls it). A plain tensor: as it is, on the CPU, on every rank."""
+    if not isinstance(tensor, DTensor):
+        return tensor.detach().cpu()
+    if tensor.placements != (Shard(0),) or tensor.device_mesh.ndim != 1:
+        whole = tensor.full_tensor().detach().cpu()  # not FSDP2's row blocks: gathered on every rank
+        return whole if dist.get_rank() == 0 else None
+    group = tensor.device_mesh.get_group()
+    world, rank, device = dist.get_world_size(group), dist.get_rank(group), collective_device(group)
+    n, per_rank = tensor.shape[0], math.ceil(tensor.shape[0] / world)  # torch.chunk's blocks, as FSDP2 cuts
+    block = tensor.to_local().detach()
+    as_bytes = block.dtype == torch.bool  # not every backend reduces or gathers bools: sent as uint8
+    padded = torch.zeros((per_rank, *block.shape[1:]), dtype=torch.uint8 if as_bytes else block.dtype, device=device)
+    padded[: len(block)] = block.to(device, padded.dtype)
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, group_dst=0, group=group)
+    if rank != 0:
+        return None
+    rows = [max(0, min(per_rank, n - r * per_rank)) for r in range(world)]
+    whole = torch.cat([p[:k] for p, k in zip(parts, rows, strict=True)]).cpu()
+    return whole.bool() if as_bytes else whole
+
+
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """Where ``group``'s collectives take their tensors: the current CUDA device under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":

@@ -368,7 +368,7 @@ class IterativeMagnitudePruning(SlimCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "masks": {k: sharding.full(v).detach().cpu() for k, v in self.masks.items()},  # FSDP2: gathered
+            "masks": {k: sharding.whole_on_rank0(v) for k, v in self.masks.items()},  # FSDP2: on rank 0 only
             "events_done": self.events_done,
             "snapshot": gathered(self.snapshot) if self.snapshot is not None else None,  # FSDP2: gathered
             "curve": self.accuracy.rows,

@@ -81,11 +81,12 @@ def restore(
 
 
 def gathered(snap: dict[str, Any]) -> dict[str, Any]:
-    """The snapshot with every sharded tensor whole, on CPU (a collective under FSDP2: every rank calls it)."""
+    """The snapshot with every sharded tensor whole, on CPU, for a checkpoint: under FSDP2 on rank 0 only
+    (None elsewhere: Lightning saves rank 0's callback state), a collective every rank calls."""
     if "module" not in snap:  # rewind="lr": hyper-parameters and schedules only, nothing sharded
         return snap
     snap = dict(snap)
-    snap["module"] = {k: sharding.full(v).detach().cpu() for k, v in snap["module"].items()}
+    snap["module"] = {k: sharding.whole_on_rank0(v) for k, v in snap["module"].items()}
     snap["optimizers"] = [
         {**state, "state": {i: {k: _whole(v) for k, v in s.items()} for i, s in state.get("state", {}).items()}}
         for state in snap["optimizers"]
@@ -111,7 +112,7 @@ def placed(snap: dict[str, Any], module: nn.Module, optimizers: Sequence[torch.o
 
 
 def _whole(value: Any) -> Any:
-    return sharding.full(value).detach().cpu() if isinstance(value, torch.Tensor) else value
+    return sharding.whole_on_rank0(value) if isinstance(value, torch.Tensor) else value
 
 
 def _like(value: Any, reference: torch.Tensor) -> Any:

@@ -158,6 +158,11 @@ def run(name: str, out: Path, run_name: str) -> dict:
         quantize = next((c for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
         if quantize is not None:  # each rank's state when Lightning saved rank 0's
             at_stop["qat_at_stop"] = qat_state(quantize, module)
+        prune = next((c for c in callbacks if isinstance(c, IterativeMagnitudePruning)), None)
+        if prune is not None:  # what each rank's state_dict holds whole (a collective, as when Lightning saves)
+            saved = prune.state_dict()
+            snapshot = (saved["snapshot"] or {}).get("module", {})
+            at_stop["whole_in_state"] = [v is not None for v in [*saved["masks"].values(), *snapshot.values()]]
         pl.seed_everything(0)
         module, callbacks = module_cls(), make_callbacks()
     tr = trainer(run_name, epochs)

@@ -56,3 +56,11 @@ def test_the_weight_snapshot_is_sharded_after_the_resume(evidence):
     param_bytes = [r["param_bytes"] for r in ranks]
     # weights and SGD momentum as at step 1: twice this rank's parameter bytes, not the whole model's
     assert [r["snapshot_bytes"] for r in ranks] == [2 * b for b in param_bytes], ranks
+
+
+@pytest.mark.parametrize("scenario", ["llama_resume", *REWINDING])
+def test_only_rank_0_holds_the_saved_masks_and_snapshot_whole(evidence, scenario):
+    """Lightning writes callback state from rank 0: the masks and the rewind snapshot are gathered to rank 0
+    alone (``sharding.whole_on_rank0``), so no other rank ever holds a whole copy of them."""
+    rank0, rank1 = (r["whole_in_state"] for r in evidence.record["resumed"][scenario])
+    assert rank0 and all(rank0) and not any(rank1)
