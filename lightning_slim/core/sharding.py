@@ -124,16 +124,26 @@ def whole_on_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
     world, rank, device = dist.get_world_size(group), dist.get_rank(group), collective_device(group)
     n, per_rank = tensor.shape[0], math.ceil(tensor.shape[0] / world)  # torch.chunk's blocks, as FSDP2 cuts
     block = tensor.to_local().detach()
-    as_bytes = block.dtype == torch.bool  # not every backend reduces or gathers bools: sent as uint8
-    padded = torch.zeros((per_rank, *block.shape[1:]), dtype=torch.uint8 if as_bytes else block.dtype, device=device)
-    padded[: len(block)] = block.to(device, padded.dtype)
+    padded = _padded_bytes(block, per_rank, device)
     parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
     dist.gather(padded, parts, group_dst=0, group=group)
     if rank != 0:
         return None
-    rows = [max(0, min(per_rank, n - r * per_rank)) for r in range(world)]
-    whole = torch.cat([p[:k] for p, k in zip(parts, rows, strict=True)]).cpu()
-    return whole.bool() if as_bytes else whole
+    return _unpadded(parts, [max(0, min(per_rank, n - r * per_rank)) for r in range(world)], block)
+
+
+def _padded_bytes(value: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """``value``'s rows as bytes, zero-padded to ``rows`` rows: any dtype, whatever the backend sends."""
+    row = math.prod(value.shape[1:])  # explicit: a rank may hold no rows
+    padded = torch.zeros(rows, row * value.element_size(), dtype=torch.uint8, device=device)
+    padded[: len(value)] = value.contiguous().reshape(len(value), row).view(torch.uint8).to(device)
+    return padded
+
+
+def _unpadded(parts: Sequence[torch.Tensor], counts: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """The ranks' padded byte rows (:func:`_padded_bytes`) trimmed to ``counts`` and joined, as ``like``'s dtype."""
+    whole = torch.cat([p[:k] for p, k in zip(parts, counts, strict=True)]).cpu()
+    return whole.view(like.dtype).reshape(len(whole), *like.shape[1:])
 
 
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -156,13 +166,10 @@ def gather_rows(rows: Mapping[str, torch.Tensor], group: dist.ProcessGroup) -> d
         return {key: value[:0].cpu() for key, value in rows.items()}
     out = {}
     for key, value in rows.items():
-        row = math.prod(value.shape[1:])
-        padded = torch.zeros(most, row * value.element_size(), dtype=torch.uint8, device=device)
-        padded[: len(value)] = value.detach().contiguous().reshape(len(value), row).view(torch.uint8).to(device)
+        padded = _padded_bytes(value.detach(), most, device)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded, group=group)
-        whole = torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).cpu()
-        out[key] = whole.view(value.dtype).reshape(len(whole), *value.shape[1:])
+        out[key] = _unpadded(parts, [int(c) for c in counts], value)
     return out
 
 

@@ -166,9 +166,8 @@ class TeacherRunner:
 
     def _anyone_runs(self, mine: bool) -> bool:
         """Whether any rank has examples the cache lacks this step (a collective)."""
-        anyone = torch.tensor([int(mine)], dtype=torch.int64, device=sharding.collective_device(self.group))
-        dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(anyone)
+        anyone = torch.tensor([int(mine)], dtype=torch.int64)
+        return bool(sharding.all_reduce(anyone, self.group, dist.ReduceOp.MAX))
 
     def _run(self, call: Call, n: int, device: torch.device) -> dict[str, torch.Tensor]:
         out = self.forward(call, device)

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_slim.core import sharding
+
 
 def first_input(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The first positional tensor a module was called with (``inputs_of`` for most layers)."""
@@ -60,7 +62,7 @@ class InputNorms:
         names = sorted(set(names))
         device = next((t.device for v in self.sumsq.values() for t in v), torch.device("cpu"))
         seen = torch.tensor([[int(n in self.count), self.count.get(n, 0)] for n in names], device=device).reshape(-1, 2)
-        dist.all_reduce(seen, group=group)
+        seen = sharding.all_reduce(seen, group)
         world = dist.get_world_size(group)
         partial = [n for n, (ranks, _) in zip(names, seen.tolist()) if 0 < ranks < world]
         if partial:  # every rank runs the same forward under FSDP2: a module called on some ranks only is a bug
@@ -68,7 +70,7 @@ class InputNorms:
         present = [n for n, (ranks, _) in zip(names, seen.tolist()) if ranks]
         sums = [t for n in present for t in self.sumsq[n]]
         flat = torch.cat([t.flatten() for t in sums]) if sums else torch.zeros(0, device=device)
-        dist.all_reduce(flat, group=group)
+        flat = sharding.all_reduce(flat, group)
         out, blocks = InputNorms(), iter(flat.split([t.numel() for t in sums]))
         for n in present:
             out.sumsq[n] = [next(blocks).view_as(t) for t in self.sumsq[n]]
